@@ -1,0 +1,3 @@
+"""Dataset registration (on import)."""
+
+from . import register_toyworld  # noqa: F401 (registration)

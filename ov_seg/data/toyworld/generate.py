@@ -1,0 +1,181 @@
+"""Write the toy world to disk in upstream formats (COCO panoptic, COCO captions, semantic PNGs).
+
+Layout under ``root`` (default ``$DETECTRON2_DATASETS/toyworld``)::
+
+    categories.json                      [{id, name, isthing, seen, color}, ...]
+    {split}/images/{id:06d}.png          RGB image
+    {split}/sem_seg/{id:06d}.png         contiguous category id (= dataset id - 1), 255 = ignore
+    {split}/panoptic/{id:06d}.png        COCO panoptic RGB encoding (id = R + 256 G + 256^2 B)
+    panoptic_{split}.json                COCO panoptic annotations
+    captions_{split}.json                COCO captions (``captions_train2017.json`` layout); annotations may
+                                         carry ``hard_negative`` (a shape-swapped caption naming seen objects)
+    {split}/DONE.json                    parameters + counts, written last: marks the split complete
+
+Splits: ``train`` (scenes, seen categories only), ``val`` (scenes, seen + unseen) and ``web`` (caption
+training data mirroring web image-text pairs: scenes and object-centric images, seen only, hard negatives).
+"""
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .categories import CATEGORIES
+from .render import render_object_centric, render_scene
+
+logger = logging.getLogger(__name__)
+
+SPLIT_IDS = {"train": 0, "val": 1, "web": 2}
+
+
+@dataclass
+class SplitSpec:
+    """How one split is generated."""
+
+    num_images: int
+    allow_unseen: bool = False
+    unseen_boost: float = 0.0  # probability that a sampled object is forced to an unseen category
+    object_centric_fraction: float = 0.0  # fraction of object-centric images (one object, grey background)
+    hard_negatives: bool = False
+
+
+@dataclass
+class ToyWorldSpec:
+    """Parameters of a toy world. Defaults: the embedded default dataset (64 px, see README)."""
+
+    image_size: int = 64
+    seed: int = 0
+    radius_range: tuple = (0.12, 0.22)  # object radius as a fraction of the image size
+    splits: Dict[str, SplitSpec] = field(
+        default_factory=lambda: {
+            "train": SplitSpec(2000),
+            "val": SplitSpec(300, allow_unseen=True, unseen_boost=0.35),
+            "web": SplitSpec(20000, object_centric_fraction=0.5, hard_negatives=True),
+        }
+    )
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), array):
+        raise OSError(f"could not write {path}")
+
+
+def render_image(spec: ToyWorldSpec, split: str, index: int) -> dict:
+    """Render image ``index`` of ``split``: a pure function of (seed, split, index)."""
+    sspec = spec.splits[split]
+    rng = np.random.default_rng([spec.seed, SPLIT_IDS[split], index])
+    if rng.random() < sspec.object_centric_fraction:
+        return render_object_centric(rng, spec.image_size, hard_negatives=sspec.hard_negatives)
+    return render_scene(
+        rng,
+        spec.image_size,
+        allow_unseen=sspec.allow_unseen,
+        unseen_boost=sspec.unseen_boost,
+        radius_range=spec.radius_range,
+        hard_negatives=sspec.hard_negatives,
+    )
+
+
+def split_done(root: Path, split: str) -> Optional[dict]:
+    """The DONE record of a split, or None if the split is missing or incomplete."""
+    done = Path(root) / split / "DONE.json"
+    if not done.is_file():
+        return None
+    with open(done) as f:
+        return json.load(f)
+
+
+def generate_split(root: Path, spec: ToyWorldSpec, split: str) -> dict:
+    """Generate one split under ``root``; returns its DONE record (with images/s)."""
+    root = Path(root)
+    sspec = spec.splits[split]
+    dirs = {k: root / split / k for k in ("images", "sem_seg", "panoptic")}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    images, pan_anns, cap_anns = [], [], []
+    start = time.perf_counter()
+    for i in tqdm(range(sspec.num_images), desc=f"toyworld {split}", unit="img", mininterval=2):
+        out = render_image(spec, split, i)
+        name = f"{i:06d}.png"
+        _write_png(dirs["images"] / name, out["image"][:, :, ::-1])
+        _write_png(dirs["sem_seg"] / name, out["sem"])
+        pan = out["pan"]
+        pan_rgb = np.stack([pan % 256, (pan // 256) % 256, pan // 65536], -1).astype(np.uint8)
+        _write_png(dirs["panoptic"] / name, pan_rgb[:, :, ::-1])
+        s = spec.image_size
+        images.append({"id": i, "file_name": name, "height": s, "width": s})
+        pan_anns.append({"image_id": i, "file_name": name, "segments_info": out["segments"]})
+        for k, cap in enumerate(out["captions"]):
+            ann = {"id": len(cap_anns), "image_id": i, "caption": cap}
+            if out["hard_negatives"]:
+                ann["hard_negative"] = out["hard_negatives"][k % len(out["hard_negatives"])]
+            cap_anns.append(ann)
+    elapsed = time.perf_counter() - start
+    cats = [
+        {"id": c.id, "name": c.name, "isthing": int(c.isthing), "seen": c.seen, "color": list(c.color)}
+        for c in CATEGORIES
+    ]
+    _atomic_write_json(
+        root / f"panoptic_{split}.json",
+        {"images": images, "annotations": pan_anns, "categories": cats},
+    )
+    _atomic_write_json(
+        root / f"captions_{split}.json",
+        {"info": {"description": f"toy world {split}"}, "images": images, "annotations": cap_anns},
+    )
+    record = {
+        "split": split,
+        "num_images": sspec.num_images,
+        "num_captions": len(cap_anns),
+        "spec": {**asdict(spec), "splits": {split: asdict(sspec)}},
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(sspec.num_images / max(elapsed, 1e-9), 1),
+    }
+    _atomic_write_json(root / split / "DONE.json", record)
+    return record
+
+
+def generate_toyworld(root, spec: Optional[ToyWorldSpec] = None, splits=None, force: bool = False):
+    """Generate (or resume) a toy world; a split already complete with the same spec is skipped.
+
+    Returns:
+        dict split -> DONE record.
+    """
+    spec = spec or ToyWorldSpec()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cats = [
+        {"id": c.id, "name": c.name, "isthing": int(c.isthing), "seen": c.seen, "color": list(c.color)}
+        for c in CATEGORIES
+    ]
+    _atomic_write_json(root / "categories.json", cats)
+    records = {}
+    for split in splits or list(spec.splits):
+        if split not in spec.splits:
+            raise KeyError(f"unknown toy-world split {split!r}; known: {sorted(spec.splits)}")
+        done = split_done(root, split)
+        want = {**asdict(spec), "splits": {split: asdict(spec.splits[split])}}
+        if done is not None and not force and done.get("spec") == json.loads(json.dumps(want)):
+            logger.info("toy world %s: %s already complete, skipped", root, split)
+            records[split] = done
+            continue
+        records[split] = generate_split(root, spec, split)
+        logger.info(
+            "toy world %s: %s, %d images at %.0f images/s",
+            root, split, records[split]["num_images"], records[split]["images_per_s"],
+        )
+    return records

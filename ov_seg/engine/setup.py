@@ -1,0 +1,35 @@
+"""Config setup shared by the tools (train_net, demo, benchmark, mining)."""
+
+from detectron2.config import get_cfg
+from detectron2.engine import default_setup
+from detectron2.utils import comm
+
+from ov_seg.config import add_ov_seg_config
+from ov_seg.utils.threads import set_num_threads
+
+__all__ = ["get_ov_seg_cfg", "setup_cfg"]
+
+
+def get_ov_seg_cfg():
+    """detectron2's default config + every ov_seg node."""
+    cfg = get_cfg()
+    add_ov_seg_config(cfg)
+    return cfg
+
+
+def setup_cfg(args, default_setup_enabled: bool = True):
+    """Build a frozen config from ``args.config_file`` and ``args.opts``; set torch threads.
+
+    Args:
+        args: parsed ``default_argument_parser()`` arguments.
+        default_setup_enabled: run detectron2's ``default_setup`` (logging, output dir, config dump).
+    """
+    cfg = get_ov_seg_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    if default_setup_enabled:
+        default_setup(cfg, args)
+    set_num_threads(cfg.RUNTIME.NUM_THREADS, num_processes=max(1, comm.get_local_size()))
+    return cfg

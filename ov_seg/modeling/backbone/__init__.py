@@ -1,0 +1,1 @@
+"""Extra backbones registered in detectron2's ``BACKBONE_REGISTRY``."""

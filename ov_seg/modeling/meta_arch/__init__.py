@@ -1,0 +1,1 @@
+"""Meta-architectures (``@META_ARCH_REGISTRY`` classes only)."""

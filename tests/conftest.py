@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny generated toy world (session-scoped), torch threads, ../shared paths."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)))))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def toyworld_root(tmp_path_factory):
+    """A small toy world (64 px; 48 train, 24 val, 64 web images) registered as ``toyworld``."""
+    from ov_seg.data.datasets.register_toyworld import register_toyworld
+    from ov_seg.data.toyworld import SplitSpec, ToyWorldSpec, generate_toyworld
+
+    root = tmp_path_factory.mktemp("d2datasets") / "toyworld"
+    spec = ToyWorldSpec(image_size=64, seed=0)
+    spec.splits = {
+        "train": SplitSpec(48),
+        "val": SplitSpec(24, allow_unseen=True, unseen_boost=0.35),
+        "web": SplitSpec(64, object_centric_fraction=0.5, hard_negatives=True),
+    }
+    generate_toyworld(root, spec)
+    register_toyworld("toyworld", root)
+    os.environ["DETECTRON2_DATASETS"] = str(root.parent)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """``../shared`` beside the checkout; tests using it skip when it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip("../shared is absent")
+    return SHARED

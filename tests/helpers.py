@@ -1,0 +1,29 @@
+"""Test helpers: repository paths, the train_net module, config setup with tiny overrides."""
+
+import importlib.util
+from pathlib import Path
+
+from detectron2.engine import default_argument_parser
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_train_net():
+    """Import tools/train_net.py as a module."""
+    spec = importlib.util.spec_from_file_location("train_net", REPO / "tools" / "train_net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def setup_config(path, opts=()):
+    """Frozen config from ``configs/...`` + opts, as train_net's setup builds it (without logging)."""
+    from ov_seg.engine.setup import setup_cfg
+
+    args = default_argument_parser().parse_args(["--config-file", str(REPO / path), *opts])
+    return setup_cfg(args, default_setup_enabled=False)
+
+
+def run_train_net(args):
+    """Run ``tools/train_net.py main`` in-process with command-line ``args``; returns its result."""
+    return load_train_net().main(default_argument_parser().parse_args(list(args)))

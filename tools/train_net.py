@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Train / evaluate any ov_seg model (detectron2 style).
+
+    python tools/train_net.py --config-file configs/toyworld/semseg_R18.yaml MODEL.DEVICE cpu
+    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file ... --num-gpus 2   # 2 processes (gloo on CPU)
+"""
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, launch
+
+import ov_seg  # noqa: F401 (registers datasets, mappers, evaluators, models)
+from ov_seg.engine import Trainer
+from ov_seg.engine.setup import setup_cfg
+
+
+def setup(args):
+    """Frozen config for ``args`` (config file + opts), with detectron2's default setup."""
+    return setup_cfg(args)
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
