@@ -13,7 +13,8 @@ import logging
 import os
 from pathlib import Path
 
-from ov_seg.data.toyworld.generate import SplitSpec, ToyWorldSpec, generate_toyworld
+from ov_seg.data.toyworld.generate import ToyWorldSpec, default_splits, generate_toyworld
+from ov_seg.utils.threads import free_cores
 
 
 def main(argv=None):
@@ -27,16 +28,14 @@ def main(argv=None):
     p.add_argument("--num-web", type=int, default=20000, help="caption-training (web-like) images")
     p.add_argument("--splits", nargs="+", default=None, help="subset of train val web")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--workers", type=int, default=0, help="processes (0 = free CPU cores)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = Path(args.root) if args.root else Path(os.getenv("DETECTRON2_DATASETS", "datasets")) / args.name
     spec = ToyWorldSpec(image_size=args.image_size, seed=args.seed)
-    spec.splits = {
-        "train": SplitSpec(args.num_train),
-        "val": SplitSpec(args.num_val, allow_unseen=True, unseen_boost=0.35),
-        "web": SplitSpec(args.num_web, object_centric_fraction=0.5, hard_negatives=True),
-    }
-    records = generate_toyworld(root, spec, splits=args.splits, force=args.force)
+    spec.splits = default_splits(args.num_train, args.num_val, args.num_web)
+    workers = args.workers or free_cores()
+    records = generate_toyworld(root, spec, splits=args.splits, force=args.force, workers=workers)
     for split, rec in records.items():
         print(json.dumps({"root": str(root), "split": split, "images": rec["num_images"],
                           "captions": rec["num_captions"], "images_per_s": rec["images_per_s"]}))

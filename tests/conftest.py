@@ -16,15 +16,11 @@ SHARED = REPO.parent / "shared"
 def toyworld_root(tmp_path_factory):
     """A small toy world (64 px; 48 train, 24 val, 64 web images) registered as ``toyworld``."""
     from ov_seg.data.datasets.register_toyworld import register_toyworld
-    from ov_seg.data.toyworld import SplitSpec, ToyWorldSpec, generate_toyworld
+    from ov_seg.data.toyworld import ToyWorldSpec, default_splits, generate_toyworld
 
     root = tmp_path_factory.mktemp("d2datasets") / "toyworld"
     spec = ToyWorldSpec(image_size=64, seed=0)
-    spec.splits = {
-        "train": SplitSpec(48),
-        "val": SplitSpec(24, allow_unseen=True, unseen_boost=0.35),
-        "web": SplitSpec(64, object_centric_fraction=0.5, hard_negatives=True),
-    }
+    spec.splits = default_splits(num_train=48, num_val=24, num_web=64)
     generate_toyworld(root, spec)
     register_toyworld("toyworld", root)
     os.environ["DETECTRON2_DATASETS"] = str(root.parent)

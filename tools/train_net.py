@@ -6,11 +6,16 @@
     python tools/train_net.py --config-file ... --num-gpus 2   # 2 processes (gloo on CPU)
 """
 
+import logging
+import os
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
 
 import ov_seg  # noqa: F401 (registers datasets, mappers, evaluators, models)
 from ov_seg.engine import Trainer
+from ov_seg.engine.pipeline import atomic_write_json
 from ov_seg.engine.setup import setup_cfg
 
 
@@ -26,10 +31,20 @@ def main(args):
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            write_results(cfg, results)
+        return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def write_results(cfg, results):
+    """Write the evaluation results to ``OUTPUT_DIR/eval_results.json`` (atomic)."""
+    path = os.path.join(cfg.OUTPUT_DIR, "eval_results.json")
+    atomic_write_json(path, results)
+    logging.getLogger("ov_seg").info("evaluation results written to %s", path)
 
 
 if __name__ == "__main__":

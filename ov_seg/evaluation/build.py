@@ -23,8 +23,11 @@ def _coco_panoptic(cfg, dataset_name, output_folder):
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: str):
-    """The evaluator for ``dataset_name``, chosen by its metadata's ``evaluator_type``."""
-    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+    """The evaluator for ``dataset_name``, chosen by ``cfg.TEST.EVALUATOR_TYPE`` when set, else by its
+    metadata's ``evaluator_type``."""
+    evaluator_type = cfg.TEST.get("EVALUATOR_TYPE", "") or MetadataCatalog.get(dataset_name).get(
+        "evaluator_type", None
+    )
     if evaluator_type is None:
         raise KeyError(f"dataset {dataset_name!r} has no evaluator_type in its metadata")
     builder = get_registered(

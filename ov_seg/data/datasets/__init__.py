@@ -1,3 +1,9 @@
 """Dataset registration (on import)."""
 
 from . import register_toyworld  # noqa: F401 (registration)
+from . import (  # noqa: F401 (registration)
+    register_ade20k_full,
+    register_coco,
+    register_pascal_context,
+    register_pascal_voc,
+)

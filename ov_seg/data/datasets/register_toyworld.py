@@ -130,7 +130,7 @@ def load_toyworld_captions(root: Path, variant: str, split: str):
 
 
 _LOADERS = {
-    "sem_seg": (load_toyworld_sem_seg, "sem_seg"),
+    "sem_seg": (load_toyworld_sem_seg, "ov_sem_seg"),
     "panoptic": (load_toyworld_panoptic, "coco_panoptic_seg"),
     "captions": (load_toyworld_captions, "caption"),
 }

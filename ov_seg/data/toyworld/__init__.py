@@ -1,7 +1,7 @@
 """The embedded default dataset: a procedural, seeded toy world written in upstream formats."""
 
 from .categories import CATEGORIES, CLASS_NAMES, SEEN_THING_IDS, UNSEEN_THING_IDS, is_unseen
-from .generate import SplitSpec, ToyWorldSpec, generate_toyworld, render_image
+from .generate import SplitSpec, ToyWorldSpec, default_splits, generate_toyworld, render_image
 
 __all__ = [
     "CATEGORIES",
@@ -11,6 +11,7 @@ __all__ = [
     "is_unseen",
     "SplitSpec",
     "ToyWorldSpec",
+    "default_splits",
     "generate_toyworld",
     "render_image",
 ]

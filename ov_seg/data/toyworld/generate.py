@@ -17,6 +17,7 @@ training data mirroring web image-text pairs: scenes and object-centric images, 
 
 import json
 import logging
+import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,15 @@ class SplitSpec:
     hard_negatives: bool = False
 
 
+def default_splits(num_train: int = 2000, num_val: int = 300, num_web: int = 20000):
+    """The three splits of the default toy world with the given sizes."""
+    return {
+        "train": SplitSpec(num_train),
+        "val": SplitSpec(num_val, allow_unseen=True, unseen_boost=0.35),
+        "web": SplitSpec(num_web, object_centric_fraction=0.5, hard_negatives=True),
+    }
+
+
 @dataclass
 class ToyWorldSpec:
     """Parameters of a toy world. Defaults: the embedded default dataset (64 px, see README)."""
@@ -53,13 +63,7 @@ class ToyWorldSpec:
     image_size: int = 64
     seed: int = 0
     radius_range: tuple = (0.12, 0.22)  # object radius as a fraction of the image size
-    splits: Dict[str, SplitSpec] = field(
-        default_factory=lambda: {
-            "train": SplitSpec(2000),
-            "val": SplitSpec(300, allow_unseen=True, unseen_boost=0.35),
-            "web": SplitSpec(20000, object_centric_fraction=0.5, hard_negatives=True),
-        }
-    )
+    splits: Dict[str, SplitSpec] = field(default_factory=default_splits)
 
 
 def _atomic_write_json(path: Path, obj) -> None:
@@ -69,9 +73,25 @@ def _atomic_write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"could not write {path}")
+def _encode_png(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _render_encoded(job) -> tuple:
+    """Worker: render image ``index`` and encode its three PNGs (image, semantic, panoptic)."""
+    spec, split, index = job
+    out = render_image(spec, split, index)
+    pan = out["pan"]
+    pan_rgb = np.stack([pan % 256, (pan // 256) % 256, pan // 65536], -1).astype(np.uint8)
+    pngs = (
+        _encode_png(out["image"][:, :, ::-1]),
+        _encode_png(out["sem"]),
+        _encode_png(pan_rgb[:, :, ::-1]),
+    )
+    return index, pngs, out["segments"], out["captions"], out["hard_negatives"]
 
 
 def render_image(spec: ToyWorldSpec, split: str, index: int) -> dict:
@@ -99,8 +119,11 @@ def split_done(root: Path, split: str) -> Optional[dict]:
         return json.load(f)
 
 
-def generate_split(root: Path, spec: ToyWorldSpec, split: str) -> dict:
-    """Generate one split under ``root``; returns its DONE record (with images/s)."""
+def generate_split(root: Path, spec: ToyWorldSpec, split: str, workers: int = 1) -> dict:
+    """Generate one split under ``root`` with ``workers`` processes; returns its DONE record (images/s).
+
+    Output does not depend on ``workers``: every image is a pure function of (seed, split, index).
+    """
     root = Path(root)
     sspec = spec.splits[split]
     dirs = {k: root / split / k for k in ("images", "sem_seg", "panoptic")}
@@ -108,22 +131,28 @@ def generate_split(root: Path, spec: ToyWorldSpec, split: str) -> dict:
         d.mkdir(parents=True, exist_ok=True)
     images, pan_anns, cap_anns = [], [], []
     start = time.perf_counter()
-    for i in tqdm(range(sspec.num_images), desc=f"toyworld {split}", unit="img", mininterval=2):
-        out = render_image(spec, split, i)
-        name = f"{i:06d}.png"
-        _write_png(dirs["images"] / name, out["image"][:, :, ::-1])
-        _write_png(dirs["sem_seg"] / name, out["sem"])
-        pan = out["pan"]
-        pan_rgb = np.stack([pan % 256, (pan // 256) % 256, pan // 65536], -1).astype(np.uint8)
-        _write_png(dirs["panoptic"] / name, pan_rgb[:, :, ::-1])
-        s = spec.image_size
-        images.append({"id": i, "file_name": name, "height": s, "width": s})
-        pan_anns.append({"image_id": i, "file_name": name, "segments_info": out["segments"]})
-        for k, cap in enumerate(out["captions"]):
-            ann = {"id": len(cap_anns), "image_id": i, "caption": cap}
-            if out["hard_negatives"]:
-                ann["hard_negative"] = out["hard_negatives"][k % len(out["hard_negatives"])]
-            cap_anns.append(ann)
+    jobs = ((spec, split, i) for i in range(sspec.num_images))
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    results = pool.imap(_render_encoded, jobs, chunksize=64) if pool else map(_render_encoded, jobs)
+    try:
+        for i, pngs, segments, captions, negs in tqdm(
+            results, total=sspec.num_images, desc=f"toyworld {split}", unit="img", mininterval=2
+        ):
+            name = f"{i:06d}.png"
+            for sub, data in zip(("images", "sem_seg", "panoptic"), pngs):
+                (dirs[sub] / name).write_bytes(data)
+            s = spec.image_size
+            images.append({"id": i, "file_name": name, "height": s, "width": s})
+            pan_anns.append({"image_id": i, "file_name": name, "segments_info": segments})
+            for k, cap in enumerate(captions):
+                ann = {"id": len(cap_anns), "image_id": i, "caption": cap}
+                if negs:
+                    ann["hard_negative"] = negs[k % len(negs)]
+                cap_anns.append(ann)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
     elapsed = time.perf_counter() - start
     cats = [
         {"id": c.id, "name": c.name, "isthing": int(c.isthing), "seen": c.seen, "color": list(c.color)}
@@ -149,7 +178,9 @@ def generate_split(root: Path, spec: ToyWorldSpec, split: str) -> dict:
     return record
 
 
-def generate_toyworld(root, spec: Optional[ToyWorldSpec] = None, splits=None, force: bool = False):
+def generate_toyworld(
+    root, spec: Optional[ToyWorldSpec] = None, splits=None, force: bool = False, workers: int = 1
+):
     """Generate (or resume) a toy world; a split already complete with the same spec is skipped.
 
     Returns:
@@ -173,7 +204,7 @@ def generate_toyworld(root, spec: Optional[ToyWorldSpec] = None, splits=None, fo
             logger.info("toy world %s: %s already complete, skipped", root, split)
             records[split] = done
             continue
-        records[split] = generate_split(root, spec, split)
+        records[split] = generate_split(root, spec, split, workers=workers)
         logger.info(
             "toy world %s: %s, %d images at %.0f images/s",
             root, split, records[split]["num_images"], records[split]["images_per_s"],

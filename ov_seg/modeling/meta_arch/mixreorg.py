@@ -1,0 +1,416 @@
+"""``MixReorg``: mixed patch reorganisation on a GroupViT-style encoder (Cai, Ren et al., ICCV 2023).
+
+Training (caption datasets, ``INPUT.DATASET_MAPPER_NAME caption``):
+
+1. **Contextual mixing.** The CLIP image tower's first ``CONTEXT_DEPTH`` blocks run on every image; their
+   output tokens are mixed across tuples of ``NUM_MIX_IMAGES`` images (``losses/mixing.py``): each token
+   keeps its position and its image's caption.
+2. **Progressive mixing.** The first grouping stage's blocks run on the original and the mixed sequences;
+   after each block a cross-attention lets every mixed token attend to the original tokens of its source
+   image (the original sequence attends to itself, so both branches have the same layers).
+3. **Mixing restoration.** The mixed tokens are scattered back to their source images (an exact inverse
+   permutation), and the original, mixed and restored sequences go through the grouping neck.
+
+Loss: ``ORIG_WEIGHT·L_nce(original) + REST_WEIGHT·L_nce(restored) + SEG_WEIGHT·L_seg(mixed)``, where
+``L_nce`` is the symmetric image-caption InfoNCE on the projected average of the segment tokens, and
+``L_seg`` classifies every mixed token into its source caption through the segments.
+
+Inference runs the original branch only (mixing is a training-time transform: the same FLOPs as the
+model trained without mixing) and classifies the groups GroupViT's way: every pixel takes its argmax
+group; a group's class scores are its softmax over the vocabulary restricted to the image's top-k classes,
+times the unrestricted softmax. A vocabulary entry named ``BACKGROUND_NAME`` is not scored by text but
+gets the constant ``min(BG_THRESH, max group score)`` (GroupViT's background rule).
+
+The text tower is CLIP's and stays frozen (the joint space is the text tower's). Sizes are read from the
+built CLIP model.
+"""
+
+import logging
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from torch import nn
+
+from ov_seg.modeling.clip import (
+    CLIP_PIXEL_MEAN,
+    CLIP_PIXEL_STD,
+    TextClassifier,
+    build_clip,
+    clip_sizes,
+)
+from ov_seg.modeling.heads.grouping import GroupingViT, token_to_segment
+from ov_seg.modeling.losses.contrastive import clamped_logit_scale, info_nce
+from ov_seg.modeling.losses.mixing import (
+    MixPlan,
+    make_mix_plan,
+    mix_tokens,
+    mixed_segmentation_loss,
+    restore_tokens,
+    tuple_mean,
+)
+
+__all__ = ["MixReorg"]
+
+logger = logging.getLogger(__name__)
+
+# RESTORE_GROUP_TOKENS -> group tokens of the restored sequences, from (original seq, mixed seq, plan)
+_RESTORE_GROUP_TOKENS = {
+    "tuple_mean": lambda g_orig, g_mix, plan: tuple_mean(g_mix, plan),
+    "original": lambda g_orig, g_mix, plan: g_orig,
+}
+
+
+@META_ARCH_REGISTRY.register()
+class MixReorg(nn.Module):
+    """MixReorg meta-architecture (see module doc). Inputs are detectron2 dicts with ``image`` (3, H, W)
+    uint8 RGB; training inputs carry ``captions`` (list of str, one drawn per step), test inputs a
+    ``vocabulary`` (list of class names; default: the first test dataset's ``stuff_classes``)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        clip_model: nn.Module,
+        templates: Union[str, Sequence[str]],
+        encoder: GroupingViT,
+        mixing: bool = True,
+        num_mix_images: int = 2,
+        mix_cell: int = 1,
+        mix_shares: Sequence[float] = (),
+        restore_group_tokens: str = "tuple_mean",
+        orig_weight: float = 1.0,
+        rest_weight: float = 1.0,
+        seg_weight: float = 1.0,
+        logit_scale_init: float = 1.0 / 0.07,
+        max_logit_scale: float = 100.0,
+        topk_classes: int = 5,
+        bg_thresh: float = 0.95,
+        background_name: str = "background",
+        slide_window: int = 0,
+        slide_stride: int = 0,
+        default_vocabulary: Sequence[str] = (),
+    ):
+        """
+        Args:
+            clip_model: open_clip model whose image tower ``encoder`` took over (its ``visual`` is
+                removed); the text tower encodes captions and class names, frozen.
+            templates: prompt templates for class names, a set name or a list (``TextClassifier``).
+            encoder: the ``GroupingViT`` image encoder.
+            mixing: train with mixing (False: the original branch and L_orig only).
+            num_mix_images: M, images per mixing tuple.
+            mix_cell: c, mixing cell side in tokens.
+            mix_shares: share of cells per tuple member; empty = uniform.
+            restore_group_tokens: group tokens of the restored sequences, "tuple_mean" or "original".
+            orig_weight, rest_weight, seg_weight: W_ORIG, W_REST, W_SEG.
+            logit_scale_init: initial 1/τ of the learnable logit scale.
+            max_logit_scale: clamp of the logit scale.
+            topk_classes: inference restricts group classification to the image's top-k classes (0 = off).
+            bg_thresh: background threshold for a vocabulary entry named ``background_name``.
+            background_name: the vocabulary name scored by the threshold instead of by text.
+            slide_window: sliding-window side in pixels at inference (0 = whole image).
+            slide_stride: sliding-window stride in pixels.
+            default_vocabulary: class names for test inputs without a ``vocabulary`` field.
+        """
+        super().__init__()
+        if num_mix_images < 1:
+            raise ValueError(f"NUM_MIX_IMAGES must be >= 1, got {num_mix_images}")
+        if restore_group_tokens not in _RESTORE_GROUP_TOKENS:
+            raise KeyError(
+                f"Unknown RESTORE_GROUP_TOKENS {restore_group_tokens!r}; known: "
+                f"{', '.join(sorted(_RESTORE_GROUP_TOKENS))}"
+            )
+        if slide_window > 0 and not 0 < slide_stride <= slide_window:
+            raise ValueError(f"SLIDE_STRIDE must lie in (0, SLIDE_WINDOW], got {slide_stride}")
+        self.clip = clip_model
+        self.clip.requires_grad_(False)
+        self.text_classifier = TextClassifier(clip_model, templates)
+        self.encoder = encoder
+        self.mixing = mixing
+        self.num_mix_images = num_mix_images
+        self.mix_cell = mix_cell
+        self.mix_shares = list(mix_shares)
+        self.restore_group_tokens = restore_group_tokens
+        self.orig_weight, self.rest_weight, self.seg_weight = orig_weight, rest_weight, seg_weight
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)).log())
+        self.max_logit_scale = max_logit_scale
+        self.topk_classes = topk_classes
+        self.bg_thresh = bg_thresh
+        self.background_name = background_name
+        self.slide_window, self.slide_stride = slide_window, slide_stride
+        self.default_vocabulary = list(default_vocabulary)
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        mc = cfg.MODEL.MIXREORG
+        clip_model = build_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED)
+        sizes = clip_sizes(clip_model)
+        visual = clip_model.visual
+        clip_model.visual = None  # the encoder takes the image tower over
+        encoder = GroupingViT(
+            visual=visual,
+            embed_dim=sizes.embed_dim,
+            context_depth=mc.CONTEXT_DEPTH,
+            depths=mc.DEPTHS,
+            num_group_tokens=mc.NUM_GROUP_TOKENS,
+            progressive=mc.PROGRESSIVE,
+            proj_hidden=mc.PROJ_HIDDEN,
+            hard=mc.HARD_ASSIGNMENT,
+            gumbel=mc.GUMBEL,
+            gumbel_tau=mc.GUMBEL_TAU,
+            freeze_at=mc.FREEZE_AT,
+        )
+        vocabulary = []
+        if cfg.DATASETS.TEST:
+            vocabulary = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes", None) or []
+        return {
+            "clip_model": clip_model,
+            "templates": cfg.MODEL.CLIP.TEMPLATES,
+            "encoder": encoder,
+            "mixing": mc.MIXING,
+            "num_mix_images": mc.NUM_MIX_IMAGES,
+            "mix_cell": mc.MIX_CELL,
+            "mix_shares": mc.MIX_SHARES,
+            "restore_group_tokens": mc.RESTORE_GROUP_TOKENS,
+            "orig_weight": mc.ORIG_WEIGHT,
+            "rest_weight": mc.REST_WEIGHT,
+            "seg_weight": mc.SEG_WEIGHT,
+            "logit_scale_init": mc.LOGIT_SCALE_INIT,
+            "max_logit_scale": mc.MAX_LOGIT_SCALE,
+            "topk_classes": mc.TEST.TOPK_CLASSES,
+            "bg_thresh": mc.TEST.BG_THRESH,
+            "background_name": mc.TEST.BACKGROUND_NAME,
+            "slide_window": mc.TEST.SLIDE_WINDOW,
+            "slide_stride": mc.TEST.SLIDE_STRIDE,
+            "default_vocabulary": vocabulary,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # the frozen text tower never trains
+        return self
+
+    # ------------------------------------------------------------------ inputs
+    def preprocess_images(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise with CLIP's statistics and pad to a multiple of the patch size."""
+        images = []
+        for x in batched_inputs:
+            image = x["image"].to(self.device).float()
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"expected an image (3, H, W), got {tuple(image.shape)}")
+            images.append((image - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.encoder.patch_size)
+
+    def caption_embeddings(self, batched_inputs: List[Dict]) -> torch.Tensor:
+        """(B, D) normalised embedding of one caption per image (drawn at random among its captions)."""
+        texts = []
+        for i, x in enumerate(batched_inputs):
+            caps = x.get("captions")
+            if not caps:
+                raise ValueError(
+                    f"training input {i} (image_id {x.get('image_id')}) has no 'captions': train "
+                    "MixReorg on a caption dataset with INPUT.DATASET_MAPPER_NAME caption"
+                )
+            caps = [caps] if isinstance(caps, str) else list(caps)
+            texts.append(caps[int(torch.randint(len(caps), ()))])
+        with torch.no_grad():
+            return self.text_classifier.encode_texts(texts).to(self.device)
+
+    def scale(self) -> torch.Tensor:
+        """Contrastive logit scale exp(log s), clamped at ``max_logit_scale``."""
+        return clamped_logit_scale(self.logit_scale, self.max_logit_scale)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess_images(batched_inputs)
+        if not self.training:
+            return self.inference(batched_inputs, images)
+        texts = self.caption_embeddings(batched_inputs)
+        return self.losses(images.tensor, texts)
+
+    def make_plan(self, batch_size: int, grid) -> MixPlan:
+        """Random mixing of a batch (``losses.mixing.make_mix_plan`` with the configured M, c, shares)."""
+        return make_mix_plan(
+            batch_size,
+            grid,
+            num_mix=self.num_mix_images,
+            cell=self.mix_cell,
+            shares=self.mix_shares or None,
+            device=self.device,
+        )
+
+    def branch_outputs(
+        self, images: torch.Tensor, plan: Optional[MixPlan] = None
+    ) -> Dict[str, Dict[str, object]]:
+        """Run the encoder's branches on normalised images (B, 3, H, W).
+
+        Args:
+            images: (B, 3, H, W).
+            plan: the mixing of the batch; None = the original branch only.
+
+        Returns:
+            dict branch name ("orig", and with a plan "mixed", "restored") → the encoder's ``neck`` output
+            (``segments`` (B, G, d), ``assignments``); the mixed and restored branches are computed only
+            when their loss weight is non-zero.
+        """
+        enc = self.encoder
+        x, grid = enc.embed(images)
+        x = enc.context(x)
+        if plan is None:
+            return {"orig": enc.neck(enc.progressive(enc.start_progressive(x)))}
+        b, g = x.shape[0], enc.stages[0].num_tokens
+        seq = torch.cat([enc.start_progressive(x), enc.start_progressive(mix_tokens(x, plan))])
+        for i in range(enc.num_progressive_blocks):
+            seq = enc.progressive_block(i, seq)
+            p_orig, p_mix = seq[:b, g:], seq[b:, g:]
+            # mixed queries in their source images' order attend to those images' original tokens
+            q = torch.cat([p_orig, restore_tokens(p_mix, plan)])
+            upd = enc.progressive_cross(i, q, torch.cat([p_orig, p_orig]))
+            patches = torch.cat([upd[:b], mix_tokens(upd[b:], plan)])
+            seq = torch.cat([seq[:, :g], patches], dim=1)
+        seq_orig, seq_mix = seq[:b], seq[b:]
+        branches = {"orig": seq_orig}
+        if self.seg_weight:
+            branches["mixed"] = seq_mix
+        if self.rest_weight:
+            groups = _RESTORE_GROUP_TOKENS[self.restore_group_tokens](
+                seq_orig[:, :g], seq_mix[:, :g], plan
+            )
+            branches["restored"] = torch.cat([groups, restore_tokens(seq_mix[:, g:], plan)], dim=1)
+        names = list(branches)
+        out = enc.neck(torch.cat([branches[n] for n in names]))
+        return {
+            n: {
+                "segments": out["segments"][k * b : (k + 1) * b],
+                "assignments": [a[k * b : (k + 1) * b] for a in out["assignments"]],
+            }
+            for k, n in enumerate(names)
+        }
+
+    def image_embedding(self, segments: torch.Tensor) -> torch.Tensor:
+        """(B, G, d) segment tokens → (B, D) projected average (not normalised)."""
+        return self.encoder.project(segments.mean(dim=1))
+
+    def losses(self, images: torch.Tensor, texts: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Loss dict for normalised images (B, 3, H, W) and their caption embeddings (B, D)."""
+        b = images.shape[0]
+        grid = (images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size)
+        plan = self.make_plan(b, grid) if self.mixing else None
+        outs = self.branch_outputs(images, plan)
+        scale = self.scale()
+        losses = {
+            "loss_orig": self.orig_weight
+            * info_nce(self.image_embedding(outs["orig"]["segments"]), texts, scale)
+        }
+        if "restored" in outs:
+            emb = self.image_embedding(outs["restored"]["segments"])
+            losses["loss_rest"] = self.rest_weight * info_nce(emb, texts, scale)
+        if "mixed" in outs:
+            mixed = outs["mixed"]
+            losses["loss_seg"] = self.seg_weight * mixed_segmentation_loss(
+                self.encoder.project(mixed["segments"]),
+                token_to_segment(mixed["assignments"]),
+                texts,
+                plan,
+                scale,
+            )
+        return losses
+
+    # ------------------------------------------------------------------ inference
+    def class_embeddings(self, vocabulary: Sequence[str]) -> torch.Tensor:
+        """(K, D) normalised text embeddings of ``vocabulary`` (cached per vocabulary)."""
+        return self.text_classifier(list(vocabulary)).to(self.device)
+
+    def segment_scores(self, image: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
+        """Pixel class scores of one normalised image (3, H, W) (H, W multiples of the patch size).
+
+        Args:
+            image: (3, H, W).
+            class_embeds: (K, D) normalised class embeddings.
+
+        Returns:
+            (K, H, W) scores: every pixel holds the class scores of its argmax group.
+        """
+        out = self.encoder(image[None])
+        h, w = out["grid"]
+        assign = token_to_segment(out["assignments"])[0]  # (N, G)
+        assign = assign.t().reshape(1, -1, h, w)
+        assign = F.interpolate(assign, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        one_hot = F.one_hot(assign[0].argmax(dim=0), assign.shape[1]).permute(2, 0, 1).to(image.dtype)
+        segments = out["segments"][0]
+        group_embeds = F.normalize(self.encoder.project(segments), dim=-1)  # (G, D)
+        image_embed = F.normalize(self.image_embedding(segments[None])[0], dim=-1)
+        scale = self.scale()
+        group_logits = group_embeds @ class_embeds.t() * scale  # (G, K)
+        affinity = group_logits.softmax(dim=-1)
+        k = min(self.topk_classes, class_embeds.shape[0])
+        if k > 0:
+            top = (image_embed @ class_embeds.t()).topk(k).indices
+            keep = torch.zeros(class_embeds.shape[0], dtype=torch.bool, device=self.device)
+            keep[top] = True
+            affinity = group_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1) * affinity
+        return torch.einsum("gk,ghw->khw", affinity, one_hot)
+
+    def _window_starts(self, size: int) -> List[int]:
+        win, stride = self.slide_window, self.slide_stride
+        if size <= win:
+            return [0]
+        starts = list(range(0, size - win, stride)) + [size - win]
+        return sorted(set(starts))
+
+    def image_scores(self, image: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
+        """``segment_scores`` over the whole image, or averaged over sliding windows (SLIDE_WINDOW)."""
+        h, w = image.shape[-2:]
+        if self.slide_window <= 0 or max(h, w) <= self.slide_window:
+            return self.segment_scores(image, class_embeds)
+        win = self.slide_window
+        scores = image.new_zeros(class_embeds.shape[0], h, w)
+        count = image.new_zeros(1, h, w)
+        for y in self._window_starts(h):
+            for x in self._window_starts(w):
+                crop = image[:, y : y + win, x : x + win]
+                pad_h = -crop.shape[-2] % self.encoder.patch_size
+                pad_w = -crop.shape[-1] % self.encoder.patch_size
+                s = self.segment_scores(F.pad(crop, (0, pad_w, 0, pad_h)), class_embeds)
+                ch, cw = crop.shape[-2:]
+                scores[:, y : y + ch, x : x + cw] += s[:, :ch, :cw]
+                count[:, y : y + ch, x : x + cw] += 1
+        return scores / count
+
+    def inference(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        """``sem_seg`` (K, height, width) class scores per input (K = its vocabulary)."""
+        results = []
+        for i, x in enumerate(batched_inputs):
+            vocabulary = list(x.get("vocabulary") or self.default_vocabulary)
+            if not vocabulary:
+                raise ValueError(
+                    "MixReorg inference needs a vocabulary: a 'vocabulary' field in the input (the "
+                    "semantic mapper adds it) or DATASETS.TEST metadata with stuff_classes"
+                )
+            text_ids = [k for k, name in enumerate(vocabulary) if name != self.background_name]
+            if not text_ids:
+                raise ValueError(f"the vocabulary holds only the background name: {vocabulary}")
+            embeds = self.class_embeddings([vocabulary[k] for k in text_ids])
+            scores = self.image_scores(images.tensor[i], embeds)
+            if len(text_ids) < len(vocabulary):
+                full = scores.new_zeros(len(vocabulary), *scores.shape[-2:])
+                full[text_ids] = scores
+                bg = [k for k in range(len(vocabulary)) if k not in set(text_ids)]
+                full[bg] = min(self.bg_thresh, float(scores.max()))
+                scores = full
+            image_size = images.image_sizes[i]
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            results.append({"sem_seg": sem_seg_postprocess(scores, image_size, height, width)})
+        return results

@@ -1,0 +1,431 @@
+"""``PACL``: patch-aligned contrastive learning on a frozen CLIP (Mukhoti et al., CVPR 2023).
+
+Training (caption datasets, ``INPUT.DATASET_MAPPER_NAME caption``): both CLIP towers are frozen; the patch
+tokens X (B, N, d_v) of the image tower (after its last LayerNorm, before the projection) go through a
+trainable embedder e_v (``MODEL.PACL.EMBEDDER``), V = e_v(X) (B, N, D). Every image is scored against every
+caption of the batch with PACL's compatibility (``losses/pacl.py``)::
+
+    φ(x, y) = cos(Σ_i softmax_i(cos(v_i, t) / τ_p) v_i, t)
+
+and the symmetric InfoNCE on Φ (B, B) with a learnable logit scale is minimised. With prompt augmentation,
+each image also forms a second pair with a prompt built from a noun of its caption (one random noun wrapped
+in one random template); the two B×B losses are averaged (``PROMPT_AUG.WEIGHT``).
+
+Inference: the per-patch class scores s_{i,k} = cos(v_i, t_k) against the template-ensembled class
+embeddings, upsampled bilinearly to the image; ``sem_seg`` holds softmax_k(s · logit_scale). With the stride
+trick (``INFER_STRIDE`` < patch size) the score map has stride ``INFER_STRIDE``: "shift" runs (p / stride)²
+passes on shifted inputs and interleaves them, "conv" runs one pass with a strided patch embedding. A
+vocabulary entry named in ``BG_CLASS_NAMES`` is not scored by text: its channel is 1 where the other classes'
+distribution is too flat (entropy > ``BG_ENTROPY``) or the best cosine is too low (< ``BG_SCORE``), else 0.
+
+``EMBEDDER clip_projection`` is the vanilla-patch baseline: CLIP's own visual projection on every patch
+token, nothing trained (evaluate it with ``--eval-only``), CLIP's own logit scale.
+"""
+
+import logging
+import math
+import random
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from torch import nn
+
+from ov_seg.modeling.clip import (
+    CLIP_PIXEL_MEAN,
+    CLIP_PIXEL_STD,
+    MaskPromptVisionEncoder,
+    TextClassifier,
+    build_clip,
+    clip_sizes,
+)
+from ov_seg.modeling.heads.pacl import StridedPatchEncoder, build_pacl_embedder
+from ov_seg.modeling.losses.contrastive import clamped_logit_scale
+from ov_seg.modeling.losses.pacl import pacl_info_nce, patch_text_cosine
+
+__all__ = ["PACL"]
+
+logger = logging.getLogger(__name__)
+
+# CLIP's 7-template ensemble, quoted for PACL's prompt augmentation and class embeddings.
+PACL_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "{} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+def _entropy_background(probs: torch.Tensor, cosines: torch.Tensor, thresh: float) -> torch.Tensor:
+    """(K, H, W) probabilities → (H, W) bool: entropy −Σ p log p above ``thresh``."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(0) > thresh
+
+
+def _score_background(probs: torch.Tensor, cosines: torch.Tensor, thresh: float) -> torch.Tensor:
+    """(K, H, W) cosines → (H, W) bool: best cosine below ``thresh``."""
+    return cosines.max(0).values < thresh
+
+
+# BG_MODE -> rule(probs (K, H, W), cosines (K, H, W), threshold) -> (H, W) background mask
+BACKGROUND_RULES: Dict[str, Callable] = {"entropy": _entropy_background, "score": _score_background}
+
+# STRIDE_MODE -> names the dense-score implementation (PACL._dense_cosines_<mode>)
+STRIDE_MODES = ("shift", "conv")
+
+
+@META_ARCH_REGISTRY.register()
+class PACL(nn.Module):
+    """PACL meta-architecture (see module doc).
+
+    Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry ``captions``
+    (list of str; one is drawn per step), test inputs a ``vocabulary`` (list of class names; default: the
+    ``stuff_classes`` of their ``dataset_name``, else of the first test dataset).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        clip_model: nn.Module,
+        embedder: nn.Module,
+        templates: Sequence[str] = PACL_TEMPLATES,
+        patch_softmax_temp: float = 1.0,
+        logit_scale_init: float = 1.0 / 0.07,
+        logit_scale_max: float = 100.0,
+        chunk_size: int = 64,
+        checkpoint_chunks: bool = True,
+        noun_extractor: Optional[Callable[[Sequence[str]], List[List[str]]]] = None,
+        prompt_weight: float = 1.0,
+        infer_stride: int = 4,
+        stride_mode: str = "shift",
+        bg_mode: str = "entropy",
+        bg_entropy: float = 1.5,
+        bg_score: float = 0.7,
+        bg_class_names: Sequence[str] = ("background",),
+        default_vocabulary: Sequence[str] = (),
+    ):
+        """
+        Args:
+            clip_model: an open_clip ``CLIP`` with a ``VisionTransformer`` image tower; frozen here.
+            embedder: patch embedder (B, N, d_v) → (B, N, D) (``heads/pacl.py``); trained when it has
+                parameters (the baseline ``CLIPProjectionEmbedder`` has none).
+            templates: prompt templates ("{}" = the name) for the class embeddings at test and for the
+                noun prompts of prompt augmentation.
+            patch_softmax_temp: τ_p of φ's patch softmax.
+            logit_scale_init: initial s = 1/τ of the InfoNCE (learnable, exp-parametrised).
+            logit_scale_max: clamp of s.
+            chunk_size: texts per chunk of Φ.
+            checkpoint_chunks: recompute Φ's chunks in backward (bounded memory).
+            noun_extractor: captions → nouns of each (``ov_seg.mining.NounExtractor``); None disables
+                prompt augmentation.
+            prompt_weight: weight W of the noun-prompt loss: L = (L_cap + W·L_noun) / (1 + W).
+            infer_stride: stride of the test-time score map (the patch size, or 0, disables the trick).
+            stride_mode: "shift" or "conv" (see module doc).
+            bg_mode: "entropy" or "score": rule for a background entry of the vocabulary.
+            bg_entropy: entropy threshold of the "entropy" rule.
+            bg_score: cosine threshold of the "score" rule.
+            bg_class_names: vocabulary names treated as background.
+            default_vocabulary: vocabulary of test inputs that carry none.
+        """
+        super().__init__()
+        if stride_mode not in STRIDE_MODES:
+            raise ValueError(f"Unknown STRIDE_MODE {stride_mode!r}; known: {', '.join(STRIDE_MODES)}")
+        if bg_mode not in BACKGROUND_RULES:
+            raise ValueError(f"Unknown BG_MODE {bg_mode!r}; known: {', '.join(sorted(BACKGROUND_RULES))}")
+        if prompt_weight < 0:
+            raise ValueError(f"PROMPT_AUG.WEIGHT must be >= 0, got {prompt_weight}")
+        for p in clip_model.parameters():
+            p.requires_grad_(False)
+        self.clip = clip_model.eval()
+        self.embedder = embedder
+        sizes = clip_sizes(clip_model)
+        self.patch_size = sizes.patch_size
+        stride = self.patch_size if infer_stride <= 0 else int(infer_stride)
+        if stride > self.patch_size or (stride_mode == "shift" and self.patch_size % stride):
+            raise ValueError(
+                f"INFER_STRIDE {infer_stride} must be <= the patch size {self.patch_size} and, for "
+                f"STRIDE_MODE shift, divide it"
+            )
+        self.infer_stride = stride
+        self.stride_mode = stride_mode
+        # encoders share the CLIP image tower; kept out of the module tree (the CLIP is saved once)
+        object.__setattr__(self, "_encoder", MaskPromptVisionEncoder(clip_model.visual, depth=0))
+        strided = StridedPatchEncoder(clip_model.visual, stride) if stride_mode == "conv" else None
+        object.__setattr__(self, "_strided_encoder", strided)
+        self.text_classifier = TextClassifier(clip_model, templates=tuple(templates))
+        self.templates = tuple(self.text_classifier.templates)
+        self.patch_softmax_temp = float(patch_softmax_temp)
+        self.trainable = any(p.requires_grad for p in embedder.parameters())
+        if self.trainable:
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
+        else:  # the baseline: CLIP's own temperature
+            self.register_buffer("logit_scale", clip_model.logit_scale.detach().clone(), persistent=False)
+        self.logit_scale_max = float(logit_scale_max)
+        self.chunk_size = int(chunk_size)
+        self.checkpoint_chunks = bool(checkpoint_chunks)
+        self.noun_extractor = noun_extractor
+        self.prompt_weight = float(prompt_weight)
+        self.bg_rule = BACKGROUND_RULES[bg_mode]
+        self.bg_thresh = float(bg_entropy if bg_mode == "entropy" else bg_score)
+        self.bg_class_names = frozenset(bg_class_names)
+        self.default_vocabulary = list(default_vocabulary)
+        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        pacl = cfg.MODEL.PACL
+        clip_model = build_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED or None)
+        embedder = build_pacl_embedder(pacl.EMBEDDER, clip_model, hidden_dim=pacl.EMBED_HIDDEN_DIM)
+        noun_extractor = None
+        if pacl.PROMPT_AUG.ENABLED and pacl.PROMPT_AUG.WEIGHT > 0:
+            from ov_seg.mining import NounExtractor  # spaCy is imported lazily there
+
+            noun_extractor = NounExtractor(mode=pacl.PROMPT_AUG.NOUN_MODE)
+        vocabulary = ()
+        if cfg.DATASETS.TEST:
+            vocabulary = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes", ()) or ()
+        return {
+            "clip_model": clip_model,
+            "embedder": embedder,
+            "templates": tuple(pacl.TEMPLATES),
+            "patch_softmax_temp": pacl.PATCH_SOFTMAX_TEMP,
+            "logit_scale_init": pacl.LOGIT_SCALE_INIT,
+            "logit_scale_max": pacl.LOGIT_SCALE_MAX,
+            "chunk_size": pacl.CHUNK_SIZE,
+            "checkpoint_chunks": pacl.CHECKPOINT_CHUNKS,
+            "noun_extractor": noun_extractor,
+            "prompt_weight": pacl.PROMPT_AUG.WEIGHT,
+            "infer_stride": pacl.INFER_STRIDE,
+            "stride_mode": pacl.STRIDE_MODE,
+            "bg_mode": pacl.BG_MODE,
+            "bg_entropy": pacl.BG_ENTROPY,
+            "bg_score": pacl.BG_SCORE,
+            "bg_class_names": tuple(pacl.BG_CLASS_NAMES),
+            "default_vocabulary": tuple(vocabulary),
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def train(self, mode: bool = True):
+        """Train mode for the embedder; the frozen CLIP always stays in eval mode."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.text_classifier.clear_cache()
+        return self
+
+    def current_logit_scale(self) -> torch.Tensor:
+        """s = exp(log s) clamped at ``logit_scale_max`` (0-dim)."""
+        return clamped_logit_scale(self.logit_scale, self.logit_scale_max)
+
+    # ---------------------------------------------------------------------------------------------------
+    # training
+
+    def _normalize(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.to(self.device).float() - self.pixel_mean) / self.pixel_std
+
+    def patch_embeddings(self, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Frozen patch tokens → embedder.
+
+        Args:
+            images: (B, 3, H, W) normalised, H and W multiples of the patch size.
+
+        Returns:
+            V (B, h*w, D) and the grid (h, w).
+        """
+        with torch.no_grad():
+            tokens, grid = self._encoder(images)[1:]
+        return self.embedder(tokens), grid
+
+    @staticmethod
+    def _pick_caption(x: dict) -> str:
+        captions = x.get("captions")
+        if captions is None:
+            raise KeyError(
+                "PACL training inputs need 'captions' (use INPUT.DATASET_MAPPER_NAME caption on a "
+                "*_captions_* dataset)"
+            )
+        if isinstance(captions, str):
+            captions = [captions]
+        valid = [c for c in captions if isinstance(c, str) and c.strip()]
+        if not valid:
+            where = x.get("file_name", x.get("image_id", "?"))
+            raise ValueError(f"image {where}: empty caption (captions={captions!r}); PACL needs text")
+        return random.choice(valid)
+
+    def noun_prompts(self, captions: Sequence[str]) -> List[str]:
+        """Per caption, one of its nouns in one random template; the caption itself when it has no noun."""
+        prompts = []
+        for caption, nouns in zip(captions, self.noun_extractor(captions)):
+            nouns = [n for n in nouns if n.strip()]
+            prompts.append(random.choice(self.templates).format(random.choice(nouns)) if nouns else caption)
+        return prompts
+
+    def _batch_images(self, batched_inputs: List[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images padded to a common size (a multiple of the patch size) and the (B, N) mask of
+        patches that overlap the image (padding-only patches are left out of φ's softmax)."""
+        images = [self._normalize(x["image"]) for x in batched_inputs]
+        p = self.patch_size
+        h = max(math.ceil(im.shape[-2] / p) for im in images)
+        w = max(math.ceil(im.shape[-1] / p) for im in images)
+        batch = images[0].new_zeros(len(images), 3, h * p, w * p)
+        mask = torch.zeros(len(images), h, w, dtype=torch.bool, device=batch.device)
+        for i, im in enumerate(images):
+            batch[i, :, : im.shape[-2], : im.shape[-1]] = im
+            mask[i, : math.ceil(im.shape[-2] / p), : math.ceil(im.shape[-1] / p)] = True
+        return batch, mask.flatten(1)
+
+    def losses(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        captions = [self._pick_caption(x) for x in batched_inputs]
+        images, patch_mask = self._batch_images(batched_inputs)
+        patches, _ = self.patch_embeddings(images)
+        if bool(patch_mask.all()):
+            patch_mask = None
+        scale = self.current_logit_scale()
+        kwargs = {
+            "temperature": self.patch_softmax_temp,
+            "chunk_size": self.chunk_size,
+            "patch_mask": patch_mask,
+            "checkpoint": self.checkpoint_chunks,
+        }
+        texts = self.text_classifier.encode_texts(captions)
+        loss = pacl_info_nce(patches, texts, scale, **kwargs)
+        if self.noun_extractor is None or self.prompt_weight == 0:
+            return {"loss_pacl": loss}
+        prompts = self.text_classifier.encode_texts(self.noun_prompts(captions))
+        noun_loss = pacl_info_nce(patches, prompts, scale, **kwargs)
+        norm = 1.0 + self.prompt_weight
+        # the two terms sum to L = (L_caption + W L_noun) / (1 + W)
+        return {
+            "loss_pacl_caption": loss / norm,
+            "loss_pacl_noun": noun_loss * (self.prompt_weight / norm),
+        }
+
+    # ---------------------------------------------------------------------------------------------------
+    # inference
+
+    def _dense_cosines_shift(self, image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """(p / s)² passes on shifted inputs, interleaved into a stride-s map.
+
+        The image is padded by (p - s) // 2 on the top / left, so token i of the pass shifted by a·s covers
+        pixels centred at s·(i·r + a) + s/2 (r = p / s): the interleaved map is a regular stride-s grid.
+
+        Args:
+            image: (3, H, W) normalised.
+            texts: (K, D) class embeddings.
+
+        Returns:
+            (K, H, W) cosines.
+        """
+        p, s = self.patch_size, self.infer_stride
+        r, pad = p // s, (p - s) // 2
+        height, width = image.shape[-2:]
+        n_h = math.ceil(math.ceil(height / s) / r)
+        n_w = math.ceil(math.ceil(width / s) / r)
+        full_h, full_w = (r - 1) * s + n_h * p, (r - 1) * s + n_w * p
+        padded = F.pad(image, (pad, full_w - pad - width, pad, full_h - pad - height))
+        crops = [
+            padded[:, a * s : a * s + n_h * p, b * s : b * s + n_w * p] for a in range(r) for b in range(r)
+        ]
+        patches, (gh, gw) = self.patch_embeddings(torch.stack(crops))
+        cos = patch_text_cosine(patches, texts).view(r, r, -1, gh, gw)  # (a, b, K, i, j)
+        fine = cos.permute(2, 3, 0, 4, 1).reshape(1, -1, gh * r, gw * r)  # (1, K, i·r + a, j·r + b)
+        return self._upsample(fine, s, height, width)
+
+    def _dense_cosines_conv(self, image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """One pass with the patch embedding at stride s (positional embedding resized).
+
+        Same geometry as the shift variant: top / left padding (p - s) // 2, token m centred at s·m + s/2.
+        """
+        p, s = self.patch_size, self.infer_stride
+        pad = (p - s) // 2
+        height, width = image.shape[-2:]
+        f_h, f_w = math.ceil(height / s), math.ceil(width / s)
+        full_h, full_w = (f_h - 1) * s + p, (f_w - 1) * s + p
+        padded = F.pad(image, (pad, max(0, full_w - pad - width), pad, max(0, full_h - pad - height)))
+        with torch.no_grad():
+            tokens, (gh, gw) = self._strided_encoder(padded[None, :, :full_h, :full_w])[1:]
+        cos = patch_text_cosine(self.embedder(tokens), texts).view(1, -1, gh, gw)
+        return self._upsample(cos, s, height, width)
+
+    @staticmethod
+    def _upsample(scores: torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
+        """(1, K, h, w) stride-``stride`` map (cell m centred at stride·m + stride/2) → (K, H, W)."""
+        size = (scores.shape[-2] * stride, scores.shape[-1] * stride)
+        up = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+        return up[0, :, :height, :width]
+
+    def dense_cosines(self, image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """Per-pixel cosines cos(v(x), t_k) of one normalised image (3, H, W) → (K, H, W)."""
+        if self.stride_mode == "conv" and self.infer_stride < self.patch_size:
+            return self._dense_cosines_conv(image, texts)
+        return self._dense_cosines_shift(image, texts)
+
+    def _vocabulary(self, x: dict) -> List[str]:
+        vocabulary = x.get("vocabulary")
+        if not vocabulary and x.get("dataset_name"):
+            vocabulary = MetadataCatalog.get(x["dataset_name"]).get("stuff_classes", None)
+        vocabulary = list(vocabulary or self.default_vocabulary)
+        if not vocabulary:
+            raise ValueError(
+                "PACL inference needs a vocabulary: an input 'vocabulary', a 'dataset_name' with "
+                "stuff_classes, or a DATASETS.TEST dataset with stuff_classes"
+            )
+        return vocabulary
+
+    def segment(self, image: torch.Tensor, vocabulary: Sequence[str]) -> torch.Tensor:
+        """Class probabilities of one image.
+
+        Args:
+            image: (3, H, W) uint8 / float RGB, 0-255.
+            vocabulary: K class names; names in ``bg_class_names`` are background entries.
+
+        Returns:
+            (K, H, W): softmax_k(cos · s) over the non-background classes; background channels are 1 where
+            the background rule fires (the other channels are 0 there) and 0 elsewhere.
+        """
+        is_bg = torch.tensor([name in self.bg_class_names for name in vocabulary], device=self.device)
+        fg_names = [n for n, b in zip(vocabulary, is_bg.tolist()) if not b]
+        if not fg_names:
+            raise ValueError(f"the vocabulary has no class besides background: {list(vocabulary)}")
+        texts = self.text_classifier(fg_names).to(self.device)
+        cosines = self.dense_cosines(self._normalize(image), texts)
+        probs = (cosines * self.current_logit_scale()).softmax(dim=0)
+        out = probs.new_zeros(len(vocabulary), *probs.shape[1:])
+        out[~is_bg] = probs
+        if bool(is_bg.any()):
+            background = self.bg_rule(probs, cosines, self.bg_thresh)
+            out[~is_bg] *= (~background).to(out.dtype)
+            out[is_bg] = background.to(out.dtype)
+        return out
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
+        results = []
+        for x in batched_inputs:
+            image = x["image"]
+            scores = self.segment(image, self._vocabulary(x))
+            height, width = x.get("height", image.shape[-2]), x.get("width", image.shape[-1])
+            sem_seg = sem_seg_postprocess(scores, image.shape[-2:], height, width)
+            results.append({"sem_seg": sem_seg})
+        return results
+
+    def forward(self, batched_inputs: List[dict]):
+        """Training: dict of losses (``loss_pacl``, or ``loss_pacl_caption`` + ``loss_pacl_noun`` with
+        prompt augmentation; their sum is L_PACL). Eval: ``[{"sem_seg": (K, height, width)}]`` per input."""
+        if self.training:
+            return self.losses(batched_inputs)
+        return self.inference(batched_inputs)

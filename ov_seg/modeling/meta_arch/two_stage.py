@@ -1,0 +1,439 @@
+"""``TwoStageOVSeg``: OVSeg's two-stage open-vocabulary segmentation (evaluation and demo, one
+class).
+
+Stages (each a method, so that each can be timed or replaced):
+
+1. ``generate_proposals``: Q soft masks per image (and proposal-head class scores) from a proposal
+   source (``MODEL.TWO_STAGE.PROPOSAL_SOURCE``: the trained ``ProposalMaskFormer`` or precomputed
+   masks);
+2. ``prepare_crops``: masked crops of the masks binarised at ``MODEL.CLIP.MASK_THR`` (empty masks
+   give no crop), one vectorised pass per image;
+3. ``encode_crops``: the mask-adapted CLIP image tower (with mask prompts when the checkpoint has
+   them);
+4. ``text_embeddings``: prompt-ensembled class-name embeddings of the vocabulary (cached);
+5. ``fuse``: p = p_proposal^(1−λ) · p_clip^λ (``ov_seg.modeling.heads.ensemble``), then the semantic
+   output Σ_q p_q(c) σ(m_q) and the panoptic output (MaskFormer merge).
+
+The vocabulary of an input is its ``vocabulary`` list (set by the per-dataset mappers from the
+dataset's ``stuff_classes``, or given explicitly, e.g. by the demo), else the classes of its
+``dataset_name``, else those of the first test dataset. A single class name gets
+``MODEL.TWO_STAGE.BACKGROUND_NAME`` appended.
+
+Weights: the proposal generator from ``MODEL.TWO_STAGE.PROPOSAL_WEIGHTS`` and the adapted CLIP from
+``MODEL.CLIP.PRETRAINED`` (its exported checkpoint carries the mask prompts), or one merged
+checkpoint (``tools/merge_checkpoints.py``) as ``MODEL.WEIGHTS``.
+"""
+
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+from torch.nn import functional as F
+
+from ov_seg.modeling.clip import MaskedCropClassifier, build_clip
+from ov_seg.modeling.heads.ensemble import (
+    clip_class_probs,
+    geometric_ensemble,
+    panoptic_class_logits,
+    semantic_scores,
+    with_background_name,
+)
+from ov_seg.modeling.meta_arch.proposal_maskformer import ProposalMaskFormer
+from ov_seg.modeling.proposal_sources import Proposals, build_proposal_source
+
+__all__ = ["TwoStageOVSeg", "merged_checkpoint_prompts_shape"]
+
+logger = logging.getLogger(__name__)
+
+# key of the mask prompts in the state dict of a TwoStageOVSeg (merged checkpoints)
+PROMPTS_KEY = "crop_classifier.encoder.prompts"
+
+
+def merged_checkpoint_prompts_shape(path: str) -> Optional[Tuple[int, ...]]:
+    """Shape of the mask prompts stored in a merged two-stage checkpoint, or None (no such local
+    file, or a checkpoint without prompts). Read with ``torch.load(weights_only=True, mmap=True)``:
+    no tensor data is loaded."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("model", obj) if isinstance(obj, dict) else {}
+    prompts = state.get(PROMPTS_KEY) if isinstance(state, dict) else None
+    return tuple(prompts.shape) if isinstance(prompts, torch.Tensor) else None
+
+
+def _dataset_vocabulary(dataset_name: str) -> List[str]:
+    if dataset_name not in DatasetCatalog.list():
+        raise KeyError(
+            f"unknown dataset name {dataset_name!r}: not registered (pass an explicit 'vocabulary' "
+            "instead)"
+        )
+    classes = MetadataCatalog.get(dataset_name).get("stuff_classes", None)
+    if not classes:
+        raise ValueError(
+            f"dataset {dataset_name!r} has no 'stuff_classes' metadata to use as vocabulary"
+        )
+    return list(classes)
+
+
+def _dataset_thing_ids(dataset_name: str) -> Optional[List[int]]:
+    if not dataset_name or dataset_name not in DatasetCatalog.list():
+        return None
+    mapping = MetadataCatalog.get(dataset_name).get("thing_dataset_id_to_contiguous_id", None)
+    return None if mapping is None else sorted(int(v) for v in mapping.values())
+
+
+@META_ARCH_REGISTRY.register()
+class TwoStageOVSeg(nn.Module):
+    """Proposals → masked crops → mask-adapted CLIP, fused with the proposal head (inference only).
+
+    Input (``batched_inputs``): dicts with ``image`` (3, H, W) in ``INPUT.FORMAT`` (0-255); optional
+    ``height``/``width`` (output size; default the input size), ``vocabulary`` (class names),
+    ``dataset_name``, ``file_name`` (needed by the precomputed proposal source).
+
+    Output per image: ``sem_seg`` (K, height, width) class scores (SEMANTIC_ON), ``panoptic_seg``
+    ((height, width) int32 segment ids, 0 = void, and ``segments_info``) (PANOPTIC_ON), and
+    ``vocabulary``, the K names the channels / category ids refer to (the input vocabulary, plus the
+    background name for a single class).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        proposal_source: nn.Module,
+        crop_classifier: MaskedCropClassifier,
+        ensemble_weight: float = 0.7,
+        input_format: str = "RGB",
+        vocabulary: Sequence[str] = (),
+        thing_ids: Optional[Sequence[int]] = None,
+        background_name: str = "others",
+        semantic_on: bool = True,
+        panoptic_on: bool = False,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+    ):
+        """
+        Args:
+            proposal_source: a ``PROPOSAL_SOURCE_REGISTRY`` module (``source(inputs, vocabulary)``).
+            crop_classifier: the CLIP branch (masked crops, image tower with mask prompts, text
+                classifier).
+            ensemble_weight: λ in [0, 1] (1 = CLIP only, 0 = proposal head only).
+            input_format: "RGB" or "BGR", the channel order of the input images.
+            vocabulary: default class names (inputs without ``vocabulary`` / ``dataset_name``).
+            thing_ids: contiguous ids of the default vocabulary that are things (panoptic; others
+                are stuff, merged per class); None = every class is a thing.
+            background_name: appended to a single-class vocabulary.
+            semantic_on, panoptic_on: outputs.
+            object_mask_threshold: panoptic: keep proposals whose fused class probability ×
+                objectness exceeds this.
+            overlap_threshold: panoptic: drop a proposal whose visible area / own area is below
+                this.
+        """
+        super().__init__()
+        if not 0.0 <= ensemble_weight <= 1.0:
+            raise ValueError(
+                f"MODEL.TWO_STAGE.ENSEMBLE_WEIGHT must be in [0, 1], got {ensemble_weight}"
+            )
+        if ensemble_weight < 1.0 and not proposal_source.has_class_scores:
+            raise ValueError(
+                f"MODEL.TWO_STAGE.ENSEMBLE_WEIGHT {ensemble_weight} < 1 needs class scores from "
+                f"the proposal source, but {type(proposal_source).__name__} has none "
+                "(class-agnostic head or precomputed masks): use ENSEMBLE_WEIGHT 1.0 (CLIP only)"
+            )
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(
+                f"INPUT.FORMAT must be RGB or BGR for CLIP crops, got {input_format!r}"
+            )
+        if not (semantic_on or panoptic_on):
+            raise ValueError("TwoStageOVSeg needs MODEL.TWO_STAGE.TEST.SEMANTIC_ON or PANOPTIC_ON")
+        self.proposal_source = proposal_source
+        self.crop_classifier = crop_classifier
+        self.ensemble_weight = float(ensemble_weight)
+        self.input_format = input_format
+        self.vocabulary = list(vocabulary)
+        self.thing_ids = None if thing_ids is None else [int(i) for i in thing_ids]
+        self.background_name = background_name
+        self.semantic_on = semantic_on
+        self.panoptic_on = panoptic_on
+        self.object_mask_threshold = float(object_mask_threshold)
+        self.overlap_threshold = float(overlap_threshold)
+        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ccfg, tcfg = cfg.MODEL.CLIP, cfg.MODEL.TWO_STAGE
+        clip_model = build_clip(ccfg.MODEL_NAME, ccfg.PRETRAINED)
+        # a merged checkpoint (MODEL.WEIGHTS, loaded after building) may hold the mask prompts:
+        # create the parameter so that the checkpoint fills it
+        merged = merged_checkpoint_prompts_shape(cfg.MODEL.WEIGHTS)
+        if merged is not None and merged[0] != ccfg.MASK_PROMPT_DEPTH:
+            raise ValueError(
+                f"MODEL.WEIGHTS holds mask prompts of depth {merged[0]}, but "
+                f"MODEL.CLIP.MASK_PROMPT_DEPTH is {ccfg.MASK_PROMPT_DEPTH}"
+            )
+        crop_classifier = MaskedCropClassifier(
+            **MaskedCropClassifier.from_config(
+                cfg, clip_model=clip_model, train_prompts=merged is not None
+            )
+        )
+        crop_classifier.requires_grad_(False)
+        test_name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else ""
+        vocabulary = []
+        if test_name:
+            vocabulary = list(MetadataCatalog.get(test_name).get("stuff_classes", None) or [])
+        return {
+            "proposal_source": build_proposal_source(cfg),
+            "crop_classifier": crop_classifier,
+            "ensemble_weight": tcfg.ENSEMBLE_WEIGHT,
+            "input_format": cfg.INPUT.FORMAT,
+            "vocabulary": vocabulary,
+            "thing_ids": _dataset_thing_ids(test_name),
+            "background_name": tcfg.BACKGROUND_NAME,
+            "semantic_on": tcfg.TEST.SEMANTIC_ON,
+            "panoptic_on": tcfg.TEST.PANOPTIC_ON,
+            "object_mask_threshold": tcfg.TEST.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": tcfg.TEST.OVERLAP_THRESHOLD,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_anchor.device
+
+    # ------------------------------------------------------------------ vocabulary
+    def input_vocabulary(self, x: dict) -> List[str]:
+        """The class names of one input (before the single-class rule).
+
+        Raises:
+            ValueError: empty vocabulary. KeyError: unknown ``dataset_name``.
+        """
+        if "vocabulary" in x and x["vocabulary"] is not None:
+            vocabulary = list(x["vocabulary"])
+            if not vocabulary:
+                where = (
+                    f" (dataset {x['dataset_name']!r} has no stuff_classes?)"
+                    if x.get("dataset_name")
+                    else ""
+                )
+                raise ValueError(
+                    f"input has an empty vocabulary{where}: give at least one class name"
+                )
+            return vocabulary
+        if x.get("dataset_name"):
+            return _dataset_vocabulary(x["dataset_name"])
+        if not self.vocabulary:
+            raise ValueError(
+                "input has no 'vocabulary' nor 'dataset_name', and the config has no test dataset "
+                "with stuff_classes: give a vocabulary"
+            )
+        return list(self.vocabulary)
+
+    def thing_ids_for(self, x: dict, vocabulary: Sequence[str]) -> List[int]:
+        """Contiguous ids of the thing classes of an input's vocabulary: from its dataset's panoptic
+        metadata, else the default ones for the default vocabulary, else every class (a custom
+        vocabulary has no thing / stuff split: each segment stays an instance)."""
+        ids = _dataset_thing_ids(x.get("dataset_name", ""))
+        if ids is None and list(vocabulary) == self.vocabulary:
+            ids = self.thing_ids
+        return list(range(len(vocabulary))) if ids is None else ids
+
+    # ------------------------------------------------------------------ stages
+    def generate_proposals(
+        self, batched_inputs: Sequence[dict], vocabulary: Sequence[str]
+    ) -> List[Proposals]:
+        """Stage 1: proposals of each input at its input size, on the model's device."""
+        out = self.proposal_source(batched_inputs, vocabulary)
+        return [
+            Proposals(
+                p.masks.to(self.device).float(),
+                p.scores.to(self.device).float(),
+                None if p.class_probs is None else p.class_probs.to(self.device).float(),
+            )
+            for p in out
+        ]
+
+    def rgb_images(self, batched_inputs: Sequence[dict]) -> List[torch.Tensor]:
+        """The input images as (3, H, W) float RGB 0-255 on the model's device."""
+        images = []
+        for x in batched_inputs:
+            image = x["image"].to(self.device).float()
+            images.append(image.flip(0) if self.input_format == "BGR" else image)
+        return images
+
+    def prepare_crops(
+        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """Stage 2: masked crops of all images.
+
+        Args:
+            images: B tensors (3, H_i, W_i) RGB 0-255. masks: B tensors (Q_i, H_i, W_i)
+                probabilities.
+
+        Returns:
+            crops (N, 3, S, S) normalised, crop masks (N, S, S) bool, and B valid flags (Q_i,) (N
+            valid).
+        """
+        return self.crop_classifier.crop(images, masks)
+
+    def encode_crops(self, crops: torch.Tensor, crop_masks: torch.Tensor) -> torch.Tensor:
+        """Stage 3: (N, 3, S, S) crops (+ masks for the mask prompts) → (N, D) normalised
+        embeddings."""
+        return self.crop_classifier.encode_crops(crops, crop_masks)
+
+    def text_embeddings(self, vocabulary: Sequence[str]) -> torch.Tensor:
+        """Stage 4: (K, D) normalised class-name embeddings (cached per vocabulary)."""
+        return self.crop_classifier.text_classifier(vocabulary)
+
+    def clip_probabilities(
+        self, crop_embeds: torch.Tensor, text: torch.Tensor, valid: Sequence[torch.Tensor]
+    ) -> List[torch.Tensor]:
+        """p_clip per image: softmax_c(logit_scale · cos) for valid proposals, 1 for the others.
+
+        Args:
+            crop_embeds: (N, D) embeddings of the valid crops of all images (in order).
+            text: (K, D). valid: B flags (Q_i,) with N True in total.
+
+        Returns:
+            B tensors (Q_i, K).
+        """
+        logits = self.crop_classifier.logit_scale * crop_embeds @ text.to(crop_embeds.dtype).t()
+        out, start = [], 0
+        for v in valid:
+            full = logits.new_zeros((v.shape[0], text.shape[0]))
+            n = int(v.sum())
+            full[v] = logits[start : start + n]
+            start += n
+            out.append(clip_class_probs(full, v))
+        return out
+
+    def clip_branch(
+        self,
+        images: Sequence[torch.Tensor],
+        proposals: Sequence[Proposals],
+        vocabulary: Sequence[str],
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Stages 2-4: (p_clip (Q_i, K), valid (Q_i,)) per image."""
+        crops, crop_masks, valid = self.prepare_crops(images, [p.masks for p in proposals])
+        embeds = self.encode_crops(crops, crop_masks)
+        return self.clip_probabilities(embeds, self.text_embeddings(vocabulary), valid), valid
+
+    def fuse(
+        self,
+        proposals: Proposals,
+        clip_probs: Optional[torch.Tensor],
+        valid: Optional[torch.Tensor],
+        output_size: Tuple[int, int],
+        thing_ids: Sequence[int],
+        ensemble_weight: Optional[float] = None,
+    ) -> Dict[str, object]:
+        """Stage 5: geometric ensemble, then the semantic / panoptic outputs of one image.
+
+        Args:
+            proposals: masks (Q, h, w) at the input size, scores, class probabilities.
+            clip_probs: (Q, K) p_clip or None (λ = 0). valid: (Q,) or None (λ = 0).
+            output_size: (height, width) of the outputs.
+            thing_ids: thing classes (panoptic).
+            ensemble_weight: λ (default: the model's).
+
+        Returns:
+            ``sem_seg`` (K, height, width) and / or ``panoptic_seg``.
+        """
+        weight = self.ensemble_weight if ensemble_weight is None else ensemble_weight
+        probs, keep = geometric_ensemble(proposals.class_probs, clip_probs, valid, weight)
+        masks = proposals.masks
+        out: Dict[str, object] = {}
+        resize = tuple(masks.shape[-2:]) != tuple(output_size)
+        if self.semantic_on:
+            sem = semantic_scores(probs, masks, keep)
+            if resize:
+                sem = F.interpolate(
+                    sem[None], size=output_size, mode="bilinear", align_corners=False
+                )[0]
+            out["sem_seg"] = sem
+        if self.panoptic_on:
+            if resize and masks.shape[0]:
+                masks = F.interpolate(
+                    masks[None], size=output_size, mode="bilinear", align_corners=False
+                )[0]
+            elif resize:
+                masks = masks.new_zeros((0, *output_size))
+            logits = panoptic_class_logits(probs, proposals.scores, keep)
+            out["panoptic_seg"] = self.panoptic_merge(logits, masks, thing_ids)
+        return out
+
+    def panoptic_merge(
+        self, class_logits: torch.Tensor, masks: torch.Tensor, thing_ids: Sequence[int]
+    ):
+        """The ``ProposalMaskFormer`` panoptic rules (object-mask and overlap thresholds, stuff
+        merged per class) with this model's thresholds and the input's thing classes.
+
+        Args:
+            class_logits: (Q, K + 1) log-probabilities (``panoptic_class_logits``). masks: (Q, H,
+                W).
+
+        Returns:
+            (panoptic_seg (H, W) int32, segments_info).
+        """
+        rules = _PanopticRules(set(thing_ids), self.object_mask_threshold, self.overlap_threshold)
+        return ProposalMaskFormer.panoptic_inference(rules, class_logits, masks)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[dict]) -> List[dict]:
+        """Per-image outputs (see the class docstring); inputs are grouped by vocabulary.
+
+        Raises:
+            RuntimeError: in training mode (the stages are trained separately:
+                ``ProposalMaskFormer`` and ``MaskAdaptedCLIP``).
+        """
+        if self.training:
+            raise RuntimeError(
+                "TwoStageOVSeg is inference-only: train ProposalMaskFormer and MaskAdaptedCLIP "
+                "separately, then evaluate with --eval-only"
+            )
+        if not batched_inputs:
+            raise ValueError("TwoStageOVSeg got an empty batch")
+        groups: Dict[Tuple[str, ...], List[int]] = {}
+        for i, x in enumerate(batched_inputs):
+            vocabulary = with_background_name(self.input_vocabulary(x), self.background_name)
+            groups.setdefault(tuple(vocabulary), []).append(i)
+        results: List[dict] = [{} for _ in batched_inputs]
+        with torch.no_grad():
+            for vocabulary, idx in groups.items():
+                inputs = [batched_inputs[i] for i in idx]
+                for i, r in zip(idx, self.inference(inputs, list(vocabulary))):
+                    results[i] = r
+        return results
+
+    def inference(self, batched_inputs: Sequence[dict], vocabulary: Sequence[str]) -> List[dict]:
+        """All stages for inputs sharing one (final) vocabulary."""
+        proposals = self.generate_proposals(batched_inputs, vocabulary)
+        if self.ensemble_weight > 0.0:
+            clip_probs, valid = self.clip_branch(
+                self.rgb_images(batched_inputs), proposals, vocabulary
+            )
+        else:
+            clip_probs = valid = [None] * len(proposals)
+        results = []
+        for x, p, cp, v in zip(batched_inputs, proposals, clip_probs, valid):
+            size = tuple(x["image"].shape[-2:])
+            output_size = (int(x.get("height", size[0])), int(x.get("width", size[1])))
+            r = self.fuse(p, cp, v, output_size, self.thing_ids_for(x, vocabulary))
+            r["vocabulary"] = list(vocabulary)
+            results.append(r)
+        return results
+
+
+class _PanopticRules:
+    """The attributes ``ProposalMaskFormer.panoptic_inference`` reads from its model."""
+
+    def __init__(self, thing_ids, object_mask_threshold: float, overlap_threshold: float):
+        self.thing_ids = thing_ids
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold

@@ -1,0 +1,40 @@
+"""The main-job stage runner: skip finished stages (outputs checked), stop on failure naming the log."""
+
+import sys
+
+import pytest
+
+from ov_seg.engine.pipeline import Stage, run_stages
+
+
+def _writer(path, text):
+    return [sys.executable, "-c", f"open({str(path)!r}, 'w').write({text!r})"]
+
+
+def test_skip_rerun_and_output_check(tmp_path):
+    out = tmp_path / "a.txt"
+    stages = [Stage("write", _writer(out, "hello"), outputs=[str(out)])]
+    first = run_stages(stages, tmp_path / "job")
+    assert not first["write"]["skipped"] and out.read_text() == "hello"
+    assert first["write"]["peak_rss_mib"] > 0
+    assert run_stages(stages, tmp_path / "job")["write"]["skipped"]
+    out.write_text("changed size")  # output no longer matches the record: the stage runs again
+    again = run_stages([Stage("write", _writer(out, "hello"), outputs=[str(out)])], tmp_path / "job")
+    assert not again["write"]["skipped"] and out.read_text() == "hello"
+
+
+def test_failure_names_log_and_stops(tmp_path):
+    never = tmp_path / "never.txt"
+    stages = [
+        Stage("boom", [sys.executable, "-c", "raise SystemExit(3)"]),
+        Stage("after", _writer(never, "x"), outputs=[str(never)]),
+    ]
+    with pytest.raises(RuntimeError, match=r"boom.*exit 3.*logs/boom\.log"):
+        run_stages(stages, tmp_path / "job")
+    assert not never.exists()
+
+
+def test_missing_output_is_a_failure(tmp_path):
+    stages = [Stage("lazy", [sys.executable, "-c", "pass"], outputs=[str(tmp_path / "x")])]
+    with pytest.raises(RuntimeError, match="did not write"):
+        run_stages(stages, tmp_path / "job")

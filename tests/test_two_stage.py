@@ -1,0 +1,147 @@
+"""TwoStageOVSeg with tiny random models on the toy world: outputs, vocabulary rules, errors,
+proposal sources."""
+
+import json
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from helpers import setup_config
+
+from ov_seg.data import build_dataset_mapper
+from ov_seg.modeling.proposal_sources import (
+    PrecomputedProposalSource,
+    load_precomputed_proposals,
+    save_precomputed_proposals,
+)
+
+CONFIG = "configs/toyworld/two_stage_R18.yaml"
+TINY = ["MODEL.CLIP.PRETRAINED", "", "RUNTIME.NUM_THREADS", "1"]
+
+
+def _cfg(*opts):
+    return setup_config(CONFIG, [*TINY, *opts])
+
+
+@pytest.fixture(scope="module")
+def model(toyworld_root):
+    torch.manual_seed(0)
+    return build_model(_cfg("MODEL.TWO_STAGE.TEST.PANOPTIC_ON", "True")).eval()
+
+
+@pytest.fixture(scope="module")
+def val_inputs(toyworld_root):
+    cfg = _cfg()
+    mapper = build_dataset_mapper(cfg, is_train=False, dataset_name="toyworld_sem_seg_val")
+    return [mapper(d) for d in DatasetCatalog.get("toyworld_sem_seg_val")[:2]]
+
+
+def test_outputs_on_dataset_inputs(model, val_inputs):
+    out = model(val_inputs)
+    assert len(out) == 2
+    for x, r in zip(val_inputs, out):
+        assert r["vocabulary"] == x["vocabulary"] and len(r["vocabulary"]) == 69
+        assert r["sem_seg"].shape == (69, x["height"], x["width"])
+        assert torch.isfinite(r["sem_seg"]).all() and (r["sem_seg"] >= 0).all()
+        pan, segments = r["panoptic_seg"]
+        assert pan.shape == (x["height"], x["width"]) and pan.dtype == torch.int32
+        ids = {s["id"] for s in segments}
+        assert set(pan.unique().tolist()) <= ids | {0}
+
+
+def test_explicit_vocabularies_output_size_and_single_class(model, val_inputs):
+    image = val_inputs[0]["image"]
+    batch = [
+        {
+            "image": image,
+            "vocabulary": ["red star", "blue circle", "grass"],
+            "height": 96,
+            "width": 80,
+        },
+        {"image": image[:, :48, :40], "vocabulary": ["red star"]},
+        {"image": image},  # no vocabulary: the test dataset's classes
+    ]
+    out = model(batch)
+    assert out[0]["sem_seg"].shape == (3, 96, 80)
+    assert out[1]["vocabulary"] == ["red star", "others"]  # OVSeg's single-class rule
+    assert out[1]["sem_seg"].shape == (2, 48, 40)
+    assert out[2]["sem_seg"].shape[0] == 69
+
+
+def test_vocabulary_errors(model, val_inputs):
+    image = val_inputs[0]["image"]
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        model([{"image": image, "vocabulary": []}])
+    with pytest.raises(KeyError, match="unknown dataset name 'no_such_dataset'"):
+        model([{"image": image, "dataset_name": "no_such_dataset"}])
+    with pytest.raises(ValueError, match="duplicate"):
+        model([{"image": image, "vocabulary": ["sky", "sky"]}])
+
+
+def test_inference_only(model, val_inputs):
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match="inference-only"):
+            model(val_inputs)
+    finally:
+        model.eval()
+
+
+def test_lambda_below_one_needs_class_scores(toyworld_root):
+    with pytest.raises(ValueError, match="ENSEMBLE_WEIGHT 1.0"):
+        build_model(
+            _cfg(
+                "MODEL.MASK_FORMER.CLASS_HEAD.NAME",
+                "class_agnostic",
+                "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
+                "0.5",
+            )
+        )
+
+
+def test_precomputed_files_round_trip(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    soft = torch.rand(4, 12, 10, generator=gen)
+    scores = torch.tensor([0.9, 0.5, 0.1, 1.0])
+    p = load_precomputed_proposals(save_precomputed_proposals(tmp_path / "a.npz", soft, scores))
+    assert torch.equal(p.masks, soft.half().float()) and torch.allclose(p.scores, scores)
+    binary = soft > 0.5
+    p = load_precomputed_proposals(save_precomputed_proposals(tmp_path / "b.npz", binary))
+    assert torch.equal(p.masks, binary.float()) and torch.equal(p.scores, torch.ones(4))
+    p = load_precomputed_proposals(save_precomputed_proposals(tmp_path / "c.json", soft, scores))
+    assert torch.equal(p.masks, (soft >= 0.5).float()) and torch.allclose(p.scores, scores)
+    # Segment Anything's coco_rle records
+    records = json.loads((tmp_path / "c.json").read_text())
+    sam = [{"segmentation": rle, "predicted_iou": 0.7} for rle in records["masks"]]
+    (tmp_path / "d.json").write_text(json.dumps(sam))
+    p = load_precomputed_proposals(tmp_path / "d.json")
+    assert torch.equal(p.masks, (soft >= 0.5).float()) and torch.allclose(
+        p.scores, torch.full((4,), 0.7)
+    )
+    with pytest.raises(ValueError, match="scores"):
+        save_precomputed_proposals(tmp_path / "e.npz", soft, scores[:2])
+
+
+def test_precomputed_source_feeds_the_model(model, val_inputs, tmp_path):
+    x = dict(val_inputs[0])
+    h, w = x["image"].shape[-2:]
+    # one proposal on the left half, stored at twice the resolution (resized to the input)
+    mask = torch.zeros(1, 2 * h, 2 * w, dtype=torch.bool)
+    mask[:, :, :w] = True
+    save_precomputed_proposals(
+        tmp_path / (x["file_name"].rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".npz"), mask
+    )
+    source = PrecomputedProposalSource(root=str(tmp_path))
+    proposals = source([x], x["vocabulary"])
+    assert proposals[0].masks.shape == (1, h, w)
+    original = model.proposal_source
+    model.proposal_source = source
+    try:
+        sem = model([x])[0]["sem_seg"]
+    finally:
+        model.proposal_source = original
+    assert (sem[:, :, w // 2 + 2 :] == 0).all()  # nothing outside the proposal
+    assert (sem[:, :, : w // 2 - 2].sum(0) > 0.99).all()  # CLIP probabilities sum to 1 inside
+    with pytest.raises(FileNotFoundError, match="no precomputed proposals"):
+        source([{"image": x["image"], "file_name": "/nowhere/missing.png"}], ["a", "b"])
