@@ -162,6 +162,14 @@ def add_maskformer_config(cfg):
     cfg.MODEL.MASK_FORMER.TEST.PROPOSAL_SCORE = "class"
 
 
+def add_panoptic_input_config(cfg):
+    """The "panoptic" dataset mapper (per-segment masks + classes for mask-classification models)."""
+    cfg.INPUT.PANOPTIC = CN()
+    # Training vocabulary: "all" (the dataset's stuff_classes) or "seen" (its seen_classes metadata only:
+    # labels re-indexed, other segments dropped), so an open-vocabulary class head never meets unseen names.
+    cfg.INPUT.PANOPTIC.TRAIN_VOCABULARY = "all"
+
+
 def add_evaluation_config(cfg):
     """Evaluation keys beyond detectron2's."""
     # Evaluator type for every test dataset, overriding the dataset's ``evaluator_type`` metadata
@@ -170,16 +178,18 @@ def add_evaluation_config(cfg):
 
 
 def add_mixreorg_config(cfg):
-    """MixReorg (Cai, Ren et al., ICCV 2023): mixed patch reorganisation on a GroupViT-style encoder built
-    from the MODEL.CLIP image tower (the text tower stays frozen). Every default below that is not in the
-    paper itself is project design (../shared/design/single_stage.md §4)."""
+    """MixReorg (Cai, Ren et al., ICCV 2023): mixed patch reorganisation on a GroupViT-style encoder
+    built from the MODEL.CLIP image tower (the text tower stays frozen). Every default below that is
+    not in the paper itself is project design (../shared/design/single_stage.md §4)."""
     cfg.MODEL.MIXREORG = CN()
-    # L_c: image-tower blocks run on each image before the first group tokens join; mixing happens on
-    # their output ("contextual mixing"). 0 = mix the raw patch embeddings (the no-context ablation).
+    # L_c: image-tower blocks run on each image before the first group tokens join; mixing happens
+    # on their output ("contextual mixing"). 0 = mix the raw patch embeddings (the no-context
+    # ablation).
     cfg.MODEL.MIXREORG.CONTEXT_DEPTH = 3
     # Blocks per GroupViT stage, [6, 3, 3] for 12 blocks: the first entry includes the CONTEXT_DEPTH
-    # blocks (its other blocks are the progressive layers), one entry per grouping stage plus the final
-    # stage on the segment tokens. The sum may not exceed the tower's blocks (extra blocks are dropped).
+    # blocks (its other blocks are the progressive layers), one entry per grouping stage plus the
+    # final stage on the segment tokens. The sum may not exceed the tower's blocks (extra blocks are
+    # dropped).
     cfg.MODEL.MIXREORG.DEPTHS = [6, 3, 3]
     # Group tokens (= segments out) of each grouping stage (GroupViT: 64 then 8).
     cfg.MODEL.MIXREORG.NUM_GROUP_TOKENS = [64, 8]
@@ -191,8 +201,8 @@ def add_mixreorg_config(cfg):
     # Hidden width of the 2-layer MLP projecting segment tokens to D (GroupViT: 4096); 0 = a linear
     # projection initialised from the CLIP tower's own (keeps a pretrained CLIP's joint space).
     cfg.MODEL.MIXREORG.PROJ_HIDDEN = 4096
-    # Freeze the patch embedding and the first FREEZE_AT image-tower blocks (0 = train all, as the paper
-    # trains from scratch).
+    # Freeze the patch embedding and the first FREEZE_AT image-tower blocks (0 = train all, as the
+    # paper trains from scratch).
     cfg.MODEL.MIXREORG.FREEZE_AT = 0
     # Mix in training. False = the unmixed GroupViT-style model (L_orig only, same inference cost).
     cfg.MODEL.MIXREORG.MIXING = True
@@ -203,7 +213,8 @@ def add_mixreorg_config(cfg):
     # Share of cells given to each tuple member (M entries); [] = uniform 1/M.
     cfg.MODEL.MIXREORG.MIX_SHARES = []
     # Progressive mixing: a cross-attention after each progressive block through which every mixed
-    # token attends to the original tokens of its source image (original tokens attend to themselves).
+    # token attends to the original tokens of its source image (original tokens attend to
+    # themselves).
     cfg.MODEL.MIXREORG.PROGRESSIVE = True
     # Group tokens given to the restored sequences: "tuple_mean" (mean of the mixed sequences' group
     # tokens over the tuple; no original-branch information) or "original" (the image's own).
@@ -217,14 +228,15 @@ def add_mixreorg_config(cfg):
     cfg.MODEL.MIXREORG.LOGIT_SCALE_INIT = 1.0 / 0.07
     cfg.MODEL.MIXREORG.MAX_LOGIT_SCALE = 100.0
     cfg.MODEL.MIXREORG.TEST = CN()
-    # Group classification restricted to the image's top-k classes by pooled similarity (GroupViT: 5;
-    # 0 = off).
+    # Group classification restricted to the image's top-k classes by pooled similarity (GroupViT:
+    # 5; 0 = off).
     cfg.MODEL.MIXREORG.TEST.TOPK_CLASSES = 5
     # A vocabulary entry with this name is scored by a threshold, not by text: its score is
     # min(BG_THRESH, the image's max class score) (GroupViT: 0.95 VOC / COCO-Object, 0.35 Context).
     cfg.MODEL.MIXREORG.TEST.BACKGROUND_NAME = "background"
     cfg.MODEL.MIXREORG.TEST.BG_THRESH = 0.95
-    # Sliding-window inference: window side and stride in pixels (GroupViT: 448 / 224); 0 = whole image.
+    # Sliding-window inference: window side and stride in pixels (GroupViT: 448 / 224); 0 = whole
+    # image.
     cfg.MODEL.MIXREORG.TEST.SLIDE_WINDOW = 448
     cfg.MODEL.MIXREORG.TEST.SLIDE_STRIDE = 224
 
@@ -455,6 +467,7 @@ _ADDERS = [
     add_swin_config,
     add_pixel_decoder_config,
     add_maskformer_config,
+    add_panoptic_input_config,
     add_evaluation_config,
     add_mixreorg_config,
     add_clip_config,

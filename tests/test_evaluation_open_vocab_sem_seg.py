@@ -59,6 +59,8 @@ def test_metrics_hand_computed():
     assert res["pACC"] == pytest.approx(100 * 15 / 20)
     assert res["mACC"] == pytest.approx(100 * (8 / 10 + 1 + 1 / 4) / 3)
     assert res["fwIoU"] == pytest.approx(100 * (10 * 8 / 13 + 6 * 6 / 8 + 4 / 4) / 20)
+    assert sem_seg_metrics(conf, ["a", "b", "c"], unseen_class_ids=[2])["hIoU"] == res["hIoU"]
+    assert "hIoU" not in sem_seg_metrics(conf, ["a", "b", "c"])
     assert np.isnan(harmonic_mean(50.0, float("nan"))) and harmonic_mean(0.0, 0.0) == 0.0
 
 

@@ -1,4 +1,4 @@
-"""MGCA's pure pieces: hard-negative InfoNCE, pseudo correspondences, level losses, meta-points, units."""
+"""MGCA's pure pieces: hard-negative InfoNCE, pseudo correspondences, losses, meta-points, units."""
 
 import math
 
@@ -12,7 +12,11 @@ from ov_seg.modeling.heads.semantic_units import (
     group_unit_scores,
     pixel_unit_scores,
 )
-from ov_seg.modeling.losses.hard_negative import hard_negative_info_nce, masked_topk, same_text_matrix
+from ov_seg.modeling.losses.hard_negative import (
+    hard_negative_info_nce,
+    masked_topk,
+    same_text_matrix,
+)
 from ov_seg.modeling.losses.meta_points import grid_init_centers, grid_shape, soft_kmeans
 from ov_seg.modeling.losses.mgca import (
     build_correspondences,
@@ -30,16 +34,20 @@ def _unit(*vals):
     return F.normalize(torch.tensor(vals, dtype=torch.float32), dim=-1)
 
 
-# ---------------------------------------------------------------------------- hard-negative InfoNCE
+# ---------------------------------------------------------------- hard-negative InfoNCE
 def test_hard_negative_nce_matches_formula_and_keeps_hardest():
     q = _unit(1.0, 0.0, 0.0)[None]
     pos = _unit(0.8, 0.6, 0.0)[None]
-    negs = torch.stack([_unit(0.9, 0.1, 0.0), _unit(0.0, 1.0, 0.0), _unit(0.5, 0.0, 0.5), _unit(-1, 0, 0)])
+    negs = torch.stack(
+        [_unit(0.9, 0.1, 0.0), _unit(0.0, 1.0, 0.0), _unit(0.5, 0.0, 0.5), _unit(-1, 0, 0)]
+    )
     scale = 10.0
     cos_neg = (negs @ q[0]).tolist()
     loss = hard_negative_info_nce(q, pos, negs, k_neg=2, logit_scale=scale)
     top2 = sorted(cos_neg, reverse=True)[:2]  # the two negatives most similar to q
-    expected = -math.log(math.exp(0.8 * scale) / (math.exp(0.8 * scale) + sum(math.exp(c * scale) for c in top2)))
+    expected = -math.log(
+        math.exp(0.8 * scale) / (math.exp(0.8 * scale) + sum(math.exp(c * scale) for c in top2))
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # k_neg <= 0 keeps every negative
     all_loss = hard_negative_info_nce(q, pos, negs, k_neg=0, logit_scale=scale)
@@ -51,7 +59,9 @@ def test_hard_negative_nce_matches_formula_and_keeps_hardest():
     valid = torch.tensor([[False, True, True, True]])
     masked = hard_negative_info_nce(q, pos, negs, valid, k_neg=2, logit_scale=scale)
     top2 = sorted(cos_neg[1:], reverse=True)[:2]
-    expected = -math.log(math.exp(0.8 * scale) / (math.exp(0.8 * scale) + sum(math.exp(c * scale) for c in top2)))
+    expected = -math.log(
+        math.exp(0.8 * scale) / (math.exp(0.8 * scale) + sum(math.exp(c * scale) for c in top2))
+    )
     assert masked.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -63,7 +73,9 @@ def test_hard_negative_nce_per_query_pools_and_degenerate_inputs():
     pools = torch.randn(3, 5, 8, requires_grad=True)
     valid = torch.ones(3, 5, dtype=torch.bool)
     valid[1] = False  # query 1: no negative at all -> loss 0
-    losses = hard_negative_info_nce(q, pos, pools, valid, k_neg=3, logit_scale=scale, reduction="none")
+    losses = hard_negative_info_nce(
+        q, pos, pools, valid, k_neg=3, logit_scale=scale, reduction="none"
+    )
     assert losses.shape == (3,)
     assert losses[1].item() == pytest.approx(0.0, abs=1e-6)
     losses.mean().backward()
@@ -71,12 +83,16 @@ def test_hard_negative_nce_per_query_pools_and_degenerate_inputs():
         assert torch.isfinite(t.grad).all()
     # no query at all: a zero that still backpropagates
     empty = torch.zeros(0, 8, requires_grad=True)
-    loss = hard_negative_info_nce(empty, torch.zeros(0, 8), torch.randn(4, 8), k_neg=2, logit_scale=scale)
+    loss = hard_negative_info_nce(
+        empty, torch.zeros(0, 8), torch.randn(4, 8), k_neg=2, logit_scale=scale
+    )
     assert loss.item() == 0.0
     loss.backward()
     # zero vectors (degenerate features) stay finite
     z = torch.zeros(2, 8, requires_grad=True)
-    loss = hard_negative_info_nce(z, torch.zeros(2, 8), torch.zeros(4, 8), k_neg=2, logit_scale=scale)
+    loss = hard_negative_info_nce(
+        z, torch.zeros(2, 8), torch.zeros(4, 8), k_neg=2, logit_scale=scale
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
     with pytest.raises(ValueError):
@@ -94,17 +110,18 @@ def test_masked_topk_and_same_text():
     assert same.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
 
 
-# ---------------------------------------------------------------------------- pseudo correspondences
+# ---------------------------------------------------------------- correspondences
 def _hand_built_batch():
     """Two images of 6 pixels, 3 entities (e0, e1 in image 0, e2 in image 1), hand-set cosines.
 
-    The grounding is m = sigmoid(10 cos - 2.5): cos 0.5 -> 0.92, 0.3 -> 0.62, 0.2 -> 0.38, 0.1 -> 0.18,
-    0.08 -> 0.15, 0.05 -> 0.12, 0.0 -> 0.08.
+    The grounding is m = sigmoid(10 cos - 2.5): cos 0.5 -> 0.92, 0.3 -> 0.62, 0.2 -> 0.38, 0.1 ->
+    0.18, 0.08 -> 0.15, 0.05 -> 0.12, 0.0 -> 0.08.
     """
     cos = torch.zeros(2, 6, 3)
-    # entity 0 ("red star", image 0): pixels 0, 1, 2 grounded (0.5, 0.3, 0.5), pixel 3 ambiguous (0.2)
+    # entity 0 ("red star", image 0): pixels 0, 1, 2 grounded (0.5, 0.3, 0.5), pixel 3 ambiguous
     cos[0, :, 0] = torch.tensor([0.5, 0.3, 0.5, 0.2, 0.0, 0.05])
-    cos[1, :, 0] = torch.tensor([0.0, 0.08, 0.5, 0.0, 0.0, 0.1])  # image 1 pixel 2 looks like a red star
+    # image 1 pixel 2 looks like a red star too
+    cos[1, :, 0] = torch.tensor([0.0, 0.08, 0.5, 0.0, 0.0, 0.1])
     # entity 1 ("sky", image 0): pixels 4, 5
     cos[0, :, 1] = torch.tensor([0.0, 0.0, 0.0, 0.1, 0.5, 0.5])
     cos[1, :, 1] = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
@@ -125,7 +142,15 @@ def _hand_built_batch():
 def test_correspondences_pick_specified_positives_and_hard_negatives():
     cos, masks, assign, centers, entity_emb, image_index = _hand_built_batch()
     corr = build_correspondences(
-        cos, masks, assign, centers, entity_emb, image_index, pos_thresh=0.5, neg_thresh=0.2, k_pix=2
+        cos,
+        masks,
+        assign,
+        centers,
+        entity_emb,
+        image_index,
+        pos_thresh=0.5,
+        neg_thresh=0.2,
+        k_pix=2,
     )
     # P: top-2 by m among m > θ_pos in the entity's own image
     pos = [sorted(corr.pos_pixels[e][corr.pos_pixels_valid[e]].tolist()) for e in range(3)]
@@ -138,19 +163,31 @@ def test_correspondences_pick_specified_positives_and_hard_negatives():
     # 1 (0.08), 5 (0.1). Image 1 pixel 2 (cos 0.5) is grounded to entity 0 there and image 0 pixel 3
     # (m 0.38) is ambiguous: neither may be a negative.
     assert neg0 == [11, 7]  # image 1 pixel 5 (cos 0.1), then image 1 pixel 1 (cos 0.08)
-    # U+: mass of entity 0 over unit 0 (pixels 0-2) = mean(0.92, 0.62, 0.92) > 0.5; over unit 1 < 0.5
+    # U+: mass of entity 0 over unit 0 (pixels 0-2) = mean(0.92, 0.62, 0.92) > 0.5, unit 1 < 0.5
     assert corr.pos_units[0].tolist() == [True, False]
     assert corr.pos_units[1].tolist() == [False, True]
     # entity 2 has no unit above θ_pos: fallback = the unit with the highest cos(c_u, e_2)
     unit_cos = F.normalize(centers[1], dim=-1) @ F.normalize(entity_emb[2], dim=-1)
-    assert corr.pos_units[2].tolist() == [bool(unit_cos.argmax() == 0), bool(unit_cos.argmax() == 1)]
-    # negative units of entity 0: its own image's other unit, plus image 1's units unless they would be
-    # positive for it (image 1 unit 0 holds pixel 2 with m = 0.92: mass 0.39 < 0.5, kept)
+    assert corr.pos_units[2].tolist() == [
+        bool(unit_cos.argmax() == 0),
+        bool(unit_cos.argmax() == 1),
+    ]
+    # negative units of entity 0: its own image's other unit, plus image 1's units unless they would
+    # be positive for it (image 1 unit 0 holds pixel 2 with m = 0.92: mass 0.39 < 0.5, kept)
     assert corr.neg_units[0].tolist() == [[False, True], [True, True]]
-    # entity 1 ("sky" in image 0): image 1's unit 0 (pixels 0, 1 at cos 0.5) would be positive -> dropped
+    # entity 1 ("sky" in image 0): image 1's unit 0 (pixels 0, 1 at cos 0.5) would be positive:
+    # dropped
     assert corr.neg_units[1].tolist() == [[True, False], [False, True]]
     unfiltered = build_correspondences(
-        cos, masks, assign, centers, entity_emb, image_index, pos_thresh=0.5, neg_thresh=0.2, k_pix=2,
+        cos,
+        masks,
+        assign,
+        centers,
+        entity_emb,
+        image_index,
+        pos_thresh=0.5,
+        neg_thresh=0.2,
+        k_pix=2,
         filter_cross_image=False,
     )
     assert unfiltered.neg_units[1].tolist() == [[True, False], [True, True]]
@@ -163,7 +200,7 @@ def test_positive_units_fallback_only_when_empty():
     assert pos.tolist() == [[True, True, False], [True, False, False]]
 
 
-# ---------------------------------------------------------------------------- level losses
+# ---------------------------------------------------------------- level losses
 def _random_batch(b=3, n=16, d=8, texts=("red star", "sky", "red star", "water", "blue ring")):
     torch.manual_seed(1)
     z = torch.randn(b, n, d, requires_grad=True)
@@ -182,15 +219,36 @@ def _all_losses(z, entity_emb, image_index, same_text, w, b, scale, k_pix=4, num
     init = grid_init_centers(z.transpose(1, 2).reshape(bsz, d, side, side), num_units)
     centers, assign = soft_kmeans(z, init)
     corr = build_correspondences(
-        cos, masks, assign, centers, entity_emb, image_index, pos_thresh=0.5, neg_thresh=0.2, k_pix=k_pix
+        cos,
+        masks,
+        assign,
+        centers,
+        entity_emb,
+        image_index,
+        pos_thresh=0.5,
+        neg_thresh=0.2,
+        k_pix=k_pix,
     )
-    u2e, e2u = region_level_loss(centers, corr, entity_emb, image_index, same_text, k_neg=16, logit_scale=scale)
-    p2e, e2p = pixel_level_loss(z, corr, entity_emb, image_index, same_text, k_neg=16, logit_scale=scale)
+    u2e, e2u = region_level_loss(
+        centers, corr, entity_emb, image_index, same_text, k_neg=16, logit_scale=scale
+    )
+    p2e, e2p = pixel_level_loss(
+        z, corr, entity_emb, image_index, same_text, k_neg=16, logit_scale=scale
+    )
     return {"r2e": r2e, "e2r": e2r, "u2e": u2e, "e2u": e2u, "p2e": p2e, "e2p": e2p}
 
 
 @pytest.mark.parametrize(
-    "case", ["normal", "no_entities", "one_image", "same_text", "nothing_grounded", "all_grounded", "zeros"]
+    "case",
+    [
+        "normal",
+        "no_entities",
+        "one_image",
+        "same_text",
+        "nothing_grounded",
+        "all_grounded",
+        "zeros",
+    ],
 )
 def test_level_losses_finite_and_differentiable(case):
     z, entity_emb, image_index, same_text = _random_batch()
@@ -206,7 +264,9 @@ def test_level_losses_finite_and_differentiable(case):
     elif case == "same_text":
         same_text = same_text_matrix(["sky"] * 5)  # every text negative is dropped
     elif case == "nothing_grounded":
-        b = torch.tensor(-50.0, requires_grad=True)  # m ~ 0 everywhere: no positive pixel / unit by mass
+        b = torch.tensor(
+            -50.0, requires_grad=True
+        )  # m ~ 0 everywhere: no positive pixel / unit by mass
     elif case == "all_grounded":
         b = torch.tensor(50.0, requires_grad=True)  # m ~ 1 everywhere: no negative pixel
     elif case == "zeros":
@@ -245,9 +305,19 @@ def test_pixel_loss_pulls_positive_pixels_to_their_entity():
         init = grid_init_centers(z.transpose(1, 2).reshape(2, 4, 4, 4), 2)
         centers, assign = soft_kmeans(z, init)
         corr = build_correspondences(
-            cos, masks, assign, centers, entity_emb, image_index, pos_thresh=0.5, neg_thresh=0.2, k_pix=4
+            cos,
+            masks,
+            assign,
+            centers,
+            entity_emb,
+            image_index,
+            pos_thresh=0.5,
+            neg_thresh=0.2,
+            k_pix=4,
         )
-        loss = sum(pixel_level_loss(z, corr, entity_emb, image_index, same_text, k_neg=4, logit_scale=10.0))
+        loss = sum(
+            pixel_level_loss(z, corr, entity_emb, image_index, same_text, k_neg=4, logit_scale=10.0)
+        )
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
@@ -256,7 +326,7 @@ def test_pixel_loss_pulls_positive_pixels_to_their_entity():
     assert pos_cos() > before + 0.02
 
 
-# ---------------------------------------------------------------------------- meta-points
+# ---------------------------------------------------------------- meta-points
 def test_grid_init_and_soft_kmeans():
     assert grid_shape(8, 16, 16) == (2, 4) or grid_shape(8, 16, 16) == (4, 2)
     assert grid_shape(16, 16, 16) == (4, 4)
@@ -274,10 +344,10 @@ def test_grid_init_and_soft_kmeans():
     assert torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------------------- prediction units
+# ---------------------------------------------------------------- prediction units
 def _two_region_map(noise=0.0, flip_fraction=0.0, seed=0):
-    """(D, 8, 8) features: left half near class 0's embedding, right half near class 1's; a fraction of
-    the pixels gets a strong class-2 component (their pixel argmax flips to class 2)."""
+    """(D, 8, 8) features: left half near class 0's embedding, right half near class 1's; a
+    fraction of the pixels gets a strong class-2 component (their pixel argmax flips to class 2)."""
     g = torch.Generator().manual_seed(seed)
     classes = torch.eye(6)[:3]  # 3 classes in 6-d
     labels = torch.zeros(8, 8, dtype=torch.long)
@@ -307,8 +377,8 @@ def test_adaptive_unit_removes_pixel_noise():
 
 
 def test_adaptive_unit_splits_an_under_segmented_unit():
-    """One initial unit covers both regions: it is impure, the split recovers the two regions, whereas a
-    single fixed group cannot."""
+    """One initial unit covers both regions: it is impure, the split recovers the two regions,
+    whereas a single fixed group cannot."""
     feats, classes, labels = _two_region_map(noise=0.05)
     adaptive = adaptive_unit_scores(feats, classes, num_units=1, purity=0.6, max_splits=1).argmax(0)
     assert torch.equal(adaptive, labels)

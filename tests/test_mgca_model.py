@@ -1,4 +1,5 @@
-"""The MGCA meta-architecture end to end on CPU with a random-init tiny CLIP (no trained weights needed)."""
+"""The MGCA meta-architecture end to end on CPU with a random-init tiny CLIP (no trained weights
+needed)."""
 
 import json
 
@@ -25,7 +26,10 @@ def _train_inputs(n=4):
         ["sky"],  # no chunk: the caption is its own entity
     ]
     return [
-        {"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "captions": captions[i % 4]}
+        {
+            "image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8),
+            "captions": captions[i % 4],
+        }
         for i in range(n)
     ]
 
@@ -44,14 +48,19 @@ def test_train_step_all_levels_backpropagate(model):
     model.zero_grad()
     total.backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    # decoder, grounding (w, β), logit scale, the last image-tower block, ln_post and the projection train
+    # decoder, grounding (w, β), logit scale, the last image-tower block, ln_post and the
+    # projection train
     assert any(n.startswith("decoder.") for n in trainable)
     assert {"grounding_w", "grounding_b", "logit_scale"} <= set(trainable)
     blocks = model.encoder.visual.transformer.resblocks
     assert all(not p.requires_grad for p in blocks[0].parameters())
     assert all(p.requires_grad for p in blocks[-1].parameters())
-    assert not any(p.requires_grad for p in model.clip.transformer.parameters())  # text tower frozen
-    missing = [n for n, p in trainable.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not any(
+        p.requires_grad for p in model.clip.transformer.parameters()
+    )  # text tower frozen
+    missing = [
+        n for n, p in trainable.items() if p.grad is None or not torch.isfinite(p.grad).all()
+    ]
     assert not missing, missing
 
 
@@ -79,11 +88,19 @@ def test_inference_outputs_scores_at_input_resolution(mode):
     model.eval()
     vocab = ["grass", "sky", "red star", "background"]
     inputs = [
-        {"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 64, "width": 64,
-         "vocabulary": vocab},
+        {
+            "image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8),
+            "height": 64,
+            "width": 64,
+            "vocabulary": vocab,
+        },
         # a size that is no multiple of the patch, reported at another original resolution
-        {"image": torch.randint(0, 256, (3, 60, 70), dtype=torch.uint8), "height": 120, "width": 140,
-         "vocabulary": vocab},
+        {
+            "image": torch.randint(0, 256, (3, 60, 70), dtype=torch.uint8),
+            "height": 120,
+            "width": 140,
+            "vocabulary": vocab,
+        },
     ]
     with torch.no_grad():
         out = model(inputs)
@@ -100,7 +117,14 @@ def test_sliding_window_matches_shapes():
     model = _model(["MODEL.MGCA.TEST.SLIDE_WINDOW", "32", "MODEL.MGCA.TEST.SLIDE_STRIDE", "16"])
     model.eval()
     with torch.no_grad():
-        out = model([{"image": torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8), "vocabulary": ["sky", "grass"]}])
+        out = model(
+            [
+                {
+                    "image": torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8),
+                    "vocabulary": ["sky", "grass"],
+                }
+            ]
+        )
     assert out[0]["sem_seg"].shape == (2, 48, 80)
     with pytest.raises(ValueError, match="SLIDE"):
         _model(["MODEL.MGCA.TEST.SLIDE_WINDOW", "30", "MODEL.MGCA.TEST.SLIDE_STRIDE", "16"])
@@ -112,15 +136,25 @@ def test_bad_unit_mode():
 
 
 def test_train_net_then_eval(toyworld_root, tmp_path):
-    """A few iterations through tools/train_net.py on the caption split, then --eval-only seen/unseen mIoU."""
+    """A few iterations through tools/train_net.py on the caption split, then --eval-only
+    seen/unseen mIoU."""
     out = tmp_path / "run"
     cfg_file = str(REPO / CONFIG)
     common = [*TINY, "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATCH", "8", "RUNTIME.LOG_PERIOD", "2"]
-    run_train_net(["--config-file", cfg_file, *common, "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1"])
+    run_train_net(
+        ["--config-file", cfg_file, *common, "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1"]
+    )
     metrics = [json.loads(x) for x in (out / "metrics.json").read_text().splitlines()]
     assert any("loss_pix" in m for m in metrics)
     results = run_train_net(
-        ["--config-file", cfg_file, "--eval-only", *common, "MODEL.WEIGHTS", str(out / "model_final.pth")]
+        [
+            "--config-file",
+            cfg_file,
+            "--eval-only",
+            *common,
+            "MODEL.WEIGHTS",
+            str(out / "model_final.pth"),
+        ]
     )
     res = results["sem_seg"]
     assert 0.0 <= res["mIoU"] <= 100.0

@@ -1,4 +1,4 @@
-"""MixReorg's mixing transform and segmentation loss (pure functions, ov_seg.modeling.losses.mixing)."""
+"""MixReorg's mixing transform and segmentation loss (ov_seg.modeling.losses.mixing)."""
 
 import math
 
@@ -42,7 +42,9 @@ def test_mixing_is_a_permutation_and_restores_exactly(batch, num_mix, cell, grid
 @pytest.mark.parametrize("cell", [1, 2])
 def test_mixed_label_map_matches_source_of_each_patch(cell):
     grid, batch, m = (6, 6), 6, 3
-    plan = make_mix_plan(batch, grid, num_mix=m, cell=cell, generator=torch.Generator().manual_seed(1))
+    plan = make_mix_plan(
+        batch, grid, num_mix=m, cell=cell, generator=torch.Generator().manual_seed(1)
+    )
     mixed = mix_tokens(_ids(batch, grid), plan)
     assert torch.equal(mixed[..., 0], plan.source)  # the label map is the source image
     assert torch.equal(mixed[..., 1], torch.arange(36).expand(batch, 36))  # positions are kept
@@ -107,13 +109,15 @@ def test_segmentation_loss_identical_captions_is_log_m():
 
 
 def test_segmentation_loss_learns_the_sources():
-    """Perfect segments (one per source, aligned with its caption) give a near-zero loss; swapping the
-    labels gives a large one."""
+    """Perfect segments (one per source, aligned with its caption) give a near-zero loss; swapping
+    the labels gives a large one."""
     grid, batch = (4, 4), 2
     plan = make_mix_plan(batch, grid, num_mix=2, generator=torch.Generator().manual_seed(3))
     t = torch.eye(2, 8)
     z = torch.stack([t, t])  # segment k of every mixed image is caption k's embedding
-    a = torch.nn.functional.one_hot(plan.source, 2).float()  # token i is in the segment of its source
+    a = torch.nn.functional.one_hot(
+        plan.source, 2
+    ).float()  # token i is in the segment of its source
     good = mixed_segmentation_loss(z, a, t, plan, torch.tensor(100.0))
     bad = mixed_segmentation_loss(z, 1 - a, t, plan, torch.tensor(100.0))
     assert good.item() < 1e-3 and bad.item() > 10

@@ -1,4 +1,4 @@
-"""PACL: φ against a naive double loop, memory-bounded chunks, gradients, inference shapes and geometry."""
+"""PACL: φ against a naive double loop, bounded chunk memory, gradients, inference shapes, geometry."""
 
 import math
 
@@ -17,7 +17,11 @@ def naive_phi(patches, texts, temperature=1.0, mask=None):
     """φ(x_b, y_c) pair by pair, patch by patch."""
     out = torch.zeros(patches.shape[0], texts.shape[0], dtype=patches.dtype)
     for b in range(patches.shape[0]):
-        keep = range(patches.shape[1]) if mask is None else [i for i in range(patches.shape[1]) if mask[b, i]]
+        keep = (
+            range(patches.shape[1])
+            if mask is None
+            else [i for i in range(patches.shape[1]) if mask[b, i]]
+        )
         for c in range(texts.shape[0]):
             sims = torch.stack([F.cosine_similarity(patches[b, i], texts[c], dim=0) for i in keep])
             attn = torch.softmax(sims / temperature, dim=0)
@@ -36,7 +40,12 @@ def test_phi_matches_naive_loop_values_and_gradients(chunk_size, checkpoint):
     mask[1, 4:] = False
     mask[3, 0] = False
     phi = pacl_compatibility(
-        patches, texts, temperature=0.3, chunk_size=chunk_size, patch_mask=mask, checkpoint=checkpoint
+        patches,
+        texts,
+        temperature=0.3,
+        chunk_size=chunk_size,
+        patch_mask=mask,
+        checkpoint=checkpoint,
     )
     ref = naive_phi(patches, texts, 0.3, mask)
     torch.testing.assert_close(phi, ref)
@@ -48,15 +57,22 @@ def test_phi_matches_naive_loop_values_and_gradients(chunk_size, checkpoint):
 
 
 def test_phi_is_not_the_own_caption_shortcut():
-    """Off-diagonal entries pool each image with the *other* text (the known wrong shortcut pools each
-    image with its own caption only)."""
+    """Off-diagonal entries pool each image with the *other* text (the known wrong shortcut pools
+    each image with its own caption only)."""
     g = torch.Generator().manual_seed(1)
     patches, texts = torch.randn(3, 5, 4, generator=g), torch.randn(3, 4, generator=g)
     phi = pacl_compatibility(patches, texts)
     own = torch.stack([naive_phi(patches[b : b + 1], texts[b : b + 1])[0, 0] for b in range(3)])
     own_pooled = torch.stack(
-        [(torch.softmax(patch_text_cosine(patches[b : b + 1], texts[b : b + 1])[0, 0], 0)[:, None]
-          * patches[b]).sum(0) for b in range(3)]
+        [
+            (
+                torch.softmax(patch_text_cosine(patches[b : b + 1], texts[b : b + 1])[0, 0], 0)[
+                    :, None
+                ]
+                * patches[b]
+            ).sum(0)
+            for b in range(3)
+        ]
     )
     shortcut = F.normalize(own_pooled, dim=-1) @ F.normalize(texts, dim=-1).t()
     torch.testing.assert_close(phi.diagonal(), own)
@@ -103,7 +119,9 @@ def test_chunked_checkpointing_bounds_saved_memory():
     # inputs (B x N x D, twice) + per-chunk text slices and outputs: linear in B
     assert large <= 4 * small * 1.1
     dense_small, dense_large = run(16, False), run(64, False)
-    assert dense_large >= 10 * dense_small  # B x B x N attention maps: quadratic without checkpointing
+    assert (
+        dense_large >= 10 * dense_small
+    )  # B x B x N attention maps: quadratic without checkpointing
     assert large < dense_large / 5
 
 
@@ -120,21 +138,29 @@ def _model(clip, embedder="residual_mlp", **kwargs):
 
 
 def _image(h, w, seed=0):
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def test_only_embedder_and_logit_scale_get_gradients(tiny_clip):
     model = _model(tiny_clip).train()
     assert not model.clip.training
-    inputs = [{"image": _image(64, 64, i), "captions": [f"a red star on the grass {i}"]} for i in range(3)]
-    inputs.append({"image": _image(48, 40, 9), "captions": ["a blue ring"]})  # padded: masked patches
+    inputs = [
+        {"image": _image(64, 64, i), "captions": [f"a red star on the grass {i}"]} for i in range(3)
+    ]
+    inputs.append(
+        {"image": _image(48, 40, 9), "captions": ["a blue ring"]}
+    )  # padded: masked patches
     losses = model(inputs)
     assert set(losses) == {"loss_pacl_caption", "loss_pacl_noun"}
     sum(losses.values()).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert with_grad == trainable
-    assert with_grad == {"logit_scale"} | {f"embedder.{n}" for n, _ in model.embedder.named_parameters()}
+    assert with_grad == {"logit_scale"} | {
+        f"embedder.{n}" for n, _ in model.embedder.named_parameters()
+    }
     assert all(p.grad is None for p in tiny_clip.parameters())
     assert all(torch.isfinite(model.get_parameter(n).grad).all() for n in with_grad)
 
@@ -142,12 +168,14 @@ def test_only_embedder_and_logit_scale_get_gradients(tiny_clip):
 def test_residual_mlp_size_read_from_model(tiny_clip):
     emb = build_pacl_embedder("residual_mlp", tiny_clip)
     d_v, dim = tiny_clip.visual.proj.shape
-    assert sum(p.numel() for p in emb.parameters()) == (d_v * dim + dim) + (dim * dim + dim) + (d_v * dim + dim)
+    assert sum(p.numel() for p in emb.parameters()) == (d_v * dim + dim) + (dim * dim + dim) + (
+        d_v * dim + dim
+    )
 
 
 def test_vanilla_baseline_is_clip_projection(tiny_clip):
-    """Baseline patches = tokens @ visual.proj; with an average-pooling tower their mean is CLIP's image
-    embedding. The baseline has nothing to train."""
+    """Baseline patches = tokens @ visual.proj; with an average-pooling tower their mean is CLIP's
+    image embedding. The baseline has nothing to train."""
     model = _model(tiny_clip, embedder="clip_projection", noun_extractor=None)
     assert isinstance(model.embedder, CLIPProjectionEmbedder)
     assert not any(p.requires_grad for p in model.parameters())
@@ -195,7 +223,7 @@ def test_background_channel(tiny_clip):
 
 
 class _AvgPoolPatches:
-    """Stand-in encoder + embedder: a patch's embedding is its mean colour (linear, translation-equivariant)."""
+    """Stand-in encoder + embedder: a patch's embedding is its mean colour (translation-equivariant)."""
 
     def __init__(self, p):
         self.p = p
@@ -207,8 +235,8 @@ class _AvgPoolPatches:
 
 @pytest.mark.parametrize("stride", [8, 4, 2])
 def test_shift_trick_geometry(tiny_clip, monkeypatch, stride):
-    """The interleaved passes form the regular stride-s map of patch features: cell m is the patch centred
-    at s·m + s/2, i.e. avg_pool(kernel p, stride s) of the image padded by (p - s) / 2."""
+    """The interleaved passes form the regular stride-s map of patch features: cell m is the patch
+    centred at s·m + s/2, i.e. avg_pool(kernel p, stride s) of the image padded by (p - s) / 2."""
     p, h, w = 8, 29, 22
     model = _model(tiny_clip, infer_stride=stride).eval()
     monkeypatch.setattr(model, "patch_embeddings", _AvgPoolPatches(p))
@@ -218,9 +246,13 @@ def test_shift_trick_geometry(tiny_clip, monkeypatch, stride):
     pad, r = (p - stride) // 2, p // stride
     # the passes cover ceil(ceil(size / s) / r) * r cells per side (a few beyond the image)
     fh, fw = (math.ceil(math.ceil(x / stride) / r) * r for x in (h, w))
-    padded = F.pad(image, (pad, (fw - 1) * stride + p - pad - w, pad, (fh - 1) * stride + p - pad - h))
+    padded = F.pad(
+        image, (pad, (fw - 1) * stride + p - pad - w, pad, (fh - 1) * stride + p - pad - h)
+    )
     ref = F.avg_pool2d(padded[None], p, stride=stride)
-    ref = F.interpolate(ref, scale_factor=stride, mode="bilinear", align_corners=False)[0, :, :h, :w]
+    ref = F.interpolate(ref, scale_factor=stride, mode="bilinear", align_corners=False)[
+        0, :, :h, :w
+    ]
     torch.testing.assert_close(got, ref)
 
 
@@ -230,7 +262,9 @@ def test_conv_trick_matches_strided_patch_embedding(tiny_clip):
     enc = model._strided_encoder
     image = model._normalize(_image(24, 32).float())[None]
     captured = {}
-    handle = tiny_clip.visual.conv1.register_forward_hook(lambda m, i, o: captured.setdefault("o", o))
+    handle = tiny_clip.visual.conv1.register_forward_hook(
+        lambda m, i, o: captured.setdefault("o", o)
+    )
     try:
         out = enc(image)
     finally:

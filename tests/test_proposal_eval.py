@@ -39,6 +39,23 @@ def test_mapper_matches_annotations(toyworld_root):
     assert "instances" not in test_out and "pan_seg_file_name" in test_out
 
 
+def test_mapper_seen_training_vocabulary(toyworld_root):
+    meta = MetadataCatalog.get("toyworld_panoptic_train")
+    mapper = _mapper(True, opts=["INPUT.PANOPTIC.TRAIN_VOCABULARY", "seen"])
+    assert mapper.vocabulary == meta.seen_classes
+    d = DatasetCatalog.get("toyworld_panoptic_train")[0]
+    out = mapper(d)
+    names = [meta.stuff_classes[s["category_id"]] for s in d["segments_info"]]
+    assert [meta.seen_classes[c] for c in out["instances"].gt_classes] == names
+    assert out["vocabulary"] == meta.seen_classes
+    # an unseen segment (absent from the training split) is dropped
+    unseen_id = meta.unseen_class_ids[0]
+    d = {**d, "segments_info": [{**d["segments_info"][-1], "category_id": unseen_id}]}
+    assert len(mapper(d)["instances"]) == 0
+    with pytest.raises(ValueError, match="train_vocabulary"):
+        _mapper(True, opts=["INPUT.PANOPTIC.TRAIN_VOCABULARY", "unseen"])
+
+
 def test_mapper_void_crowd_and_semantic(tmp_path):
     image = np.full((20, 24, 3), 128, np.uint8)
     cv2.imwrite(str(tmp_path / "im.png"), image)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.structures import BitMasks, Instances
 from helpers import setup_config
 
@@ -149,3 +150,37 @@ def test_bad_input(model):
         _model(["MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "True"])
     with pytest.raises(KeyError, match="TRANSFORMER_IN_FEATURE"):
         _model(["MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res5"])
+
+
+OPEN_VOCAB = [
+    "MODEL.MASK_FORMER.CLASS_HEAD.NAME", "open_vocab", "MODEL.MASK_FORMER.CLASS_HEAD.EMBED_HIDDEN_DIM", "32",
+    "MODEL.CLIP.MODEL_NAME", "ovseg-tiny-vit8-64", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES", "toyworld",
+    "MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "True", "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "True",
+    "DATASETS.TRAIN", "('toyworld_panoptic_train',)", "DATASETS.TEST", "('toyworld_panoptic_val',)",
+]
+
+
+def test_open_vocab_head_train_and_inference():
+    model = _model(OPEN_VOCAB)
+    vocab = ["red circle", "blue square", "grass", "sky", "green star", "white ring", "black heart"]
+    losses = _train_step(model, [_input(64, 64, 2, vocabulary=vocab), _input(48, 64, 1, seed=4, vocabulary=vocab)])
+    head = model.class_head
+    assert head.text_classifier.void_embedding.grad is not None  # the no-object embedding trains
+    # the CLIP is referenced, not owned: frozen, and absent from the model's parameters and checkpoints
+    clip_params = {id(p) for p in head.text_classifier.clip_model.parameters()}
+    assert not clip_params & {id(p) for p in model.parameters()}
+    assert not any(k.startswith("class_head.text_classifier.clip") for k in model.state_dict())
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        logits = model.forward_outputs(torch.zeros(1, 3, 64, 64), vocab)["pred_logits"]
+        assert logits.shape[-1] == len(vocab) + 1
+        assert logits.abs().max() <= head.logit_scale + 1e-3  # tau * cosine
+        other = ["purple cross", "sand"]  # any vocabulary at test time
+        r = model([{"image": torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8), "vocabulary": other}])[0]
+    assert r["sem_seg"].shape == (2, 40, 56)
+    assert r["proposals"]["class_logits"].shape == (8, 3)
+    pan, info = r["panoptic_seg"]
+    assert pan.shape == (40, 56) and all(s["category_id"] < 2 for s in info)
+    # the default vocabulary is the training dataset's class names
+    assert model.vocabulary == list(MetadataCatalog.get("toyworld_panoptic_train").stuff_classes)

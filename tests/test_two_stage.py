@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from helpers import setup_config
+from torch import nn
 
 from ov_seg.data import build_dataset_mapper
 from ov_seg.modeling.proposal_sources import (
@@ -24,10 +25,30 @@ def _cfg(*opts):
     return setup_config(CONFIG, [*TINY, *opts])
 
 
+class _CertainObjects(nn.Module):
+    """A proposal source wrapper whose proposals all have objectness 1."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.source = source
+        self.has_class_scores = source.has_class_scores
+
+    def forward(self, batched_inputs, vocabulary):
+        out = self.source(batched_inputs, vocabulary)
+        return [p._replace(scores=torch.ones_like(p.scores)) for p in out]
+
+
 @pytest.fixture(scope="module")
 def model(toyworld_root):
     torch.manual_seed(0)
-    return build_model(_cfg("MODEL.TWO_STAGE.TEST.PANOPTIC_ON", "True")).eval()
+    # thresholds 0: random weights give low scores; every proposal should reach the panoptic merge
+    opts = [
+        "MODEL.TWO_STAGE.TEST.PANOPTIC_ON",
+        "True",
+        "MODEL.TWO_STAGE.TEST.OBJECT_MASK_THRESHOLD",
+        "0.0",
+    ]
+    return build_model(_cfg(*opts, "MODEL.TWO_STAGE.TEST.OVERLAP_THRESHOLD", "0.0")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +69,29 @@ def test_outputs_on_dataset_inputs(model, val_inputs):
         assert pan.shape == (x["height"], x["width"]) and pan.dtype == torch.int32
         ids = {s["id"] for s in segments}
         assert set(pan.unique().tolist()) <= ids | {0}
+
+
+def test_panoptic_segments_follow_the_dataset_metadata(model, val_inputs):
+    # what detectron2's COCOPanopticEvaluator reads: ids, isthing (maps category ids back with the
+    # thing / stuff tables), one merged segment per stuff class
+    meta = MetadataCatalog.get("toyworld_panoptic_val")
+    things = set(meta.thing_dataset_id_to_contiguous_id.values())
+    stuff = set(meta.stuff_dataset_id_to_contiguous_id.values())
+    x = {**val_inputs[0], "dataset_name": "toyworld_panoptic_val"}
+    x.pop("vocabulary")
+    original = model.proposal_source
+    model.proposal_source = _CertainObjects(original)  # random objectness would lose to "no object"
+    try:
+        pan, segments = model([x])[0]["panoptic_seg"]
+    finally:
+        model.proposal_source = original
+    assert segments
+    for s in segments:
+        assert s["isthing"] == (s["category_id"] in things)
+        assert s["category_id"] in (things if s["isthing"] else stuff)
+        assert (pan == s["id"]).any()
+    stuff_ids = [s["category_id"] for s in segments if not s["isthing"]]
+    assert len(stuff_ids) == len(set(stuff_ids))
 
 
 def test_explicit_vocabularies_output_size_and_single_class(model, val_inputs):
@@ -135,13 +179,37 @@ def test_precomputed_source_feeds_the_model(model, val_inputs, tmp_path):
     source = PrecomputedProposalSource(root=str(tmp_path))
     proposals = source([x], x["vocabulary"])
     assert proposals[0].masks.shape == (1, h, w)
-    original = model.proposal_source
-    model.proposal_source = source
+    original, weight = model.proposal_source, model.ensemble_weight
+    model.proposal_source, model.ensemble_weight = source, 1.0  # no class scores: CLIP only
     try:
         sem = model([x])[0]["sem_seg"]
     finally:
-        model.proposal_source = original
+        model.proposal_source, model.ensemble_weight = original, weight
     assert (sem[:, :, w // 2 + 2 :] == 0).all()  # nothing outside the proposal
     assert (sem[:, :, : w // 2 - 2].sum(0) > 0.99).all()  # CLIP probabilities sum to 1 inside
     with pytest.raises(FileNotFoundError, match="no precomputed proposals"):
         source([{"image": x["image"], "file_name": "/nowhere/missing.png"}], ["a", "b"])
+
+
+def test_lambda_zero_reproduces_the_proposal_generator(model, val_inputs):
+    # λ = 0: semantic and panoptic outputs are exactly ProposalMaskFormer's own inference rules
+    x = {"image": val_inputs[0]["image"], "vocabulary": val_inputs[0]["vocabulary"]}
+    generator = model.proposal_source.model
+    raw = generator.predict_proposals([dict(x)])[0]
+    weight, model.ensemble_weight = model.ensemble_weight, 0.0
+    try:
+        out = model([x])[0]
+    finally:
+        model.ensemble_weight = weight
+    expected = generator.semantic_inference(raw["class_logits"], raw["masks"])
+    assert torch.allclose(out["sem_seg"], expected, atol=1e-5)
+    saved = (generator.thing_ids, generator.object_mask_threshold, generator.overlap_threshold)
+    generator.thing_ids = set(model.thing_ids_for(x, x["vocabulary"]))
+    generator.object_mask_threshold = model.object_mask_threshold
+    generator.overlap_threshold = model.overlap_threshold
+    try:
+        pan, segments = generator.panoptic_inference(raw["class_logits"], raw["masks"])
+    finally:
+        generator.thing_ids, generator.object_mask_threshold, generator.overlap_threshold = saved
+    assert segments and torch.equal(out["panoptic_seg"][0], pan)
+    assert out["panoptic_seg"][1] == segments

@@ -1,24 +1,27 @@
 #!/usr/bin/env python
 """Benchmark PACL training: step time and peak memory against the batch size B.
 
-Φ scores all B x B image-caption pairs, each with its own attention pooling over N patches, so a dense
-implementation keeps O(B² · (N + D)) activations for backward. ``pacl_compatibility`` computes Φ in chunks
-of texts and (``CHECKPOINT_CHUNKS``) recomputes each chunk in backward, which keeps the memory linear in B.
+Φ scores all B x B image-caption pairs, each with its own attention pooling over N patches, so a
+dense implementation keeps O(B² · (N + D)) activations for backward. ``pacl_compatibility`` computes
+Φ in chunks of texts and (``CHECKPOINT_CHUNKS``) recomputes each chunk in backward, which keeps the
+memory linear in B.
 
-Two benchmarks, each configuration in a fresh subprocess (peak RSS on CPU, ``max_memory_allocated`` on
-CUDA):
+Two benchmarks, each configuration in a fresh subprocess (peak RSS on CPU, ``max_memory_allocated``
+on CUDA):
 
-- ``loss``: embedder + Φ + InfoNCE, forward and backward, on random patch tokens with the sizes (N, d_v, D)
+- ``loss``: embedder + Φ + InfoNCE, forward and backward, on random patch tokens with the sizes (N,
+d_v, D)
   of ``--loss-model`` (default ViT-B-16 at 224: N = 196, d_v = 768, D = 512).
-- ``step``: a full PACL training step (frozen CLIP forward on random images, embedder, Φ, loss, backward,
+- ``step``: a full PACL training step (frozen CLIP forward on random images, embedder, Φ, loss,
+backward,
   AdamW step) with ``--step-model`` (default the toy world's tiny CLIP).
 
-    python tools/benchmark_pacl.py                              # both, B = 32 .. 512, chunked vs dense
-    python tools/benchmark_pacl.py --bench loss --batch-sizes 256 1024 --modes chunked
+    python tools/benchmark_pacl.py                              # both, B = 32 .. 512, chunked vs
+    dense python tools/benchmark_pacl.py --bench loss --batch-sizes 256 1024 --modes chunked
     python tools/benchmark_pacl.py --output /tmp/pacl/bench.jsonl
 
-Prints one table per benchmark (median step time over ``--iters`` after one warm-up step, peak memory
-above the memory held before the first step); ``--output`` also writes JSON lines.
+Prints one table per benchmark (median step time over ``--iters`` after one warm-up step, peak
+memory above the memory held before the first step); ``--output`` also writes JSON lines.
 """
 
 import argparse
@@ -163,8 +166,12 @@ def main(argv=None):
     p.add_argument("--bench", nargs="+", default=["loss", "step"], choices=["loss", "step"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 64, 128, 256, 512])
     p.add_argument("--modes", nargs="+", default=["chunked", "dense"], choices=sorted(MODES))
-    p.add_argument("--loss-model", default="ViT-B-16", help="open_clip model whose sizes the loss uses")
-    p.add_argument("--step-model", default="ovseg-tiny-vit8-64", help="CLIP of the full-step benchmark")
+    p.add_argument(
+        "--loss-model", default="ViT-B-16", help="open_clip model whose sizes the loss uses"
+    )
+    p.add_argument(
+        "--step-model", default="ovseg-tiny-vit8-64", help="CLIP of the full-step benchmark"
+    )
     p.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--device", default="cpu")
@@ -185,8 +192,9 @@ def main(argv=None):
             for mode in args.modes:
                 cmd = [
                     sys.executable, __file__, "--worker", "--bench", bench, "--batch-size", str(b),
-                    "--mode", mode, "--loss-model", args.loss_model, "--step-model", args.step_model,
-                    "--iters", str(args.iters), "--threads", str(args.threads), "--device", args.device,
+                    "--mode", mode, "--loss-model", args.loss_model,
+                    "--step-model", args.step_model, "--iters", str(args.iters),
+                    "--threads", str(args.threads), "--device", args.device,
                 ]  # fmt: skip
                 try:
                     proc = subprocess.run(
@@ -198,7 +206,12 @@ def main(argv=None):
                     else:
                         row = json.loads(proc.stdout.strip().splitlines()[-1])
                 except subprocess.TimeoutExpired:
-                    row = {"bench": bench, "mode": mode, "B": b, "error": f"timeout {args.timeout}s"}
+                    row = {
+                        "bench": bench,
+                        "mode": mode,
+                        "B": b,
+                        "error": f"timeout {args.timeout}s",
+                    }
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 if args.output:

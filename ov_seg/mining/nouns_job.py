@@ -2,10 +2,10 @@
 
 Outputs in the job folder:
 
-- ``nouns.jsonl``: one line per image, in input order:
-  ``{"image_id", "file_name", ["height", "width"], "captions": [...], "nouns": [[...] per caption]}``;
-- ``vocab.json``: ``{"num_images", "num_captions", "num_unique", "nouns_per_caption", "counts": {noun:
-  captions mentioning it}}`` (counts sorted by decreasing count, then alphabetically);
+- ``nouns.jsonl``: one line per image, in input order: ``{"image_id", "file_name", ["height",
+  "width"], "captions": [...], "nouns": [[...] per caption]}``;
+- ``vocab.json``: ``{"num_images", "num_captions", "num_unique", "nouns_per_caption", "counts":
+  {noun: captions mentioning it}}`` (counts sorted by decreasing count, then alphabetically);
 - ``summary.json``: the above numbers plus the skipped input lines, elapsed time and throughput (the
   only output that changes from run to run).
 """
@@ -44,8 +44,8 @@ def run_nouns_job(
     progress: bool = True,
     max_chunks: Optional[int] = None,
 ) -> dict:
-    """Extract the nouns of every caption, chunk by chunk (resumable, shardable); finalize when the folder
-    holds every chunk.
+    """Extract the nouns of every caption, chunk by chunk (resumable, shardable); finalize when the
+    folder holds every chunk.
 
     Args:
         captions: the input (``load_captions``).
@@ -66,11 +66,17 @@ def run_nouns_job(
     pending = job.pending()
     if max_chunks is not None:
         pending = pending[: max(0, int(max_chunks))]
-    todo_captions = sum(len(captions.images[i].captions) for k in pending for i in job.chunk_range(k))
+    todo_captions = sum(
+        len(captions.images[i].captions) for k in pending for i in job.chunk_range(k)
+    )
     done_captions = 0
     bar = tqdm(
-        total=todo_captions, unit="cap", desc=f"nouns {Path(output_dir).name}", disable=not progress,
-        mininterval=1.0, smoothing=0.1,
+        total=todo_captions,
+        unit="cap",
+        desc=f"nouns {Path(output_dir).name}",
+        disable=not progress,
+        mininterval=1.0,
+        smoothing=0.1,
     )
     for k in pending:
         images = [captions.images[i] for i in job.chunk_range(k)]
@@ -87,7 +93,11 @@ def run_nouns_job(
         done_captions += len(texts)
     bar.close()
     elapsed = time.perf_counter() - start
-    summary = {"complete": job.complete(), "chunks_run": len(pending), "captions_run": done_captions}
+    summary = {
+        "complete": job.complete(),
+        "chunks_run": len(pending),
+        "captions_run": done_captions,
+    }
     if summary["complete"]:
         summary.update(finalize_nouns([output_dir], output_dir, problems=captions.problems))
     summary.update(
@@ -99,8 +109,8 @@ def run_nouns_job(
 
 
 def finalize_nouns(folders: Sequence, output_dir, problems: Sequence[str] = ()) -> dict:
-    """Join the parts of ``folders`` (one job, possibly sharded) into ``nouns.jsonl`` and ``vocab.json``
-    under ``output_dir``.
+    """Join the parts of ``folders`` (one job, possibly sharded) into ``nouns.jsonl`` and
+    ``vocab.json`` under ``output_dir``.
 
     Returns:
         the vocabulary statistics (``vocab.json`` without the counts).
@@ -124,7 +134,9 @@ def finalize_nouns(folders: Sequence, output_dir, problems: Sequence[str] = ()) 
     }
     out = Path(output_dir)
     atomic_write_text(out / "nouns.jsonl", "".join(lines))
-    atomic_write_json(out / "vocab.json", {**stats, "params": spec.params, "counts": counts}, indent=1)
+    atomic_write_json(
+        out / "vocab.json", {**stats, "params": spec.params, "counts": counts}, indent=1
+    )
     if problems:
         atomic_write_text(out / "problems.txt", "".join(p + "\n" for p in problems))
     return {**stats, "skipped_lines": len(problems)}

@@ -1,17 +1,18 @@
 """Stage 2 job: nouns per image + mask proposals + CLIP -> mask-category pairs (COCO-style JSON).
 
 For each image: proposals (a trained ``ProposalMaskFormer`` / precomputed masks through
-``ov_seg.modeling.proposal_sources``, or the ground-truth segments of a dataset for the ablation); masked
-crops of every valid proposal through CLIP (``MaskedCropClassifier``); cosine score of every noun against
-every crop; each noun takes its best proposal (``assign_nouns``; optional minimum score). Outputs in the job
-folder:
+``ov_seg.modeling.proposal_sources``, or the ground-truth segments of a dataset for the ablation);
+masked crops of every valid proposal through CLIP (``MaskedCropClassifier``); cosine score of every
+noun against every crop; each noun takes its best proposal (``assign_nouns``; optional minimum
+score). Outputs in the job folder:
 
-- ``pairs.json``: ``images`` (id, file_name, height, width), ``annotations`` (id, image_id, category_id,
-  category, score, segmentation (COCO RLE, counts as str), area, bbox, proposal; ``proposal_category`` with
-  ground-truth proposals), ``categories`` (id, name, count; names sorted), ``info`` (job parameters);
+- ``pairs.json``: ``images`` (id, file_name, height, width), ``annotations`` (id, image_id,
+  category_id, category, score, segmentation (COCO RLE, counts as str), area, bbox, proposal;
+  ``proposal_category`` with ground-truth proposals), ``categories`` (id, name, count; names
+  sorted), ``info`` (job parameters);
 - ``vocab.json``: pair counts per noun, ``classes`` (the sorted names: the dataset's vocabulary);
-- ``crops/`` + ``crops.tsv`` with ``--crops``: lossless PNG masked crops (background = the CLIP pixel mean)
-  and an OpenCLIP-style table (``filepath<TAB>title``, title = the noun);
+- ``crops/`` + ``crops.tsv`` with ``--crops``: lossless PNG masked crops (background = the CLIP
+  pixel mean) and an OpenCLIP-style table (``filepath<TAB>title``, title = the noun);
 - ``summary.json``: images, pairs, unique nouns, nouns per image, elapsed, images/s.
 """
 
@@ -51,7 +52,8 @@ def read_nouns_file(path) -> List[dict]:
     """The records of a stage-1 ``nouns.jsonl``.
 
     Raises:
-        ValueError: a line is not a record with ``image_id``, ``file_name`` and ``nouns`` (file:line).
+        ValueError: a line is not a record with ``image_id``, ``file_name`` and ``nouns``
+        (file:line).
     """
     import json
 
@@ -75,11 +77,12 @@ def image_nouns(record: dict, captions_per_image: int = 1) -> List[str]:
 
 
 class GroundTruthProposals:
-    """Ground-truth segments of a registered panoptic or semantic dataset as the proposals (the ablation:
-    mining with perfect masks). Images are matched by ``image_id``.
+    """Ground-truth segments of a registered panoptic or semantic dataset as the proposals (the
+    ablation: mining with perfect masks). Images are matched by ``image_id``.
 
     Args:
-        dataset_name: e.g. ``toyworld_panoptic_web`` (one proposal per segment) or a ``*_sem_seg_*`` dataset
+        dataset_name: e.g. ``toyworld_panoptic_web`` (one proposal per segment) or a ``*_sem_seg_*``
+        dataset
             (one per category present).
     """
 
@@ -90,7 +93,9 @@ class GroundTruthProposals:
         self.dataset_name = dataset_name
         self.by_id = {d["image_id"]: d for d in DatasetCatalog.get(dataset_name)}
         self.ignore_label = meta.get("ignore_label", 255)
-        self.classes = list(meta.get("stuff_classes", None) or meta.get("thing_classes", None) or [])
+        self.classes = list(
+            meta.get("stuff_classes", None) or meta.get("thing_classes", None) or []
+        )
 
     def __call__(self, records: Sequence[dict], images: Sequence[np.ndarray]):
         """Returns per image ``(masks (Q, H, W) bool, names of the Q segments)``."""
@@ -100,11 +105,18 @@ class GroundTruthProposals:
         for rec in records:
             d = self.by_id.get(rec["image_id"])
             if d is None:
-                raise KeyError(f"image_id {rec['image_id']!r} is not in the dataset {self.dataset_name!r}")
+                raise KeyError(
+                    f"image_id {rec['image_id']!r} is not in the dataset {self.dataset_name!r}"
+                )
             index, classes = read_segments(d, self.ignore_label)
             index = torch.from_numpy(index.astype(np.int64))
             masks = index.unsqueeze(0) == torch.arange(len(classes)).view(-1, 1, 1)
-            out.append((masks, [self.classes[c] if 0 <= c < len(self.classes) else str(c) for c in classes]))
+            out.append(
+                (
+                    masks,
+                    [self.classes[c] if 0 <= c < len(self.classes) else str(c) for c in classes],
+                )
+            )
         return out
 
 
@@ -151,7 +163,9 @@ class ModelProposals:
                 keep = scores.topk(self.max_proposals).indices.sort().values
                 masks = masks[keep]
             if tuple(masks.shape[-2:]) != tuple(image.shape[:2]):
-                masks = F.interpolate(masks[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+                masks = F.interpolate(
+                    masks[None], size=image.shape[:2], mode="bilinear", align_corners=False
+                )[0]
             out.append((masks.cpu(), None))
         return out
 
@@ -178,7 +192,9 @@ def _rle(mask: np.ndarray) -> dict:
     return rle
 
 
-def _write_crop(path: Path, image: np.ndarray, mask: np.ndarray, fill: Tuple[int, int, int]) -> None:
+def _write_crop(
+    path: Path, image: np.ndarray, mask: np.ndarray, fill: Tuple[int, int, int]
+) -> None:
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     crop = image[y0:y1, x0:x1].copy()
@@ -214,13 +230,15 @@ def mine_image_pairs(
         captions_per_image, min_score, one_to_one: see ``image_nouns`` / ``assign_nouns``.
 
     Returns:
-        per image ``{"image_id", "file_name", "height", "width", "nouns", "num_proposals", "num_valid",
-        "pairs": [{"category", "score", "proposal", "segmentation", "area", "bbox"[, "proposal_category"]}]}``
-        with pairs in noun order (kept pairs only).
+        per image ``{"image_id", "file_name", "height", "width", "nouns", "num_proposals",
+        "num_valid", "pairs": [{"category", "score", "proposal", "segmentation", "area", "bbox"[,
+        "proposal_category"]}]}`` with pairs in noun order (kept pairs only).
     """
     thr = crop_classifier.mask_thr
     binary = [m if m.dtype == torch.bool else m > thr for m, _ in proposals]
-    tensors = [torch.as_tensor(np.ascontiguousarray(im.transpose(2, 0, 1))).float() for im in images]
+    tensors = [
+        torch.as_tensor(np.ascontiguousarray(im.transpose(2, 0, 1))).float() for im in images
+    ]
     emb, valid = crop_classifier.embed(tensors, binary)
     emb = emb.cpu()
     out, start = [], 0
@@ -289,16 +307,18 @@ def run_pairs_job(
     progress: bool = True,
     max_chunks: Optional[int] = None,
 ) -> dict:
-    """Mine the pairs of every image of a stage-1 ``nouns.jsonl`` (resumable, shardable; finalized when the
-    folder holds every chunk).
+    """Mine the pairs of every image of a stage-1 ``nouns.jsonl`` (resumable, shardable; finalized
+    when the folder holds every chunk).
 
     Args:
         nouns_file: stage-1 output.
-        proposal_fn: ``GroundTruthProposals`` / ``ModelProposals`` (or any callable (records, images) -> per
+        proposal_fn: ``GroundTruthProposals`` / ``ModelProposals`` (or any callable (records,
+        images) -> per
             image (masks, names or None)).
         crop_classifier: ``MaskedCropClassifier`` (eval mode).
         output_dir: job folder.
-        params: what else determines the output (proposal source, CLIP weights, ...): part of ``job.json``.
+        params: what else determines the output (proposal source, CLIP weights, ...): part of
+        ``job.json``.
         captions_per_image: nouns of the first this many captions (OVSeg: 1; 0 = all).
         min_score: minimum cosine score of a kept pair.
         one_to_one: no two nouns of an image share a proposal.
@@ -330,8 +350,12 @@ def run_pairs_job(
     embeddings = NounEmbeddings(crop_classifier.text_classifier)
     fill = tuple(int(round(c)) for c in CLIP_PIXEL_MEAN)
     bar = tqdm(
-        total=sum(len(job.chunk_range(k)) for k in pending), unit="img", desc=f"pairs {Path(output_dir).name}",
-        disable=not progress, mininterval=1.0, smoothing=0.1,
+        total=sum(len(job.chunk_range(k)) for k in pending),
+        unit="img",
+        desc=f"pairs {Path(output_dir).name}",
+        disable=not progress,
+        mininterval=1.0,
+        smoothing=0.1,
     )
     n_images = 0
     for k in pending:
@@ -342,7 +366,14 @@ def run_pairs_job(
             images = [utils.read_image(r["file_name"], format="RGB") for r in batch]
             props = proposal_fn(batch, images)
             mined = mine_image_pairs(
-                batch, images, props, crop_classifier, embeddings, captions_per_image, min_score, one_to_one
+                batch,
+                images,
+                props,
+                crop_classifier,
+                embeddings,
+                captions_per_image,
+                min_score,
+                one_to_one,
             )
             if crops:
                 for i, (res, image) in enumerate(zip(mined, images)):
@@ -360,18 +391,21 @@ def run_pairs_job(
     summary = {"complete": job.complete(), "chunks_run": len(pending), "images_run": n_images}
     if summary["complete"]:
         summary.update(finalize_pairs([output_dir], output_dir))
-    summary.update(elapsed_s=round(elapsed, 2), images_per_s=round(n_images / max(elapsed, 1e-9), 2))
+    summary.update(
+        elapsed_s=round(elapsed, 2), images_per_s=round(n_images / max(elapsed, 1e-9), 2)
+    )
     if summary["complete"]:
         atomic_write_json(Path(output_dir) / "summary.json", summary, indent=1)
     return summary
 
 
 def finalize_pairs(folders: Sequence, output_dir) -> dict:
-    """Join the parts of ``folders`` (one job, possibly sharded) into ``pairs.json``, ``vocab.json`` and
-    (with crops) ``crops.tsv`` under ``output_dir``.
+    """Join the parts of ``folders`` (one job, possibly sharded) into ``pairs.json``, ``vocab.json``
+    and (with crops) ``crops.tsv`` under ``output_dir``.
 
     Returns:
-        statistics: images, images with pairs, pairs, unique nouns, nouns per image, pairs per image.
+        statistics: images, images with pairs, pairs, unique nouns, nouns per image, pairs per
+        image.
     """
     from collections import Counter
 
@@ -382,7 +416,12 @@ def finalize_pairs(folders: Sequence, output_dir) -> dict:
     num_nouns = 0
     for folder, rec in records:
         images.append(
-            {"id": rec["image_id"], "file_name": rec["file_name"], "height": rec["height"], "width": rec["width"]}
+            {
+                "id": rec["image_id"],
+                "file_name": rec["file_name"],
+                "height": rec["height"],
+                "width": rec["width"],
+            }
         )
         num_nouns += len(rec["nouns"])
         for pair in rec["pairs"]:
@@ -390,7 +429,9 @@ def finalize_pairs(folders: Sequence, output_dir) -> dict:
             ann = {"id": len(anns) + 1, "image_id": rec["image_id"], **pair}
             crop = ann.pop("crop", None)
             if crop is not None:
-                path = os.path.relpath(os.path.abspath(os.path.join(folder, crop)), os.path.abspath(out))
+                path = os.path.relpath(
+                    os.path.abspath(os.path.join(folder, crop)), os.path.abspath(out)
+                )
                 tsv.append(f"{path}\t{pair['category']}\n")
             anns.append(ann)
     classes = sorted(counts)
@@ -414,7 +455,9 @@ def finalize_pairs(folders: Sequence, output_dir) -> dict:
     }
     atomic_write_json(out / "pairs.json", coco)
     vocab_counts = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-    atomic_write_json(out / "vocab.json", {**stats, "classes": classes, "counts": vocab_counts}, indent=1)
+    atomic_write_json(
+        out / "vocab.json", {**stats, "classes": classes, "counts": vocab_counts}, indent=1
+    )
     if tsv:
         atomic_write_text(out / "crops.tsv", "filepath\ttitle\n" + "".join(tsv))
     return stats

@@ -46,9 +46,10 @@ __all__ = [
 PROPOSAL_SOURCE_REGISTRY = NamedRegistry("PROPOSAL_SOURCE")
 PROPOSAL_SOURCE_REGISTRY.__doc__ = """
 Registry of proposal sources of ``TwoStageOVSeg``, chosen by ``MODEL.TWO_STAGE.PROPOSAL_SOURCE``. A
-registered class is an ``nn.Module`` that is ``@configurable`` with ``from_config(cls, cfg)``, has a
-bool attribute ``has_class_scores`` and is called as ``source(batched_inputs, vocabulary) ->
-List[Proposals]`` (one per input, masks at the input image's size ``x["image"].shape[-2:]``).
+registered class is an ``nn.Module`` that is ``@configurable`` with ``from_config(cls, cfg,
+clip_model=None)`` (the two-stage model's CLIP, for sources that can share it), has a bool attribute
+``has_class_scores`` and is called as ``source(batched_inputs, vocabulary) -> List[Proposals]`` (one
+per input, masks at the input image's size ``x["image"].shape[-2:]``).
 """
 
 # Suffixes of precomputed proposal files, in lookup order.
@@ -65,13 +66,15 @@ class Proposals(NamedTuple):
     ]  # (Q, K) proposal-head probabilities (no "no object"), or None
 
 
-def build_proposal_source(cfg) -> nn.Module:
-    """The proposal source named by ``cfg.MODEL.TWO_STAGE.PROPOSAL_SOURCE``."""
+def build_proposal_source(cfg, clip_model: Optional[nn.Module] = None) -> nn.Module:
+    """The proposal source named by ``cfg.MODEL.TWO_STAGE.PROPOSAL_SOURCE``; ``clip_model`` (the
+    two-stage model's CLIP) is shared with sources that need one (the open-vocabulary class head).
+    """
     name = cfg.MODEL.TWO_STAGE.PROPOSAL_SOURCE
     cls = get_registered(
         PROPOSAL_SOURCE_REGISTRY, name, "proposal source (MODEL.TWO_STAGE.PROPOSAL_SOURCE)"
     )
-    return cls(cfg)
+    return cls(cfg, clip_model=clip_model)
 
 
 def load_proposal_weights(model: nn.Module, path: str) -> None:
@@ -127,10 +130,10 @@ class MaskFormerProposalSource(nn.Module):
         self.has_class_scores = not getattr(model.class_head, "class_agnostic", False)
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, clip_model: Optional[nn.Module] = None):
         # only the raw proposals are needed: the generator's own semantic / panoptic outputs stay
         # off
-        args = ProposalMaskFormer.from_config(cfg)
+        args = ProposalMaskFormer.from_config(cfg, clip_model)
         args.update(semantic_on=False, panoptic_on=False, proposals_on=True)
         return {
             "model": ProposalMaskFormer(**args),
@@ -301,7 +304,7 @@ class PrecomputedProposalSource(nn.Module):
         self.root = Path(root)
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, clip_model: Optional[nn.Module] = None):
         return {"root": cfg.MODEL.TWO_STAGE.PROPOSAL_DIR}
 
     def forward(self, batched_inputs: Sequence[dict], vocabulary: Sequence[str]) -> List[Proposals]:

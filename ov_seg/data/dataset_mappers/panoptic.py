@@ -84,6 +84,7 @@ class PanopticDatasetMapper:
         image_format: str,
         ignore_label: int,
         dataset_name: str = "",
+        train_vocabulary: str = "all",
     ):
         """
         Args:
@@ -92,6 +93,9 @@ class PanopticDatasetMapper:
             image_format: ``INPUT.FORMAT``.
             ignore_label: label of unlabelled pixels in semantic maps (when the dataset has no metadata).
             dataset_name: registered dataset name (metadata: ``ignore_label``, ``stuff_classes``).
+            train_vocabulary: "all" (the dataset's ``stuff_classes``) or "seen" (training only: the
+                vocabulary is the dataset's ``seen_classes``, labels are re-indexed into it and segments
+                of other classes are dropped), so that an open-vocabulary head never meets unseen names.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -100,6 +104,15 @@ class PanopticDatasetMapper:
         meta = MetadataCatalog.get(dataset_name) if dataset_name else None
         self.ignore_label = meta.get("ignore_label", ignore_label) if meta else ignore_label
         self.vocabulary = list(meta.get("stuff_classes", []) or []) if meta else []
+        self.label_map = None  # dataset class id -> training label ("seen" vocabulary)
+        if train_vocabulary not in ("all", "seen"):
+            raise ValueError(f"train_vocabulary must be 'all' or 'seen', got {train_vocabulary!r}")
+        if is_train and train_vocabulary == "seen":
+            seen = list(meta.get("seen_classes", None) or []) if meta else []
+            if not seen:
+                raise KeyError(f"dataset {dataset_name!r} has no seen_classes metadata (INPUT.PANOPTIC)")
+            self.label_map = {self.vocabulary.index(name): i for i, name in enumerate(seen)}
+            self.vocabulary = seen
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, dataset_name: str = ""):
@@ -109,6 +122,7 @@ class PanopticDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "ignore_label": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             "dataset_name": dataset_name,
+            "train_vocabulary": cfg.INPUT.PANOPTIC.TRAIN_VOCABULARY,
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -121,6 +135,8 @@ class PanopticDatasetMapper:
         image, index = aug_input.image, aug_input.sem_seg
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if self.is_train:
+            if self.label_map is not None:
+                classes = [self.label_map.get(c, -1) for c in classes]
             dataset_dict["instances"] = self._instances(index, classes, image.shape[:2])
         if self.dataset_name:
             dataset_dict["dataset_name"] = self.dataset_name
@@ -130,11 +146,12 @@ class PanopticDatasetMapper:
 
     @staticmethod
     def _instances(index: np.ndarray, classes: List[int], image_shape) -> Instances:
+        """Segments with a class >= 0 and at least one pixel as ``Instances``."""
         index = torch.from_numpy(np.array(index, dtype=np.uint8))
         masks, kept = [], []
         for j, c in enumerate(classes):
             m = index == j
-            if m.any():
+            if c >= 0 and m.any():
                 masks.append(m)
                 kept.append(c)
         inst = Instances(image_shape)

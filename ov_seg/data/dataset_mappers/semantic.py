@@ -88,6 +88,12 @@ class SemanticDatasetMapper:
         meta = MetadataCatalog.get(dataset_name) if dataset_name else None
         self.ignore_label = getattr(meta, "ignore_label", ignore_value) if meta else ignore_value
         self.vocabulary = list(getattr(meta, "stuff_classes", []) or []) if meta else []
+        if self.ignore_label != ignore_value and len(self.vocabulary) > ignore_value:
+            raise ValueError(
+                f"dataset {dataset_name!r} has {len(self.vocabulary)} classes, so its ignore label "
+                f"{self.ignore_label} cannot be remapped to MODEL.SEM_SEG_HEAD.IGNORE_VALUE "
+                f"{ignore_value} (a valid class id); set MODEL.SEM_SEG_HEAD.IGNORE_VALUE {self.ignore_label}"
+            )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, dataset_name: str = ""):

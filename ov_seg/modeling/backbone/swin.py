@@ -61,7 +61,7 @@ class D2SwinTransformer(Backbone):
             self._load_timm_checkpoint(pretrained_file)
         self._out_features = list(out_features)
         self._indices = [STAGE_NAMES.index(f) for f in self._out_features]
-        self.model.prune_intermediate_layers(max(self._indices), prune_norm=True, prune_head=True)
+        self.model.prune_intermediate_layers(self._indices, prune_norm=True, prune_head=True)
         info = self.model.feature_info
         self._out_feature_strides = {f: int(info[i]["reduction"]) for f, i in zip(out_features, self._indices)}
         self._out_feature_channels = {f: int(info[i]["num_chs"]) for f, i in zip(out_features, self._indices)}

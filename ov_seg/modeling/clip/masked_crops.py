@@ -58,11 +58,14 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     Returns:
         (K, 4) float (x0, y0, x1, y1): pixel-edge coordinates (x1 = last column + 1).
     """
-    k, h, w = masks.shape
-    cols = masks.any(dim=1)  # (K, W)
-    rows = masks.any(dim=2)  # (K, H)
-    ar_w = torch.arange(w, device=masks.device)
-    ar_h = torch.arange(h, device=masks.device)
+    return _boxes_from_projections(masks.any(dim=2), masks.any(dim=1))
+
+
+def _boxes_from_projections(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Boxes from the row (K, H) and column (K, W) occupancy of non-empty masks."""
+    h, w = rows.shape[1], cols.shape[1]
+    ar_w = torch.arange(w, device=cols.device)
+    ar_h = torch.arange(h, device=rows.device)
     x0 = torch.where(cols, ar_w, w).amin(dim=1)
     x1 = torch.where(cols, ar_w, -1).amax(dim=1) + 1
     y0 = torch.where(rows, ar_h, h).amin(dim=1)
@@ -126,9 +129,10 @@ def prepare_masked_crops(
     size = (int(out_size), int(out_size)) if isinstance(out_size, int) else tuple(int(s) for s in out_size)
     image = image.float()
     binary = masks if masks.dtype == torch.bool else masks > mask_thr
-    valid = binary.flatten(1).any(dim=1)
-    binary = binary[valid]
-    num = binary.shape[0]
+    rows = binary.any(dim=2)  # (K, H)
+    valid = rows.any(dim=1)
+    keep = valid.nonzero()[:, 0]
+    num = keep.numel()
     if num == 0:
         return MaskedCrops(
             image.new_zeros((0, 3, *size)),
@@ -136,8 +140,10 @@ def prepare_masked_crops(
             valid,
             image.new_zeros((0, 4)),
         )
-    boxes = _expand_boxes(mask_boxes(binary), expand_ratio, square, image.shape[-2:])
-    index = torch.arange(num, device=image.device, dtype=boxes.dtype).unsqueeze(1)
+    cols = binary.any(dim=1)[keep]  # (K', W)
+    boxes = _boxes_from_projections(rows[keep], cols)
+    boxes = _expand_boxes(boxes, expand_ratio, square, image.shape[-2:])
+    index = keep.to(boxes.dtype).unsqueeze(1)  # masks are read in place: roi batch index = mask index
     crops = roi_align(
         image.unsqueeze(0),
         torch.cat([torch.zeros_like(index), boxes], dim=1),

@@ -1,25 +1,26 @@
 """GroupViT-style grouping on an open_clip ViT trunk, with the hooks MixReorg's branches need.
 
-``GroupingBlock`` merges N tokens into G segment tokens: learned group tokens (after a token-mixing MLP and
-a cross-attention to the tokens) assign every token to one group with a Gumbel-softmax over the groups,
-hard (one-hot, straight-through) in training, and each group averages the values of its tokens.
+``GroupingBlock`` merges N tokens into G segment tokens: learned group tokens (after a token-mixing
+MLP and a cross-attention to the tokens) assign every token to one group with a Gumbel-softmax over
+the groups, hard (one-hot, straight-through) in training, and each group averages the values of its
+tokens.
 
-``GroupingViT`` lays the blocks of an open_clip ``VisionTransformer`` out as GroupViT does (group tokens
-join the sequence at the start of a stage, a grouping block ends it):
+``GroupingViT`` lays the blocks of an open_clip ``VisionTransformer`` out as GroupViT does
+(group tokens join the sequence at the start of a stage, a grouping block ends it):
 
     patch embed → context blocks [0, L_c) → stage 1 blocks [L_c, D_1) with G_1 group tokens (the
-    "progressive" layers, each followed by a cross-attention) → grouping 1 → stage 2 blocks with G_2 group
-    tokens → grouping 2 → ... → final blocks on the G_S segment tokens → ln_post → projection to D.
+    "progressive" layers, each followed by a cross-attention) → grouping 1 → stage 2 blocks with G_2
+    group tokens → grouping 2 → ... → final blocks on the G_S segment tokens → ln_post → projection
+    to D.
 
-The encoder itself knows nothing about mixing: ``progressive`` takes the key/value tokens of every query
-sequence explicitly, so the caller decides what a sequence attends to (itself for the original images,
-its source images for mixed ones).
+The encoder itself knows nothing about mixing: ``progressive`` takes the key/value tokens of every
+query sequence explicitly, so the caller decides what a sequence attends to (itself for the original
+images, its source images for mixed ones).
 """
 
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ov_seg.modeling.clip import interpolate_grid_embedding
@@ -66,8 +67,8 @@ class _MLP(nn.Sequential):
 
 
 class ProgressiveCrossAttention(nn.Module):
-    """Pre-norm residual cross-attention ``q + Attn(LN(q), LN(kv))`` whose output projection starts at
-    zero, so that adding it to a pretrained trunk changes nothing at initialisation."""
+    """Pre-norm residual cross-attention ``q + Attn(LN(q), LN(kv))`` whose output projection starts
+    at zero, so that adding it to a pretrained trunk changes nothing at initialisation."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -91,14 +92,15 @@ class ProgressiveCrossAttention(nn.Module):
 
 
 class GroupingBlock(nn.Module):
-    """Merge N tokens into G segment tokens (GroupViT's grouping block, written from its description).
+    """Merge N tokens into G segment tokens (GroupViT's grouping block, written from its
+    description).
 
     1. Group tokens (B, G_in, d) → LayerNorm → token-mixing MLP (G_in → G) → cross-attention to the
        tokens + MLP: the G "assigners" g.
     2. Assignment logits ``q(g)·k(x)^T / sqrt(d)`` (B, G, N); Gumbel-softmax over the groups (hard,
        straight-through, in training; plain softmax at test).
-    3. Each group averages the values of its tokens (``A / (Σ_tokens A + 1)``, so an empty group gets
-       zero), projects them and adds them to g; a residual MLP follows.
+    3. Each group averages the values of its tokens (``A / (Σ_tokens A + 1)``, so an empty group
+       gets zero), projects them and adds them to g; a residual MLP follows.
     """
 
     def __init__(
@@ -154,8 +156,8 @@ class GroupingBlock(nn.Module):
 
         Returns:
             segments: (B, G, d) the new tokens.
-            soft: (B, N, G) soft assignment of each token over the groups, without noise (rows sum to 1);
-                used for the segmentation loss and at inference.
+            soft: (B, N, G) soft assignment of each token over the groups, without noise (rows sum
+                to 1); used for the segmentation loss and at inference.
         """
         x = self.norm_x(x)
         g = self.token_mixer(self.norm_tokens(group_tokens).transpose(1, 2)).transpose(1, 2)
@@ -178,10 +180,12 @@ class GroupingBlock(nn.Module):
 
 
 class GroupingStage(nn.Module):
-    """Learned group tokens, the transformer blocks they run through and the grouping block that ends the
-    stage. The blocks are open_clip ``ResidualAttentionBlock`` s (batch-first)."""
+    """Learned group tokens, the transformer blocks they run through and the grouping block that
+    ends the stage. The blocks are open_clip ``ResidualAttentionBlock`` s (batch-first)."""
 
-    def __init__(self, *, blocks: Sequence[nn.Module], grouping: GroupingBlock, num_tokens: int, dim):
+    def __init__(
+        self, *, blocks: Sequence[nn.Module], grouping: GroupingBlock, num_tokens: int, dim
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.grouping = grouping
@@ -199,10 +203,10 @@ class GroupingStage(nn.Module):
 class GroupingViT(nn.Module):
     """GroupViT-style image encoder built from an open_clip ``VisionTransformer`` (see module doc).
 
-    The class token is dropped; the patch positional embeddings are resized to the input's grid, so any
-    input size that is a multiple of the patch size works. Blocks beyond the layout are discarded; the
-    open_clip tower's ``ln_post`` is the final norm; the projection to the joint space is CLIP's linear
-    ``proj`` (``proj_hidden`` = 0) or a new 2-layer MLP (GroupViT).
+    The class token is dropped; the patch positional embeddings are resized to the input's grid, so
+    any input size that is a multiple of the patch size works. Blocks beyond the layout are
+    discarded; the open_clip tower's ``ln_post`` is the final norm; the projection to the joint
+    space is CLIP's linear ``proj`` (``proj_hidden`` = 0) or a new 2-layer MLP (GroupViT).
     """
 
     def __init__(
@@ -231,7 +235,8 @@ class GroupingViT(nn.Module):
             progressive: a ``ProgressiveCrossAttention`` after each block of the first stage.
             proj_hidden: hidden width of the 2-layer projection MLP; 0 = CLIP's linear projection.
             hard, gumbel, gumbel_tau: grouping assignment options (see ``GroupingBlock``).
-            freeze_at: freeze the patch embedding and the first ``freeze_at`` trunk blocks (0 = none).
+            freeze_at: freeze the patch embedding and the first ``freeze_at`` trunk blocks (0 =
+                none).
 
         Raises:
             ValueError: the layout does not fit the tower.
@@ -245,11 +250,17 @@ class GroupingViT(nn.Module):
                 f"{len(num_group_tokens)} grouping stages"
             )
         if not num_group_tokens or min(num_group_tokens) < 1 or min(depths) < 0:
-            raise ValueError(f"bad grouping layout: depths {depths}, group tokens {num_group_tokens}")
+            raise ValueError(
+                f"bad grouping layout: depths {depths}, group tokens {num_group_tokens}"
+            )
         if not 0 <= context_depth <= depths[0]:
-            raise ValueError(f"CONTEXT_DEPTH {context_depth} must lie in [0, DEPTHS[0]={depths[0]}]")
+            raise ValueError(
+                f"CONTEXT_DEPTH {context_depth} must lie in [0, DEPTHS[0]={depths[0]}]"
+            )
         if sum(depths) > len(blocks):
-            raise ValueError(f"DEPTHS {depths} need {sum(depths)} blocks; the tower has {len(blocks)}")
+            raise ValueError(
+                f"DEPTHS {depths} need {sum(depths)} blocks; the tower has {len(blocks)}"
+            )
         self.width = int(visual.conv1.out_channels)
         self.patch_size = int(visual.conv1.kernel_size[0])
         self.grid = tuple(int(g) for g in visual.grid_size)
@@ -356,7 +367,8 @@ class GroupingViT(nn.Module):
         return len(self.stages[0].blocks)
 
     def progressive(self, seq: torch.Tensor) -> torch.Tensor:
-        """The first stage's blocks on the original images, each cross-attention pointed at itself."""
+        """The first stage's blocks on the original images, each cross-attention pointed at
+        itself."""
         g = self.stages[0].num_tokens
         for i in range(self.num_progressive_blocks):
             seq = self.progressive_block(i, seq)
@@ -371,8 +383,8 @@ class GroupingViT(nn.Module):
             seq: (B, G_1 + N, d) output of the first stage's blocks (group tokens first).
 
         Returns:
-            dict with ``segments`` (B, G_S, d) after ``ln_post`` and ``assignments``: the soft assignment
-            of each stage, [(B, N, G_1), (B, G_1, G_2), ...].
+            dict with ``segments`` (B, G_S, d) after ``ln_post`` and ``assignments``: the soft
+            assignment of each stage, [(B, N, G_1), (B, G_1, G_2), ...].
         """
         assignments = []
         for s, stage in enumerate(self.stages):
@@ -408,9 +420,9 @@ class GroupingViT(nn.Module):
 
 
 def token_to_segment(assignments: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Chain per-stage soft assignments into the token-to-final-segment map A = A_1·A_2·... (B, N, G_S)."""
+    """Chain per-stage soft assignments into the token-to-final-segment map A = A_1·A_2·... (B, N,
+    G_S)."""
     out = assignments[0]
     for a in assignments[1:]:
         out = torch.bmm(out, a)
     return out
-

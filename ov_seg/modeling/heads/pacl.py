@@ -1,9 +1,10 @@
 """Modules of ``PACL``: patch embedders and a strided patch encoder.
 
-Embedders map frozen CLIP patch tokens (B, N, d_v) into the joint space (B, N, D): ``residual_mlp`` is PACL's
-trainable vision embedder e_v; ``clip_projection`` is the vanilla-patch baseline (CLIP's own visual
-projection applied to every patch token, nothing trained). ``StridedPatchEncoder`` runs the CLIP image tower
-with a patch-embedding stride smaller than the patch size (the "conv" variant of PACL's stride trick).
+Embedders map frozen CLIP patch tokens (B, N, d_v) into the joint space (B, N, D): ``residual_mlp``
+is PACL's trainable vision embedder e_v; ``clip_projection`` is the vanilla-patch baseline (CLIP's
+own visual projection applied to every patch token, nothing trained). ``StridedPatchEncoder`` runs
+the CLIP image tower with a patch-embedding stride smaller than the patch size (the "conv" variant
+of PACL's stride trick).
 """
 
 from typing import Tuple
@@ -25,8 +26,8 @@ __all__ = [
 PACL_EMBEDDER_REGISTRY = NamedRegistry("PACL_EMBEDDER")
 PACL_EMBEDDER_REGISTRY.__doc__ = """
 Registry of PACL patch embedders, chosen by ``MODEL.PACL.EMBEDDER``.
-A registered class is called as ``cls(clip_model=..., hidden_dim=...)`` and maps patch tokens (B, N, d_v),
-taken after the vision trunk's last LayerNorm, to embeddings (B, N, D) in CLIP's joint space.
+A registered class is called as ``cls(clip_model=..., hidden_dim=...)`` and maps patch tokens (B, N,
+d_v), taken after the vision trunk's last LayerNorm, to embeddings (B, N, D) in CLIP's joint space.
 """
 
 
@@ -59,7 +60,9 @@ class ResidualMLPEmbedder(nn.Module):
         proj = _visual_projection(clip_model.visual)
         in_dim, out_dim = int(proj.shape[0]), int(proj.shape[1])
         hidden = hidden_dim if hidden_dim > 0 else out_dim
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+        )
         self.shortcut = nn.Linear(in_dim, out_dim)
 
     @property
@@ -76,8 +79,8 @@ class ResidualMLPEmbedder(nn.Module):
 class CLIPProjectionEmbedder(nn.Module):
     """The vanilla-patch baseline: every patch token multiplied by CLIP's frozen visual projection.
 
-    The projection is shared with the frozen CLIP model (not copied, not trained). With average-pooling
-    towers the mean of these patch embeddings is exactly CLIP's image embedding.
+    The projection is shared with the frozen CLIP model (not copied, not trained). With
+    average-pooling towers the mean of these patch embeddings is exactly CLIP's image embedding.
     """
 
     def __init__(self, *, clip_model: nn.Module, hidden_dim: int = 0):
@@ -107,9 +110,10 @@ def build_pacl_embedder(name: str, clip_model: nn.Module, hidden_dim: int = 0) -
 class StridedPatchEncoder(MaskPromptVisionEncoder):
     """The CLIP image tower with its patch embedding (``conv1``) applied at ``stride`` < patch size.
 
-    Same weights as the tower; the token grid is ((H - p) // stride + 1, (W - p) // stride + 1) and the
-    positional embedding is resized bicubically to it (``MaskPromptVisionEncoder`` handles any grid).
-    Patches overlap, so the tower sees a token density it was not trained on. No mask prompts.
+    Same weights as the tower; the token grid is ((H - p) // stride + 1, (W - p) // stride + 1) and
+    the positional embedding is resized bicubically to it (``MaskPromptVisionEncoder`` handles any
+    grid). Patches overlap, so the tower sees a token density it was not trained on. No mask
+    prompts.
 
     Args:
         visual: the open_clip ``VisionTransformer`` (shared, not copied).

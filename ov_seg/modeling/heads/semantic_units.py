@@ -1,16 +1,16 @@
-"""Prediction units for dense text-supervised segmentation: pixel, fixed group, adaptive semantic unit.
+"""Prediction units of dense text-supervised segmentation: pixel, fixed group, adaptive unit.
 
-MGCA (``single_stage.md`` §3) argues that fixed groups (GroupViT) under-segment and pixel units (TCL) are
-noisy, and predicts with an **adaptive semantic unit** (project design, not confirmed):
+MGCA (``single_stage.md`` §3) argues that fixed groups (GroupViT) under-segment and pixel units
+(TCL) are noisy, and predicts with an **adaptive semantic unit** (project design, not confirmed):
 
 1. pixel scores ``S_pix(x, k) = cos(z_x, t_k)``;
-2. units from the meta-point clustering (soft k-means, grid initialisation, ``num_units`` centres), each
-   pixel assigned to its most probable unit;
+2. units from the meta-point clustering (soft k-means, grid initialisation, ``num_units`` centres),
+   each pixel assigned to its most probable unit;
 3. unit scores ``S_u(k) = cos(c_u, t_k)``;
-4. purity ``ρ_u`` = fraction of the unit's pixels whose pixel argmax equals the unit argmax. A pure unit
-   (``ρ_u >= purity``) gives ``S_u`` to all its pixels; an impure one is re-clustered into two
-   (farthest-point initialisation, soft k-means) and each part is tested again, at most ``max_splits``
-   times; pixels of a leaf that is still impure keep ``S_pix``.
+4. purity ``ρ_u`` = fraction of the unit's pixels whose pixel argmax equals the unit argmax. A pure
+   unit (``ρ_u >= purity``) gives ``S_u`` to all its pixels; an impure one is re-clustered into two
+   (farthest-point initialisation, soft k-means) and each part is tested again, at most
+   ``max_splits`` times; pixels of a leaf that is still impure keep ``S_pix``.
 
 ``UNIT_PREDICTORS`` maps the config names "pixel", "group" and "adaptive" to the three predictors.
 """
@@ -152,7 +152,8 @@ def adaptive_unit_scores(
     return out.t().reshape(-1, h, w)
 
 
-# MODEL.MGCA.TEST.UNIT_MODE -> predictor(features (D, h, w), class_emb (K, D), **settings) -> (K, h, w)
+# MODEL.MGCA.TEST.UNIT_MODE -> predictor(features (D, h, w), class_emb (K, D), **settings) -> (K,
+# h, w)
 UNIT_PREDICTORS: Dict[str, Callable[..., torch.Tensor]] = {
     "pixel": pixel_unit_scores,
     "group": group_unit_scores,

@@ -4,10 +4,11 @@ For a query q, its positive k⁺ and a candidate negative set 𝒩 (``single_sta
 
     L_hn(q, k⁺, 𝒩) = -log e^{cos(q,k⁺)/τ} / (e^{cos(q,k⁺)/τ} + Σ_{k ∈ Top_{k_n}(𝒩)} e^{cos(q,k)/τ})
 
-``Top_{k_n}`` keeps the k_n negatives most similar to q. The candidates are either one pool shared by every
-query, ``(M, D)``, or one pool per query, ``(Q, M, D)``; a boolean ``valid`` mask ``(Q, M)`` removes the
-candidates that are no negatives for a query (same text as the positive, other positives, ...). A query whose
-pool is empty keeps only its positive: its loss is 0 and its gradient is 0, never NaN.
+``Top_{k_n}`` keeps the k_n negatives most similar to q. The candidates are either one pool shared
+by every query, ``(M, D)``, or one pool per query, ``(Q, M, D)``; a boolean ``valid`` mask
+``(Q, M)`` removes the candidates that are no negatives for a query (same text as the positive,
+other positives, ...). A query whose pool is empty keeps only its positive: its loss is 0 and its
+gradient is 0, never NaN.
 """
 
 from typing import Optional, Tuple, Union
@@ -29,9 +30,9 @@ def masked_topk(
         k: how many to keep; ``k <= 0`` or ``k >= M`` keeps all M.
 
     Returns:
-        values (..., k'), indices (..., k') and their validity (..., k') with k' = min(k, M) (M for k <= 0).
-        Invalid entries can only fill the slots left when fewer than k' candidates are valid; their value
-        is ``-inf``.
+        values (..., k'), indices (..., k') and their validity (..., k') with k' = min(k, M) (M for
+        k <= 0). Invalid entries can only fill the slots left when fewer than k' candidates are
+        valid; their value is ``-inf``.
     """
     m = scores.shape[-1]
     if valid is None:
@@ -73,7 +74,9 @@ def hard_negative_info_nce(
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     if query.ndim != 2 or positive.shape != query.shape:
-        raise ValueError(f"query {tuple(query.shape)} and positive {tuple(positive.shape)} must be (Q, D)")
+        raise ValueError(
+            f"query {tuple(query.shape)} and positive {tuple(positive.shape)} must be (Q, D)"
+        )
     q_count, dim = query.shape
     shared = negatives.ndim == 2
     if negatives.shape[-1] != dim or (not shared and negatives.shape[0] != q_count):

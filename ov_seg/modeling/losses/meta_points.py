@@ -5,8 +5,8 @@ MGCA's region level groups each image's pixel embeddings {z_x} into U meta-point
 
     q_xu = softmax_u(cos(z_x, c_u) / T)        c_u = Σ_x q_xu z_x / Σ_x q_xu
 
-iterated a few times from a grid initialisation (the average of z over a regular grid of cells). The same
-clustering forms the units of the adaptive semantic unit at inference
+iterated a few times from a grid initialisation (the average of z over a regular grid of cells).
+The same clustering forms the units of the adaptive semantic unit at inference
 (``ov_seg.modeling.heads.semantic_units``).
 """
 
@@ -22,7 +22,8 @@ __all__ = ["grid_shape", "grid_init_centers", "soft_kmeans", "farthest_point_ini
 def grid_shape(num_points: int, height: int, width: int) -> Tuple[int, int]:
     """A (rows, cols) grid with rows * cols = ``num_points`` whose aspect follows the feature map.
 
-    Among the factorisations of ``num_points`` the one whose rows / cols ratio is closest to height / width
+    Among the factorisations of ``num_points`` the one whose rows / cols ratio is closest to height
+    / width
     is chosen (8 points on a square map: 2 x 4).
     """
     if num_points < 1:
@@ -59,8 +60,8 @@ def grid_init_centers(features: torch.Tensor, num_points: int) -> torch.Tensor:
 def farthest_point_init(points: torch.Tensor, num_points: int) -> torch.Tensor:
     """Deterministic farthest-point initialisation on one point set (cosine distance).
 
-    The first centre is the point least similar to the set's mean; each next one is the point least similar
-    to its closest chosen centre.
+    The first centre is the point least similar to the set's mean; each next one is the point least
+    similar to its closest chosen centre.
 
     Args:
         points: (N, D) points, N >= 1.
@@ -101,12 +102,13 @@ def soft_kmeans(
 
     Returns:
         centres (B, U, D) and the assignment (B, N, U) that produced them, so that
-        ``c_u = Σ_x q_xu z_x / Σ_x q_xu`` holds for the returned pair. A centre that receives no mass keeps
-        its previous value.
+        ``c_u = Σ_x q_xu z_x / Σ_x q_xu`` holds for the returned pair. A centre that receives no
+        mass keeps its previous value.
     """
     if points.ndim != 3 or centers.ndim != 3 or points.shape[0] != centers.shape[0]:
         raise ValueError(
-            f"points {tuple(points.shape)} must be (B, N, D) and centers {tuple(centers.shape)} (B, U, D)"
+            f"points {tuple(points.shape)} must be (B, N, D) and centers {tuple(centers.shape)} "
+            "(B, U, D)"
         )
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")

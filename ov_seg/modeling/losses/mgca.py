@@ -1,21 +1,22 @@
-"""MGCA's pseudo multi-granular correspondences and its object / region / pixel losses (pure functions).
+"""MGCA's pseudo multi-granular correspondences and its object / region / pixel losses.
 
-Notation (``single_stage.md`` §3, project design): pixel embeddings z_x of image b, (B, N, D); entities
-e_bj (text embeddings of a caption's noun chunks), flattened over the batch to (E, D) with
-``image_index`` (E,) naming each entity's image; ``same_text`` (E, E) marks entity pairs with the same
-string. Grounding masks ``m_bj(x) = σ(w·cos(z_x, e_bj) + β)`` are computed for every pixel of the batch
-against every entity, (B, N, E); ``m`` is detached wherever it only selects pseudo labels.
+Notation (``single_stage.md`` §3, project design): pixel embeddings z_x of image b, (B, N, D);
+entities e_bj (text embeddings of a caption's noun chunks), flattened over the batch to (E, D) with
+``image_index`` (E,) naming each entity's image; ``same_text`` (E, E) marks entity pairs with the
+same string. Grounding masks ``m_bj(x) = σ(w·cos(z_x, e_bj) + β)`` are computed for every pixel of
+the batch against every entity, (B, N, E); ``m`` is detached wherever it only selects pseudo labels.
 
 Pseudo correspondences:
 
-- positive units U⁺_bj: meta-points u of image b with ``Σ_x q_xu m_bj(x) / Σ_x q_xu > θ_pos``; when none
-  qualifies, the single u with the highest cos(c_u, e_bj);
+- positive units U⁺_bj: meta-points u of image b with ``Σ_x q_xu m_bj(x) / Σ_x q_xu > θ_pos``; when
+  none qualifies, the single u with the highest cos(c_u, e_bj);
 - positive pixels P_bj: the top-k_pix pixels of image b by m_bj among those with ``m_bj > θ_pos``;
-- hard negative pixels N_bj: the top-k_pix pixels of the whole batch by cos(z_x, e_bj) among those with
-  ``m_bj(x) < θ_neg``.
+- hard negative pixels N_bj: the top-k_pix pixels of the whole batch by cos(z_x, e_bj) among those
+  with ``m_bj(x) < θ_neg``.
 
 Every loss is built from ``hard_negative_info_nce`` (L_hn, top-k_n negatives); a candidate with the
-positive's text string is never a negative, and neither is an entity the query is itself a positive of.
+positive's text string is never a negative, nor is an entity the query is itself a positive of. All
+functions are pure.
 """
 
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ class Correspondences:
     Attributes:
         pos_units: (E, U) bool, U⁺ of each entity (units of its own image).
         neg_units: (E, B, U) bool, candidate negative units of each entity over the batch.
-        pos_pixels: (E, k) int64 pixel indices (into the entity's image) and ``pos_pixels_valid`` (E, k).
-        neg_pixels: (E, k) int64 indices into the flattened batch (b * N + x) and ``neg_pixels_valid``.
+        pos_pixels: (E, k) int64 pixel indices (into the entity's image) and ``pos_pixels_valid``
+            (E, k).
+        neg_pixels: (E, k) int64 indices into the flattened batch (b * N + x) and
+            ``neg_pixels_valid``.
     """
 
     pos_units: torch.Tensor
@@ -75,12 +78,14 @@ def grounding_masks(
     Returns:
         cos (B, N, E) and m = σ(w·cos + β) (B, N, E).
     """
-    cos = torch.einsum("bnd,ed->bne", F.normalize(pixel_emb, dim=-1), F.normalize(entity_emb, dim=-1))
+    cos = torch.einsum(
+        "bnd,ed->bne", F.normalize(pixel_emb, dim=-1), F.normalize(entity_emb, dim=-1)
+    )
     return cos, torch.sigmoid(w * cos + b)
 
 
 def own_image_rows(x: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
-    """Select, for each entity e, its own image's column: (B, N, E) -> (E, N) = x[image_index[e], :, e]."""
+    """Each entity's column on its own image: (B, N, E) -> (E, N), row e = x[index[e], :, e]."""
     e = torch.arange(image_index.numel(), device=x.device)
     return x[image_index, :, e]
 
@@ -196,9 +201,9 @@ def object_level_losses(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two hard-negative terms of L_obj.
 
-    ``L_hn(r_bj, e_bj, other-caption entities)`` and ``L_hn(e_bj, r_bj, regions of other images)``; a
-    candidate with the positive's string is dropped. (The image-caption term ``L_nce(cos(ō_b, s_c))`` is
-    the shared ``info_nce``.)
+    ``L_hn(r_bj, e_bj, other-caption entities)`` and ``L_hn(e_bj, r_bj, regions of other images)``;
+    a candidate with the positive's string is dropped. (The image-caption term ``L_nce(cos(ō_b,
+    s_c))`` is the shared ``info_nce``.)
 
     Returns:
         (region -> entity, entity -> region) losses, each a scalar mean over entities.
@@ -211,8 +216,8 @@ def object_level_losses(
 
 
 def _text_negatives(query_entity: torch.Tensor, co_positive: torch.Tensor, same_text: torch.Tensor):
-    """(Q, E) valid text negatives for visual queries positive for ``query_entity``: every entity except
-    the positive itself, those with its string, and those the query is also a positive of
+    """(Q, E) valid text negatives for visual queries positive for ``query_entity``: every entity
+    except the positive itself, those with its string, and those the query is also a positive of
     (``co_positive`` (Q, E))."""
     e = same_text.shape[0]
     self_mask = query_entity[:, None] == torch.arange(e, device=query_entity.device)[None, :]
@@ -234,8 +239,9 @@ def build_correspondences(
 ) -> Correspondences:
     """Pseudo correspondences of a batch (everything detached).
 
-    With ``filter_cross_image`` a meta-point of another image is not a negative of e_bj when it would be a
-    positive unit of e_bj (mass > θ_pos): the cross-image analogue of the U⁺ rule (project design).
+    With ``filter_cross_image`` a meta-point of another image is not a negative of e_bj when it
+    would be a positive unit of e_bj (mass > θ_pos): the cross-image analogue of the U⁺ rule
+    (project design).
 
     Args:
         cos: (B, N, E) pixel-entity cosines.
@@ -259,10 +265,16 @@ def build_correspondences(
         unit_cos = torch.einsum(
             "bud,ed->ebu", F.normalize(centers.detach(), dim=-1), F.normalize(entity_emb, dim=-1)
         )
-        pos_units = positive_units(mass[e_idx, image_index], unit_cos[e_idx, image_index], pos_thresh)
-        own_image = (image_index[:, None] == torch.arange(bsz, device=m.device))[:, :, None]  # (E, B, 1)
+        pos_units = positive_units(
+            mass[e_idx, image_index], unit_cos[e_idx, image_index], pos_thresh
+        )
+        own_image = (image_index[:, None] == torch.arange(bsz, device=m.device))[
+            :, :, None
+        ]  # (E, B, 1)
         neg_own = own_image & ~pos_units[:, None, :]
-        cross = (mass <= pos_thresh) if filter_cross_image else torch.ones_like(mass, dtype=torch.bool)
+        cross = (
+            (mass <= pos_thresh) if filter_cross_image else torch.ones_like(mass, dtype=torch.bool)
+        )
         neg_units = neg_own | (~own_image & cross)
         pos_idx, pos_valid = positive_pixels(own_image_rows(m, image_index), pos_thresh, k_pix)
         neg_idx, neg_valid = negative_pixels(cos.detach(), m, neg_thresh, k_pix)
@@ -290,7 +302,8 @@ def region_level_loss(
         entity_emb: (E, D), image_index: (E,), same_text: (E, E).
 
     Returns:
-        (unit -> entity, entity -> unit) losses: means over entities of the means over their positive units.
+        (unit -> entity, entity -> unit) losses: means over entities of the means over their
+        positive units.
     """
     num_e = entity_emb.shape[0]
     bsz, num_u = centers.shape[:2]

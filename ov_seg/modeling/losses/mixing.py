@@ -1,16 +1,18 @@
 """MixReorg's mixed patch reorganisation (Cai, Ren et al., ICCV 2023) as pure functions.
 
-A batch of B token sequences (B, N, d) on an h x w grid is split into tuples of M consecutive images. Each
-tuple draws one cell-to-source assignment π over c x c cells of the grid (each member gets its share of
-cells), and member m of the tuple becomes a mixed image that takes, at every position i, the token of
-member (π(i) + m) mod M **at the same position**. Every source token therefore appears exactly once among
-the tuple's mixed images: mixing is a permutation of the B·N tokens, ``restore_tokens`` inverts it exactly,
-and the mixed label map (which caption each mixed token belongs to) is the source index.
+A batch of B token sequences (B, N, d) on an h x w grid is split into tuples of M consecutive
+images. Each tuple draws one cell-to-source assignment π over c x c cells of the grid (each member
+gets its share of cells), and member m of the tuple becomes a mixed image that takes, at every
+position i, the token of member (π(i) + m) mod M **at the same position**. Every source token
+therefore appears exactly once among the tuple's mixed images: mixing is a permutation of the B·N
+tokens, ``restore_tokens`` inverts it exactly, and the mixed label map (which caption each mixed
+token belongs to) is the source index.
 
 ``mixed_segmentation_loss`` is the segmentation loss on mixed images: with segment tokens z_k, soft
 token-to-segment assignments A (N, G) and the tuple's caption embeddings t_j,
 
-    G_kj = cos(z_k, t_j) · s        P(i, j) = Σ_k A(i, k) · softmax_j(G_kj)        L_seg = mean_i -log P(i, Y_i)
+    G_kj = cos(z_k, t_j) · s      P(i, j) = Σ_k A(i, k) · softmax_j(G_kj)
+    L_seg = mean_i -log P(i, Y_i)
 
 where s is the contrastive logit scale and j runs over the captions of the mixed image's tuple only.
 """
@@ -36,8 +38,10 @@ class MixPlan:
     """How the tokens of a batch are mixed.
 
     Attributes:
-        source: (B, N) int64, batch index of the image each mixed token comes from (position is kept).
-        inverse: (B, N) int64, for source image s and position i, the mixed image holding token (s, i).
+        source: (B, N) int64, batch index of the image each mixed token comes from (its position
+            is kept).
+        inverse: (B, N) int64, for source image s and position i, the mixed image that holds
+            token (s, i).
         tuple_id: (B,) int64, the tuple each image belongs to (images mix only inside their tuple).
     """
 
@@ -63,7 +67,9 @@ def _cell_counts(num_cells: int, shares: Sequence[float]) -> torch.Tensor:
     ``num_cells``."""
     w = torch.tensor([float(s) for s in shares], dtype=torch.float64)
     if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"mixing shares must be non-negative with a positive sum, got {list(shares)}")
+        raise ValueError(
+            f"mixing shares must be non-negative with a positive sum, got {list(shares)}"
+        )
     exact = w / w.sum() * num_cells
     counts = exact.floor().long()
     rest = num_cells - int(counts.sum())
@@ -86,14 +92,15 @@ def make_mix_plan(
     """Draw a random mixing of a batch.
 
     Args:
-        batch_size: B. Images are grouped into tuples of ``num_mix`` consecutive images; the last tuple
-            holds the remainder (a tuple of one image is left unmixed: batch size 1 has no partner).
+        batch_size: B. Images are grouped into tuples of ``num_mix`` consecutive images; the last
+            tuple holds the remainder (a tuple of one image is left unmixed: batch size 1 has no
+            partner).
         grid: (h, w) token grid; token i is at row i // w, column i % w.
         num_mix: M, images per tuple (>= 1).
         cell: c, side of the square mixing cells in tokens (cells at the border may be smaller).
-        shares: share of cells per π value (length >= M; the first M_t are renormalised for a tuple of
-            M_t < M images). Mixed image m takes share k from member (k + m) mod M, so every mixed image
-            keeps share 0 of its own tokens. None = uniform 1/M.
+        shares: share of cells per π value (length >= M; the first M_t are renormalised for a tuple
+            of M_t < M images). Mixed image m takes share k from member (k + m) mod M, so every
+            mixed image keeps share 0 of its own tokens. None = uniform 1/M.
         generator: torch random generator (CPU) for reproducible draws.
         device: device of the returned tensors.
 
@@ -129,7 +136,9 @@ def make_mix_plan(
         for m in range(size):
             source[start + m] = start + (pi + m) % size
     inverse = torch.empty_like(source)
-    inverse.scatter_(0, source, torch.arange(batch_size)[:, None].expand(batch_size, n).contiguous())
+    inverse.scatter_(
+        0, source, torch.arange(batch_size)[:, None].expand(batch_size, n).contiguous()
+    )
     return MixPlan(source.to(device), inverse.to(device), tuple_id.to(device))
 
 
@@ -157,8 +166,8 @@ def mix_tokens(tokens: torch.Tensor, plan: MixPlan) -> torch.Tensor:
 
 
 def restore_tokens(mixed: torch.Tensor, plan: MixPlan) -> torch.Tensor:
-    """Restored sequences: ``restored[s, i]`` is the token at position i of the mixed image that carries
-    token (s, i); ``restore_tokens(mix_tokens(x, plan), plan) == x`` exactly.
+    """Restored sequences: ``restored[s, i]`` is the token at position i of the mixed image that
+    carries token (s, i); ``restore_tokens(mix_tokens(x, plan), plan) == x`` exactly.
 
     Args:
         mixed: (B, N, ...) tokens laid out as the mixed images.
@@ -185,11 +194,13 @@ def mixed_segmentation_loss(
     logit_scale: torch.Tensor,
     token_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """L_seg: classify every token of every mixed image into its source caption through the segments.
+    """L_seg: classify every token of every mixed image into its source caption through the
+    segments.
 
     Args:
-        segment_embeds: (B, G, D) segment embeddings z_k of the mixed images (need not be normalised).
-        assignments: (B, N, G) soft token-to-segment assignments A of the mixed images (rows sum to 1).
+        segment_embeds: (B, G, D) segment embeddings z_k of the mixed images (any norm).
+        assignments: (B, N, G) soft token-to-segment assignments A of the mixed images (rows sum
+            to 1).
         text_embeds: (B, D) caption embedding t_b of each source image (need not be normalised).
         plan: the ``MixPlan``; labels are ``plan.source`` and the captions compared are those of the
             mixed image's tuple.

@@ -4,10 +4,10 @@ For an image x with patch embeddings V = (v_1 .. v_N) and a text embedding t:
 
     s_i(x, y) = cos(v_i, t)     a_i = softmax_i(s_i / τ_p)     φ(x, y) = cos(Σ_i a_i v_i, t)
 
-φ depends on the text, so every image-text pair needs its own attention pooling. ``pacl_compatibility``
-computes the full (B, T) matrix with einsums over chunks of texts; with ``checkpoint=True`` each chunk is
-recomputed in the backward pass, so the autograd memory is that of one chunk, O(B · chunk · (N + D)),
-instead of O(B · T · (N + D)) for the whole matrix.
+φ depends on the text, so every image-text pair needs its own attention pooling.
+``pacl_compatibility`` computes the full (B, T) matrix with einsums over chunks of texts; with
+``checkpoint=True`` each chunk is recomputed in the backward pass, so the autograd memory is that of
+one chunk, O(B · chunk · (N + D)), instead of O(B · T · (N + D)) for the whole matrix.
 """
 
 from typing import Optional, Union
@@ -67,17 +67,20 @@ def pacl_compatibility(
         chunk_size: texts per chunk (<= 0: all texts in one chunk).
         patch_mask: optional (B, N) bool, True for patches that belong to the image (False: padding,
             excluded from the softmax). Every image needs at least one valid patch.
-        checkpoint: recompute each chunk in backward (memory of one chunk) when gradients are needed.
+        checkpoint: recompute each chunk in backward (memory of one chunk) when gradients are
+            needed.
 
     Returns:
         Φ of shape (B, T), values in [-1, 1] (rows: images, columns: texts).
 
     Raises:
-        ValueError: on mismatched shapes, a non-positive temperature or an image without valid patches.
+        ValueError: on mismatched shapes, a non-positive temperature or an image without valid
+            patches.
     """
     if patches.dim() != 3 or texts.dim() != 2 or patches.shape[-1] != texts.shape[-1]:
         raise ValueError(
-            f"expected patches (B, N, D) and texts (T, D) with the same D, got {tuple(patches.shape)} "
+            "expected patches (B, N, D) and texts (T, D) with the same D, got "
+            f"{tuple(patches.shape)} "
             f"and {tuple(texts.shape)}"
         )
     if temperature <= 0:
@@ -86,7 +89,8 @@ def pacl_compatibility(
     if patch_mask is not None:
         if patch_mask.shape != patches.shape[:2]:
             raise ValueError(
-                f"patch_mask must be (B, N) = {tuple(patches.shape[:2])}, got {tuple(patch_mask.shape)}"
+                f"patch_mask must be (B, N) = {tuple(patches.shape[:2])}, "
+                f"got {tuple(patch_mask.shape)}"
             )
         if not bool(patch_mask.any(dim=1).all()):
             raise ValueError("every image needs at least one valid patch in patch_mask")
@@ -96,7 +100,9 @@ def pacl_compatibility(
     texts_hat = F.normalize(texts, dim=-1)
     num_texts = texts.shape[0]
     step = num_texts if chunk_size <= 0 else chunk_size
-    use_ckpt = checkpoint and torch.is_grad_enabled() and (patches.requires_grad or texts.requires_grad)
+    use_ckpt = (
+        checkpoint and torch.is_grad_enabled() and (patches.requires_grad or texts.requires_grad)
+    )
     cols = []
     for start in range(0, max(num_texts, 1), step):
         args = (patches, patches_hat, texts_hat[start : start + step], mask_bias, 1.0 / temperature)
@@ -123,16 +129,17 @@ def pacl_info_nce(
     patch_mask: Optional[torch.Tensor] = None,
     checkpoint: bool = True,
 ) -> torch.Tensor:
-    """L_PACL: symmetric InfoNCE on the PACL score matrix Φ_bc = φ(x_b, y_c) of matched pairs (x_b, y_b).
+    """L_PACL: symmetric InfoNCE on the PACL score matrix Φ_bc = φ(x_b, y_c) of pairs (x_b, y_b).
 
-    ``info_nce`` in ``contrastive.py`` scores pairs by a dot product of two embeddings; here every score
+    ``info_nce`` in ``contrastive.py`` scores pairs by a dot product of two embeddings; here every
+    score
     needs its own text-conditioned pooling, so the loss is taken on Φ itself::
 
         L = ½ [ CE(s · Φ, diag) + CE(s · Φᵀ, diag) ]
 
-    With several workers, the local images are scored against the texts of all workers (image → text rows)
-    and the patches of all workers (gathered with gradient) against the local texts (text → image
-    columns): 2 · B_local · B_global pairs per worker instead of B_global².
+    With several workers, the local images are scored against the texts of all workers (image → text
+    rows) and the patches of all workers (gathered with gradient) against the local texts (text →
+    image columns): 2 · B_local · B_global pairs per worker instead of B_global².
 
     Args:
         patches: (B, N, D) patch embeddings of the local images.
@@ -163,7 +170,8 @@ def pacl_info_nce(
     rows = pacl_compatibility(patches, all_texts, patch_mask=patch_mask, **kwargs)  # (B, B_g)
     cols = pacl_compatibility(all_patches, texts, patch_mask=all_mask, **kwargs)  # (B_g, B)
     return (
-        F.cross_entropy(logit_scale * rows, targets) + F.cross_entropy(logit_scale * cols.t(), targets)
+        F.cross_entropy(logit_scale * rows, targets)
+        + F.cross_entropy(logit_scale * cols.t(), targets)
     ) / 2
 
 

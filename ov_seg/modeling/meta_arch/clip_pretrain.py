@@ -158,7 +158,7 @@ class CLIPPretrain(nn.Module):
         b = len(captions)
         scale = clamped_logit_scale(self.clip.logit_scale, self.logit_scale_max)
         loss = info_nce(image_emb, text_emb[:b], scale, b_negatives=text_emb[b:] if negatives else None)
-        get_event_storage().put_scalar("logit_scale", float(scale), smoothing_hint=False)
+        get_event_storage().put_scalar("logit_scale", float(scale.detach()), smoothing_hint=False)
         return {"loss_contrastive": loss}
 
     def export_clip(self, path: str) -> None:

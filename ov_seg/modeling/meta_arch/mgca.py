@@ -1,47 +1,48 @@
 """``MGCA``: multi-grained cross-modal alignment (Liu, Ge, Liu, Huang, arXiv 2403.03707).
 
 Text-supervised dense alignment at three granularities from image-caption pairs only, with pseudo
-correspondences and hard negatives (``single_stage.md`` §3; every choice below that is not in the paper's
-abstract is project design and has a ``MODEL.MGCA`` key):
+correspondences and hard negatives (``single_stage.md`` §3; every choice below that is not in the
+paper's abstract is project design and has a ``MODEL.MGCA`` key):
 
-- **Encoders.** f_v is the MODEL.CLIP image tower, frozen up to ``FREEZE_AT`` blocks; its last block runs
-  on the value path only (MaskCLIP / TCL's ``ignore_last_attn``: every token attends to itself) to give
-  local tokens, which ``ln_post`` and CLIP's projection map into the joint space. A trainable decoder g
-  (2× bilinear upsample, then ``DECODER_LAYERS`` pre-activation 3×3 conv layers with LayerNorm and GELU,
-  added residually, the last conv zero-initialised so that training starts from CLIP's own dense
-  features) gives pixel embeddings Z (B, D, 2H/p, 2W/p). f_t is CLIP's text tower, frozen: a caption
-  embedding s_b and up to ``MAX_ENTITIES`` entities e_bj = f_t(``ENTITY_TEMPLATE``.format(noun chunk)) per
-  image (the caption itself when it has no chunk).
-- **Grounding** ``m_bj(x) = σ(w·cos(z_x, e_bj) + β)`` with learnable w, β (``GROUNDING_INIT``), the source
-  of the pseudo correspondences (detached wherever it selects).
-- **Object level** (``loss_obj``): region vectors r_bj = Σ m z / Σ m against entities with hard negatives
-  both ways, plus the image-caption InfoNCE of ō_b = mean_j r_bj.
-- **Region level** (``loss_reg``): ``NUM_META_POINTS`` meta-points per image (soft k-means, grid init);
-  positive units U⁺_bj by grounding mass, intra-image hard negatives = the image's other units.
-- **Pixel level** (``loss_pix``): top-``K_PIX`` grounded pixels as positives, top-``K_PIX`` most similar
-  ungrounded pixels of the batch as hard negatives.
+- **Encoders.** f_v is the MODEL.CLIP image tower, frozen up to ``FREEZE_AT`` blocks; its last block
+  runs on the value path only (MaskCLIP / TCL's ``ignore_last_attn``: every token attends to itself)
+  to give local tokens, which ``ln_post`` and CLIP's projection map into the joint space. A
+  trainable decoder g (2× bilinear upsample, then ``DECODER_LAYERS`` pre-activation 3×3 conv layers
+  with LayerNorm and GELU, added residually, the last conv zero-initialised so that training starts
+  from CLIP's own dense features) gives pixel embeddings Z (B, D, 2H/p, 2W/p). f_t is CLIP's text
+  tower, frozen: a caption embedding s_b and up to ``MAX_ENTITIES`` entities e_bj =
+  f_t(``ENTITY_TEMPLATE``.format(noun chunk)) per image (the caption itself when it has no chunk).
+- **Grounding** ``m_bj(x) = σ(w·cos(z_x, e_bj) + β)`` with learnable w, β (``GROUNDING_INIT``), the
+  source of the pseudo correspondences (detached wherever it selects).
+- **Object level** (``loss_obj``): region vectors r_bj = Σ m z / Σ m against entities with hard
+  negatives both ways, plus the image-caption InfoNCE of ō_b = mean_j r_bj.
+- **Region level** (``loss_reg``): ``NUM_META_POINTS`` meta-points per image (soft k-means, grid
+  init); positive units U⁺_bj by grounding mass, intra-image hard negatives = the image's other
+  units.
+- **Pixel level** (``loss_pix``): top-``K_PIX`` grounded pixels as positives, top-``K_PIX`` most
+  similar ungrounded pixels of the batch as hard negatives.
 
 Inference: dense Z (whole image or sliding windows), pixel scores cos(z_x, t_k) aggregated by the
 prediction unit ``TEST.UNIT_MODE`` ("adaptive" semantic unit, fixed "group", or "pixel";
-``ov_seg.modeling.heads.semantic_units``). A vocabulary entry named ``TEST.BACKGROUND_NAME`` is scored by
-the threshold ``TEST.BG_THRESH`` on the maximum class probability (TCL style).
+``ov_seg.modeling.heads.semantic_units``). A vocabulary entry named ``TEST.BACKGROUND_NAME`` is
+scored by the threshold ``TEST.BG_THRESH`` on the maximum class probability (TCL style).
 """
 
 import logging
 import random
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.layers import get_norm
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from ov_seg.modeling.clip import (
@@ -72,23 +73,29 @@ logger = logging.getLogger(__name__)
 
 
 class DenseCLIPEncoder(nn.Module):
-    """Dense tokens from an open_clip ``VisionTransformer``, any input size, optional value-path last block.
+    """Dense tokens from an open_clip ``VisionTransformer`` at any input size, with an optional
+    value-path last block.
 
     Args:
         visual: the CLIP image tower (its modules are used, not copied).
-        freeze_at: leading blocks kept frozen (run without gradient); -1 = all but the last block; the
-            number of blocks freezes the whole tower (then ``ln_post`` and the projection stay frozen too).
-        value_path: run the last block with every token attending only to itself (MaskCLIP's value path:
-            x + out_proj(v(ln_1 x)), then the MLP), which keeps tokens local.
+        freeze_at: leading blocks kept frozen (run without gradient); -1 = all but the last block;
+            the number of blocks freezes the whole tower (then ``ln_post`` and the projection stay
+            frozen too).
+        value_path: run the last block with every token attending only to itself (MaskCLIP's value
+            path: x + out_proj(v(ln_1 x)), then the MLP), which keeps tokens local.
     """
 
     def __init__(self, visual: nn.Module, freeze_at: int = -1, value_path: bool = True):
         super().__init__()
         if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
-            raise TypeError("MGCA needs an open_clip VisionTransformer image tower without attention pooling")
+            raise TypeError(
+                "MGCA needs an open_clip VisionTransformer image tower without attention pooling"
+            )
         blocks = visual.transformer.resblocks
         if value_path and not isinstance(blocks[-1], ResidualAttentionBlock):
-            raise TypeError(f"value_path needs open_clip ResidualAttentionBlock, got {type(blocks[-1])}")
+            raise TypeError(
+                f"value_path needs open_clip ResidualAttentionBlock, got {type(blocks[-1])}"
+            )
         num = len(blocks)
         freeze_at = num - 1 if freeze_at < 0 else freeze_at
         if freeze_at > num:
@@ -101,7 +108,12 @@ class DenseCLIPEncoder(nn.Module):
         # requires_grad of every image-tower parameter: the embeddings train only with FREEZE_AT 0,
         # blocks from FREEZE_AT on, ln_post and the projection unless the whole tower is frozen
         visual.requires_grad_(freeze_at < num)
-        embeddings = [visual.conv1, visual.ln_pre, visual.class_embedding, visual.positional_embedding]
+        embeddings = [
+            visual.conv1,
+            visual.ln_pre,
+            visual.class_embedding,
+            visual.positional_embedding,
+        ]
         for item in [*embeddings, *blocks[:freeze_at]]:
             item.requires_grad_(freeze_at == 0)
 
@@ -167,7 +179,7 @@ class MGCADecoder(nn.Module):
         layers = []
         for _ in range(num_layers):
             layers += [
-                get_norm("LN", dim),
+                LayerNorm2d(dim),
                 nn.GELU(),
                 nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2),
             ]
@@ -185,9 +197,12 @@ class MGCADecoder(nn.Module):
 
 @META_ARCH_REGISTRY.register()
 class MGCA(nn.Module):
-    """MGCA meta-architecture (see the module doc). Inputs are detectron2 dicts with ``image`` (3, H, W)
-    uint8 RGB; training inputs carry ``captions`` (list of str, one drawn per step), test inputs a
-    ``vocabulary`` (class names; default: the first test dataset's ``stuff_classes``)."""
+    """MGCA meta-architecture (see the module doc).
+
+    Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry
+    ``captions`` (list of str, one drawn per step), test inputs a ``vocabulary`` (class names;
+    default: the first test dataset's ``stuff_classes``).
+    """
 
     @configurable
     def __init__(
@@ -226,37 +241,42 @@ class MGCA(nn.Module):
     ):
         """
         Args:
-            clip_model: the open_clip model (its text tower encodes captions, entities and class names,
-                frozen; its image tower is ``encoder.visual``).
+            clip_model: the open_clip model (its text tower encodes captions, entities and class
+                names, frozen; its image tower is ``encoder.visual``).
             templates: class-name prompt templates (a ``TEMPLATE_SETS`` name or a list).
             encoder: the ``DenseCLIPEncoder`` on ``clip_model.visual``.
             decoder: the pixel decoder g.
             noun_extractor: captions -> the noun chunks of each (``ov_seg.mining.NounExtractor``).
-            max_entities: J_max, entities per image (a random subset in training when the caption has more).
+            max_entities: J_max, entities per image (a random subset in training when the caption
+                has more).
             entity_template: prompt of an entity, "{}" = the chunk without its determiner.
             grounding_init: initial (w, β) of the grounding m = σ(w·cos + β).
             logit_scale_init, max_logit_scale: initial 1/τ of the learnable logit scale, its clamp.
             loss_weights: (λ_obj, λ_reg, λ_pix); a zero weight skips that level.
             k_neg: k_n hardest negatives per L_hn (<= 0: all valid negatives).
             k_pix: k_pix positive / hard-negative pixels per entity (<= 0: all qualifying).
-            num_meta_points: N_meta, meta-points per image; meta_iters / meta_temperature: soft k-means.
+            num_meta_points: N_meta, meta-points per image; meta_iters / meta_temperature: soft
+                k-means.
             pos_thresh, neg_thresh: θ_pos, θ_neg.
-            filter_cross_image_units: drop other images' meta-points that would be positive units of the
-                entity from its negatives.
+            filter_cross_image_units: drop other images' meta-points that would be positive units of
+                the entity from its negatives.
             unit_mode: "adaptive", "group" or "pixel" (``UNIT_PREDICTORS``).
-            unit_num: initial units of the adaptive semantic unit; group_num: groups of the "group" mode.
+            unit_num: initial units of the adaptive semantic unit; group_num: groups of the "group"
+                mode.
             unit_purity, unit_max_splits: ρ threshold and split depth of the adaptive unit.
-            background_name, bg_thresh: a vocabulary entry with this name gets the constant probability
-                ``bg_thresh`` instead of a text score (``bg_thresh`` 0 with such an entry: never chosen).
-            slide_window, slide_stride: sliding-window inference in pixels (0 = whole image); multiples of
-                the patch size.
+            background_name, bg_thresh: a vocabulary entry with this name gets the constant
+                probability ``bg_thresh`` instead of a text score (``bg_thresh`` 0 with such an
+                entry: never chosen).
+            slide_window, slide_stride: sliding-window inference in pixels (0 = whole image);
+                multiples of the patch size.
             default_vocabulary: class names for test inputs without a ``vocabulary`` field.
             text_cache_size: caption / entity embeddings kept in memory (the text tower is frozen).
         """
         super().__init__()
         if unit_mode not in UNIT_PREDICTORS:
             raise KeyError(
-                f"Unknown MODEL.MGCA.TEST.UNIT_MODE {unit_mode!r}; known: {', '.join(sorted(UNIT_PREDICTORS))}"
+                f"Unknown MODEL.MGCA.TEST.UNIT_MODE {unit_mode!r}; "
+                f"known: {', '.join(sorted(UNIT_PREDICTORS))}"
             )
         if len(loss_weights) != 3:
             raise ValueError(f"LOSS_WEIGHTS must be (obj, reg, pix), got {loss_weights}")
@@ -267,8 +287,8 @@ class MGCA(nn.Module):
             slide_window % patch or not 0 < slide_stride <= slide_window or slide_stride % patch
         ):
             raise ValueError(
-                f"SLIDE_WINDOW ({slide_window}) and SLIDE_STRIDE ({slide_stride}) must be multiples of the "
-                f"patch size {patch} with 0 < stride <= window"
+                f"SLIDE_WINDOW ({slide_window}) and SLIDE_STRIDE ({slide_stride}) must be "
+                f"multiples of the patch size {patch} with 0 < stride <= window"
             )
         self.clip = clip_model
         self.text_classifier = TextClassifier(clip_model, templates)
@@ -362,7 +382,8 @@ class MGCA(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.clip.eval()  # frozen towers (and the trainable last block, which has no dropout) stay in eval
+        # frozen towers (and the trainable last block, which has no dropout) stay in eval mode
+        self.clip.eval()
         return self
 
     def scale(self) -> torch.Tensor:
@@ -385,8 +406,8 @@ class MGCA(nn.Module):
         return self.decoder(self.encoder(images))
 
     def entities(self, captions: Sequence[str]) -> List[List[str]]:
-        """Entity prompts of each caption: up to J_max noun chunks in ``entity_template`` (a random subset in
-        training, the first ones otherwise), or the caption itself when it has no chunk."""
+        """Entity prompts of each caption: up to J_max noun chunks in ``entity_template`` (a random
+        subset in training, the first ones otherwise), or the caption itself when it has none."""
         out = []
         for caption, chunks in zip(captions, self.noun_extractor(list(captions))):
             chunks = list(dict.fromkeys(c for c in chunks if c))
@@ -418,16 +439,16 @@ class MGCA(nn.Module):
         """One caption per image (drawn at random) and its entities.
 
         Returns:
-            captions (B, D), entity embeddings (E, D) (both normalised, no gradient), the image index of
-            each entity (E,) and the entity strings.
+            captions (B, D), entity embeddings (E, D) (both normalised, no gradient), the image
+            index of each entity (E,) and the entity strings.
         """
         captions, entity_texts, image_index = [], [], []
         for i, x in enumerate(batched_inputs):
             caps = x.get("captions")
             if not caps:
                 raise ValueError(
-                    f"training input {i} (image_id {x.get('image_id')}) has no 'captions': train MGCA on a "
-                    "caption dataset with INPUT.DATASET_MAPPER_NAME caption"
+                    f"training input {i} (image_id {x.get('image_id')}) has no 'captions': train "
+                    "MGCA on a caption dataset with INPUT.DATASET_MAPPER_NAME caption"
                 )
             caps = [caps] if isinstance(caps, str) else list(caps)
             caption = caps[int(torch.randint(len(caps), ()))]
@@ -501,12 +522,24 @@ class MGCA(nn.Module):
             )
             if w_reg:
                 u2e, e2u = region_level_loss(
-                    centers, corr, entity_emb, image_index, same_text, k_neg=self.k_neg, logit_scale=scale
+                    centers,
+                    corr,
+                    entity_emb,
+                    image_index,
+                    same_text,
+                    k_neg=self.k_neg,
+                    logit_scale=scale,
                 )
                 losses["loss_reg"] = w_reg * (u2e + e2u)
             if w_pix:
                 p2e, e2p = pixel_level_loss(
-                    pixels, corr, entity_emb, image_index, same_text, k_neg=self.k_neg, logit_scale=scale
+                    pixels,
+                    corr,
+                    entity_emb,
+                    image_index,
+                    same_text,
+                    k_neg=self.k_neg,
+                    logit_scale=scale,
                 )
                 losses["loss_pix"] = w_pix * (p2e + e2p)
                 self._log(corr)
@@ -530,8 +563,8 @@ class MGCA(nn.Module):
         return sorted(set(list(range(0, size - win, stride)) + [size - win]))
 
     def dense_features(self, image: torch.Tensor) -> torch.Tensor:
-        """Z of one normalised image (3, H, W) (H, W multiples of the patch size): (D, h', w'), averaged
-        over sliding windows when ``slide_window`` is set and the image is larger."""
+        """Z of one normalised image (3, H, W) (H, W multiples of the patch size): (D, h', w'),
+        averaged over sliding windows when ``slide_window`` is set and the image is larger."""
         h, w = image.shape[-2:]
         if self.slide_window <= 0 or max(h, w) <= self.slide_window:
             return self.pixel_embeddings(image[None])[0]
@@ -550,7 +583,7 @@ class MGCA(nn.Module):
         return out / count.clamp_min(1)
 
     def class_scores(self, features: torch.Tensor, vocabulary: Sequence[str]) -> torch.Tensor:
-        """Class probabilities (K, h', w') of one feature map with the configured prediction unit."""
+        """Class probabilities (K, h', w') of one feature map, with the configured unit."""
         text_ids = [k for k, name in enumerate(vocabulary) if name != self.background_name]
         if not text_ids:
             raise ValueError(f"the vocabulary holds only the background name: {list(vocabulary)}")
@@ -570,8 +603,8 @@ class MGCA(nn.Module):
             vocabulary = list(x.get("vocabulary") or self.default_vocabulary)
             if not vocabulary:
                 raise ValueError(
-                    "MGCA inference needs a vocabulary: a 'vocabulary' field in the input (the semantic "
-                    "mapper adds it) or DATASETS.TEST metadata with stuff_classes"
+                    "MGCA inference needs a vocabulary: a 'vocabulary' field in the input (the "
+                    "semantic mapper adds it) or DATASETS.TEST metadata with stuff_classes"
                 )
             image = images.tensor[i]
             scores = self.class_scores(self.dense_features(image), vocabulary)

@@ -1,15 +1,18 @@
-"""``MixReorg``: mixed patch reorganisation on a GroupViT-style encoder (Cai, Ren et al., ICCV 2023).
+"""``MixReorg``: mixed patch reorganisation on a GroupViT-style encoder (Cai, Ren et al.,
+ICCV 2023).
 
 Training (caption datasets, ``INPUT.DATASET_MAPPER_NAME caption``):
 
-1. **Contextual mixing.** The CLIP image tower's first ``CONTEXT_DEPTH`` blocks run on every image; their
-   output tokens are mixed across tuples of ``NUM_MIX_IMAGES`` images (``losses/mixing.py``): each token
-   keeps its position and its image's caption.
-2. **Progressive mixing.** The first grouping stage's blocks run on the original and the mixed sequences;
-   after each block a cross-attention lets every mixed token attend to the original tokens of its source
-   image (the original sequence attends to itself, so both branches have the same layers).
-3. **Mixing restoration.** The mixed tokens are scattered back to their source images (an exact inverse
-   permutation), and the original, mixed and restored sequences go through the grouping neck.
+1. **Contextual mixing.** The CLIP image tower's first ``CONTEXT_DEPTH`` blocks run on every image;
+   their output tokens are mixed across tuples of ``NUM_MIX_IMAGES`` images (``losses/mixing.py``):
+   each token keeps its position and its image's caption.
+2. **Progressive mixing.** The first grouping stage's blocks run on the original and the mixed
+   sequences; after each block a cross-attention lets every mixed token attend to the original
+   tokens of its source image (the original sequence attends to itself, so both branches have the
+   same layers).
+3. **Mixing restoration.** The mixed tokens are scattered back to their source images (an exact
+   inverse permutation), and the original, mixed and restored sequences go through the grouping
+   neck.
 
 Loss: ``ORIG_WEIGHT·L_nce(original) + REST_WEIGHT·L_nce(restored) + SEG_WEIGHT·L_seg(mixed)``, where
 ``L_nce`` is the symmetric image-caption InfoNCE on the projected average of the segment tokens, and
@@ -17,12 +20,12 @@ Loss: ``ORIG_WEIGHT·L_nce(original) + REST_WEIGHT·L_nce(restored) + SEG_WEIGHT
 
 Inference runs the original branch only (mixing is a training-time transform: the same FLOPs as the
 model trained without mixing) and classifies the groups GroupViT's way: every pixel takes its argmax
-group; a group's class scores are its softmax over the vocabulary restricted to the image's top-k classes,
-times the unrestricted softmax. A vocabulary entry named ``BACKGROUND_NAME`` is not scored by text but
-gets the constant ``min(BG_THRESH, max group score)`` (GroupViT's background rule).
+group; a group's class scores are its softmax over the vocabulary restricted to the image's top-k
+classes, times the unrestricted softmax. A vocabulary entry named ``BACKGROUND_NAME`` is not scored
+by text but gets the constant ``min(BG_THRESH, max group score)`` (GroupViT's background rule).
 
-The text tower is CLIP's and stays frozen (the joint space is the text tower's). Sizes are read from the
-built CLIP model.
+The text tower is CLIP's and stays frozen (the joint space is the text tower's). Sizes are read from
+the built CLIP model.
 """
 
 import logging
@@ -59,7 +62,8 @@ __all__ = ["MixReorg"]
 
 logger = logging.getLogger(__name__)
 
-# RESTORE_GROUP_TOKENS -> group tokens of the restored sequences, from (original seq, mixed seq, plan)
+# RESTORE_GROUP_TOKENS -> group tokens of the restored sequences,
+# from (original group tokens, mixed group tokens, plan)
 _RESTORE_GROUP_TOKENS = {
     "tuple_mean": lambda g_orig, g_mix, plan: tuple_mean(g_mix, plan),
     "original": lambda g_orig, g_mix, plan: g_orig,
@@ -68,9 +72,10 @@ _RESTORE_GROUP_TOKENS = {
 
 @META_ARCH_REGISTRY.register()
 class MixReorg(nn.Module):
-    """MixReorg meta-architecture (see module doc). Inputs are detectron2 dicts with ``image`` (3, H, W)
-    uint8 RGB; training inputs carry ``captions`` (list of str, one drawn per step), test inputs a
-    ``vocabulary`` (list of class names; default: the first test dataset's ``stuff_classes``)."""
+    """MixReorg meta-architecture (see module doc). Inputs are detectron2 dicts with ``image``
+    (3, H, W) uint8 RGB; training inputs carry ``captions`` (list of str, one drawn per step), test
+    inputs a ``vocabulary`` (list of class names; default: the first test dataset's
+    ``stuff_classes``)."""
 
     @configurable
     def __init__(
@@ -106,11 +111,13 @@ class MixReorg(nn.Module):
             num_mix_images: M, images per mixing tuple.
             mix_cell: c, mixing cell side in tokens.
             mix_shares: share of cells per tuple member; empty = uniform.
-            restore_group_tokens: group tokens of the restored sequences, "tuple_mean" or "original".
+            restore_group_tokens: group tokens of the restored sequences, "tuple_mean" or
+                "original".
             orig_weight, rest_weight, seg_weight: W_ORIG, W_REST, W_SEG.
             logit_scale_init: initial 1/τ of the learnable logit scale.
             max_logit_scale: clamp of the logit scale.
-            topk_classes: inference restricts group classification to the image's top-k classes (0 = off).
+            topk_classes: inference restricts group classification to the image's top-k classes
+                (0 = off).
             bg_thresh: background threshold for a vocabulary entry named ``background_name``.
             background_name: the vocabulary name scored by the threshold instead of by text.
             slide_window: sliding-window side in pixels at inference (0 = whole image).
@@ -213,7 +220,7 @@ class MixReorg(nn.Module):
         return ImageList.from_tensors(images, self.encoder.patch_size)
 
     def caption_embeddings(self, batched_inputs: List[Dict]) -> torch.Tensor:
-        """(B, D) normalised embedding of one caption per image (drawn at random among its captions)."""
+        """(B, D) normalised embedding of one caption per image, drawn at random among its own."""
         texts = []
         for i, x in enumerate(batched_inputs):
             caps = x.get("captions")
@@ -240,7 +247,7 @@ class MixReorg(nn.Module):
         return self.losses(images.tensor, texts)
 
     def make_plan(self, batch_size: int, grid) -> MixPlan:
-        """Random mixing of a batch (``losses.mixing.make_mix_plan`` with the configured M, c, shares)."""
+        """A random mixing of the batch (``make_mix_plan`` with the configured M, c, shares)."""
         return make_mix_plan(
             batch_size,
             grid,
@@ -260,9 +267,9 @@ class MixReorg(nn.Module):
             plan: the mixing of the batch; None = the original branch only.
 
         Returns:
-            dict branch name ("orig", and with a plan "mixed", "restored") → the encoder's ``neck`` output
-            (``segments`` (B, G, d), ``assignments``); the mixed and restored branches are computed only
-            when their loss weight is non-zero.
+            dict branch name ("orig", and with a plan "mixed", "restored") → the encoder's ``neck``
+            output (``segments`` (B, G, d), ``assignments``); the mixed and restored branches are
+            computed only when their loss weight is non-zero.
         """
         enc = self.encoder
         x, grid = enc.embed(images)
@@ -305,7 +312,10 @@ class MixReorg(nn.Module):
     def losses(self, images: torch.Tensor, texts: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Loss dict for normalised images (B, 3, H, W) and their caption embeddings (B, D)."""
         b = images.shape[0]
-        grid = (images.shape[-2] // self.encoder.patch_size, images.shape[-1] // self.encoder.patch_size)
+        grid = (
+            images.shape[-2] // self.encoder.patch_size,
+            images.shape[-1] // self.encoder.patch_size,
+        )
         plan = self.make_plan(b, grid) if self.mixing else None
         outs = self.branch_outputs(images, plan)
         scale = self.scale()
@@ -347,7 +357,9 @@ class MixReorg(nn.Module):
         assign = token_to_segment(out["assignments"])[0]  # (N, G)
         assign = assign.t().reshape(1, -1, h, w)
         assign = F.interpolate(assign, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        one_hot = F.one_hot(assign[0].argmax(dim=0), assign.shape[1]).permute(2, 0, 1).to(image.dtype)
+        one_hot = (
+            F.one_hot(assign[0].argmax(dim=0), assign.shape[1]).permute(2, 0, 1).to(image.dtype)
+        )
         segments = out["segments"][0]
         group_embeds = F.normalize(self.encoder.project(segments), dim=-1)  # (G, D)
         image_embed = F.normalize(self.image_embedding(segments[None])[0], dim=-1)
@@ -370,7 +382,7 @@ class MixReorg(nn.Module):
         return sorted(set(starts))
 
     def image_scores(self, image: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
-        """``segment_scores`` over the whole image, or averaged over sliding windows (SLIDE_WINDOW)."""
+        """``segment_scores`` of the whole image, or averaged over sliding windows."""
         h, w = image.shape[-2:]
         if self.slide_window <= 0 or max(h, w) <= self.slide_window:
             return self.segment_scores(image, class_embeds)

@@ -1,25 +1,29 @@
 """``PACL``: patch-aligned contrastive learning on a frozen CLIP (Mukhoti et al., CVPR 2023).
 
-Training (caption datasets, ``INPUT.DATASET_MAPPER_NAME caption``): both CLIP towers are frozen; the patch
-tokens X (B, N, d_v) of the image tower (after its last LayerNorm, before the projection) go through a
-trainable embedder e_v (``MODEL.PACL.EMBEDDER``), V = e_v(X) (B, N, D). Every image is scored against every
+Training (caption datasets, ``INPUT.DATASET_MAPPER_NAME caption``): both CLIP towers are frozen; the
+    patch
+tokens X (B, N, d_v) of the image tower (after its last LayerNorm, before the projection) go through
+a trainable embedder e_v (``MODEL.PACL.EMBEDDER``), V = e_v(X) (B, N, D). Every image is scored
+against every
 caption of the batch with PACL's compatibility (``losses/pacl.py``)::
 
     φ(x, y) = cos(Σ_i softmax_i(cos(v_i, t) / τ_p) v_i, t)
 
-and the symmetric InfoNCE on Φ (B, B) with a learnable logit scale is minimised. With prompt augmentation,
-each image also forms a second pair with a prompt built from a noun of its caption (one random noun wrapped
-in one random template); the two B×B losses are averaged (``PROMPT_AUG.WEIGHT``).
+and the symmetric InfoNCE on Φ (B, B) with a learnable logit scale is minimised. With prompt
+augmentation, each image also forms a second pair with a prompt built from a noun of its caption
+(one random noun wrapped in one random template); the two B×B losses are averaged
+(``PROMPT_AUG.WEIGHT``).
 
 Inference: the per-patch class scores s_{i,k} = cos(v_i, t_k) against the template-ensembled class
-embeddings, upsampled bilinearly to the image; ``sem_seg`` holds softmax_k(s · logit_scale). With the stride
-trick (``INFER_STRIDE`` < patch size) the score map has stride ``INFER_STRIDE``: "shift" runs (p / stride)²
-passes on shifted inputs and interleaves them, "conv" runs one pass with a strided patch embedding. A
-vocabulary entry named in ``BG_CLASS_NAMES`` is not scored by text: its channel is 1 where the other classes'
-distribution is too flat (entropy > ``BG_ENTROPY``) or the best cosine is too low (< ``BG_SCORE``), else 0.
+embeddings, upsampled bilinearly to the image; ``sem_seg`` holds softmax_k(s · logit_scale). With
+the stride trick (``INFER_STRIDE`` < patch size) the score map has stride ``INFER_STRIDE``: "shift"
+runs (p / stride)² passes on shifted inputs and interleaves them, "conv" runs one pass with a
+strided patch embedding. A vocabulary entry named in ``BG_CLASS_NAMES`` is not scored by text: its
+channel is 1 where the other classes' distribution is too flat (entropy > ``BG_ENTROPY``) or the
+best cosine is too low (< ``BG_SCORE``), else 0.
 
-``EMBEDDER clip_projection`` is the vanilla-patch baseline: CLIP's own visual projection on every patch
-token, nothing trained (evaluate it with ``--eval-only``), CLIP's own logit scale.
+``EMBEDDER clip_projection`` is the vanilla-patch baseline: CLIP's own visual projection on every
+patch token, nothing trained (evaluate it with ``--eval-only``), CLIP's own logit scale.
 """
 
 import logging
@@ -84,9 +88,10 @@ STRIDE_MODES = ("shift", "conv")
 class PACL(nn.Module):
     """PACL meta-architecture (see module doc).
 
-    Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry ``captions``
-    (list of str; one is drawn per step), test inputs a ``vocabulary`` (list of class names; default: the
-    ``stuff_classes`` of their ``dataset_name``, else of the first test dataset).
+    Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry
+    ``captions`` (list of str; one is drawn per step), test inputs a ``vocabulary`` (list of class
+    names; default: the ``stuff_classes`` of their ``dataset_name``, else of the first test
+    dataset).
     """
 
     @configurable
@@ -114,19 +119,20 @@ class PACL(nn.Module):
         """
         Args:
             clip_model: an open_clip ``CLIP`` with a ``VisionTransformer`` image tower; frozen here.
-            embedder: patch embedder (B, N, d_v) → (B, N, D) (``heads/pacl.py``); trained when it has
-                parameters (the baseline ``CLIPProjectionEmbedder`` has none).
-            templates: prompt templates ("{}" = the name) for the class embeddings at test and for the
-                noun prompts of prompt augmentation.
+            embedder: patch embedder (B, N, d_v) → (B, N, D) (``heads/pacl.py``); trained when it
+                has parameters (the baseline ``CLIPProjectionEmbedder`` has none).
+            templates: prompt templates ("{}" = the name) for the class embeddings at test and for
+                the noun prompts of prompt augmentation.
             patch_softmax_temp: τ_p of φ's patch softmax.
             logit_scale_init: initial s = 1/τ of the InfoNCE (learnable, exp-parametrised).
             logit_scale_max: clamp of s.
             chunk_size: texts per chunk of Φ.
             checkpoint_chunks: recompute Φ's chunks in backward (bounded memory).
-            noun_extractor: captions → nouns of each (``ov_seg.mining.NounExtractor``); None disables
-                prompt augmentation.
+            noun_extractor: captions → nouns of each (``ov_seg.mining.NounExtractor``); None
+                disables prompt augmentation.
             prompt_weight: weight W of the noun-prompt loss: L = (L_cap + W·L_noun) / (1 + W).
-            infer_stride: stride of the test-time score map (the patch size, or 0, disables the trick).
+            infer_stride: stride of the test-time score map (the patch size, or 0, disables the
+                trick).
             stride_mode: "shift" or "conv" (see module doc).
             bg_mode: "entropy" or "score": rule for a background entry of the vocabulary.
             bg_entropy: entropy threshold of the "entropy" rule.
@@ -136,9 +142,13 @@ class PACL(nn.Module):
         """
         super().__init__()
         if stride_mode not in STRIDE_MODES:
-            raise ValueError(f"Unknown STRIDE_MODE {stride_mode!r}; known: {', '.join(STRIDE_MODES)}")
+            raise ValueError(
+                f"Unknown STRIDE_MODE {stride_mode!r}; known: {', '.join(STRIDE_MODES)}"
+            )
         if bg_mode not in BACKGROUND_RULES:
-            raise ValueError(f"Unknown BG_MODE {bg_mode!r}; known: {', '.join(sorted(BACKGROUND_RULES))}")
+            raise ValueError(
+                f"Unknown BG_MODE {bg_mode!r}; known: {', '.join(sorted(BACKGROUND_RULES))}"
+            )
         if prompt_weight < 0:
             raise ValueError(f"PROMPT_AUG.WEIGHT must be >= 0, got {prompt_weight}")
         for p in clip_model.parameters():
@@ -166,7 +176,9 @@ class PACL(nn.Module):
         if self.trainable:
             self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
         else:  # the baseline: CLIP's own temperature
-            self.register_buffer("logit_scale", clip_model.logit_scale.detach().clone(), persistent=False)
+            self.register_buffer(
+                "logit_scale", clip_model.logit_scale.detach().clone(), persistent=False
+            )
         self.logit_scale_max = float(logit_scale_max)
         self.chunk_size = int(chunk_size)
         self.checkpoint_chunks = bool(checkpoint_chunks)
@@ -263,20 +275,25 @@ class PACL(nn.Module):
         valid = [c for c in captions if isinstance(c, str) and c.strip()]
         if not valid:
             where = x.get("file_name", x.get("image_id", "?"))
-            raise ValueError(f"image {where}: empty caption (captions={captions!r}); PACL needs text")
+            raise ValueError(
+                f"image {where}: empty caption (captions={captions!r}); PACL needs text"
+            )
         return random.choice(valid)
 
     def noun_prompts(self, captions: Sequence[str]) -> List[str]:
-        """Per caption, one of its nouns in one random template; the caption itself when it has no noun."""
+        """Per caption, one of its nouns in one random template (the caption itself if it has none)."""
         prompts = []
         for caption, nouns in zip(captions, self.noun_extractor(captions)):
             nouns = [n for n in nouns if n.strip()]
-            prompts.append(random.choice(self.templates).format(random.choice(nouns)) if nouns else caption)
+            prompts.append(
+                random.choice(self.templates).format(random.choice(nouns)) if nouns else caption
+            )
         return prompts
 
     def _batch_images(self, batched_inputs: List[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images padded to a common size (a multiple of the patch size) and the (B, N) mask of
-        patches that overlap the image (padding-only patches are left out of φ's softmax)."""
+        """Normalised images padded to a common size (a multiple of the patch size) and the (B, N)
+        mask of patches that overlap the image (padding-only patches are left out of φ's softmax).
+        """
         images = [self._normalize(x["image"]) for x in batched_inputs]
         p = self.patch_size
         h = max(math.ceil(im.shape[-2] / p) for im in images)
@@ -320,8 +337,9 @@ class PACL(nn.Module):
     def _dense_cosines_shift(self, image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """(p / s)² passes on shifted inputs, interleaved into a stride-s map.
 
-        The image is padded by (p - s) // 2 on the top / left, so token i of the pass shifted by a·s covers
-        pixels centred at s·(i·r + a) + s/2 (r = p / s): the interleaved map is a regular stride-s grid.
+        The image is padded by (p - s) // 2 on the top / left, so token i of the pass shifted by a·s
+        covers pixels centred at s·(i·r + a) + s/2 (r = p / s): the interleaved map is a regular
+        stride-s grid.
 
         Args:
             image: (3, H, W) normalised.
@@ -338,7 +356,9 @@ class PACL(nn.Module):
         full_h, full_w = (r - 1) * s + n_h * p, (r - 1) * s + n_w * p
         padded = F.pad(image, (pad, full_w - pad - width, pad, full_h - pad - height))
         crops = [
-            padded[:, a * s : a * s + n_h * p, b * s : b * s + n_w * p] for a in range(r) for b in range(r)
+            padded[:, a * s : a * s + n_h * p, b * s : b * s + n_w * p]
+            for a in range(r)
+            for b in range(r)
         ]
         patches, (gh, gw) = self.patch_embeddings(torch.stack(crops))
         cos = patch_text_cosine(patches, texts).view(r, r, -1, gh, gw)  # (a, b, K, i, j)
@@ -348,14 +368,17 @@ class PACL(nn.Module):
     def _dense_cosines_conv(self, image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """One pass with the patch embedding at stride s (positional embedding resized).
 
-        Same geometry as the shift variant: top / left padding (p - s) // 2, token m centred at s·m + s/2.
+        Same geometry as the shift variant: top / left padding (p - s) // 2, token m centred at
+        s·m + s/2.
         """
         p, s = self.patch_size, self.infer_stride
         pad = (p - s) // 2
         height, width = image.shape[-2:]
         f_h, f_w = math.ceil(height / s), math.ceil(width / s)
         full_h, full_w = (f_h - 1) * s + p, (f_w - 1) * s + p
-        padded = F.pad(image, (pad, max(0, full_w - pad - width), pad, max(0, full_h - pad - height)))
+        padded = F.pad(
+            image, (pad, max(0, full_w - pad - width), pad, max(0, full_h - pad - height))
+        )
         with torch.no_grad():
             tokens, (gh, gw) = self._strided_encoder(padded[None, :, :full_h, :full_w])[1:]
         cos = patch_text_cosine(self.embedder(tokens), texts).view(1, -1, gh, gw)
@@ -363,7 +386,8 @@ class PACL(nn.Module):
 
     @staticmethod
     def _upsample(scores: torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
-        """(1, K, h, w) stride-``stride`` map (cell m centred at stride·m + stride/2) → (K, H, W)."""
+        """(1, K, h, w) map of stride ``stride`` (cell m centred at stride·m + stride/2) → (K, H, W)
+        cropped to the image."""
         size = (scores.shape[-2] * stride, scores.shape[-1] * stride)
         up = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
         return up[0, :, :height, :width]
@@ -394,10 +418,12 @@ class PACL(nn.Module):
             vocabulary: K class names; names in ``bg_class_names`` are background entries.
 
         Returns:
-            (K, H, W): softmax_k(cos · s) over the non-background classes; background channels are 1 where
-            the background rule fires (the other channels are 0 there) and 0 elsewhere.
+            (K, H, W): softmax_k(cos · s) over the non-background classes; background channels are 1
+            where the background rule fires (the other channels are 0 there) and 0 elsewhere.
         """
-        is_bg = torch.tensor([name in self.bg_class_names for name in vocabulary], device=self.device)
+        is_bg = torch.tensor(
+            [name in self.bg_class_names for name in vocabulary], device=self.device
+        )
         fg_names = [n for n, b in zip(vocabulary, is_bg.tolist()) if not b]
         if not fg_names:
             raise ValueError(f"the vocabulary has no class besides background: {list(vocabulary)}")
@@ -424,8 +450,10 @@ class PACL(nn.Module):
         return results
 
     def forward(self, batched_inputs: List[dict]):
-        """Training: dict of losses (``loss_pacl``, or ``loss_pacl_caption`` + ``loss_pacl_noun`` with
-        prompt augmentation; their sum is L_PACL). Eval: ``[{"sem_seg": (K, height, width)}]`` per input."""
+        """Training: dict of losses (``loss_pacl``, or ``loss_pacl_caption`` + ``loss_pacl_noun``
+        with prompt augmentation; their sum is L_PACL). Eval: ``[{"sem_seg": (K, height, width)}]``
+        per input.
+        """
         if self.training:
             return self.losses(batched_inputs)
         return self.inference(batched_inputs)

@@ -120,7 +120,9 @@ class ProposalMaskFormer(nn.Module):
         self.proposal_score = proposal_score
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, clip_model: Optional[nn.Module] = None):
+        """Arguments from ``cfg``; ``clip_model``: an open_clip model to share with the open-vocabulary
+        class head (default: the head builds ``MODEL.CLIP``'s)."""
         m = cfg.MODEL.MASK_FORMER
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
@@ -161,7 +163,7 @@ class ProposalMaskFormer(nn.Module):
             "backbone": backbone,
             "pixel_decoder": build_pixel_decoder(cfg, shapes),
             "transformer_decoder": build_transformer_decoder(cfg, in_channels),
-            "class_head": build_class_head(cfg),
+            "class_head": build_class_head(cfg, clip_model),
             "criterion": criterion,
             "transformer_in_feature": m.TRANSFORMER_IN_FEATURE,
             "size_divisibility": m.SIZE_DIVISIBILITY,

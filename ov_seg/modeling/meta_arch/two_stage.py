@@ -190,7 +190,7 @@ class TwoStageOVSeg(nn.Module):
         if test_name:
             vocabulary = list(MetadataCatalog.get(test_name).get("stuff_classes", None) or [])
         return {
-            "proposal_source": build_proposal_source(cfg),
+            "proposal_source": build_proposal_source(cfg, clip_model),
             "crop_classifier": crop_classifier,
             "ensemble_weight": tcfg.ENSEMBLE_WEIGHT,
             "input_format": cfg.INPUT.FORMAT,
