@@ -115,8 +115,6 @@ def add_maskformer_config(cfg):
     cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
     # Deep supervision: losses on the outputs of every decoder layer (auxiliary losses).
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
-    # Pad the batched images to a multiple of this (and of the backbone's size_divisibility).
-    cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
     # Loss / matching-cost weights: classification (lambda_cls), sigmoid focal on masks (lambda_focal),
     # dice (lambda_dice); weight of the "no object" class in the cross-entropy.
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 1.0
@@ -224,6 +222,9 @@ def add_mixreorg_config(cfg):
     cfg.MODEL.MIXREORG.ORIG_WEIGHT = 1.0
     cfg.MODEL.MIXREORG.REST_WEIGHT = 1.0
     cfg.MODEL.MIXREORG.SEG_WEIGHT = 1.0
+    # Add the caption datasets' "hard_negatives" (e.g. shape-swapped captions) as extra text
+    # negatives of L_orig and L_rest (not in the paper: False).
+    cfg.MODEL.MIXREORG.HARD_NEGATIVES = False
     # Initial 1/τ of the learnable contrastive logit scale (GroupViT / CLIP: 1/0.07) and its clamp.
     cfg.MODEL.MIXREORG.LOGIT_SCALE_INIT = 1.0 / 0.07
     cfg.MODEL.MIXREORG.MAX_LOGIT_SCALE = 100.0
@@ -311,8 +312,8 @@ def add_mask_category_input_config(cfg):
 
 
 def add_pacl_config(cfg):
-    """PACL (Mukhoti et al., CVPR 2023): a trainable patch embedder on a frozen MODEL.CLIP, trained with the
-    patch-aligned compatibility φ. Defaults not in the paper itself are project design
+    """PACL (Mukhoti et al., CVPR 2023): a trainable patch embedder on a frozen MODEL.CLIP, trained
+    with the patch-aligned compatibility φ. Defaults not in the paper itself are project design
     (../shared/design/single_stage.md §2)."""
     cfg.MODEL.PACL = CN()
     # Patch embedder e_v by name (ov_seg.modeling.heads.pacl): "residual_mlp" (PACL:
@@ -321,15 +322,16 @@ def add_pacl_config(cfg):
     cfg.MODEL.PACL.EMBEDDER = "residual_mlp"
     # Hidden width of W_1 / W_2 of the residual MLP; 0 = D, the joint embedding dim (the paper).
     cfg.MODEL.PACL.EMBED_HIDDEN_DIM = 0
-    # τ_p of the patch softmax a_i = softmax_i(cos(v_i, t) / τ_p) (quoted form: 1.0; re-implementations 0.1).
+    # τ_p of the patch softmax a_i = softmax_i(cos(v_i, t) / τ_p) (quoted form: 1.0;
+    # re-implementations: 0.1).
     cfg.MODEL.PACL.PATCH_SOFTMAX_TEMP = 1.0
     # Initial logit scale 1/τ of the InfoNCE on Φ (learnable; CLIP: 1/0.07) and its clamp.
     cfg.MODEL.PACL.LOGIT_SCALE_INIT = 1.0 / 0.07
     cfg.MODEL.PACL.LOGIT_SCALE_MAX = 100.0
     # Texts per chunk of the B x B matrix Φ (memory O(B * CHUNK_SIZE * (N + D))); <= 0: one chunk.
     cfg.MODEL.PACL.CHUNK_SIZE = 64
-    # Recompute each chunk of Φ in the backward pass (activation checkpointing): memory stays bounded as B
-    # grows, at the cost of a second forward of Φ.
+    # Recompute each chunk of Φ in the backward pass (activation checkpointing): memory stays
+    # bounded as B grows, at the cost of a second forward of Φ.
     cfg.MODEL.PACL.CHECKPOINT_CHUNKS = True
     # Prompt templates ("{}" = a name): the class embeddings at test and the noun prompts of prompt
     # augmentation (CLIP's 7-template ensemble, as quoted for PACL).
@@ -343,21 +345,25 @@ def add_pacl_config(cfg):
         "a photo of the small {}.",
     ]
     cfg.MODEL.PACL.PROMPT_AUG = CN()
-    # Prompt augmentation: each image also pairs with one noun of its caption in one random template.
+    # Prompt augmentation: each image also pairs with one noun of its caption in a random template.
     cfg.MODEL.PACL.PROMPT_AUG.ENABLED = True
     # Nouns from ov_seg.mining.NounExtractor: "noun" (single nouns) or "chunk" (noun chunks).
     cfg.MODEL.PACL.PROMPT_AUG.NOUN_MODE = "noun"
     # Weight W of the noun-prompt loss: L = (L_caption + W L_noun) / (1 + W).
     cfg.MODEL.PACL.PROMPT_AUG.WEIGHT = 1.0
-    # Stride of the test-time score map in pixels (stride trick: 4); the patch size or 0 disables it.
+    # Parse the nouns of every DATASETS.TRAIN caption once before training (ov_seg.mining's disk
+    # cache, shared with other users of the same extractor settings); False: parse per batch.
+    cfg.MODEL.PACL.PROMPT_AUG.DATASET_CACHE = True
+    # Stride of the test-time score map in pixels (stride trick: 4); the patch size or 0 = off.
     cfg.MODEL.PACL.INFER_STRIDE = 4
-    # Stride trick: "shift" ((p / stride)^2 passes on shifted inputs, interleaved; stride must divide p)
-    # or "conv" (one pass, patch embedding at the stride, positional embedding resized bicubically).
+    # Stride trick: "shift" ((p / stride)^2 passes on shifted inputs, interleaved; the stride must
+    # divide p) or "conv" (one pass, patch embedding at the stride, positional embedding resized
+    # bicubically).
     cfg.MODEL.PACL.STRIDE_MODE = "shift"
-    # Vocabulary names scored as background (datasets with a background class); other datasets: argmax.
+    # Vocabulary names scored as background (datasets with a background class); otherwise argmax.
     cfg.MODEL.PACL.BG_CLASS_NAMES = ["background"]
-    # Background rule: "entropy" (entropy of softmax_k(cos * logit scale) > BG_ENTROPY) or "score" (max
-    # cosine < BG_SCORE).
+    # Background rule: "entropy" (entropy of softmax_k(cos * logit scale) > BG_ENTROPY) or "score"
+    # (max cosine < BG_SCORE).
     cfg.MODEL.PACL.BG_MODE = "entropy"
     cfg.MODEL.PACL.BG_ENTROPY = 1.5
     cfg.MODEL.PACL.BG_SCORE = 0.7

@@ -1,4 +1,4 @@
-"""CLIP core: mask-prompt encoder, masked crops, text classifier, tokenizer, checkpoints (tiny model, CPU)."""
+"""CLIP core: mask-prompt encoder, masked crops, text classifier, tokenizer, checkpoints."""
 
 import open_clip
 import pytest
@@ -9,9 +9,9 @@ from torchvision.ops import roi_align
 from ov_seg.modeling.clip import (
     CLIP_PIXEL_MEAN,
     CLIP_PIXEL_STD,
+    TEMPLATE_SETS,
     MaskedCropClassifier,
     MaskPromptVisionEncoder,
-    TEMPLATE_SETS,
     TextClassifier,
     build_clip,
     build_tokenizer,
@@ -36,7 +36,13 @@ def clip_model():
 
 def test_sizes_and_constants(clip_model):
     s = clip_sizes(clip_model)
-    assert (s.embed_dim, s.vision_width, s.patch_size, s.image_size, s.grid_size) == (64, 64, 8, 64, 8)
+    assert (s.embed_dim, s.vision_width, s.patch_size, s.image_size, s.grid_size) == (
+        64,
+        64,
+        8,
+        64,
+        8,
+    )
     assert CLIP_PIXEL_MEAN == pytest.approx((122.771, 116.746, 104.094), abs=1e-3)
     assert CLIP_PIXEL_STD == pytest.approx((68.501, 66.632, 70.323), abs=1e-3)
 
@@ -48,7 +54,9 @@ def test_mask_prompt_encoder_equals_open_clip(clip_model):
     ref = visual(x)
     enc = MaskPromptVisionEncoder(visual, depth=3)
     assert torch.equal(enc(x).embedding, ref)  # no mask
-    assert torch.equal(enc(x, torch.ones(3, 64, 64, dtype=torch.bool)).embedding, ref)  # all-ones mask
+    assert torch.equal(
+        enc(x, torch.ones(3, 64, 64, dtype=torch.bool)).embedding, ref
+    )  # all-ones mask
     assert torch.equal(enc(x, torch.ones(3, 64, 64)).embedding, ref)  # float all-ones
     partial = torch.zeros(3, 64, 64, dtype=torch.bool)
     partial[:, ::8, ::8] = True  # one pixel in every patch: no patch is fully masked
@@ -107,7 +115,10 @@ def test_prompt_depth_controls_blocks(clip_model):
     mask = torch.zeros(2, 64, 64, dtype=torch.bool)
     mask[:, 16:40, 16:40] = True
     prompts = torch.randn(3, 64, 64)
-    outs = [MaskPromptVisionEncoder(visual, d, prompts=prompts[:d] if d else None)(x, mask) for d in (1, 2, 3)]
+    outs = [
+        MaskPromptVisionEncoder(visual, d, prompts=prompts[:d] if d else None)(x, mask)
+        for d in (1, 2, 3)
+    ]
     assert not torch.allclose(outs[0].embedding, outs[1].embedding)
     assert not torch.allclose(outs[1].embedding, outs[2].embedding)
     with pytest.raises(ValueError, match="depth"):
@@ -162,7 +173,12 @@ def _reference_crops(image, masks, thr, ratio, size, square):
             bw = bh = max(bw, bh)
         box = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
         if not square:
-            box = [min(max(box[0], 0), w), min(max(box[1], 0), h), min(max(box[2], 0), w), min(max(box[3], 0), h)]
+            box = [
+                min(max(box[0], 0), w),
+                min(max(box[1], 0), h),
+                min(max(box[2], 0), w),
+                min(max(box[3], 0), h),
+            ]
         rois = torch.tensor([[0.0, *box]])
         ci = roi_align(image[None].float(), rois, (size, size), 1.0, -1, True)[0]
         cm = roi_align(b[None, None].float(), rois, (size, size), 1.0, -1, True)[0, 0] >= 0.5
@@ -182,7 +198,9 @@ def test_vectorised_crops_equal_reference(ratio, square):
     masks[3, 10, 10] = 0.3  # below the threshold: empty
     masks[4, 2:9, 70:73] = 1.0
     masks[5, 20:21, 0:80] = 0.5  # one-row mask
-    out = prepare_masked_crops(image, masks, mask_thr=0.4, expand_ratio=ratio, out_size=32, square=square)
+    out = prepare_masked_crops(
+        image, masks, mask_thr=0.4, expand_ratio=ratio, out_size=32, square=square
+    )
     ref_img, ref_mask, ref_valid = _reference_crops(image, masks, 0.4, ratio, 32, square)
     assert out.valid.tolist() == ref_valid.tolist() == [True, True, True, False, True, True]
     assert out.images.shape == (5, 3, 32, 32) and out.masks.dtype == torch.bool
@@ -275,7 +293,9 @@ def test_compact_vocabulary_state_dict_is_full(clip_model, tmp_path):
     ids = tok(["a red star on the sky"])
     before = model.encode_text(ids)
     emb = install_compact_vocabulary(model, tok, ["a red star on the sky", "a blue circle"])
-    assert emb.compact_weight.shape[0] == len(tok.vocabulary(["a red star on the sky", "a blue circle"]))
+    assert emb.compact_weight.shape[0] == len(
+        tok.vocabulary(["a red star on the sky", "a blue circle"])
+    )
     assert torch.allclose(model.encode_text(ids), before)
     sd = model.state_dict()
     assert sd["token_embedding.weight"].shape == (49408, 64)
@@ -319,7 +339,9 @@ def test_wrong_checkpoint_names_keys(clip_model, tmp_path):
 
 # ---------------------------------------------------------------- crop classifier, losses
 def test_masked_crop_classifier(clip_model):
-    clf = MaskedCropClassifier(clip_model=clip_model, prompt_depth=2, templates="toyworld", register_clip=False)
+    clf = MaskedCropClassifier(
+        clip_model=clip_model, prompt_depth=2, templates="toyworld", register_clip=False
+    )
     assert set(clf.state_dict()) == {"encoder.prompts"}
     images = [torch.rand(3, 64, 64) * 255, torch.rand(3, 40, 56) * 255]
     masks = [torch.rand(3, 64, 64), torch.zeros(2, 40, 56)]
@@ -335,13 +357,22 @@ def test_masked_crop_classifier(clip_model):
 
 def test_info_nce_matches_definition():
     g = torch.Generator().manual_seed(0)
-    a, b, neg = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(3, 8, generator=g)
+    a, b, neg = (
+        torch.randn(5, 8, generator=g),
+        torch.randn(5, 8, generator=g),
+        torch.randn(3, 8, generator=g),
+    )
     an, bn, nn_ = F.normalize(a, dim=-1), F.normalize(b, dim=-1), F.normalize(neg, dim=-1)
     s = 10.0
     logits = s * an @ bn.t()
     t = torch.arange(5)
-    ref = (F.cross_entropy(torch.cat([logits, s * an @ nn_.t()], 1), t) + F.cross_entropy(logits.t(), t)) / 2
+    ref = (
+        F.cross_entropy(torch.cat([logits, s * an @ nn_.t()], 1), t)
+        + F.cross_entropy(logits.t(), t)
+    ) / 2
     assert torch.allclose(info_nce(a, b, s, b_negatives=neg), ref)
     assert torch.allclose(info_nce(a, b, s, symmetric=False), F.cross_entropy(logits, t))
-    z = contrastive_classification(torch.zeros(0, 8, requires_grad=True), bn, torch.zeros(0, dtype=torch.long), s)
+    z = contrastive_classification(
+        torch.zeros(0, 8, requires_grad=True), bn, torch.zeros(0, dtype=torch.long), s
+    )
     assert z.item() == 0.0

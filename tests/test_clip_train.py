@@ -1,5 +1,5 @@
-"""CLIP training models on the tiny toy world: mappers, CLIPPretrain / MaskAdaptedCLIP through train_net,
-export, MPT gradients."""
+"""CLIP training models on the tiny toy world: mappers, CLIPPretrain / MaskAdaptedCLIP through
+train_net, export, MPT gradients."""
 
 import json
 
@@ -25,11 +25,29 @@ def pretrained(toyworld_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("clip_pretrain")
     config = str(REPO / "configs/toyworld/clip_pretrain.yaml")
     run_train_net(
-        ["--config-file", config, "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "3", "DATASETS.TEST", "()", *SMALL]
+        [
+            "--config-file",
+            config,
+            "OUTPUT_DIR",
+            str(out),
+            "SOLVER.MAX_ITER",
+            "3",
+            "DATASETS.TEST",
+            "()",
+            *SMALL,
+        ]
     )
     results = run_train_net(
-        ["--config-file", config, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
-         "OUTPUT_DIR", str(out / "eval"), *SMALL]
+        [
+            "--config-file",
+            config,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(out / "model_final.pth"),
+            "OUTPUT_DIR",
+            str(out / "eval"),
+            *SMALL,
+        ]
     )
     return out, results
 
@@ -59,8 +77,13 @@ def test_mask_category_mapper_sources(toyworld_root, tmp_path):
     m[10:30, 5:25] = 1
     rle = mask_util.encode(m)
     rle["counts"] = rle["counts"].decode()
-    mined = {**pan, "pairs": [{"segmentation": rle, "category": "odd blob"},
-                              {"segmentation": [[40, 40, 60, 40, 60, 60, 40, 60]], "category": "red star"}]}
+    mined = {
+        **pan,
+        "pairs": [
+            {"segmentation": rle, "category": "odd blob"},
+            {"segmentation": [[40, 40, 60, 40, 60, 60, 40, 60]], "category": "red star"},
+        ],
+    }
     y = mapper(mined)
     assert y["categories"] == ["odd blob", "red star"]
     assert y["category_ids"].tolist() == [-1, x["vocabulary"].index("red star")]
@@ -96,9 +119,16 @@ def test_clip_pretrain_train_eval_export(pretrained, toyworld_root):
 
     parser = default_argument_parser()
     parser.add_argument("--output", default="")
-    path = mod.main(parser.parse_args(
-        ["--config-file", str(REPO / "configs/toyworld/clip_pretrain.yaml"), "OUTPUT_DIR", str(out)]
-    ))
+    path = mod.main(
+        parser.parse_args(
+            [
+                "--config-file",
+                str(REPO / "configs/toyworld/clip_pretrain.yaml"),
+                "OUTPUT_DIR",
+                str(out),
+            ]
+        )
+    )
     exported = build_clip("ovseg-tiny-vit8-64", path)
     for (k, a), (_, b) in zip(final.state_dict().items(), exported.state_dict().items()):
         assert torch.equal(a, b), k
@@ -125,7 +155,10 @@ def test_mask_adapted_clip_mpt_only_prompts_train(pretrained, toyworld_root, tmp
         losses = model(inputs)
     losses["loss_mask_cls"].backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert set(grads) == {"crop_classifier.encoder.prompts"} and grads[next(iter(grads))].abs().sum() > 0
+    assert (
+        set(grads) == {"crop_classifier.encoder.prompts"}
+        and grads[next(iter(grads))].abs().sum() > 0
+    )
     assert all(p.grad is None for p in model.clip.parameters())
     # eval mode gives one row of logits per ground-truth segment
     model.eval()
@@ -141,11 +174,23 @@ def test_mask_adapted_clip_runs_and_exports(pretrained, toyworld_root, tmp_path)
     if not export.is_file():
         pytest.skip("export test did not run")
     run_train_net(
-        ["--config-file", str(REPO / "configs/toyworld/clip_mpt.yaml"), "OUTPUT_DIR", str(tmp_path),
-         "MODEL.CLIP.PRETRAINED", str(export), "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", *SMALL]
+        [
+            "--config-file",
+            str(REPO / "configs/toyworld/clip_mpt.yaml"),
+            "OUTPUT_DIR",
+            str(tmp_path),
+            "MODEL.CLIP.PRETRAINED",
+            str(export),
+            "SOLVER.MAX_ITER",
+            "2",
+            "DATASETS.TEST",
+            "()",
+            *SMALL,
+        ]
     )
     cfg = setup_config(
-        "configs/toyworld/clip_mpt.yaml", ["MODEL.CLIP.PRETRAINED", str(export), "OUTPUT_DIR", str(tmp_path)]
+        "configs/toyworld/clip_mpt.yaml",
+        ["MODEL.CLIP.PRETRAINED", str(export), "OUTPUT_DIR", str(tmp_path)],
     )
     from detectron2.checkpoint import DetectionCheckpointer
 

@@ -21,8 +21,8 @@ from ov_seg.mining.pairs_job import (  # noqa: E402
     run_pairs_job,
 )
 
-NOUN_OUTPUTS = ("nouns.jsonl", "vocab.json")
-PAIR_OUTPUTS = ("pairs.json", "vocab.json", "crops.tsv")
+NOUN_OUTPUTS = ("nouns.jsonl", "nouns_vocab.json")
+PAIR_OUTPUTS = ("pairs.json", "pairs_vocab.json", "crops.tsv")
 
 
 class Crash(RuntimeError):
@@ -75,16 +75,18 @@ def test_nouns_kill_and_rerun_is_byte_identical(captions, reference_nouns, tmp_p
         run_nouns_job(
             captions, CrashingExtractor(3, mode="chunk"), tmp_path, chunk_size=10, progress=False
         )
-    parts = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    parts = sorted(p.name for p in (tmp_path / "nouns_parts").iterdir())
     assert (
         parts == ["part-000000.jsonl", "part-000001.jsonl"]
         and not (tmp_path / "nouns.jsonl").exists()
     )
-    (tmp_path / "parts" / "part-000002.jsonl.tmp999").write_text('{"half a li')  # a write cut short
+    (tmp_path / "nouns_parts" / "part-000002.jsonl.tmp999").write_text(
+        '{"half a li'
+    )  # a write cut short
     resumed = CrashingExtractor(0, mode="chunk")
     summary = run_nouns_job(captions, resumed, tmp_path, chunk_size=10, progress=False)
     assert summary["complete"] and summary["chunks_run"] == 3 and resumed.calls == 3
-    assert not list((tmp_path / "parts").glob("*.tmp*"))
+    assert not list((tmp_path / "nouns_parts").glob("*.tmp*"))
     _same_files(tmp_path, reference_nouns, NOUN_OUTPUTS)
     again = run_nouns_job(captions, resumed, tmp_path, chunk_size=10, progress=False)
     assert again["chunks_run"] == 0 and resumed.calls == 3  # a finished job is a no-op
@@ -132,7 +134,7 @@ def test_cli_reports_malformed_lines(tmp_path):
         ["nouns", "--captions", str(table), "--output-dir", str(out), "--no-progress"]
     )
     assert summary["num_images"] == 2 and summary["skipped_lines"] == 1
-    assert (out / "problems.txt").read_text() == f"{table}:3: expected 2 fields, got 1\n"
+    assert (out / "nouns_problems.txt").read_text() == f"{table}:3: expected 2 fields, got 1\n"
     lines = [json.loads(x) for x in (out / "nouns.jsonl").read_text().splitlines()]
     assert [x["nouns"] for x in lines] == [[["dog", "sofa"]], [["cat", "fire truck"]]]
     with pytest.raises(Exception, match=f"{table}:3"):
@@ -166,49 +168,63 @@ def _pairs(reference_nouns, proposals, clf, out, **kw):
     )
 
 
-def test_pairs_resume_shards_and_registration(reference_nouns, crop_classifier, tmp_path):
+@pytest.fixture(scope="module")
+def mined_gt(reference_nouns, crop_classifier, tmp_path_factory):
+    """Pairs mined with ground-truth segments as proposals and a random tiny CLIP (48 images)."""
+    out = tmp_path_factory.mktemp("mined") / "ref"
+    s = _pairs(
+        reference_nouns, GroundTruthProposals("toyworld_panoptic_train"), crop_classifier, out
+    )
+    assert s["complete"] and s["num_images"] == 48 and s["num_pairs"] > 48
+    return out
+
+
+def test_pairs_output_and_precision(mined_gt):
+    from ov_seg.mining.evaluate import mining_precision
+
+    coco = json.loads((mined_gt / "pairs.json").read_text())
+    keys = {"segmentation", "category", "category_id", "score", "image_id", "proposal_category"}
+    assert all(keys <= set(a) for a in coco["annotations"])
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    assert all(names[a["category_id"]] == a["category"] for a in coco["annotations"])
+    tsv = (mined_gt / "crops.tsv").read_text().splitlines()
+    assert tsv[0] == "filepath\ttitle" and len(tsv) == len(coco["annotations"]) + 1
+    assert all((mined_gt / row.split("\t")[0]).is_file() for row in tsv[1:])
+    # ground-truth proposals: a pair is correct (IoU 1) exactly when the chosen segment has its class
+    p = mining_precision(coco, "toyworld_panoptic_train")
+    same = [a["proposal_category"] == a["category"] for a in coco["annotations"]]
+    assert p["num_pairs"] == len(same) and p["precision"] == pytest.approx(sum(same) / len(same))
+
+
+def test_pairs_resume_and_shards_are_byte_identical(
+    mined_gt, reference_nouns, crop_classifier, tmp_path
+):
+    gt = GroundTruthProposals("toyworld_panoptic_train")
+    killed = tmp_path / "killed"  # a run stopped after 2 of 4 chunks, then resumed
+    assert not _pairs(reference_nouns, gt, crop_classifier, killed, max_chunks=2)["complete"]
+    assert _pairs(reference_nouns, gt, crop_classifier, killed)["chunks_run"] == 2
+    _same_files(killed, mined_gt, PAIR_OUTPUTS)
+    dirs = [tmp_path / f"s{i}" for i in range(2)]
+    for i, d in enumerate(dirs):
+        _pairs(reference_nouns, gt, crop_classifier, d, shard=(i, 2))
+    finalize_pairs(dirs, tmp_path / "merged")
+    _same_files(tmp_path / "merged", mined_gt, ("pairs.json", "pairs_vocab.json"))
+    tsv = (tmp_path / "merged" / "crops.tsv").read_text().splitlines()[1:]
+    assert all((tmp_path / "merged" / row.split("\t")[0]).is_file() for row in tsv)
+
+
+def test_mined_pairs_register_for_the_mask_category_mapper(mined_gt):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from ov_seg.data.dataset_mappers.mask_category import MaskCategoryDatasetMapper
     from ov_seg.data.datasets.register_mined import register_mined_pairs
 
-    gt = GroundTruthProposals("toyworld_panoptic_train")
-    ref = tmp_path / "ref"
-    s = _pairs(reference_nouns, gt, crop_classifier, ref)
-    assert s["complete"] and s["num_images"] == 48 and s["num_pairs"] > 48
-    coco = json.loads((ref / "pairs.json").read_text())
-    ann = coco["annotations"][0]
-    assert {
-        "segmentation",
-        "category",
-        "category_id",
-        "score",
-        "image_id",
-        "proposal_category",
-    } <= set(ann)
-    assert (ref / ann["crop"] if "crop" in ann else ref / "crops.tsv").exists()
-
-    killed = tmp_path / "killed"  # a run stopped after 2 of 4 chunks, then resumed
-    assert not _pairs(reference_nouns, gt, crop_classifier, killed, max_chunks=2)["complete"]
-    assert _pairs(reference_nouns, gt, crop_classifier, killed)["chunks_run"] == 2
-    _same_files(killed, ref, PAIR_OUTPUTS)
-
-    dirs = [tmp_path / f"s{i}" for i in range(2)]
-    for i, d in enumerate(dirs):
-        _pairs(reference_nouns, gt, crop_classifier, d, shard=(i, 2))
-    finalize_pairs(dirs, tmp_path / "merged")
-    for name in ("pairs.json", "vocab.json"):
-        assert (tmp_path / "merged" / name).read_bytes() == (ref / name).read_bytes()
-    tsv = (tmp_path / "merged" / "crops.tsv").read_text().splitlines()
-    assert tsv[0] == "filepath\ttitle" and all(
-        (tmp_path / "merged" / r.split("\t")[0]).is_file() for r in tsv[1:]
-    )
-
-    register_mined_pairs("test_mined_pairs", ref / "pairs.json")
+    register_mined_pairs("test_mined_pairs", mined_gt / "pairs.json")
     dicts = DatasetCatalog.get("test_mined_pairs")
-    assert MetadataCatalog.get("test_mined_pairs").stuff_classes == sorted(
-        {a["category"] for a in coco["annotations"]}
-    )
+    coco = json.loads((mined_gt / "pairs.json").read_text())
+    assert len(dicts) == len({a["image_id"] for a in coco["annotations"]})
+    vocab = MetadataCatalog.get("test_mined_pairs").stuff_classes
+    assert vocab == sorted({a["category"] for a in coco["annotations"]})
     mapper = MaskCategoryDatasetMapper(
         is_train=True,
         augmentations=[],
@@ -219,4 +235,37 @@ def test_pairs_resume_shards_and_registration(reference_nouns, crop_classifier, 
     )
     x = mapper(dicts[0])
     assert x["masks"].shape[0] == len(x["categories"]) == len(dicts[0]["pairs"])
-    assert (x["category_ids"] >= 0).all()
+    assert [vocab[i] for i in x["category_ids"].tolist()] == x["categories"]
+
+
+def test_mask_adapted_clip_trains_on_mined_pairs_with_one_config_line(
+    mined_gt, toyworld_root, tmp_path
+):
+    import shutil
+
+    from helpers import run_train_net
+
+    from ov_seg.data.datasets.register_mined import register_all_mined
+
+    shutil.copytree(mined_gt, toyworld_root / "mined_gt_train", dirs_exist_ok=True)
+    register_all_mined(toyworld_root.parent)
+    run_train_net(
+        [
+            "--config-file",
+            str(REPO / "configs/toyworld/clip_mpt.yaml"),
+            "DATASETS.TRAIN",
+            '("toyworld_mined_gt_train",)',  # the one line
+            "DATASETS.TEST",
+            "()",
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.IMS_PER_BATCH",
+            "4",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ]
+    )
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert metrics and all(
+        torch.isfinite(torch.tensor(m["total_loss"])) for m in metrics if "total_loss" in m
+    )

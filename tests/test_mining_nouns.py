@@ -57,18 +57,21 @@ def test_chunk_mode_keeps_adjectives(chunk_extractor):
             "a photo of a red circle and a blue square on the grass",
             "A young boy in a red t-shirt stands by a traffic light .",
             "Two little girls .",
+            "A black and white dog .",
         ]
     )
     assert out[0] == ["red circle", "blue square", "grass"]
     assert out[1] == ["young boy", "red t-shirt", "traffic light"]
     assert out[2] == ["little girl"]
+    assert out[3] == ["black and white dog"]
 
 
 def test_tagger_chunker_agrees_on_simple_captions():
     ex = NounExtractor(mode="chunk", chunker="tagger")
-    assert ex.extract(["a photo of a red circle and a blue square on the grass"]) == [
-        ["red circle", "blue square", "grass"]
-    ]
+    out = ex.extract(
+        ["a photo of a red circle and a blue square on the grass", "A black and white dog ."]
+    )
+    assert out == [["red circle", "blue square", "grass"], ["black and white dog"]]
 
 
 def test_deterministic_across_batching(noun_extractor):

@@ -67,6 +67,19 @@ def test_train_losses_and_backward(base_model):
     assert all(p.grad is None for p in model.clip.parameters())  # the text tower is frozen
 
 
+def test_hard_negative_captions(base_model):
+    model = copy.deepcopy(base_model).train()
+    inputs = _inputs(3)
+    for x in inputs:
+        x["hard_negatives"] = ["a green heart"]
+    texts, negatives = model.caption_embeddings(inputs)
+    assert negatives is None  # HARD_NEGATIVES off by default
+    model.hard_negatives = True
+    texts, negatives = model.caption_embeddings(inputs)
+    assert texts.shape == negatives.shape == (3, texts.shape[1])
+    _check_backward(model, model(inputs))
+
+
 def test_batch_of_one_has_no_partner(base_model):
     model = copy.deepcopy(base_model).train()
     losses = model(_inputs(1))

@@ -1,4 +1,4 @@
-"""PACL: φ against a naive double loop, bounded chunk memory, gradients, inference shapes, geometry."""
+"""PACL: φ vs a naive double loop, bounded chunk memory, gradients, inference shapes, geometry."""
 
 import math
 
@@ -223,7 +223,7 @@ def test_background_channel(tiny_clip):
 
 
 class _AvgPoolPatches:
-    """Stand-in encoder + embedder: a patch's embedding is its mean colour (translation-equivariant)."""
+    """Stand-in encoder + embedder: a patch's embedding is its mean colour (shift-equivariant)."""
 
     def __init__(self, p):
         self.p = p

@@ -1,4 +1,4 @@
-"""timm Swin wrapped as a detectron2 Backbone: shapes / strides, odd sizes, freezing, checkpoint loading."""
+"""timm Swin as a detectron2 Backbone: shapes / strides, odd sizes, freezing, checkpoints."""
 
 import pytest
 import timm
@@ -57,19 +57,34 @@ def test_loads_timm_checkpoint(tmp_path):
     ref = timm.create_model("swin_base_patch4_window12_384", pretrained=False, img_size=64, **TINY)
     path = tmp_path / "swin.pth"
     torch.save(ref.state_dict(), path)
-    m = D2SwinTransformer("swin_base_patch4_window12_384", 64, model_kwargs=TINY, pretrained_file=str(path))
+    m = D2SwinTransformer(
+        "swin_base_patch4_window12_384", 64, model_kwargs=TINY, pretrained_file=str(path)
+    )
     key = "layers.1.blocks.0.attn.qkv.weight"
     assert torch.equal(m.model.state_dict()[key], ref.state_dict()[key])
     with pytest.raises(FileNotFoundError):
-        D2SwinTransformer("swin_base_patch4_window12_384", 64, model_kwargs=TINY, pretrained_file="/nonexistent")
+        D2SwinTransformer(
+            "swin_base_patch4_window12_384", 64, model_kwargs=TINY, pretrained_file="/nonexistent"
+        )
 
 
 def test_build_from_config():
     cfg = setup_config(
         "configs/toyworld/proposal_R18.yaml",
-        ["MODEL.BACKBONE.NAME", "build_swin_backbone", "MODEL.SWIN.EMBED_DIM", "16",
-         "MODEL.SWIN.DEPTHS", "[1, 1, 1, 1]", "MODEL.SWIN.NUM_HEADS", "[1, 2, 2, 4]",
-         "MODEL.SWIN.WINDOW_SIZE", "4", "MODEL.SWIN.PRETRAIN_IMG_SIZE", "64"],
+        [
+            "MODEL.BACKBONE.NAME",
+            "build_swin_backbone",
+            "MODEL.SWIN.EMBED_DIM",
+            "16",
+            "MODEL.SWIN.DEPTHS",
+            "[1, 1, 1, 1]",
+            "MODEL.SWIN.NUM_HEADS",
+            "[1, 2, 2, 4]",
+            "MODEL.SWIN.WINDOW_SIZE",
+            "4",
+            "MODEL.SWIN.PRETRAIN_IMG_SIZE",
+            "64",
+        ],
     )
     backbone = build_backbone(cfg, ShapeSpec(channels=3))
     assert isinstance(backbone, D2SwinTransformer)

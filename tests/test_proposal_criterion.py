@@ -1,4 +1,4 @@
-"""SetCriterion: empty ground truth, one segment, many segments, deep supervision, point sampling."""
+"""SetCriterion: empty ground truth, one / many segments, deep supervision, point sampling."""
 
 import math
 
@@ -70,7 +70,9 @@ def test_perfect_prediction_has_lower_loss():
     perfect = {k: v.clone() for k, v in outputs.items()}
     for b, t in enumerate(targets):
         for i, (label, mask) in enumerate(zip(t["labels"], t["masks"])):
-            small = torch.nn.functional.interpolate(mask[None, None].float(), size=(H // 4, W // 4), mode="area")
+            small = torch.nn.functional.interpolate(
+                mask[None, None].float(), size=(H // 4, W // 4), mode="area"
+            )
             perfect["pred_masks"][:, b, i] = (small[0, 0] - 0.5) * 40
             perfect["pred_logits"][:, b, i] = -10
             perfect["pred_logits"][:, b, i, label] = 10
@@ -89,11 +91,17 @@ def test_weights_and_normalisation():
     assert dice_loss(logits, targets, 2).item() == pytest.approx(0.0, abs=1e-3)
     # focal loss of a p = 0.5 prediction on a positive pixel: alpha * 0.5^gamma * log 2
     zero = torch.zeros(1, 1)
-    assert sigmoid_focal_loss(zero, torch.ones(1, 1), 1).item() == pytest.approx(0.25 * 0.25 * math.log(2))
-    crit = SetCriterion(matcher=HungarianMatcher(), class_weight=2.0, mask_weight=0.0, dice_weight=3.0)
+    assert sigmoid_focal_loss(zero, torch.ones(1, 1), 1).item() == pytest.approx(
+        0.25 * 0.25 * math.log(2)
+    )
+    crit = SetCriterion(
+        matcher=HungarianMatcher(), class_weight=2.0, mask_weight=0.0, dice_weight=3.0
+    )
     outputs = _outputs(requires_grad=False)
     targets = [_target(2), _target(2, seed=3)]
-    unit = SetCriterion(matcher=HungarianMatcher(), class_weight=1.0, mask_weight=1.0, dice_weight=1.0)
+    unit = SetCriterion(
+        matcher=HungarianMatcher(), class_weight=1.0, mask_weight=1.0, dice_weight=1.0
+    )
     weighted, plain = crit(outputs, targets), unit(outputs, targets)
     assert weighted["loss_ce"].item() == pytest.approx(2 * plain["loss_ce"].item(), rel=1e-5)
     assert weighted["loss_dice"].item() == pytest.approx(3 * plain["loss_dice"].item(), rel=1e-5)
@@ -102,4 +110,6 @@ def test_weights_and_normalisation():
 
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="pred_logits"):
-        _criterion()({"pred_logits": torch.zeros(B, Q, K + 1), "pred_masks": torch.zeros(B, Q, 4, 4)}, [])
+        _criterion()(
+            {"pred_logits": torch.zeros(B, Q, K + 1), "pred_masks": torch.zeros(B, Q, 4, 4)}, []
+        )

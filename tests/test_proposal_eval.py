@@ -68,15 +68,27 @@ def test_mapper_void_crowd_and_semantic(tmp_path):
     mapper = _mapper(True, dataset="")
     base = {"file_name": str(tmp_path / "im.png"), "height": 20, "width": 24}
     # all pixels void: no segment, no crash
-    out = mapper({**base, "pan_seg_file_name": str(tmp_path / "void.png"),
-                  "segments_info": [{"id": 7, "category_id": 3, "iscrowd": 0}]})
+    out = mapper(
+        {
+            **base,
+            "pan_seg_file_name": str(tmp_path / "void.png"),
+            "segments_info": [{"id": 7, "category_id": 3, "iscrowd": 0}],
+        }
+    )
     h, w = out["image"].shape[1:]  # resized to the toy config's 64 px short side
     assert (h, w) == (53, 64)
     assert len(out["instances"]) == 0 and out["instances"].gt_masks.tensor.shape == (0, h, w)
     # crowd segments are dropped (void)
-    out = mapper({**base, "pan_seg_file_name": str(tmp_path / "pan.png"),
-                  "segments_info": [{"id": 7, "category_id": 3, "iscrowd": 0},
-                                    {"id": 9, "category_id": 4, "iscrowd": 1}]})
+    out = mapper(
+        {
+            **base,
+            "pan_seg_file_name": str(tmp_path / "pan.png"),
+            "segments_info": [
+                {"id": 7, "category_id": 3, "iscrowd": 0},
+                {"id": 9, "category_id": 4, "iscrowd": 1},
+            ],
+        }
+    )
     assert out["instances"].gt_classes.tolist() == [3]
     mask = out["instances"].gt_masks.tensor[0]
     assert mask[:26].all() and not mask[27:].any()
@@ -98,8 +110,9 @@ def _gt_proposals(d, q=12, extra_noise=False):
 
 def test_evaluator_perfect_and_empty(toyworld_root, tmp_path):
     dicts = DatasetCatalog.get("toyworld_panoptic_val")
-    ev = ProposalRecallEvaluator("toyworld_panoptic_val", top_ks=(1, 10), distributed=False,
-                                 output_dir=str(tmp_path))
+    ev = ProposalRecallEvaluator(
+        "toyworld_panoptic_val", top_ks=(1, 10), distributed=False, output_dir=str(tmp_path)
+    )
     ev.reset()
     ev.process(dicts, [_gt_proposals(d) for d in dicts])
     res = ev.evaluate()["proposal_recall"]
@@ -112,11 +125,15 @@ def test_evaluator_perfect_and_empty(toyworld_root, tmp_path):
     assert json.loads((tmp_path / "proposal_recall.json").read_text())["AR@10"] == 1.0
     # empty proposals and no proposals at all: recall 0
     ev.reset()
-    empty = [{"proposals": {"masks": torch.zeros(5, d["height"], d["width"]), "scores": torch.rand(5)}}
-             for d in dicts]
+    empty = [
+        {"proposals": {"masks": torch.zeros(5, d["height"], d["width"]), "scores": torch.rand(5)}}
+        for d in dicts
+    ]
     ev.process(dicts, empty)
-    none = [{"proposals": {"masks": torch.zeros(0, d["height"], d["width"]), "scores": torch.zeros(0)}}
-            for d in dicts]
+    none = [
+        {"proposals": {"masks": torch.zeros(0, d["height"], d["width"]), "scores": torch.zeros(0)}}
+        for d in dicts
+    ]
     ev.process(dicts, none)
     res = ev.evaluate()["proposal_recall"]
     assert res["AR@10"] == 0.0 and res["mBestIoU"] == 0.0
@@ -126,7 +143,9 @@ def test_evaluator_inputs_without_annotations_and_errors(toyworld_root):
     d = DatasetCatalog.get("toyworld_panoptic_val")[0]
     ev = ProposalRecallEvaluator("toyworld_panoptic_val", distributed=False)
     ev.reset()
-    ev.process([{"file_name": d["file_name"]}], [_gt_proposals(d)])  # ground truth found by file name
+    ev.process(
+        [{"file_name": d["file_name"]}], [_gt_proposals(d)]
+    )  # ground truth found by file name
     assert ev.evaluate()["proposal_recall"]["AR@100"] == 1.0
     with pytest.raises(KeyError, match="PROPOSALS_ON"):
         ev.process([d], [{"sem_seg": torch.zeros(1)}])
@@ -138,7 +157,26 @@ def test_evaluator_inputs_without_annotations_and_errors(toyworld_root):
 
 def test_evaluator_selected_by_config(toyworld_root, tmp_path):
     cfg = setup_config(CONFIG)
-    assert isinstance(build_evaluator(cfg, "toyworld_panoptic_val", str(tmp_path)), ProposalRecallEvaluator)
+    assert isinstance(
+        build_evaluator(cfg, "toyworld_panoptic_val", str(tmp_path)), ProposalRecallEvaluator
+    )
     cfg = setup_config(CONFIG, ["TEST.EVALUATOR_TYPE", ""])
-    assert not isinstance(build_evaluator(cfg, "toyworld_sem_seg_val", str(tmp_path)), ProposalRecallEvaluator)
+    assert not isinstance(
+        build_evaluator(cfg, "toyworld_sem_seg_val", str(tmp_path)), ProposalRecallEvaluator
+    )
     assert VOID == 255
+
+
+def test_evaluator_image_without_segments(toyworld_root, tmp_path):
+    cv2.imwrite(str(tmp_path / "void.png"), np.zeros((8, 8, 3), np.uint8))
+    d = {
+        "file_name": "x.png",
+        "pan_seg_file_name": str(tmp_path / "void.png"),
+        "height": 8,
+        "width": 8,
+        "segments_info": [{"id": 3, "category_id": 1, "iscrowd": 0}],
+    }
+    ev = ProposalRecallEvaluator("toyworld_panoptic_val", distributed=False)
+    ev.reset()
+    ev.process([d], [{"proposals": {"masks": torch.ones(2, 8, 8), "scores": torch.ones(2)}}])
+    assert ev.evaluate() == {}  # nothing to recall: no metric rather than a fake 0 or 1

@@ -24,7 +24,8 @@ def _brute_force(cost):
 
 
 def test_assign_known_optimum():
-    # greedy (row 0 takes col 0 at cost 1) is not optimal: the optimum pairs 0-1 and 1-0 (total 2 + 2 = 4 < 1 + 10)
+    # greedy (row 0 takes col 0 at cost 1) is not optimal: the optimum pairs 0-1 and 1-0 (total 2 +
+    # 2 = 4 < 1 + 10)
     cost = torch.tensor([[1.0, 2.0], [2.0, 10.0]])
     rows, cols = assign(cost)
     assert rows.tolist() == [0, 1] and cols.tolist() == [1, 0]
@@ -72,18 +73,20 @@ def test_matcher_finds_the_right_queries():
     pred_logits = torch.zeros(1, q, 4)
     # query 5 predicts segment 0, query 1 segment 1, query 3 segment 2 (at half resolution)
     for query, seg in ((5, 0), (1, 1), (3, 2)):
-        small = torch.nn.functional.interpolate(masks[seg][None, None].float(), size=(h // 2, w // 2), mode="area")
+        small = torch.nn.functional.interpolate(
+            masks[seg][None, None].float(), size=(h // 2, w // 2), mode="area"
+        )
         small = small[0, 0]
         pred_masks[0, query] = small * 20 - 10
         pred_logits[0, query, labels[seg]] = 5.0
     for num_points in (0, 64):
         matcher = HungarianMatcher(num_points=num_points)
-        (rows, cols), = matcher(pred_logits, pred_masks, [{"labels": labels, "masks": masks}])
+        ((rows, cols),) = matcher(pred_logits, pred_masks, [{"labels": labels, "masks": masks}])
         assert dict(zip(cols.tolist(), rows.tolist())) == {0: 5, 1: 1, 2: 3}
 
 
 def test_matcher_empty_targets():
     matcher = HungarianMatcher()
     targets = [{"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 8, 8)}]
-    (rows, cols), = matcher(torch.zeros(1, 4, 2), torch.zeros(1, 4, 4, 4), targets)
+    ((rows, cols),) = matcher(torch.zeros(1, 4, 2), torch.zeros(1, 4, 4, 4), targets)
     assert rows.numel() == 0 and cols.numel() == 0

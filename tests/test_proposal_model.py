@@ -1,4 +1,4 @@
-"""ProposalMaskFormer end to end on random inputs: training step, inference at odd / mixed sizes, bad input."""
+"""ProposalMaskFormer end to end on random inputs: training, odd / mixed sizes, bad input."""
 
 import pytest
 import torch
@@ -48,7 +48,9 @@ def _train_step(model, batch):
 def test_train_step_finite_losses_and_gradients(model):
     losses = _train_step(model, [_input(64, 64, 3), _input(64, 64, 0, seed=1)])
     # deep supervision: final + one auxiliary layer
-    assert {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_dice_0"} == set(losses)
+    assert {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_dice_0"} == set(
+        losses
+    )
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, name
@@ -58,11 +60,21 @@ def test_train_step_finite_losses_and_gradients(model):
 @pytest.mark.parametrize(
     "opts",
     [
-        ["MODEL.PIXEL_DECODER.NAME", "TransformerEncoderPixelDecoder",
-         "MODEL.PIXEL_DECODER.TRANSFORMER_ENC_LAYERS", "1",
-         "MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "transformer_encoder"],
+        [
+            "MODEL.PIXEL_DECODER.NAME",
+            "TransformerEncoderPixelDecoder",
+            "MODEL.PIXEL_DECODER.TRANSFORMER_ENC_LAYERS",
+            "1",
+            "MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE",
+            "transformer_encoder",
+        ],
         ["MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "64", "MODEL.MASK_FORMER.DEEP_SUPERVISION", "False"],
-        ["MODEL.MASK_FORMER.MASK_LOSS_AT_TARGET_SIZE", "True", "MODEL.MASK_FORMER.PRE_NORM", "True"],
+        [
+            "MODEL.MASK_FORMER.MASK_LOSS_AT_TARGET_SIZE",
+            "True",
+            "MODEL.MASK_FORMER.PRE_NORM",
+            "True",
+        ],
     ],
     ids=["transformer_encoder", "point_sampled", "dense_prenorm"],
 )
@@ -89,7 +101,11 @@ def test_eval_odd_and_mixed_sizes(model):
     model.eval()
     batch = [
         {"image": torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8)},
-        {"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8), "height": 97, "width": 101},
+        {
+            "image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8),
+            "height": 97,
+            "width": 101,
+        },
         {"image": torch.randint(0, 256, (3, 7, 5), dtype=torch.uint8)},  # < size divisibility
     ]
     with torch.no_grad():
@@ -115,7 +131,9 @@ def test_train_on_tiny_image_and_empty_targets(model):
 def test_semantic_and_panoptic_inference(model):
     # hand-built: 3 classes (0, 1 stuff; 2 thing) + no object, 4 queries on a 4x4 image
     mask_cls = torch.full((4, 4), -10.0)
-    mask_cls[0, 0] = mask_cls[1, 0] = mask_cls[2, 2] = 10.0  # two queries of stuff class 0, one thing
+    mask_cls[0, 0] = mask_cls[1, 0] = mask_cls[2, 2] = (
+        10.0  # two queries of stuff class 0, one thing
+    )
     mask_cls[3, 3] = 10.0  # no object
     masks = torch.zeros(4, 4, 4)
     masks[0, :2] = 1  # stuff 0, top half
@@ -153,20 +171,37 @@ def test_bad_input(model):
 
 
 OPEN_VOCAB = [
-    "MODEL.MASK_FORMER.CLASS_HEAD.NAME", "open_vocab", "MODEL.MASK_FORMER.CLASS_HEAD.EMBED_HIDDEN_DIM", "32",
-    "MODEL.CLIP.MODEL_NAME", "ovseg-tiny-vit8-64", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.TEMPLATES", "toyworld",
-    "MODEL.MASK_FORMER.TEST.SEMANTIC_ON", "True", "MODEL.MASK_FORMER.TEST.PANOPTIC_ON", "True",
-    "DATASETS.TRAIN", "('toyworld_panoptic_train',)", "DATASETS.TEST", "('toyworld_panoptic_val',)",
+    "MODEL.MASK_FORMER.CLASS_HEAD.NAME",
+    "open_vocab",
+    "MODEL.MASK_FORMER.CLASS_HEAD.EMBED_HIDDEN_DIM",
+    "32",
+    "MODEL.CLIP.MODEL_NAME",
+    "ovseg-tiny-vit8-64",
+    "MODEL.CLIP.PRETRAINED",
+    "",
+    "MODEL.CLIP.TEMPLATES",
+    "toyworld",
+    "MODEL.MASK_FORMER.TEST.SEMANTIC_ON",
+    "True",
+    "MODEL.MASK_FORMER.TEST.PANOPTIC_ON",
+    "True",
+    "DATASETS.TRAIN",
+    "('toyworld_panoptic_train',)",
+    "DATASETS.TEST",
+    "('toyworld_panoptic_val',)",
 ]
 
 
 def test_open_vocab_head_train_and_inference():
     model = _model(OPEN_VOCAB)
     vocab = ["red circle", "blue square", "grass", "sky", "green star", "white ring", "black heart"]
-    losses = _train_step(model, [_input(64, 64, 2, vocabulary=vocab), _input(48, 64, 1, seed=4, vocabulary=vocab)])
+    losses = _train_step(
+        model, [_input(64, 64, 2, vocabulary=vocab), _input(48, 64, 1, seed=4, vocabulary=vocab)]
+    )
     head = model.class_head
     assert head.text_classifier.void_embedding.grad is not None  # the no-object embedding trains
-    # the CLIP is referenced, not owned: frozen, and absent from the model's parameters and checkpoints
+    # the CLIP is referenced, not owned: frozen, and absent from the model's parameters and
+    # checkpoints
     clip_params = {id(p) for p in head.text_classifier.clip_model.parameters()}
     assert not clip_params & {id(p) for p in model.parameters()}
     assert not any(k.startswith("class_head.text_classifier.clip") for k in model.state_dict())
@@ -177,7 +212,9 @@ def test_open_vocab_head_train_and_inference():
         assert logits.shape[-1] == len(vocab) + 1
         assert logits.abs().max() <= head.logit_scale + 1e-3  # tau * cosine
         other = ["purple cross", "sand"]  # any vocabulary at test time
-        r = model([{"image": torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8), "vocabulary": other}])[0]
+        r = model(
+            [{"image": torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8), "vocabulary": other}]
+        )[0]
     assert r["sem_seg"].shape == (2, 40, 56)
     assert r["proposals"]["class_logits"].shape == (8, 3)
     pan, info = r["panoptic_seg"]

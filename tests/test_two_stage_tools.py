@@ -65,9 +65,9 @@ def test_merged_checkpoint_round_trip(toyworld_root, tmp_path):
 def test_search_matches_the_model_forward(toyworld_root, tmp_path):
     out = tmp_path / "search"
     args = ["--config-file", str(REPO / CONFIG), "--output", str(out), "--weights", "0,0.5,1"]
-    args += ["--mask-thrs", "0.4,0.6", "--subset", "1:4", *OPTS]
+    args += ["--mask-thrs", "0.4,0.6", "--subset", "1:4"]
     torch.manual_seed(0)
-    _tool("search_ensemble").main(args)
+    _tool("search_ensemble").main([*args, *OPTS])
     result = json.loads((out / "search.json").read_text())
     grid = {(r["ensemble_weight"], r["mask_thr"]): r for r in result["grid"]}
     assert len(grid) == 6 and result["num_images"] == 3
@@ -94,5 +94,5 @@ def test_search_matches_the_model_forward(toyworld_root, tmp_path):
     for key in ("mIoU", "mIoU-seen", "mIoU-unseen"):
         assert np.isclose(grid[(0.5, 0.6)][key], expected[key], equal_nan=True), key
     # resume: the finished search is reloaded, not recomputed
-    best = _tool("search_ensemble").main([*args, "--resume"])
+    best = _tool("search_ensemble").main([*args, "--resume", *OPTS])
     assert best == result["best"]

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""Benchmark masked-crop CLIP classification: crops/s, crop preparation vs CLIP time, CLIP GFLOP/s as a
-fraction of a plain fp32 matmul's GFLOP/s on the same machine and threads.
+"""Benchmark masked-crop CLIP classification: crops/s, crop preparation vs CLIP time, CLIP GFLOP/s
+as a fraction of a plain fp32 matmul's GFLOP/s on the same machine and threads.
 
-    OMP_NUM_THREADS=1 python tools/benchmark_clip.py --models ovseg-tiny-vit8-64 ViT-B-16 --crops 100
+    OMP_NUM_THREADS=1 python tools/benchmark_clip.py --models ovseg-tiny-vit8-64 ViT-B-16 --crops
+    100
 
-Random weights (no download). One image (``--image-sizes``: 64 px for the tiny model, 512 px for real models) with ``--crops``
-random blob masks; the crops go
-through the image tower in one batch (with mask prompts of depth 3, as the mask-adapted CLIP runs).
-Prints one line per model and a JSON summary (``--json`` writes it to a file).
+Random weights (no download). One image (``--image-sizes``: 64 px for the tiny model, 512 px for
+real models) with ``--crops`` random blob masks; the crops go through the image tower in one batch
+(with mask prompts of depth 3, as the mask-adapted CLIP runs). Prints one line per model and a JSON
+summary (``--json`` writes it to a file).
 """
 
 import argparse
@@ -18,7 +19,12 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ov_seg.modeling.clip import MaskPromptVisionEncoder, build_clip, clip_sizes, prepare_masked_crops
+from ov_seg.modeling.clip import (
+    MaskPromptVisionEncoder,
+    build_clip,
+    clip_sizes,
+    prepare_masked_crops,
+)
 
 
 def _timeit(fn, repeats: int) -> float:
@@ -42,7 +48,9 @@ def random_masks(k: int, size: int, generator: torch.Generator) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     c = torch.rand(k, 2, generator=generator) * size
     r = (0.05 + 0.25 * torch.rand(k, 2, generator=generator)) * size
-    d = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + ((yy - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2
+    d = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + (
+        (yy - c[:, 1, None, None]) / r[:, 1, None, None]
+    ) ** 2
     return torch.sigmoid(4 * (1 - d))
 
 
@@ -83,12 +91,17 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=["ovseg-tiny-vit8-64", "ViT-B-16"])
     p.add_argument("--crops", type=int, default=100)
     p.add_argument(
-        "--image-sizes", type=int, nargs="+", default=[64, 512],
+        "--image-sizes",
+        type=int,
+        nargs="+",
+        default=[64, 512],
         help="image side per model (toy world: 64; real images: 512)",
     )
     p.add_argument("--depth", type=int, default=3, help="mask prompt depth")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = keep torch's setting)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0 = keep torch's setting)"
+    )
     p.add_argument("--json", default="", help="also write the summary to this file")
     args = p.parse_args(argv)
     if args.threads > 0:
@@ -100,11 +113,15 @@ def main(argv=None):
         "matmul_gflops_per_s": mm,
         "models": [],
     }
-    print(f"threads {summary['threads']}, load average {summary['load_average']:.1f}, "
-          f"fp32 matmul 1024^3: {mm:.1f} GFLOP/s")
+    print(
+        f"threads {summary['threads']}, load average {summary['load_average']:.1f}, "
+        f"fp32 matmul 1024^3: {mm:.1f} GFLOP/s"
+    )
     if len(args.image_sizes) not in (1, len(args.models)):
         p.error("--image-sizes needs one size, or one per model")
-    image_sizes = args.image_sizes * len(args.models) if len(args.image_sizes) == 1 else args.image_sizes
+    image_sizes = (
+        args.image_sizes * len(args.models) if len(args.image_sizes) == 1 else args.image_sizes
+    )
     for name, image_size in zip(args.models, image_sizes):
         r = bench_model(name, args.crops, args.repeats, image_size, args.depth)
         r["image_size"] = image_size
@@ -114,7 +131,8 @@ def main(argv=None):
             f"{name:>20}: {r['crops']} crops of {r['crop_size']} px from a {image_size} px image: "
             f"{r['crops_per_s']:.1f} crops/s | "
             f"crop prep {1e3 * r['prep_s']:.1f} ms ({100 * r['prep_fraction']:.1f}%) | CLIP "
-            f"{1e3 * r['clip_s']:.1f} ms, {r['clip_gflop']:.1f} GFLOP, {r['clip_gflops_per_s']:.1f} GFLOP/s "
+            f"{1e3 * r['clip_s']:.1f} ms, {r['clip_gflop']:.1f} GFLOP, "
+            f"{r['clip_gflops_per_s']:.1f} GFLOP/s "
             f"= {100 * r['fraction_of_matmul']:.0f}% of matmul",
             flush=True,
         )

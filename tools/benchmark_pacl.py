@@ -6,35 +6,36 @@ dense implementation keeps O(B² · (N + D)) activations for backward. ``pacl_co
 Φ in chunks of texts and (``CHECKPOINT_CHUNKS``) recomputes each chunk in backward, which keeps the
 memory linear in B.
 
-Two benchmarks, each configuration in a fresh subprocess (peak RSS on CPU, ``max_memory_allocated``
-on CUDA):
+Two benchmarks, each configuration in a fresh subprocess:
 
-- ``loss``: embedder + Φ + InfoNCE, forward and backward, on random patch tokens with the sizes (N,
-d_v, D)
-  of ``--loss-model`` (default ViT-B-16 at 224: N = 196, d_v = 768, D = 512).
+- ``loss``: embedder + Φ + InfoNCE, forward and backward, on random patch tokens with the sizes
+  (N, d_v, D) of ``--loss-model`` (default ViT-B-16 at 224: N = 196, d_v = 768, D = 512).
 - ``step``: a full PACL training step (frozen CLIP forward on random images, embedder, Φ, loss,
-backward,
-  AdamW step) with ``--step-model`` (default the toy world's tiny CLIP).
+  backward, AdamW step) with ``--step-model`` (default the toy world's tiny CLIP).
 
-    python tools/benchmark_pacl.py                              # both, B = 32 .. 512, chunked vs
-    dense python tools/benchmark_pacl.py --bench loss --batch-sizes 256 1024 --modes chunked
+Peak memory: on CPU the highest resident set size sampled every millisecond during the timed steps,
+on CUDA ``max_memory_allocated``; both minus the memory held before the first step.
+
+    python tools/benchmark_pacl.py                    # both benchmarks, chunked vs dense
+    python tools/benchmark_pacl.py --bench loss --batch-sizes 256 1024 --modes chunked
     python tools/benchmark_pacl.py --output /tmp/pacl/bench.jsonl
 
 Prints one table per benchmark (median step time over ``--iters`` after one warm-up step, peak
-memory above the memory held before the first step); ``--output`` also writes JSON lines.
+memory); ``--output`` also appends JSON lines.
 """
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
-# mode -> (chunk size, checkpoint chunks)
-MODES = {"chunked": (64, True), "chunked_nockpt": (64, False), "dense": (0, False)}
+# mode -> (chunked, checkpoint chunks); the chunk size is --chunk-size
+MODES = {"chunked": (True, True), "chunked_nockpt": (True, False), "dense": (False, False)}
 
 
 def _rss_mib() -> float:
@@ -42,12 +43,27 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _peak_mib(device) -> float:
-    import torch
+class _RSSPeak:
+    """Highest RSS (MiB) sampled by a background thread while active (torch ops release the GIL)."""
 
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mib())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.peak = _rss_mib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
 
 
 def _held_mib(device) -> float:
@@ -73,27 +89,27 @@ def _worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    from ov_seg.modeling.clip import build_clip, clip_sizes
     from ov_seg.modeling.heads.pacl import build_pacl_embedder
     from ov_seg.modeling.losses.pacl import pacl_info_nce
 
-    chunk, ckpt = MODES[args.mode]
+    chunked, ckpt = MODES[args.mode]
+    chunk = args.chunk_size if chunked else 0
     b = args.batch_size
     if args.bench == "loss":
-        clip = build_clip(args.loss_model)
-        sizes = clip_sizes(clip)
-        embedder = build_pacl_embedder("residual_mlp", clip).to(device)
-        n = sizes.grid_size**2
-        del clip
-        tokens = torch.randn(b, n, sizes.vision_width, device=device)
-        texts = torch.randn(b, sizes.embed_dim, device=device)
+        n, d_v, dim = args.loss_sizes
+        # the embedder only reads the projection's shape: no CLIP is built here
+        stand_in = SimpleNamespace(visual=SimpleNamespace(proj=torch.empty(d_v, dim)))
+        embedder = build_pacl_embedder("residual_mlp", stand_in).to(device)
+        tokens = torch.randn(b, n, d_v, device=device)
+        texts = torch.randn(b, dim, device=device)
 
         def step():
             loss = pacl_info_nce(embedder(tokens), texts, 10.0, chunk_size=chunk, checkpoint=ckpt)
             loss.backward()
 
-        shape = {"N": n, "d_v": sizes.vision_width, "D": sizes.embed_dim, "model": args.loss_model}
+        shape = {"N": n, "d_v": d_v, "D": dim, "model": args.loss_model}
     else:
+        from ov_seg.modeling.clip import build_clip, clip_sizes
         from ov_seg.modeling.meta_arch.pacl import PACL
 
         clip = build_clip(args.step_model)
@@ -126,12 +142,14 @@ def _worker(args) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(args.iters + 1):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    with _RSSPeak() as rss:
+        for _ in range(args.iters + 1):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak
     return {
         "bench": args.bench,
         "mode": args.mode,
@@ -141,7 +159,7 @@ def _worker(args) -> dict:
         "chunk_size": chunk,
         "checkpoint": ckpt,
         "step_s": round(statistics.median(times[1:]), 4),
-        "peak_mib": round(_peak_mib(device) - held, 1),
+        "peak_mib": round(peak - held, 1),
         "device": str(device),
         "threads": args.threads,
     }
@@ -172,6 +190,9 @@ def main(argv=None):
     p.add_argument(
         "--step-model", default="ovseg-tiny-vit8-64", help="CLIP of the full-step benchmark"
     )
+    p.add_argument(
+        "--chunk-size", type=int, default=64, help="texts per chunk of the chunked modes"
+    )
     p.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--device", default="cpu")
@@ -180,12 +201,19 @@ def main(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="chunked", help=argparse.SUPPRESS)
+    p.add_argument("--loss-sizes", nargs=3, type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         args.bench = args.bench[0]
         print(json.dumps(_worker(args)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    loss_sizes = []
+    if "loss" in args.bench:
+        from ov_seg.modeling.clip import build_clip, clip_sizes
+
+        sizes = clip_sizes(build_clip(args.loss_model))
+        loss_sizes = [str(sizes.grid_size**2), str(sizes.vision_width), str(sizes.embed_dim)]
     for bench in args.bench:
         rows = []
         for b in args.batch_sizes:
@@ -195,6 +223,8 @@ def main(argv=None):
                     "--mode", mode, "--loss-model", args.loss_model,
                     "--step-model", args.step_model, "--iters", str(args.iters),
                     "--threads", str(args.threads), "--device", args.device,
+                    "--chunk-size", str(args.chunk_size),
+                    *(["--loss-sizes", *loss_sizes] if bench == "loss" else []),
                 ]  # fmt: skip
                 try:
                     proc = subprocess.run(

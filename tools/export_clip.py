@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Write the standalone CLIP checkpoint of a trained CLIPPretrain / MaskAdaptedCLIP run.
 
-    python tools/export_clip.py --config-file configs/toyworld/clip_pretrain.yaml OUTPUT_DIR /tmp/clip/run1
-    # reads <OUTPUT_DIR>/model_final.pth (or MODEL.WEIGHTS), writes <OUTPUT_DIR>/clip_export.pth
+    python tools/export_clip.py --config-file configs/toyworld/clip_pretrain.yaml OUTPUT_DIR
+    /tmp/clip/run1 # reads <OUTPUT_DIR>/model_final.pth (or MODEL.WEIGHTS), writes
+    <OUTPUT_DIR>/clip_export.pth
 
 Other models then use ``MODEL.CLIP.PRETRAINED <OUTPUT_DIR>/clip_export.pth``.
 """
@@ -34,5 +35,7 @@ def main(args):
 
 if __name__ == "__main__":
     parser = default_argument_parser()
-    parser.add_argument("--output", default="", help="checkpoint path (default <OUTPUT_DIR>/clip_export.pth)")
+    parser.add_argument(
+        "--output", default="", help="checkpoint path (default <OUTPUT_DIR>/clip_export.pth)"
+    )
     main(parser.parse_args())

@@ -3,10 +3,9 @@
 
 Stage 1, nouns (spaCy)::
 
-    python tools/mine_captions.py nouns --captions ../shared/data/flickr8k_subset1000/captions.csv
-    \\
-        --output-dir /tmp/mining/flickr [--mode noun|chunk] [--chunker parser|tagger] [--wordnet] \\
-        [--n-process 2] [--shard 0/2] [--strict]
+    python tools/mine_captions.py nouns --output-dir /tmp/mining/flickr \\
+        --captions ../shared/data/flickr8k_subset1000/captions.csv \\
+        [--mode noun|chunk] [--chunker parser|tagger] [--wordnet] [--n-process 2] [--strict]
 
 ``--captions``: a COCO captions JSON (``captions_train2017.json`` layout), a CSV / TSV table of
 (image, caption) rows (Flickr8k ``image,caption``; OpenCLIP / CC3M ``filepath<TAB>title``), JSON
@@ -14,21 +13,21 @@ lines, or a registered caption dataset (``toyworld_captions_web``).
 
 Stage 2, pairs (CLIP assigns every noun its best proposal)::
 
-    python tools/mine_captions.py pairs --nouns /tmp/mining/tw/nouns.jsonl --output-dir
-    /tmp/mining/tw \\
-        --proposals maskformer --config-file configs/toyworld/two_stage_R18.yaml \\
+    python tools/mine_captions.py pairs --nouns /tmp/mining/tw/nouns.jsonl \\
+        --output-dir /tmp/mining/tw --proposals maskformer \\
+        --config-file configs/toyworld/two_stage_R18.yaml \\
         MODEL.TWO_STAGE.PROPOSAL_WEIGHTS proposals.pth MODEL.CLIP.PRETRAINED clip.pth
     # ablation: ground-truth segments as the proposals
     python tools/mine_captions.py pairs ... --proposals gt --gt-dataset toyworld_panoptic_web
 
-Shards: run ``--shard i/n`` for i = 0..n-1 (same or separate ``--output-dir``), then ``python
-tools/mine_captions.py merge --inputs DIR0 DIR1 ... --output-dir OUT``. Every run resumes: finished
-chunks are skipped; outputs are written atomically.
+Shards: run ``--shard i/n`` for i = 0..n-1 (same or separate ``--output-dir``), then
+``python tools/mine_captions.py merge --inputs DIR0 DIR1 ... --output-dir OUT``. Every run resumes:
+finished chunks are skipped; outputs are written atomically.
 
 Precision (datasets with ground truth)::
 
-    python tools/mine_captions.py evaluate --pairs /tmp/mining/tw/pairs.json --gt-dataset
-    toyworld_panoptic_web
+    python tools/mine_captions.py evaluate --pairs /tmp/mining/tw/pairs.json \\
+        --gt-dataset toyworld_panoptic_web
 """
 
 import argparse
@@ -42,7 +41,7 @@ import torch
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.mining.captions import CAPTION_FORMATS, load_captions
 from ov_seg.mining.evaluate import mining_precision
-from ov_seg.mining.job import parse_shard
+from ov_seg.mining.job import job_file, parse_shard
 from ov_seg.mining.nouns import DEFAULT_STOPLIST, NounExtractor
 from ov_seg.mining.nouns_job import finalize_nouns, run_nouns_job
 from ov_seg.mining.pairs_job import (
@@ -69,7 +68,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _nouns_args(sub) -> None:
-    p = sub.add_parser("nouns", help="stage 1: captions -> nouns.jsonl + vocab.json")
+    p = sub.add_parser("nouns", help="stage 1: captions -> nouns.jsonl + nouns_vocab.json")
     p.add_argument("--captions", required=True, help="caption file or registered caption dataset")
     p.add_argument("--format", default="auto", choices=["auto", *CAPTION_FORMATS])
     p.add_argument("--image-root", default=None, help="folder image names are relative to")
@@ -133,6 +132,7 @@ def _evaluate_args(sub) -> None:
 def _merge_args(sub) -> None:
     p = sub.add_parser("merge", help="join the part files of shards run in separate folders")
     p.add_argument("--inputs", nargs="+", required=True, help="the shards' job folders")
+    p.add_argument("--kind", default="", choices=["", "nouns", "pairs"], help="when both are there")
     p.add_argument("--output-dir", required=True)
 
 
@@ -252,9 +252,12 @@ def cmd_pairs(args) -> dict:
 
 
 def cmd_merge(args) -> dict:
-    with open(os.path.join(args.inputs[0], "job.json")) as f:
-        kind = json.load(f)["kind"]
-    return FINALIZERS[kind](args.inputs, args.output_dir)
+    kinds = [k for k in FINALIZERS if job_file(args.inputs[0], k).is_file()]
+    if args.kind:
+        kinds = [args.kind]
+    if len(kinds) != 1:
+        raise SystemExit(f"{args.inputs[0]} holds jobs {kinds or 'none'}: pass --kind nouns|pairs")
+    return FINALIZERS[kinds[0]](args.inputs, args.output_dir)
 
 
 def cmd_evaluate(args) -> dict:

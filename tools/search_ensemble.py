@@ -188,7 +188,8 @@ def search_key(cfg, args, dataset: str, num_images: int) -> str:
 
 def save_state(path: Path, key: str, done: int, conf: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    np.savez(tmp, key=np.array(key), done=np.array(done), conf=conf)
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, key=np.array(key), done=np.array(done), conf=conf)
     os.replace(tmp, path)
 
 

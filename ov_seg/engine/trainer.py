@@ -14,6 +14,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 
 from ov_seg.data import build_dataset_mapper
 from ov_seg.evaluation import build_evaluator
+from ov_seg.modeling.clip.export import ExportCLIPHook
 
 __all__ = ["Trainer", "build_optimizer", "OPTIMIZERS"]
 
@@ -133,6 +134,8 @@ class Trainer(DefaultTrainer):
         for h in hooks:  # metric-writing period from RUNTIME.LOG_PERIOD
             if isinstance(h, PeriodicWriter):
                 h._period = self.cfg.RUNTIME.LOG_PERIOD
+        # models that train a CLIP leave <OUTPUT_DIR>/clip_export.pth for the other models to load
+        hooks.append(ExportCLIPHook(self.cfg.OUTPUT_DIR))
         return hooks
 
     @classmethod

@@ -1,10 +1,11 @@
 """Masked-crop classification accuracy (CLIP zero-shot / mask-adapted CLIP on ground-truth masks).
 
-Consumes the ``"mask_cls"`` output of ``CLIPPretrain`` / ``MaskAdaptedCLIP`` in eval mode on inputs of the
-``mask_category`` mapper: one row of logits over the dataset vocabulary per ground-truth segment. Reports
-segment accuracy overall, on seen and unseen categories (dataset metadata ``seen_class_ids`` /
-``unseen_class_ids``), their harmonic mean, the unseen accuracy when only unseen names compete, mean class
-accuracy, and chance (1 / vocabulary size).
+Consumes the ``"mask_cls"`` output of ``CLIPPretrain`` / ``MaskAdaptedCLIP`` in eval mode on inputs
+of the
+``mask_category`` mapper: one row of logits over the dataset vocabulary per ground-truth segment.
+Reports segment accuracy overall, on seen and unseen categories (dataset metadata ``seen_class_ids``
+/ ``unseen_class_ids``), their harmonic mean, the unseen accuracy when only unseen names compete,
+mean class accuracy, and chance (1 / vocabulary size).
 """
 
 import itertools
@@ -31,8 +32,8 @@ def mask_classification_metrics(
     """Accuracies (in %) of segment predictions.
 
     Args:
-        logits: (N, C) scores over the vocabulary (rows of empty masks all equal: counted as wrong unless
-            the argmax happens to hit; pass -inf rows to force an error).
+        logits: (N, C) scores over the vocabulary (rows of empty masks all equal: counted as wrong
+            unless the argmax happens to hit; pass -inf rows to force an error).
         labels: (N,) int64 in [0, C).
         seen_ids, unseen_ids: category ids of the seen / unseen split (optional).
 
@@ -48,7 +49,9 @@ def mask_classification_metrics(
     correct = (pred == labels).float()
     out["acc"] = 100.0 * correct.mean().item()
     present = labels.unique()
-    out["mean_class_acc"] = 100.0 * torch.stack([correct[labels == k].mean() for k in present]).mean().item()
+    out["mean_class_acc"] = (
+        100.0 * torch.stack([correct[labels == k].mean() for k in present]).mean().item()
+    )
     seen = torch.as_tensor(list(seen_ids), dtype=torch.long)
     unseen = torch.as_tensor(list(unseen_ids), dtype=torch.long)
     if unseen.numel():
@@ -67,10 +70,12 @@ def mask_classification_metrics(
 
 
 class MaskClassificationEvaluator(DatasetEvaluator):
-    """Accumulates ``outputs[i]["mask_cls"] = {"logits": (K, C), "labels": (K,)}``; labels -1 are skipped.
+    """Accumulates ``outputs[i]["mask_cls"] = {"logits": (K, C), "labels": (K,)}``; labels -1 are
+    skipped.
 
     Args:
-        dataset_name: registered dataset (metadata ``seen_class_ids`` / ``unseen_class_ids`` optional).
+        dataset_name: registered dataset (metadata ``seen_class_ids`` / ``unseen_class_ids``
+            optional).
         distributed: gather the predictions of all workers before computing the metrics.
     """
 
@@ -90,7 +95,9 @@ class MaskClassificationEvaluator(DatasetEvaluator):
         for out in outputs:
             res = out.get("mask_cls")
             if res is None:
-                raise KeyError("the mask_classification evaluator needs model outputs with 'mask_cls'")
+                raise KeyError(
+                    "the mask_classification evaluator needs model outputs with 'mask_cls'"
+                )
             labels = res["labels"].to("cpu")
             keep = labels >= 0
             self._logits.append(res["logits"].to("cpu", torch.float32)[keep])

@@ -1,5 +1,5 @@
-"""Class-agnostic proposal recall: AR@K at mask IoU >= 0.5 and mean best IoU per ground-truth segment,
-overall and per group (seen / unseen categories, things / stuff)."""
+"""Class-agnostic proposal recall: AR@K at mask IoU >= 0.5 and mean best IoU per ground-truth
+segment, overall and per group (seen / unseen categories, things / stuff)."""
 
 import itertools
 import json
@@ -23,7 +23,9 @@ __all__ = ["ProposalRecallEvaluator", "proposal_ious"]
 logger = logging.getLogger(__name__)
 
 
-def proposal_ious(segment_index: torch.Tensor, num_segments: int, masks: torch.Tensor) -> torch.Tensor:
+def proposal_ious(
+    segment_index: torch.Tensor, num_segments: int, masks: torch.Tensor
+) -> torch.Tensor:
     """Mask IoU of every ground-truth segment with every proposal, void pixels excluded.
 
     Args:
@@ -36,7 +38,9 @@ def proposal_ious(segment_index: torch.Tensor, num_segments: int, masks: torch.T
     """
     valid = segment_index != VOID
     pred = masks[:, valid].float()  # (Q, P)
-    gt = torch.nn.functional.one_hot(segment_index[valid], num_classes=num_segments).T.float()  # (N, P)
+    gt = torch.nn.functional.one_hot(
+        segment_index[valid], num_classes=num_segments
+    ).T.float()  # (N, P)
     inter = gt @ pred.T
     union = gt.sum(1)[:, None] + pred.sum(1)[None, :] - inter
     return inter / union.clamp(min=1)
@@ -45,15 +49,17 @@ def proposal_ious(segment_index: torch.Tensor, num_segments: int, masks: torch.T
 class ProposalRecallEvaluator(DatasetEvaluator):
     """Class-agnostic average recall of mask proposals.
 
-    For each ground-truth segment (non-crowd panoptic segments, or one per class of a semantic map) the
-    best IoU among the K highest-scoring proposals (binarised at ``mask_threshold``) is recorded; AR@K is
-    the fraction of segments with best IoU >= ``iou_threshold``; ``mBestIoU`` the mean best IoU among
-    the top max(K) proposals. Groups: all, ``seen`` / ``unseen`` (metadata ``unseen_class_ids``, when
-    present), ``things`` / ``stuff``. Void (and crowd) pixels are excluded from the IoU.
+    For each ground-truth segment (non-crowd panoptic segments, or one per class of a semantic map)
+    the best IoU among the K highest-scoring proposals (binarised at ``mask_threshold``) is
+    recorded; AR@K is the fraction of segments with best IoU >= ``iou_threshold``; ``mBestIoU`` the
+    mean best IoU among the top max(K) proposals. Groups: all, ``seen`` / ``unseen`` (metadata
+    ``unseen_class_ids``, when present), ``things`` / ``stuff``. Void (and crowd) pixels are
+    excluded from the IoU.
 
     Model outputs must contain ``proposals`` with ``masks`` (Q, H, W) probabilities at the original
-    image size and ``scores`` (Q,) (``ProposalMaskFormer`` with MODEL.MASK_FORMER.TEST.PROPOSALS_ON).
-    Results are fractions in [0, 1] under the key "proposal_recall".
+    image size and ``scores`` (Q,) (``ProposalMaskFormer`` with
+    MODEL.MASK_FORMER.TEST.PROPOSALS_ON). Results are fractions in [0, 1] under the key
+    "proposal_recall".
     """
 
     def __init__(
@@ -94,7 +100,8 @@ class ProposalRecallEvaluator(DatasetEvaluator):
         self._records = []
 
     def _dataset_dict(self, inp: dict) -> dict:
-        """The input if it carries ground-truth file names, else its dataset dict (by ``file_name``)."""
+        """The input if it carries ground-truth file names, else its dataset dict (by
+        ``file_name``)."""
         if "pan_seg_file_name" in inp or "sem_seg_file_name" in inp:
             return inp
         if self._dicts_by_file is None:
@@ -124,19 +131,25 @@ class ProposalRecallEvaluator(DatasetEvaluator):
             masks = out["proposals"]["masks"]
             if tuple(masks.shape[-2:]) != index.shape:
                 raise ValueError(
-                    f"{d['file_name']}: proposals of size {tuple(masks.shape[-2:])} but ground truth "
-                    f"of size {index.shape}; proposals must be at the original image size"
+                    f"{d['file_name']}: proposals of size {tuple(masks.shape[-2:])} but ground "
+                    f"truth of size {index.shape}; proposals must be at the original image size"
                 )
-            order = torch.argsort(out["proposals"]["scores"].float(), descending=True)[: self.top_ks[-1]]
+            order = torch.argsort(out["proposals"]["scores"].float(), descending=True)[
+                : self.top_ks[-1]
+            ]
             binary = masks[order] >= self.mask_threshold
-            ious = proposal_ious(torch.as_tensor(index, device=masks.device).long(), len(classes), binary)
+            ious = proposal_ious(
+                torch.as_tensor(index, device=masks.device).long(), len(classes), binary
+            )
             best = []
             for k in self.top_ks:
                 sub = ious[:, :k]
                 best.append(sub.max(1).values if sub.shape[1] else ious.new_zeros(len(classes)))
             best = torch.stack(best, 1).cpu().numpy()  # (N, len(top_ks))
-            for c, t, b in zip(classes, isthing, best):
-                self._records.append((int(c), bool(t), *map(float, b)))
+            area = np.bincount(index[index != VOID].ravel(), minlength=len(classes))
+            for c, t, b, a in zip(classes, isthing, best, area):
+                if a > 0:  # a listed segment without pixels is not a target
+                    self._records.append((int(c), bool(t), *map(float, b)))
 
     def _groups(self, records: np.ndarray) -> Dict[str, np.ndarray]:
         cats, things = records[:, 0].astype(int), records[:, 1].astype(bool)
@@ -157,7 +170,9 @@ class ProposalRecallEvaluator(DatasetEvaluator):
                 return {}
             records = list(itertools.chain(*gathered))
         if not records:
-            logger.warning("%s: no ground-truth segments; proposal recall not computed", self.dataset_name)
+            logger.warning(
+                "%s: no ground-truth segments; proposal recall not computed", self.dataset_name
+            )
             return {}
         arr = np.asarray(records, dtype=np.float64)  # (num_gt, 2 + len(top_ks))
         best = arr[:, 2:]

@@ -1,4 +1,4 @@
-"""Mining precision: how many mined pairs name what their mask shows (datasets with ground truth)."""
+"""Mining precision: how many mined pairs name what their mask shows (needs ground truth)."""
 
 from collections import Counter
 from typing import Dict

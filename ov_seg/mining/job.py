@@ -1,13 +1,13 @@
 """Chunked, resumable, shardable jobs: the file mechanics of ``tools/mine_captions.py``.
 
 A job over N items (images) is cut into chunks of ``chunk_size`` consecutive items; chunk k is
-written as one part file ``parts/part-{k:06d}.jsonl`` (one JSON line per item) with an atomic
+written as one part file ``<kind>_parts/part-{k:06d}.jsonl`` (one JSON line per item) with an atomic
 rename, so a killed run leaves only complete parts (and stray ``*.tmp*`` files, ignored and
 removed). A rerun skips the chunks whose part exists. ``--shard i/n`` runs the chunks k with k % n
 == i; the shards may write into one folder (shared file system) or into separate folders joined by
-``merge_parts``. ``job.json`` records what the job computes (kind, parameters, input digest, sizes);
-a folder holding a different job is refused. The final outputs are a deterministic function of the
-parts, so a resumed or sharded job ends byte-identical to an uninterrupted one.
+``merge_parts``. ``<kind>_job.json`` records what the job computes (kind, parameters, input digest,
+sizes); a folder holding a different job is refused. The final outputs are a deterministic function
+of the parts, so a resumed or sharded job ends byte-identical to an uninterrupted one.
 """
 
 import hashlib
@@ -26,10 +26,19 @@ __all__ = [
     "atomic_write_json",
     "digest",
     "merge_parts",
+    "job_file",
+    "parts_dir",
 ]
 
-JOB_FILE = "job.json"
-PARTS_DIR = "parts"
+
+def job_file(folder, kind: str) -> Path:
+    """``<folder>/<kind>_job.json``: the record of a job (stages 1 and 2 can share a folder)."""
+    return Path(folder) / f"{kind}_job.json"
+
+
+def parts_dir(folder, kind: str) -> Path:
+    """``<folder>/<kind>_parts``: the part files of a job."""
+    return Path(folder) / f"{kind}_parts"
 
 
 class JobMismatchError(RuntimeError):
@@ -100,7 +109,7 @@ class ChunkedJob:
 
     Args:
         output_dir: the folder (created).
-        spec: the job; must equal the ``job.json`` already in the folder, if any.
+        spec: the job; must equal the ``<kind>_job.json`` already in the folder, if any.
         shard: (i, n): this process runs the chunks k with k % n == i.
         overwrite: replace a folder holding another job (its parts are deleted).
 
@@ -114,13 +123,13 @@ class ChunkedJob:
         if spec.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {spec.chunk_size}")
         self.output_dir = Path(output_dir)
-        self.parts_dir = self.output_dir / PARTS_DIR
+        self.parts_dir = parts_dir(self.output_dir, spec.kind)
         self.spec = spec
         self.shard = shard
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        job_file = self.output_dir / JOB_FILE
-        if job_file.is_file():
-            old = json.loads(job_file.read_text())
+        record = job_file(self.output_dir, spec.kind)
+        if record.is_file():
+            old = json.loads(record.read_text())
             if old != spec.to_dict():
                 if not overwrite:
                     changed = _differences(old, spec.to_dict())
@@ -132,8 +141,8 @@ class ChunkedJob:
                     p.unlink()
         for stale in self.parts_dir.glob("*.tmp*"):
             stale.unlink()
-        if not job_file.is_file() or json.loads(job_file.read_text()) != spec.to_dict():
-            atomic_write_json(job_file, spec.to_dict(), indent=1)
+        if not record.is_file() or json.loads(record.read_text()) != spec.to_dict():
+            atomic_write_json(record, spec.to_dict(), indent=1)
 
     # ----------------------------------------------------------------------------------------------
     def part_path(self, k: int) -> Path:
@@ -181,18 +190,21 @@ def _differences(a: dict, b: dict, prefix: str = "") -> List[str]:
     return out
 
 
-def _read_spec(folder: Path) -> dict:
-    path = folder / JOB_FILE
+def _read_spec(folder: Path, kind: str) -> dict:
+    path = job_file(folder, kind)
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a mining job folder (no {JOB_FILE})")
+        raise FileNotFoundError(f"{folder} holds no {kind!r} mining job (no {path.name})")
     return json.loads(path.read_text())
 
 
-def merge_parts(folders: Sequence, with_folder: bool = False) -> Tuple[JobSpec, Iterator]:
+def merge_parts(
+    folders: Sequence, kind: str, with_folder: bool = False
+) -> Tuple[JobSpec, Iterator]:
     """The records of a job whose chunks lie in one or several folders (the shards' outputs).
 
     Args:
         folders: job folders of one job (a chunk present in several is read from the first).
+        kind: the job kind ("nouns" / "pairs").
         with_folder: yield (folder of the part, record) instead of records.
 
     Returns:
@@ -206,7 +218,7 @@ def merge_parts(folders: Sequence, with_folder: bool = False) -> Tuple[JobSpec, 
     folders = [Path(f) for f in folders]
     if not folders:
         raise ValueError("merge needs at least one job folder")
-    specs = [_read_spec(f) for f in folders]
+    specs = [_read_spec(f, kind) for f in folders]
     for f, s in zip(folders[1:], specs[1:]):
         if s != specs[0]:
             raise JobMismatchError(
@@ -216,7 +228,7 @@ def merge_parts(folders: Sequence, with_folder: bool = False) -> Tuple[JobSpec, 
     where: Dict[int, Path] = {}
     for f in folders:
         for k in range(spec.num_chunks):
-            p = f / PARTS_DIR / f"part-{k:06d}.jsonl"
+            p = parts_dir(f, kind) / f"part-{k:06d}.jsonl"
             if k not in where and p.is_file():
                 where[k] = p
     missing = [k for k in range(spec.num_chunks) if k not in where]

@@ -6,8 +6,8 @@ attribute ruler, lemmatizer and NER are not run (they cost more than the parser 
 Universal POS tags are set from the tagger's fine tags with the model's own tag map (read from its
 attribute ruler) so that ``doc.noun_chunks`` works; the head lemma comes from the model's rule
 lemmatizer, called on plural heads only and cached. Chunker "tagger" skips the parser and chunks
-runs of ``JJ* NN+`` tags (about 2x faster, slightly
-different chunks: see ``tools/benchmark_mining.py``).
+runs of ``JJ* NN+`` tags (about 2x faster, slightly different chunks: see
+``tools/benchmark_mining.py``).
 
 Output is deterministic (a pure function of the text, the spaCy model and the settings); phrases are
 lower-case, unique per caption, in order of appearance. spaCy and NLTK are imported lazily.
@@ -37,7 +37,8 @@ __all__ = [
 # collectives.
 DEFAULT_STOPLIST: FrozenSet[str] = frozenset("""
     front side top bottom back middle center centre edge corner left right end part half area
-    distance    picture image photo photograph view shot closeup close-up scene background foreground camera
+    distance picture image photo photograph view shot closeup close-up scene background foreground
+    camera
     lot kind type sort variety number amount group couple pair bunch set row series
     way time day thing something someone somebody anything nothing everything one other others air
     """.split())
@@ -133,8 +134,7 @@ class WordNetFilter:
     def __call__(self, phrase: str, head: str) -> bool:
         """Whether to keep ``phrase`` (e.g. "traffic light") whose head lemma is ``head`` ("light"):
         a physical sense of the phrase or of its head suffices (WordNet files "traffic_light" under
-        signals).
-        """
+        signals)."""
         return bool(phrase != head and self._is_physical(phrase)) or bool(self._is_physical(head))
 
 
@@ -174,7 +174,17 @@ def _parser_chunks(doc) -> List[_Chunk]:
             and (t.pos_ == "ADJ" or t.dep_ == "amod")
             and t.pos_ not in ("DET", "NUM", "PRON", "PUNCT")
         ]
-        out.append(_Chunk(root.i, start, adjectives))
+        out.append(_Chunk(root.i, start, _with_conjunctions(doc, adjectives)))
+    return out
+
+
+def _with_conjunctions(doc, adjectives: List[int]) -> List[int]:
+    """Add the conjunctions between two kept adjectives ("black and white")."""
+    out: List[int] = []
+    for i in adjectives:
+        if out and i > out[-1] + 1 and all(doc[j].pos_ == "CCONJ" for j in range(out[-1] + 1, i)):
+            out.extend(range(out[-1] + 1, i))
+        out.append(i)
     return out
 
 
@@ -203,7 +213,10 @@ def _tagger_chunks(doc) -> List[_Chunk]:
             else:
                 break
         adj = start
-        while adj > 0 and doc[adj - 1].tag_ in _ADJ_TAGS:
+        while adj > 0 and (
+            doc[adj - 1].tag_ in _ADJ_TAGS
+            or (doc[adj - 1].tag_ == "CC" and adj > 1 and doc[adj - 2].tag_ in _ADJ_TAGS)
+        ):
             adj -= 1
         out.append(_Chunk(i, start, list(range(adj, start))))
         i += 1
@@ -294,9 +307,10 @@ class NounExtractor:
 
     .. code-block:: python
 
-        ex = NounExtractor(mode="noun") ex.extract(["Two dogs play near a fire hydrant on the left
-        ."])  # [["dog", "fire hydrant"]] NounExtractor(mode="chunk").extract(["a red circle and a
-        young boy"])  # [["red circle", "young boy"]]
+        ex = NounExtractor(mode="noun")
+        ex.extract(["Two dogs wait at a traffic light on the left ."])  # [["dog", "traffic light"]]
+        NounExtractor(mode="chunk").extract(["a red circle and a young boy"])
+        # [["red circle", "young boy"]]
 
     Args:
         model_name: spaCy package to load ("en_core_web_sm", or the PyPI package
@@ -402,7 +416,7 @@ class NounExtractor:
             return f"{name}=={self.nlp.meta.get('version', '')}"
 
     def cache_key(self) -> str:
-        """A short hash of everything that determines the output (settings + spaCy model version)."""
+        """A short hash of what determines the output (settings + spaCy model version)."""
         payload = json.dumps([self.settings.output_dict(), self.model_version()], sort_keys=True)
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 

@@ -4,10 +4,11 @@ Outputs in the job folder:
 
 - ``nouns.jsonl``: one line per image, in input order: ``{"image_id", "file_name", ["height",
   "width"], "captions": [...], "nouns": [[...] per caption]}``;
-- ``vocab.json``: ``{"num_images", "num_captions", "num_unique", "nouns_per_caption", "counts":
-  {noun: captions mentioning it}}`` (counts sorted by decreasing count, then alphabetically);
-- ``summary.json``: the above numbers plus the skipped input lines, elapsed time and throughput (the
-  only output that changes from run to run).
+- ``nouns_vocab.json``: ``{"num_images", "num_captions", "num_unique", "nouns_per_caption",
+  "counts": {noun: captions mentioning it}}`` (counts sorted by decreasing count, then
+  alphabetically);
+- ``nouns_summary.json``: the above numbers plus the skipped input lines, elapsed time and
+  throughput (the only output that changes from run to run).
 """
 
 import logging
@@ -58,7 +59,7 @@ def run_nouns_job(
         max_chunks: stop after this many chunks (a time-boxed run; rerun to continue).
 
     Returns:
-        the summary (also written to ``summary.json`` when the job is complete).
+        the summary (also written to ``nouns_summary.json`` when the job is complete).
     """
     start = time.perf_counter()
     spec = nouns_job_spec(captions, extractor, chunk_size)
@@ -104,20 +105,20 @@ def run_nouns_job(
         elapsed_s=round(elapsed, 2), captions_per_s=round(done_captions / max(elapsed, 1e-9), 1)
     )
     if summary["complete"]:
-        atomic_write_json(Path(output_dir) / "summary.json", summary, indent=1)
+        atomic_write_json(Path(output_dir) / "nouns_summary.json", summary, indent=1)
     return summary
 
 
 def finalize_nouns(folders: Sequence, output_dir, problems: Sequence[str] = ()) -> dict:
     """Join the parts of ``folders`` (one job, possibly sharded) into ``nouns.jsonl`` and
-    ``vocab.json`` under ``output_dir``.
+    ``nouns_vocab.json`` under ``output_dir``.
 
     Returns:
-        the vocabulary statistics (``vocab.json`` without the counts).
+        the vocabulary statistics (``nouns_vocab.json`` without the counts).
     """
     import json
 
-    spec, records = merge_parts(folders)
+    spec, records = merge_parts(folders, "nouns")
     lines: List[str] = []
     per_caption: List[List[str]] = []
     num_captions = 0
@@ -135,8 +136,8 @@ def finalize_nouns(folders: Sequence, output_dir, problems: Sequence[str] = ()) 
     out = Path(output_dir)
     atomic_write_text(out / "nouns.jsonl", "".join(lines))
     atomic_write_json(
-        out / "vocab.json", {**stats, "params": spec.params, "counts": counts}, indent=1
+        out / "nouns_vocab.json", {**stats, "params": spec.params, "counts": counts}, indent=1
     )
     if problems:
-        atomic_write_text(out / "problems.txt", "".join(p + "\n" for p in problems))
+        atomic_write_text(out / "nouns_problems.txt", "".join(p + "\n" for p in problems))
     return {**stats, "skipped_lines": len(problems)}

@@ -10,10 +10,11 @@ score). Outputs in the job folder:
   category_id, category, score, segmentation (COCO RLE, counts as str), area, bbox, proposal;
   ``proposal_category`` with ground-truth proposals), ``categories`` (id, name, count; names
   sorted), ``info`` (job parameters);
-- ``vocab.json``: pair counts per noun, ``classes`` (the sorted names: the dataset's vocabulary);
+- ``pairs_vocab.json``: pair counts per noun, ``classes`` (the sorted names: the dataset's
+  vocabulary);
 - ``crops/`` + ``crops.tsv`` with ``--crops``: lossless PNG masked crops (background = the CLIP
   pixel mean) and an OpenCLIP-style table (``filepath<TAB>title``, title = the noun);
-- ``summary.json``: images, pairs, unique nouns, nouns per image, elapsed, images/s.
+- ``pairs_summary.json``: images, pairs, unique nouns, nouns per image, elapsed, images/s.
 """
 
 import hashlib
@@ -171,7 +172,7 @@ class ModelProposals:
 
 
 class NounEmbeddings:
-    """Prompt-ensembled text embeddings of nouns, cached per noun (a ``TextClassifier`` underneath)."""
+    """Prompt-ensembled text embeddings of nouns, cached per noun (through a ``TextClassifier``)."""
 
     def __init__(self, text_classifier):
         self.text_classifier = text_classifier
@@ -318,7 +319,7 @@ def run_pairs_job(
         crop_classifier: ``MaskedCropClassifier`` (eval mode).
         output_dir: job folder.
         params: what else determines the output (proposal source, CLIP weights, ...): part of
-        ``job.json``.
+        ``pairs_job.json``.
         captions_per_image: nouns of the first this many captions (OVSeg: 1; 0 = all).
         min_score: minimum cosine score of a kept pair.
         one_to_one: no two nouns of an image share a proposal.
@@ -327,7 +328,7 @@ def run_pairs_job(
         chunk_size, shard, overwrite, progress, max_chunks: see ``run_nouns_job``.
 
     Returns:
-        the summary (written to ``summary.json`` when the job is complete).
+        the summary (written to ``pairs_summary.json`` when the job is complete).
     """
     from ov_seg.modeling.clip import CLIP_PIXEL_MEAN
 
@@ -395,13 +396,13 @@ def run_pairs_job(
         elapsed_s=round(elapsed, 2), images_per_s=round(n_images / max(elapsed, 1e-9), 2)
     )
     if summary["complete"]:
-        atomic_write_json(Path(output_dir) / "summary.json", summary, indent=1)
+        atomic_write_json(Path(output_dir) / "pairs_summary.json", summary, indent=1)
     return summary
 
 
 def finalize_pairs(folders: Sequence, output_dir) -> dict:
-    """Join the parts of ``folders`` (one job, possibly sharded) into ``pairs.json``, ``vocab.json``
-    and (with crops) ``crops.tsv`` under ``output_dir``.
+    """Join the parts of ``folders`` (one job, possibly sharded) into ``pairs.json``,
+    ``pairs_vocab.json`` and (with crops) ``crops.tsv`` under ``output_dir``.
 
     Returns:
         statistics: images, images with pairs, pairs, unique nouns, nouns per image, pairs per
@@ -409,7 +410,7 @@ def finalize_pairs(folders: Sequence, output_dir) -> dict:
     """
     from collections import Counter
 
-    spec, records = merge_parts(folders, with_folder=True)
+    spec, records = merge_parts(folders, "pairs", with_folder=True)
     out = Path(output_dir)
     images, anns, tsv = [], [], []
     counts: Counter = Counter()
@@ -456,7 +457,7 @@ def finalize_pairs(folders: Sequence, output_dir) -> dict:
     atomic_write_json(out / "pairs.json", coco)
     vocab_counts = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     atomic_write_json(
-        out / "vocab.json", {**stats, "classes": classes, "counts": vocab_counts}, indent=1
+        out / "pairs_vocab.json", {**stats, "classes": classes, "counts": vocab_counts}, indent=1
     )
     if tsv:
         atomic_write_text(out / "crops.tsv", "filepath\ttitle\n" + "".join(tsv))

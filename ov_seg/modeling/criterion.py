@@ -1,4 +1,4 @@
-"""MaskFormer set criterion: classification + sigmoid focal + dice losses on Hungarian-matched masks."""
+"""MaskFormer set criterion: classification, sigmoid focal and dice losses on matched masks."""
 
 from typing import Dict, List, Tuple
 
@@ -18,14 +18,19 @@ __all__ = ["SetCriterion", "sigmoid_focal_loss", "dice_loss"]
 
 
 def sigmoid_focal_loss(
-    logits: torch.Tensor, targets: torch.Tensor, num_masks: float, alpha: float = 0.25, gamma: float = 2.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    num_masks: float,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
 ) -> torch.Tensor:
     """Sigmoid focal loss averaged over the pixels of each mask, summed over masks, / ``num_masks``.
 
     Args:
         logits: (M, P) mask logits. targets: (M, P) targets in [0, 1].
         num_masks: normaliser (number of ground-truth masks in the batch, averaged across workers).
-        alpha: weight of positive pixels (negatives get 1 - alpha); < 0 disables it. gamma: focusing.
+        alpha: weight of positive pixels (negatives get 1 - alpha); < 0 disables it.
+        gamma: focusing exponent.
     """
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -64,18 +69,18 @@ def _uncertainty(logits: torch.Tensor) -> torch.Tensor:
 
 
 class SetCriterion(nn.Module):
-    """Losses of a mask-classification model (MaskFormer): match each decoder layer's predictions to the
-    targets (``HungarianMatcher``), then
+    """Losses of a mask-classification model (MaskFormer): match each decoder layer's predictions to
+    the targets (``HungarianMatcher``), then
 
-    - ``loss_ce``: cross-entropy over K classes + no object (unmatched queries → no object, whose class
-      weight is ``no_object_weight``), weighted mean over queries;
+    - ``loss_ce``: cross-entropy over K classes + no object (unmatched queries → no object, whose
+      class weight is ``no_object_weight``), weighted mean over queries;
     - ``loss_mask``: sigmoid focal loss of the matched masks; ``loss_dice``: dice loss;
 
-    mask losses normalised by the number of target masks in the batch (averaged across workers, >= 1).
-    Deep supervision: the same losses on every auxiliary (non-final) layer, named with a ``_{layer}``
-    suffix. Mask losses are dense (predictions upsampled to the target size, or targets resized to the
-    prediction size) or, with ``num_points`` > 0, computed at ``num_points`` points per mask chosen by
-    uncertainty (PointRend), which bounds memory.
+    mask losses normalised by the number of target masks in the batch (averaged across workers,
+    at least 1). Deep supervision: the same losses on every auxiliary (non-final) layer, named with
+    a ``_{layer}`` suffix. Mask losses are dense (predictions upsampled to the target size, or
+    targets resized to the prediction size) or, with ``num_points`` > 0, computed at ``num_points``
+    points per mask chosen by uncertainty (PointRend), which bounds memory.
     Returned losses are already multiplied by their weights.
     """
 
@@ -97,14 +102,15 @@ class SetCriterion(nn.Module):
         """
         Args:
             matcher: the Hungarian matcher.
-            class_weight, mask_weight, dice_weight: weights of loss_ce, loss_mask (focal), loss_dice.
+            class_weight, mask_weight, dice_weight: weights of loss_ce, loss_mask (focal),
+                loss_dice.
             no_object_weight: class weight of "no object" in the cross-entropy.
             focal_alpha, focal_gamma: focal loss parameters.
             num_points: points per mask for the mask losses (0 = dense).
             oversample_ratio, importance_sample_ratio: PointRend importance sampling of the points.
             loss_at_target_size: dense losses with the predictions upsampled to the target size
-                (MaskFormer); False: targets resized to the prediction size (area interpolation, soft
-                targets; 16x cheaper at stride 4).
+                (MaskFormer); False: targets resized to the prediction size (area interpolation,
+                soft targets; 16x cheaper at stride 4).
         """
         super().__init__()
         self.matcher = matcher
@@ -129,7 +135,9 @@ class SetCriterion(nn.Module):
     def loss_labels(self, logits: torch.Tensor, targets, indices) -> torch.Tensor:
         """Weighted cross-entropy. logits: (B, Q, K + 1)."""
         num_classes = logits.shape[-1] - 1
-        target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64, device=logits.device)
+        target_classes = torch.full(
+            logits.shape[:2], num_classes, dtype=torch.int64, device=logits.device
+        )
         for b, (t, (pred_idx, tgt_idx)) in enumerate(zip(targets, indices)):
             target_classes[b, pred_idx.to(logits.device)] = t["labels"][tgt_idx.to(logits.device)]
         weight = torch.ones(num_classes + 1, device=logits.device, dtype=logits.dtype)
@@ -163,7 +171,9 @@ class SetCriterion(nn.Module):
             src = point_sample(src[:, None], coords, align_corners=False)[:, 0]
         else:
             if src.shape[-2:] != tgt.shape[-2:]:
-                src = F.interpolate(src[:, None], size=tgt.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                src = F.interpolate(
+                    src[:, None], size=tgt.shape[-2:], mode="bilinear", align_corners=False
+                )[:, 0]
             src, tgt = src.flatten(1), tgt.flatten(1)
         focal = sigmoid_focal_loss(src, tgt, num_masks, self.focal_alpha, self.focal_gamma)
         return focal, dice_loss(src, tgt, num_masks)
@@ -171,27 +181,32 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]):
         """
         Args:
-            outputs: ``pred_logits`` (L, B, Q, K + 1) and ``pred_masks`` (L, B, Q, h, w) for L decoder
-                layers, the last being the final output.
-            targets: per image, ``labels`` (N,) int64 in [0, K) and ``masks`` (N, H, W) (bool or float),
-                all padded to the same (H, W).
+            outputs: ``pred_logits`` (L, B, Q, K + 1) and ``pred_masks`` (L, B, Q, h, w) for L
+                decoder layers, the last being the final output.
+            targets: per image, ``labels`` (N,) int64 in [0, K) and ``masks`` (N, H, W) (bool or
+                float), all padded to the same (H, W).
 
         Returns:
-            weighted losses: ``loss_ce``, ``loss_mask``, ``loss_dice`` for the final layer, and the same
-            with suffix ``_{l}`` for each auxiliary layer l = 0 .. L - 2.
+            weighted losses: ``loss_ce``, ``loss_mask``, ``loss_dice`` for the final layer, and the
+            same with suffix ``_{l}`` for each auxiliary layer l = 0 .. L - 2.
         """
         pred_logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
         if pred_logits.dim() != 4 or pred_masks.dim() != 5:
             raise ValueError(
-                "SetCriterion expects pred_logits (L, B, Q, K+1) and pred_masks (L, B, Q, h, w), got "
+                "SetCriterion expects pred_logits (L, B, Q, K+1) and pred_masks (L, B, Q, h, w), "
+                "got "
                 f"{tuple(pred_logits.shape)} and {tuple(pred_masks.shape)}"
             )
         num_masks = self.num_masks(targets, pred_logits.device)
         num_layers = pred_logits.shape[0]
-        # targets at the prediction size, resized once for all layers (matching; dense losses if asked)
-        small = [{**t, "masks": _resize_masks(t["masks"], pred_masks.shape[-2:])} for t in targets]
-        match_targets = targets if self.num_points > 0 else small
-        loss_targets = targets if self.num_points > 0 or self.loss_at_target_size else small
+        # dense: targets resized to the prediction size once for all layers (for matching, and for
+        # the losses unless they are computed at the target size); points: sampled per layer
+        match_targets = loss_targets = targets
+        if self.num_points == 0:
+            size = pred_masks.shape[-2:]
+            match_targets = [{**t, "masks": _resize_masks(t["masks"], size)} for t in targets]
+            if not self.loss_at_target_size:
+                loss_targets = match_targets
         losses = {}
         for layer in range(num_layers):
             indices = self.matcher(pred_logits[layer], pred_masks[layer], match_targets)

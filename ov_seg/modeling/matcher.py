@@ -1,4 +1,4 @@
-"""Hungarian matching of predicted masks to ground-truth segments (MaskFormer's bipartite matching)."""
+"""Hungarian (bipartite) matching of predicted masks to ground-truth segments, as in MaskFormer."""
 
 from typing import Dict, List, Tuple
 
@@ -32,7 +32,8 @@ def pairwise_sigmoid_focal_cost(
         (Q, N) costs.
     """
     prob = logits.sigmoid()
-    # per-pixel loss when the target is 1 (pos) or 0 (neg); linear in the target, so a matmul does all pairs
+    # per-pixel loss when the target is 1 (pos) or 0 (neg); linear in the target, so a matmul does
+    # all pairs
     pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
     neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
     pos = pos * (1 - prob) ** gamma
@@ -43,7 +44,8 @@ def pairwise_sigmoid_focal_cost(
 
 
 def pairwise_dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dice cost 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1) of every prediction against every target.
+    """Dice cost 1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1) of every prediction against every
+    target.
 
     Args:
         logits: (Q, P) mask logits. targets: (N, P) target masks in [0, 1].
@@ -81,8 +83,8 @@ def assign(cost: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 class HungarianMatcher(nn.Module):
     """One-to-one matching of the Q predictions of each image to its N ground-truth segments.
 
-    cost = cost_class · (−p(class of the target)) + cost_focal · focal + cost_dice · dice, where the mask
-    costs compare the predicted logits with the targets resized to the prediction size (area
+    cost = cost_class · (−p(class of the target)) + cost_focal · focal + cost_dice · dice, where the
+    mask costs compare the predicted logits with the targets resized to the prediction size (area
     interpolation, i.e. soft targets), or at ``num_points`` random points when ``num_points`` > 0.
     """
 
@@ -112,19 +114,28 @@ class HungarianMatcher(nn.Module):
         self.focal_gamma = focal_gamma
 
     def _mask_inputs(self, pred: torch.Tensor, tgt: torch.Tensor):
-        """Predictions (Q, h, w) and targets (N, H, W) → (Q, P), (N, P) at common pixels / points."""
+        """Predictions (Q, h, w) and targets (N, H, W) → (Q, P), (N, P) at common pixels /
+        points."""
         tgt = tgt.to(pred.dtype)
         if self.num_points > 0:
             coords = torch.rand(1, self.num_points, 2, device=pred.device)
-            pred = point_sample(pred[:, None], coords.expand(pred.shape[0], -1, -1), align_corners=False)
-            tgt = point_sample(tgt[:, None], coords.expand(tgt.shape[0], -1, -1), align_corners=False)
+            pred = point_sample(
+                pred[:, None], coords.expand(pred.shape[0], -1, -1), align_corners=False
+            )
+            tgt = point_sample(
+                tgt[:, None], coords.expand(tgt.shape[0], -1, -1), align_corners=False
+            )
             return pred[:, 0], tgt[:, 0]
         if tgt.shape[-2:] != pred.shape[-2:]:
             tgt = F.interpolate(tgt[:, None], size=pred.shape[-2:], mode="area")[:, 0]
         return pred.flatten(1), tgt.flatten(1)
 
     def cost_matrix(
-        self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor
+        self,
+        pred_logits: torch.Tensor,
+        pred_masks: torch.Tensor,
+        labels: torch.Tensor,
+        masks: torch.Tensor,
     ) -> torch.Tensor:
         """
         Args:
@@ -146,7 +157,10 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, targets: List[Dict[str, torch.Tensor]]
+        self,
+        pred_logits: torch.Tensor,
+        pred_masks: torch.Tensor,
+        targets: List[Dict[str, torch.Tensor]],
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:

@@ -17,7 +17,7 @@ __all__ = ["CaptionDatasetMapper", "build_caption_augmentations", "read_rgb_or_b
 
 
 class ResizeShortestEdgeIfNeeded(T.ResizeShortestEdge):
-    """detectron2's ``ResizeShortestEdge`` that skips the (costly, lossless) resize to the same size."""
+    """detectron2's ``ResizeShortestEdge`` without the resize to the same size."""
 
     def get_transform(self, image):
         t = super().get_transform(image)
@@ -25,8 +25,8 @@ class ResizeShortestEdgeIfNeeded(T.ResizeShortestEdge):
 
 
 def read_rgb_or_bgr(file_name: str, image_format: str) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8: OpenCV for "RGB"/"BGR" (about 3x faster than PIL on small PNGs),
-    detectron2's ``read_image`` for other formats or files OpenCV cannot decode."""
+    """Read an image as (H, W, 3) uint8: OpenCV for "RGB"/"BGR" (about 3x faster than PIL on small
+    PNGs), detectron2's ``read_image`` for other formats or files OpenCV cannot decode."""
     if image_format in ("RGB", "BGR"):
         image = cv2.imread(file_name, cv2.IMREAD_COLOR)
         if image is not None:
@@ -35,9 +35,11 @@ def read_rgb_or_bgr(file_name: str, image_format: str) -> np.ndarray:
 
 
 def build_caption_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
-    """Resize (shortest edge), optional random crop, flip: from ``cfg.INPUT`` (detectron2 semantics)."""
+    """Resize (shortest edge), optional random crop, flip, from ``cfg.INPUT`` (detectron2 rules)."""
     if not is_train:
-        return [ResizeShortestEdgeIfNeeded(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
+        return [
+            ResizeShortestEdgeIfNeeded(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+        ]
     augs = [
         ResizeShortestEdgeIfNeeded(
             cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
@@ -57,12 +59,14 @@ def build_caption_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
 
 @DATASET_MAPPER_REGISTRY.register("caption")
 class CaptionDatasetMapper:
-    """Map a caption dataset dict (``file_name``, ``captions``, optional ``hard_negatives``) to a model input.
+    """Map a caption dataset dict (``file_name``, ``captions``, optional ``hard_negatives``) to a
+    model input.
 
-    Output fields: ``image`` (3, H, W) uint8 in ``INPUT.FORMAT`` after augmentation; ``captions`` (list of
-    str, every caption of the image; the model draws one); ``hard_negatives`` (list of str, aligned with
-    ``captions`` when the dataset has one per caption; may be empty); ``height``/``width`` of the original
-    image; ``dataset_name`` and ``vocabulary`` (the dataset's ``stuff_classes``, if any).
+    Output fields: ``image`` (3, H, W) uint8 in ``INPUT.FORMAT`` after augmentation; ``captions``
+    (list of str, every caption of the image; the model draws one); ``hard_negatives`` (list of str,
+    aligned with ``captions`` when the dataset has one per caption; may be empty);
+    ``height``/``width`` of the original image; ``dataset_name`` and ``vocabulary`` (the dataset's
+    ``stuff_classes``, if any).
 
     Raises (on call):
         KeyError: the dict has no ``captions``.
@@ -93,14 +97,17 @@ class CaptionDatasetMapper:
             captions = [captions]
         if not captions:
             raise KeyError(
-                f"{dataset_dict.get('file_name', 'dataset dict')}: the 'caption' mapper needs a non-empty "
-                "'captions' list (a caption dataset such as *_captions_* or register_caption_csv)"
+                f"{dataset_dict.get('file_name', 'dataset dict')}: the 'caption' mapper needs a "
+                "non-empty 'captions' list (a caption dataset such as *_captions_* or "
+                "register_caption_csv)"
             )
         image = read_rgb_or_bgr(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)
         aug_input = T.AugInput(image)
         self.augmentations(aug_input)
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        dataset_dict["image"] = torch.as_tensor(
+            np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
+        )
         dataset_dict["captions"] = list(captions)
         dataset_dict["hard_negatives"] = list(dataset_dict.get("hard_negatives") or [])
         if self.dataset_name:

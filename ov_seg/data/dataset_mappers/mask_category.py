@@ -2,9 +2,11 @@
 
 Pairs come from, in this order of precedence:
 
-- ``pairs``: mined pairs, ``[{"segmentation": COCO RLE or polygons, "category": str}, ...]`` (the format
+- ``pairs``: mined pairs, ``[{"segmentation": COCO RLE or polygons, "category": str}, ...]`` (the
+format
   caption mining writes; the names need not be in any vocabulary);
-- ``pan_seg_file_name`` + ``segments_info``: one pair per ground-truth segment (``GROUPING "instance"``) or
+- ``pan_seg_file_name`` + ``segments_info``: one pair per ground-truth segment (``GROUPING
+"instance"``) or
   per category present (``"semantic"``), named by the dataset's ``stuff_classes``;
 - ``sem_seg_file_name``: one pair per category present.
 """
@@ -37,7 +39,9 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     elif isinstance(segmentation, list):
         rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
     else:
-        raise TypeError(f"segmentation must be a COCO RLE dict or polygons, got {type(segmentation)}")
+        raise TypeError(
+            f"segmentation must be a COCO RLE dict or polygons, got {type(segmentation)}"
+        )
     return mask_util.decode(rle).astype(bool)
 
 
@@ -45,12 +49,13 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
 class MaskCategoryDatasetMapper:
     """Map a dataset dict to an image and its (mask, category) pairs.
 
-    Output fields: ``image`` (3, H, W) uint8 in ``INPUT.FORMAT`` after augmentation; ``masks`` (K, H, W)
-    bool; ``categories`` (K names); ``category_ids`` (K,) int64, the index of each name in ``vocabulary``
-    (-1 for a name outside it); ``vocabulary`` (the dataset's ``stuff_classes``, or ``thing_classes``);
-    ``height``/``width``; ``dataset_name``. Segments smaller than ``min_area`` pixels after augmentation are
-    dropped; in training at most ``max_pairs`` random pairs are kept. Evaluation uses the same pairs (no
-    random subset), which makes it a masked-crop classification benchmark on ground-truth masks.
+    Output fields: ``image`` (3, H, W) uint8 in ``INPUT.FORMAT`` after augmentation; ``masks`` (K,
+    H, W) bool; ``categories`` (K names); ``category_ids`` (K,) int64, the index of each name in
+    ``vocabulary`` (-1 for a name outside it); ``vocabulary`` (the dataset's ``stuff_classes``, or
+    ``thing_classes``); ``height``/``width``; ``dataset_name``. Segments smaller than ``min_area``
+    pixels after augmentation are dropped; in training at most ``max_pairs`` random pairs are kept.
+    Evaluation uses the same pairs (no random subset), which makes it a masked-crop classification
+    benchmark on ground-truth masks.
     """
 
     @configurable
@@ -67,7 +72,9 @@ class MaskCategoryDatasetMapper:
         dataset_name: str = "",
     ):
         if grouping not in ("instance", "semantic"):
-            raise ValueError(f"INPUT.MASK_CATEGORY.GROUPING must be 'instance' or 'semantic', got {grouping!r}")
+            raise ValueError(
+                f"INPUT.MASK_CATEGORY.GROUPING must be 'instance' or 'semantic', got {grouping!r}"
+            )
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
@@ -77,7 +84,9 @@ class MaskCategoryDatasetMapper:
         self.dataset_name = dataset_name
         meta = MetadataCatalog.get(dataset_name) if dataset_name else None
         self.ignore_label = meta.get("ignore_label", ignore_label) if meta else ignore_label
-        vocab = (meta.get("stuff_classes", None) or meta.get("thing_classes", None)) if meta else None
+        vocab = (
+            (meta.get("stuff_classes", None) or meta.get("thing_classes", None)) if meta else None
+        )
         self.vocabulary = list(vocab or [])
         self._index = {name: i for i, name in enumerate(self.vocabulary)}
 
@@ -95,8 +104,10 @@ class MaskCategoryDatasetMapper:
             "dataset_name": dataset_name,
         }
 
-    def _segment_pairs(self, dataset_dict: dict, image: np.ndarray) -> Tuple[np.ndarray, List[str], object]:
-        """Ground-truth pairs: (image, names, index map) with the index map augmented like the image."""
+    def _segment_pairs(
+        self, dataset_dict: dict, image: np.ndarray
+    ) -> Tuple[np.ndarray, List[str], object]:
+        """Ground-truth pairs: (image, names, masks), the segment map augmented like the image."""
         index, classes = read_segments(dataset_dict, self.ignore_label)
         if self.grouping == "semantic" and "pan_seg_file_name" in dataset_dict:
             merged = sorted(set(classes))
@@ -107,13 +118,13 @@ class MaskCategoryDatasetMapper:
         missing = [c for c in classes if not 0 <= c < len(self.vocabulary)]
         if missing:
             raise KeyError(
-                f"{dataset_dict.get('file_name')}: category ids {missing} have no name in the vocabulary of "
-                f"dataset {self.dataset_name!r} ({len(self.vocabulary)} names)"
+                f"{dataset_dict.get('file_name')}: category ids {missing} have no name in the "
+                f"vocabulary of dataset {self.dataset_name!r} ({len(self.vocabulary)} names)"
             )
         aug_input = T.AugInput(image, sem_seg=index)
         self.augmentations(aug_input)
         index = torch.from_numpy(np.ascontiguousarray(aug_input.sem_seg))
-        masks = (index.unsqueeze(0) == torch.arange(len(classes), dtype=index.dtype).view(-1, 1, 1))
+        masks = index.unsqueeze(0) == torch.arange(len(classes), dtype=index.dtype).view(-1, 1, 1)
         return aug_input.image, [self.vocabulary[c] for c in classes], masks
 
     def _mined_pairs(self, dataset_dict: dict, image: np.ndarray):
@@ -124,7 +135,9 @@ class MaskCategoryDatasetMapper:
         masks = []
         for p in pairs:
             m = decode_segmentation(p["segmentation"], h, w).astype(np.uint8)
-            masks.append(torch.from_numpy(np.ascontiguousarray(transforms.apply_segmentation(m))) > 0)
+            masks.append(
+                torch.from_numpy(np.ascontiguousarray(transforms.apply_segmentation(m))) > 0
+            )
         out_shape = aug_input.image.shape[:2]
         masks = torch.stack(masks) if masks else torch.zeros((0, *out_shape), dtype=torch.bool)
         return aug_input.image, [str(p["category"]) for p in pairs], masks
@@ -153,6 +166,12 @@ class MaskCategoryDatasetMapper:
         dataset_dict["vocabulary"] = self.vocabulary
         if self.dataset_name:
             dataset_dict["dataset_name"] = self.dataset_name
-        for key in ("annotations", "pairs", "segments_info", "pan_seg_file_name", "sem_seg_file_name"):
+        for key in (
+            "annotations",
+            "pairs",
+            "segments_info",
+            "pan_seg_file_name",
+            "sem_seg_file_name",
+        ):
             dataset_dict.pop(key, None)
         return dataset_dict

@@ -29,9 +29,10 @@ def rgb2id(color: np.ndarray) -> np.ndarray:
 def read_segments(dataset_dict: dict, ignore_label: int) -> Tuple[np.ndarray, List[int]]:
     """Segment index map and classes of one image.
 
-    Panoptic annotations (``pan_seg_file_name`` + ``segments_info`` with contiguous ``category_id``): one
-    segment per non-crowd segment; crowd and unlabelled pixels are void. Otherwise a semantic map
-    (``sem_seg_file_name``): one segment per class present, ``ignore_label`` pixels are void.
+    Panoptic annotations (``pan_seg_file_name`` + ``segments_info`` with contiguous
+    ``category_id``): one segment per non-crowd segment; crowd and unlabelled pixels are void.
+    Otherwise a semantic map (``sem_seg_file_name``): one segment per class present,
+    ``ignore_label`` pixels are void.
 
     Returns:
         (index map (H, W) uint8 with segment index or ``VOID``, class of each segment).
@@ -54,7 +55,9 @@ def read_segments(dataset_dict: dict, ignore_label: int) -> Tuple[np.ndarray, Li
             "'pan_seg_file_name' + 'segments_info' or 'sem_seg_file_name'"
         )
     if len(ids) >= VOID:
-        raise ValueError(f"{dataset_dict.get('file_name')}: {len(ids)} segments; at most {VOID - 1} supported")
+        raise ValueError(
+            f"{dataset_dict.get('file_name')}: {len(ids)} segments; at most {VOID - 1} supported"
+        )
     index = np.full(labels.shape, VOID, dtype=np.uint8)
     for j, seg_id in enumerate(ids):
         index[labels == seg_id] = j
@@ -65,11 +68,12 @@ def read_segments(dataset_dict: dict, ignore_label: int) -> Tuple[np.ndarray, Li
 class PanopticDatasetMapper:
     """Map a panoptic (or semantic) dataset dict to a model input with per-segment targets.
 
-    Training output: ``image`` (3, H, W) uint8 in ``INPUT.FORMAT``; ``instances`` with ``gt_classes``
-    (N,) int64 (contiguous category ids) and ``gt_masks`` (``BitMasks`` (N, H, W)) after augmentation
-    (segments cropped away are dropped; an image without segments gives N = 0); ``height``/``width``;
-    ``dataset_name`` and ``vocabulary`` (the dataset's ``stuff_classes``). At test time only the image is
-    read (evaluators read the ground truth themselves); the dataset dict's other fields are kept.
+    Training output: ``image`` (3, H, W) uint8 in ``INPUT.FORMAT``; ``instances`` with
+    ``gt_classes`` (N,) int64 (contiguous category ids) and ``gt_masks`` (``BitMasks`` (N, H, W))
+    after augmentation (segments cropped away are dropped; an image without segments gives N = 0);
+    ``height``/``width``; ``dataset_name`` and ``vocabulary`` (the dataset's ``stuff_classes``). At
+    test time only the image is read (evaluators read the ground truth themselves); the dataset
+    dict's other fields are kept.
 
     Augmentations are the semantic mapper's (resize, crop, flip); the category-area crop constraint
     applies to segments instead of classes.
@@ -91,11 +95,13 @@ class PanopticDatasetMapper:
             is_train: training (read and augment the ground truth) or test (image only).
             augmentations: detectron2 augmentations applied to the image and the segment map.
             image_format: ``INPUT.FORMAT``.
-            ignore_label: label of unlabelled pixels in semantic maps (when the dataset has no metadata).
+            ignore_label: label of unlabelled pixels in semantic maps (when the dataset has no
+                metadata).
             dataset_name: registered dataset name (metadata: ``ignore_label``, ``stuff_classes``).
             train_vocabulary: "all" (the dataset's ``stuff_classes``) or "seen" (training only: the
-                vocabulary is the dataset's ``seen_classes``, labels are re-indexed into it and segments
-                of other classes are dropped), so that an open-vocabulary head never meets unseen names.
+                vocabulary is the dataset's ``seen_classes``, labels are re-indexed into it and
+                segments of other classes are dropped), so that an open-vocabulary head never meets
+                unseen names.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -110,7 +116,9 @@ class PanopticDatasetMapper:
         if is_train and train_vocabulary == "seen":
             seen = list(meta.get("seen_classes", None) or []) if meta else []
             if not seen:
-                raise KeyError(f"dataset {dataset_name!r} has no seen_classes metadata (INPUT.PANOPTIC)")
+                raise KeyError(
+                    f"dataset {dataset_name!r} has no seen_classes metadata (INPUT.PANOPTIC)"
+                )
             self.label_map = {self.vocabulary.index(name): i for i, name in enumerate(seen)}
             self.vocabulary = seen
 
@@ -129,7 +137,9 @@ class PanopticDatasetMapper:
         dataset_dict = copy.deepcopy(dataset_dict)
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
-        index, classes = (None, []) if not self.is_train else read_segments(dataset_dict, self.ignore_label)
+        index, classes = (
+            (None, []) if not self.is_train else read_segments(dataset_dict, self.ignore_label)
+        )
         aug_input = T.AugInput(image, sem_seg=index)
         self.augmentations(aug_input)
         image, index = aug_input.image, aug_input.sem_seg

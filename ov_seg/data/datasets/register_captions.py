@@ -7,7 +7,8 @@ A file with a header row naming an image-path column (OpenCLIP: ``filepath``) an
     images/000001.jpg	a dog running on the beach
 
 Rows with the same image path become one dataset dict with several ``captions`` (the layout of
-``toyworld_captions_*`` and ``coco_2017_captions_*``), usable with ``INPUT.DATASET_MAPPER_NAME caption``.
+``toyworld_captions_*`` and ``coco_2017_captions_*``), usable with ``INPUT.DATASET_MAPPER_NAME
+caption``.
 """
 
 import csv
@@ -42,7 +43,10 @@ def load_caption_csv(
         header = reader.fieldnames or []
         for key in (image_key, caption_key):
             if key not in header:
-                raise KeyError(f"{csv_path}: no column {key!r} in the header {header} (separator {separator!r})")
+                raise KeyError(
+                    f"{csv_path}: no column {key!r} in the header {header} "
+                    f"(separator {separator!r})"
+                )
         for row in reader:
             caption = (row[caption_key] or "").strip()
             if caption:
@@ -62,7 +66,8 @@ def register_caption_csv(
     caption_key: str = "title",
     metadata: Optional[Dict] = None,
 ) -> None:
-    """Register ``name`` as a caption dataset read lazily from ``csv_path`` (``evaluator_type`` "caption").
+    """Register ``name`` as a caption dataset read lazily from ``csv_path`` (``evaluator_type``
+    "caption").
 
     Args:
         name: dataset name for ``DATASETS.TRAIN``.

@@ -7,10 +7,10 @@ Dataset dicts (the ``mask_category`` mapper's ``pairs`` input; images without a 
 
 Builtin names (``MINED_DATASETS``) point at job folders under ``$DETECTRON2_DATASETS``: mine into
 that folder and train ``MaskAdaptedCLIP`` with one config line, e.g. ``DATASETS.TRAIN
-("toyworld_mined_train",)``. Registration reads at most the small ``vocab.json`` of a finished job
-(for the ``stuff_classes`` metadata); loading a job that was not mined raises ``FileNotFoundError``
-naming the command that writes it. Any other job folder: ``register_mined_pairs(name,
-"<folder>/pairs.json")``.
+("toyworld_mined_train",)``. Registration reads at most the small ``pairs_vocab.json`` of a finished
+job (for the ``stuff_classes`` metadata); loading a job that was not mined raises
+``FileNotFoundError`` naming the command that writes it. Any other job folder:
+``register_mined_pairs(name, "<folder>/pairs.json")``.
 """
 
 import json
@@ -112,14 +112,14 @@ def register_mined_pairs(
     name: str, json_file, image_root: Optional[str] = None, hint: str = ""
 ) -> None:
     """Register (or re-register) ``name`` for the pairs in ``json_file``; ``stuff_classes`` = the
-    mined nouns (from the ``vocab.json`` beside it, when the job is finished)."""
+    mined nouns (from the ``pairs_vocab.json`` beside it, when the job is finished)."""
     json_file = Path(json_file)
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, lambda: load_mined_pairs(json_file, image_root, hint))
     meta = {"json_file": str(json_file), "dataset_root": str(json_file.parent)}
-    vocab = json_file.parent / "vocab.json"
+    vocab = json_file.parent / "pairs_vocab.json"
     if vocab.is_file():
         with open(vocab) as f:
             meta["stuff_classes"] = list(json.load(f).get("classes", []))

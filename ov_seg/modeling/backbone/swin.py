@@ -22,17 +22,18 @@ STAGE_NAMES = ("res2", "res3", "res4", "res5")
 class D2SwinTransformer(Backbone):
     """timm ``SwinTransformer`` exposing its stage outputs as detectron2 features.
 
-    Each exposed stage output goes through a LayerNorm over channels (as the Swin segmentation backbones
-    do) and is returned NCHW. inputs whose size is not a multiple of the patch size are zero-padded
-    (right / bottom) and timm pads to the window size, so any input size works; windows are always partitioned and shifted (``always_partition``), as in
-    the original Swin for dense prediction, also for feature maps smaller than the window.
+    Each exposed stage output goes through a LayerNorm over channels (as the Swin segmentation
+    backbones do) and is returned NCHW. inputs whose size is not a multiple of the patch size are
+    zero-padded (right / bottom) and timm pads to the window size, so any input size works; windows
+    are always partitioned and shifted (``always_partition``), as in the original Swin for dense
+    prediction, also for feature maps smaller than the window.
 
     Args:
         timm_name: timm Swin model name, e.g. "swin_base_patch4_window12_384".
         img_size: image size the model is built for (relative position tables, checkpoints).
         out_features: subset of ``("res2", "res3", "res4", "res5")``.
-        model_kwargs: architecture overrides passed to ``timm.create_model`` (``embed_dim``, ``depths``,
-            ``num_heads``, ``window_size``, ``drop_path_rate``).
+        model_kwargs: architecture overrides passed to ``timm.create_model`` (``embed_dim``,
+            ``depths``, ``num_heads``, ``window_size``, ``drop_path_rate``).
         pretrained_file: optional local timm checkpoint (loaded with ``weights_only=True``).
     """
 
@@ -47,7 +48,9 @@ class D2SwinTransformer(Backbone):
         super().__init__()
         unknown = [f for f in out_features if f not in STAGE_NAMES]
         if unknown or not out_features:
-            raise ValueError(f"Swin out_features must be a non-empty subset of {STAGE_NAMES}, got {out_features}")
+            raise ValueError(
+                f"Swin out_features must be a non-empty subset of {STAGE_NAMES}, got {out_features}"
+            )
         self.model = timm.create_model(
             timm_name,
             pretrained=False,
@@ -63,13 +66,21 @@ class D2SwinTransformer(Backbone):
         self._indices = [STAGE_NAMES.index(f) for f in self._out_features]
         self.model.prune_intermediate_layers(self._indices, prune_norm=True, prune_head=True)
         info = self.model.feature_info
-        self._out_feature_strides = {f: int(info[i]["reduction"]) for f, i in zip(out_features, self._indices)}
-        self._out_feature_channels = {f: int(info[i]["num_chs"]) for f, i in zip(out_features, self._indices)}
-        self.norms = nn.ModuleDict({f: nn.LayerNorm(self._out_feature_channels[f]) for f in out_features})
+        self._out_feature_strides = {
+            f: int(info[i]["reduction"]) for f, i in zip(out_features, self._indices)
+        }
+        self._out_feature_channels = {
+            f: int(info[i]["num_chs"]) for f, i in zip(out_features, self._indices)
+        }
+        self.norms = nn.ModuleDict(
+            {f: nn.LayerNorm(self._out_feature_channels[f]) for f in out_features}
+        )
 
     def _load_timm_checkpoint(self, path: str) -> None:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"Swin checkpoint not found: {path} (MODEL.SWIN.PRETRAINED_FILE)")
+            raise FileNotFoundError(
+                f"Swin checkpoint not found: {path} (MODEL.SWIN.PRETRAINED_FILE)"
+            )
         from timm.models.swin_transformer import checkpoint_filter_fn
 
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -79,7 +90,9 @@ class D2SwinTransformer(Backbone):
         result = self.model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith("head")]
         if missing:
-            raise KeyError(f"{path}: checkpoint misses Swin weights {missing[:10]} ({len(missing)})")
+            raise KeyError(
+                f"{path}: checkpoint misses Swin weights {missing[:10]} ({len(missing)})"
+            )
         logger.info("loaded Swin weights from %s (unused: %s)", path, result.unexpected_keys[:10])
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -91,7 +104,9 @@ class D2SwinTransformer(Backbone):
             {name: (B, C_name, ceil(H / stride), ceil(W / stride))} for each out feature.
         """
         if x.dim() != 4:
-            raise ValueError(f"D2SwinTransformer takes (B, C, H, W) inputs, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"D2SwinTransformer takes (B, C, H, W) inputs, got shape {tuple(x.shape)}"
+            )
         patch_h, patch_w = self.model.patch_embed.patch_size
         pad_h, pad_w = (-x.shape[-2]) % patch_h, (-x.shape[-1]) % patch_w
         if pad_h or pad_w:  # timm's patch embedding needs multiples of the patch size
@@ -104,7 +119,9 @@ class D2SwinTransformer(Backbone):
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
-            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
+            f: ShapeSpec(
+                channels=self._out_feature_channels[f], stride=self._out_feature_strides[f]
+            )
             for f in self._out_features
         }
 
@@ -113,8 +130,8 @@ class D2SwinTransformer(Backbone):
         return 32
 
     def freeze(self, freeze_at: int = 0) -> "D2SwinTransformer":
-        """Freeze the patch embedding (``freeze_at`` >= 1) and stages 0 .. ``freeze_at`` - 2, following
-        detectron2's ResNet numbering (stem = 1, res2 = 2, ...).
+        """Freeze the patch embedding (``freeze_at`` >= 1) and stages 0 .. ``freeze_at`` - 2,
+        following detectron2's ResNet numbering (stem = 1, res2 = 2, ...).
 
         Returns:
             self
@@ -132,7 +149,9 @@ def build_swin_backbone(cfg, input_shape: ShapeSpec) -> D2SwinTransformer:
     """``D2SwinTransformer`` from ``cfg.MODEL.SWIN`` (BACKBONE.NAME "build_swin_backbone")."""
     c = cfg.MODEL.SWIN
     if input_shape.channels != 3:
-        raise ValueError(f"Swin takes 3-channel images, got {input_shape.channels} (MODEL.PIXEL_MEAN)")
+        raise ValueError(
+            f"Swin takes 3-channel images, got {input_shape.channels} (MODEL.PIXEL_MEAN)"
+        )
     overrides = {"drop_path_rate": c.DROP_PATH_RATE}
     if c.EMBED_DIM > 0:
         overrides["embed_dim"] = c.EMBED_DIM

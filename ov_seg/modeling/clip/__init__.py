@@ -1,4 +1,5 @@
-"""CLIP core: open_clip models (+ tiny project configs), mask prompt tuning, text classifier, masked crops.
+"""CLIP core: open_clip models (+ tiny project configs), mask prompt tuning, text classifier, masked
+crops.
 
 Everything wraps the ``open_clip`` package; nothing here copies CLIP.
 """
@@ -10,12 +11,17 @@ from .builder import (
     build_clip,
     clip_sizes,
     load_clip_checkpoint,
-    load_mask_prompts,
     load_clip_state_dict,
+    load_mask_prompts,
     save_clip_checkpoint,
 )
 from .crop_classifier import MaskedCropClassifier, jitter_masks
-from .mask_prompt import MaskPromptVisionEncoder, VisionOutput, interpolate_grid_embedding, patch_keep_mask
+from .mask_prompt import (
+    MaskPromptVisionEncoder,
+    VisionOutput,
+    interpolate_grid_embedding,
+    patch_keep_mask,
+)
 from .masked_crops import (
     MaskedCrops,
     mask_boxes,
@@ -24,7 +30,12 @@ from .masked_crops import (
     resize_center_crop,
 )
 from .text_classifier import TEMPLATE_SETS, TextClassifier, resolve_templates
-from .tokenizer import CLIPTokenizer, CompactTokenEmbedding, build_tokenizer, install_compact_vocabulary
+from .tokenizer import (
+    CLIPTokenizer,
+    CompactTokenEmbedding,
+    build_tokenizer,
+    install_compact_vocabulary,
+)
 
 __all__ = [
     "CLIP_PIXEL_MEAN",

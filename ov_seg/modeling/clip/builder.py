@@ -32,10 +32,11 @@ __all__ = [
     "CLIP_PIXEL_STD",
 ]
 
-# The CLIP pixel statistics (OpenAI CLIP's, RGB, 0-255 scale): the one normalisation of every CLIP input
-# in the project, and the fill value of the background of masked crops.
-CLIP_PIXEL_MEAN = tuple(255.0 * m for m in open_clip.OPENAI_DATASET_MEAN)  # (122.77, 116.75, 104.09)
-CLIP_PIXEL_STD = tuple(255.0 * s for s in open_clip.OPENAI_DATASET_STD)  # (68.50, 66.63, 70.32)
+# The CLIP pixel statistics (OpenAI CLIP's, RGB, 0-255 scale): the one normalisation of every CLIP
+# input in the project, and the fill value of the background of masked crops.
+# (122.77, 116.75, 104.09) and (68.50, 66.63, 70.32)
+CLIP_PIXEL_MEAN = tuple(255.0 * m for m in open_clip.OPENAI_DATASET_MEAN)
+CLIP_PIXEL_STD = tuple(255.0 * s for s in open_clip.OPENAI_DATASET_STD)
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,11 @@ def clip_sizes(model: torch.nn.Module) -> CLIPSizes:
     patch = visual.patch_size
     image_size = visual.image_size
     return CLIPSizes(
-        embed_dim=int(model.text_projection.shape[1])
-        if isinstance(model.text_projection, torch.Tensor)
-        else int(model.text_projection.out_features),
+        embed_dim=(
+            int(model.text_projection.shape[1])
+            if isinstance(model.text_projection, torch.Tensor)
+            else int(model.text_projection.out_features)
+        ),
         vision_width=int(visual.conv1.out_channels),
         vision_layers=len(visual.transformer.resblocks),
         patch_size=int(patch[0] if isinstance(patch, (tuple, list)) else patch),
@@ -84,7 +87,7 @@ def _extract_state_dict(obj) -> Dict[str, torch.Tensor]:
     for k, v in obj.items():
         for prefix in ("module.", "clip."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -93,8 +96,8 @@ def load_clip_checkpoint(path: str) -> Dict[str, Any]:
     """Read a local CLIP checkpoint with ``torch.load(weights_only=True)``.
 
     Returns:
-        the raw loaded object (a dict): a state dict, or ``{"state_dict": ..., "mask_prompts": ..., ...}``
-        as ``save_clip_checkpoint`` writes it.
+        the raw loaded object (a dict): a state dict, or ``{"state_dict": ..., "mask_prompts": ...,
+        ...}`` as ``save_clip_checkpoint`` writes it.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -105,8 +108,8 @@ def load_clip_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def load_mask_prompts(pretrained: Optional[str]) -> Optional[torch.Tensor]:
-    """The mask prompts (depth, grid², width) stored in an exported checkpoint, or None (open_clip tags,
-    "" and checkpoints without prompts)."""
+    """The mask prompts (depth, grid², width) stored in an exported checkpoint, or None (open_clip
+    tags, "" and checkpoints without prompts)."""
     if not pretrained or not os.path.isfile(pretrained):
         return None
     obj = load_clip_checkpoint(pretrained)
@@ -120,8 +123,9 @@ def save_clip_checkpoint(
     mask_prompts: Optional[torch.Tensor] = None,
     meta: Optional[Dict[str, Any]] = None,
 ) -> None:
-    """Write ``{"state_dict": <plain open_clip state dict>, "mask_prompts": (depth, grid², width) or absent,
-    "meta": {...}}`` atomically (temporary file + rename). ``build_clip(name, path)`` loads it.
+    """Write ``{"state_dict": <plain open_clip state dict>, "mask_prompts": (depth, grid², width) or
+    absent, "meta": {...}}`` atomically (temporary file + rename). ``build_clip(name, path)`` loads
+    it.
     """
     obj: Dict[str, Any] = {
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -137,8 +141,8 @@ def save_clip_checkpoint(
 
 
 def load_clip_state_dict(model: torch.nn.Module, path: str, strict_shapes: bool = True) -> None:
-    """Load a local checkpoint (raw state dict, ``{"state_dict": ...}`` or ``{"model": ...}``; ``module.``
-    prefixes removed) into ``model`` with ``torch.load(weights_only=True)``.
+    """Load a local checkpoint (raw state dict, ``{"state_dict": ...}`` or ``{"model": ...}``;
+    ``module.`` prefixes removed) into ``model`` with ``torch.load(weights_only=True)``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -155,7 +159,9 @@ def load_clip_state_dict(model: torch.nn.Module, path: str, strict_shapes: bool 
             f"{' ...' if len(missing) > 20 else ''} ({len(missing)}); unexpected keys "
             f"{unexpected[:20]}{' ...' if len(unexpected) > 20 else ''} ({len(unexpected)})"
         )
-    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if v.shape != own[k].shape]
+    bad = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if v.shape != own[k].shape
+    ]
     if bad and strict_shapes:
         raise ValueError(f"checkpoint {path}: shape mismatch (key, checkpoint, model): {bad[:10]}")
     model.load_state_dict(sd, strict=True)
@@ -166,8 +172,8 @@ def build_clip(model_name: str, pretrained: Optional[str] = None, device="cpu") 
 
     Args:
         model_name: any ``open_clip.list_models()`` name (including the project's tiny configs).
-        pretrained: ``None``/"" (random init), an open_clip pretrained tag (e.g. "openai", needs network
-            access or a populated cache) or a local checkpoint file.
+        pretrained: ``None``/"" (random init), an open_clip pretrained tag (e.g. "openai", needs
+            network access or a populated cache) or a local checkpoint file.
 
     Returns:
         the open_clip ``CLIP`` model (eval mode), on ``device``.

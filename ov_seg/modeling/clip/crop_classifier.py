@@ -1,7 +1,8 @@
 """Classify masks of images with CLIP: masked crops of all images -> one CLIP pass -> cosine logits.
 
-``MaskedCropClassifier`` is what the two-stage model, caption mining and the CLIP training models use at
-inference: it joins ``prepare_masked_crops``, the ``MaskPromptVisionEncoder`` and the ``TextClassifier``.
+``MaskedCropClassifier`` is what the two-stage model, caption mining and the CLIP training models
+use at inference: it joins ``prepare_masked_crops``, the ``MaskPromptVisionEncoder`` and the
+``TextClassifier``.
 """
 
 import logging
@@ -55,12 +56,13 @@ class MaskedCropClassifier(nn.Module):
     Args:
         clip_model: the open_clip model.
         prompt_depth: mask prompt depth (0 = none).
-        prompts: initial / trained prompts (depth, grid², width) or None (random init when depth > 0).
+        prompts: initial / trained prompts (depth, grid², width) or None (random init when depth >
+            0).
         templates: prompt template set of the text classifier.
         mask_thr, expand_ratio, square_crop: see ``prepare_masked_crops``.
         logit_scale: fixed scale of the cosine logits (OVSeg: 100).
-        register_clip: register ``clip_model`` as the submodule ``clip`` (default); ``False`` for a parent
-            that owns the CLIP already (then the state dict holds only the prompts).
+        register_clip: register ``clip_model`` as the submodule ``clip`` (default); ``False`` for a
+            parent that owns the CLIP already (then the state dict holds only the prompts).
         batch_size: crops per CLIP forward.
     """
 
@@ -103,9 +105,10 @@ class MaskedCropClassifier(nn.Module):
     def from_config(cls, cfg, clip_model: Optional[nn.Module] = None, train_prompts: bool = False):
         """From ``cfg.MODEL.CLIP``; builds the CLIP when ``clip_model`` is None.
 
-        Prompts come from the checkpoint ``MODEL.CLIP.PRETRAINED`` when it holds some. Without stored
-        prompts, ``train_prompts=True`` initialises them randomly (mask prompt tuning); otherwise the depth
-        falls back to 0, since untrained prompts would only corrupt the crops' embeddings.
+        Prompts come from the checkpoint ``MODEL.CLIP.PRETRAINED`` when it holds some. Without
+        stored prompts, ``train_prompts=True`` initialises them randomly (mask prompt tuning);
+        otherwise the depth falls back to 0, since untrained prompts would only corrupt the crops'
+        embeddings.
         """
         ccfg = cfg.MODEL.CLIP
         if clip_model is None:
@@ -114,7 +117,8 @@ class MaskedCropClassifier(nn.Module):
         depth = ccfg.MASK_PROMPT_DEPTH
         if depth > 0 and prompts is None and not train_prompts:
             logger.warning(
-                "MODEL.CLIP.PRETRAINED %r holds no mask prompts: MASK_PROMPT_DEPTH %d ignored (depth 0)",
+                "MODEL.CLIP.PRETRAINED %r holds no mask prompts: MASK_PROMPT_DEPTH %d ignored "
+                "(depth 0)",
                 ccfg.PRETRAINED,
                 depth,
             )
@@ -156,7 +160,8 @@ class MaskedCropClassifier(nn.Module):
             masks: B tensors (K_i, H_i, W_i), soft or bool.
 
         Returns:
-            crops (N, 3, S, S), crop masks (N, S, S) bool, and B valid flags (K_i,) (N = valid masks).
+            crops (N, 3, S, S), crop masks (N, S, S) bool, and B valid flags (K_i,) (N = valid
+            masks).
         """
         if len(images) != len(masks):
             raise ValueError(f"{len(images)} images but {len(masks)} mask tensors")
@@ -178,7 +183,7 @@ class MaskedCropClassifier(nn.Module):
         )
 
     def encode_crops(self, crops: torch.Tensor, crop_masks: Optional[torch.Tensor]) -> torch.Tensor:
-        """(N, 3, S, S) normalised crops (+ (N, S, S) masks for the prompts) -> (N, D) normalised."""
+        """(N, 3, S, S) normalised crops (+ (N, S, S) masks for prompts) -> (N, D) normalised."""
         if crops.shape[0] == 0:
             return crops.new_zeros((0, self.encoder.embed_dim))
         out = []
@@ -203,8 +208,8 @@ class MaskedCropClassifier(nn.Module):
         """CLIP logits of each mask against ``vocabulary``.
 
         Returns:
-            B logits (K_i, C) = logit_scale * cos(crop, class name) (rows of empty masks are 0, i.e. a
-            uniform softmax), and the B valid flags (K_i,).
+            B logits (K_i, C) = logit_scale * cos(crop, class name) (rows of empty masks are 0, i.e.
+            a uniform softmax), and the B valid flags (K_i,).
         """
         emb, valid = self.embed(images, masks)
         text = self.text_classifier(vocabulary).to(emb.dtype)
@@ -223,8 +228,8 @@ class MaskedCropClassifier(nn.Module):
         """Eval-mode outputs of the CLIP training models on ``mask_category`` mapper inputs.
 
         Args:
-            batched_inputs: dicts with ``image`` (3, H, W) uint8, ``masks`` (K, H, W), ``vocabulary``
-                (C names) and ``category_ids`` (K,).
+            batched_inputs: dicts with ``image`` (3, H, W) uint8, ``masks`` (K, H, W),
+                ``vocabulary`` (C names) and ``category_ids`` (K,).
 
         Returns:
             per input ``{"mask_cls": {"logits": (K, C), "labels": (K,), "valid": (K,)}}`` (for the
@@ -236,13 +241,15 @@ class MaskedCropClassifier(nn.Module):
             for key in ("image", "masks", "vocabulary"):
                 if key not in x:
                     raise KeyError(
-                        f"eval input {i} has no {key!r}: evaluate CLIP models on a segmentation dataset "
-                        "with INPUT.TEST_DATASET_MAPPER_NAME mask_category"
+                        f"eval input {i} has no {key!r}: evaluate CLIP models on a segmentation "
+                        "dataset with INPUT.TEST_DATASET_MAPPER_NAME mask_category"
                     )
             groups.setdefault(tuple(x["vocabulary"]), []).append(i)
         for vocabulary, idx in groups.items():
             logits, valid = self(
-                [batched_inputs[i]["image"] for i in idx], [batched_inputs[i]["masks"] for i in idx], vocabulary
+                [batched_inputs[i]["image"] for i in idx],
+                [batched_inputs[i]["masks"] for i in idx],
+                vocabulary,
             )
             for i, lo, v in zip(idx, logits, valid):
                 labels = batched_inputs[i].get("category_ids")
@@ -250,4 +257,3 @@ class MaskedCropClassifier(nn.Module):
                     labels = torch.full((lo.shape[0],), -1, dtype=torch.long)
                 out[i]["mask_cls"] = {"logits": lo, "labels": labels, "valid": v}
         return out
-

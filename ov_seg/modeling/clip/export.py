@@ -1,7 +1,8 @@
 """Export the CLIP of a trained ``CLIPPretrain`` / ``MaskAdaptedCLIP`` as a standalone checkpoint.
 
-``<OUTPUT_DIR>/clip_export.pth`` holds ``{"state_dict": <plain open_clip state dict>, "mask_prompts": ...}``;
-the other models load it with ``MODEL.CLIP.PRETRAINED <path>`` (``build_clip`` + ``load_mask_prompts``).
+``<OUTPUT_DIR>/clip_export.pth`` holds ``{"state_dict": <plain open_clip state dict>,
+"mask_prompts": ...}``; the other models load it with ``MODEL.CLIP.PRETRAINED <path>``
+(``build_clip`` + ``load_mask_prompts``).
 """
 
 import logging
@@ -27,7 +28,9 @@ def export_clip(model, path: str) -> str:
     if isinstance(model, DistributedDataParallel):
         model = model.module
     if not hasattr(model, "export_clip"):
-        raise TypeError(f"{type(model).__name__} has no export_clip(); use CLIPPretrain or MaskAdaptedCLIP")
+        raise TypeError(
+            f"{type(model).__name__} has no export_clip(); use CLIPPretrain or MaskAdaptedCLIP"
+        )
     model.export_clip(path)
     logger.info("CLIP exported to %s", path)
     return path

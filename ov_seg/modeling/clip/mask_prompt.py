@@ -1,10 +1,10 @@
 """OVSeg's mask prompt tuning around open_clip's ``VisionTransformer`` (its own layers, no copy).
 
-For a masked crop, the patches that lie entirely outside the mask carry no information (they are the pixel
-mean); mask prompt tuning replaces their tokens with learnable prompts: at the input (patch embeddings,
-before the class token and positional embedding are added) and after transformer blocks 1 .. depth-1. The
-class token is never replaced. With depth 0, no mask, or a mask with no fully-masked patch, the encoder is
-exactly open_clip's.
+For a masked crop, the patches that lie entirely outside the mask carry no information (they are the
+pixel mean); mask prompt tuning replaces their tokens with learnable prompts: at the input (patch
+embeddings, before the class token and positional embedding are added) and after transformer blocks
+1 .. depth-1. The class token is never replaced. With depth 0, no mask, or a mask with no
+fully-masked patch, the encoder is exactly open_clip's.
 """
 
 from typing import NamedTuple, Optional, Tuple
@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["MaskPromptVisionEncoder", "VisionOutput", "patch_keep_mask", "interpolate_grid_embedding"]
+__all__ = [
+    "MaskPromptVisionEncoder",
+    "VisionOutput",
+    "patch_keep_mask",
+    "interpolate_grid_embedding",
+]
 
 
 class VisionOutput(NamedTuple):
@@ -25,7 +30,9 @@ class VisionOutput(NamedTuple):
     grid: Tuple[int, int]  # (h, w) patch grid of the input
 
 
-def patch_keep_mask(masks: torch.Tensor, patch_size: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+def patch_keep_mask(
+    masks: torch.Tensor, patch_size: Tuple[int, int], grid: Tuple[int, int]
+) -> torch.Tensor:
     """Which patches keep their token: those with at least one foreground pixel.
 
     Args:
@@ -34,7 +41,8 @@ def patch_keep_mask(masks: torch.Tensor, patch_size: Tuple[int, int], grid: Tupl
         grid: (h, w) patches of the input (pixels beyond h*p_h / w*p_w are ignored, as conv1 does).
 
     Returns:
-        (B, h*w) bool, False where every pixel of the patch is background (the token gets the prompt).
+        (B, h*w) bool, False where every pixel of the patch is background (the token gets the
+        prompt).
     """
     fg = masks if masks.dtype == torch.bool else masks >= 0.5
     (ph, pw), (gh, gw) = patch_size, grid
@@ -69,18 +77,18 @@ class MaskPromptVisionEncoder(nn.Module):
     """open_clip ``VisionTransformer`` with mask prompts, patch-token outputs and any input size.
 
     Args:
-        visual: the open_clip ``VisionTransformer`` (``clip.visual``); its modules are reused (shared, not
-            copied): training its weights trains the CLIP's.
+        visual: the open_clip ``VisionTransformer`` (``clip.visual``); its modules are reused
+            (shared, not copied): training its weights trains the CLIP's.
         depth: number of prompt depths (0 = plain encoder, no prompt parameters).
         prompts: optional initial prompts (depth, grid², width) (e.g. from an exported checkpoint);
             default N(0, 0.02²).
         register_visual: register ``visual`` as the submodule ``visual`` (default). ``False`` only
-            references it: the encoder's state dict then holds just the prompts, for a parent that already
-            owns the CLIP (``.to()`` still moves the referenced tower).
+            references it: the encoder's state dict then holds just the prompts, for a parent that
+            already owns the CLIP (``.to()`` still moves the referenced tower).
 
-    Inputs of a size different from the model's native size use a bicubically interpolated positional
-    embedding (and prompts); their side must be a multiple of the patch size to use every pixel.
-    Patch dropout (if the model has any) is not applied.
+    Inputs of a size different from the model's native size use a bicubically interpolated
+    positional embedding (and prompts); their side must be a multiple of the patch size to use every
+    pixel. Patch dropout (if the model has any) is not applied.
     """
 
     def __init__(
@@ -92,7 +100,9 @@ class MaskPromptVisionEncoder(nn.Module):
     ):
         super().__init__()
         if not isinstance(visual, VisionTransformer):
-            raise TypeError(f"mask prompts need an open_clip VisionTransformer, got {type(visual).__name__}")
+            raise TypeError(
+                f"mask prompts need an open_clip VisionTransformer, got {type(visual).__name__}"
+            )
         if visual.attn_pool is not None:
             raise TypeError("mask prompts do not support attentional-pooling vision towers")
         layers = len(visual.transformer.resblocks)
@@ -158,12 +168,15 @@ class MaskPromptVisionEncoder(nn.Module):
         visual = self.visual
         grid = self.grid_for(images.shape[-2:])
         if min(grid) < 1:
-            raise ValueError(f"input {tuple(images.shape[-2:])} is smaller than a patch {self.patch_size}")
+            raise ValueError(
+                f"input {tuple(images.shape[-2:])} is smaller than a patch {self.patch_size}"
+            )
         replace = None
         if masks is not None and self.depth > 0:
             if masks.shape[0] != images.shape[0] or masks.shape[-2:] != images.shape[-2:]:
                 raise ValueError(
-                    f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)} (B, H, W)"
+                    f"masks {tuple(masks.shape)} do not match images {tuple(images.shape)} "
+                    "(B, H, W)"
                 )
             replace = ~patch_keep_mask(masks, self.patch_size, grid)  # (B, N)
             if not bool(replace.any()):
@@ -199,4 +212,3 @@ class MaskPromptVisionEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, native_grid={self.native_grid}"
-

@@ -1,9 +1,10 @@
 """Masked crops for CLIP: K masks of one image -> K CLIP inputs in one vectorised pass.
 
-Per mask: binarise at ``mask_thr``; empty masks are dropped (``valid`` flag); the box of the mask (expanded by
-``expand_ratio`` around its centre, clipped to the image; or a square box, not clipped) is resampled to S x S
-with one ``torchvision.ops.roi_align`` call for the image (shared by all boxes) and one for the masks; pixels
-whose resampled mask is < 0.5 get the CLIP pixel mean (0 after normalisation). No Python loop over masks.
+Per mask: binarise at ``mask_thr``; empty masks are dropped (``valid`` flag); the box of the mask
+(expanded by ``expand_ratio`` around its centre, clipped to the image; or a square box, not clipped)
+is resampled to S x S with one ``torchvision.ops.roi_align`` call for the image (shared by all
+boxes) and one for the masks; pixels whose resampled mask is < 0.5 get the CLIP pixel mean (0 after
+normalisation). No Python loop over masks.
 """
 
 from typing import NamedTuple, Sequence, Tuple, Union
@@ -13,7 +14,13 @@ from torchvision.ops import roi_align
 
 from .builder import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 
-__all__ = ["MaskedCrops", "prepare_masked_crops", "mask_boxes", "normalize_clip", "resize_center_crop"]
+__all__ = [
+    "MaskedCrops",
+    "prepare_masked_crops",
+    "mask_boxes",
+    "normalize_clip",
+    "resize_center_crop",
+]
 
 
 class MaskedCrops(NamedTuple):
@@ -33,9 +40,9 @@ def normalize_clip(images: torch.Tensor) -> torch.Tensor:
 
 
 def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) image -> (3, size, size): shortest side resized to ``size`` (bilinear, antialiased), then
-    the centre square (CLIP's preprocessing). Returned as float; unchanged values when already square at
-    ``size``."""
+    """(3, H, W) image -> (3, size, size): shortest side resized to ``size`` (bilinear,
+    antialiased), then the centre square (CLIP's preprocessing). Returned as float; unchanged values
+    when already square at ``size``."""
     image = image.float()
     h, w = image.shape[-2:]
     if (h, w) == (size, size):
@@ -113,8 +120,9 @@ def prepare_masked_crops(
         mask_thr: binarisation threshold (OVSeg MASK_THR: 0.4).
         expand_ratio: box side multiplier around the box centre (OVSeg: 1.0 = the tight box).
         out_size: S (CLIP input size), or (S_h, S_w).
-        square: use a square box of side max(w, h) (not clipped: outside the image is background) so that
-            the crop keeps the mask's aspect ratio; OVSeg resizes the (non-square) box (``False``).
+        square: use a square box of side max(w, h) (not clipped: outside the image is background) so
+            that the crop keeps the mask's aspect ratio; OVSeg resizes the (non-square) box
+            (``False``).
 
     Returns:
         ``MaskedCrops(images (K', 3, S, S), masks (K', S, S) bool, valid (K,), boxes (K', 4))``.
@@ -126,7 +134,11 @@ def prepare_masked_crops(
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
     if masks.ndim != 3 or masks.shape[-2:] != image.shape[-2:]:
         raise ValueError(f"masks must be (K, H, W) with the image's H, W; got {tuple(masks.shape)}")
-    size = (int(out_size), int(out_size)) if isinstance(out_size, int) else tuple(int(s) for s in out_size)
+    size = (
+        (int(out_size), int(out_size))
+        if isinstance(out_size, int)
+        else tuple(int(s) for s in out_size)
+    )
     image = image.float()
     binary = masks if masks.dtype == torch.bool else masks > mask_thr
     rows = binary.any(dim=2)  # (K, H)
@@ -143,7 +155,9 @@ def prepare_masked_crops(
     cols = binary.any(dim=1)[keep]  # (K', W)
     boxes = _boxes_from_projections(rows[keep], cols)
     boxes = _expand_boxes(boxes, expand_ratio, square, image.shape[-2:])
-    index = keep.to(boxes.dtype).unsqueeze(1)  # masks are read in place: roi batch index = mask index
+    index = keep.to(boxes.dtype).unsqueeze(
+        1
+    )  # masks are read in place: roi batch index = mask index
     crops = roi_align(
         image.unsqueeze(0),
         torch.cat([torch.zeros_like(index), boxes], dim=1),
@@ -152,13 +166,16 @@ def prepare_masked_crops(
         sampling_ratio=-1,
         aligned=True,
     )
-    crop_masks = roi_align(
-        binary.unsqueeze(1).to(image.dtype),
-        torch.cat([index, boxes], dim=1),
-        output_size=size,
-        spatial_scale=1.0,
-        sampling_ratio=-1,
-        aligned=True,
-    )[:, 0] >= 0.5
+    crop_masks = (
+        roi_align(
+            binary.unsqueeze(1).to(image.dtype),
+            torch.cat([index, boxes], dim=1),
+            output_size=size,
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=True,
+        )[:, 0]
+        >= 0.5
+    )
     crops = torch.where(crop_masks.unsqueeze(1), normalize_clip(crops), crops.new_zeros(()))
     return MaskedCrops(crops, crop_masks, valid, boxes)

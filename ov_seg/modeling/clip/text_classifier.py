@@ -1,8 +1,9 @@
 """Open-vocabulary text classifier: prompt-ensembled CLIP text embeddings of class names, cached.
 
 Each name goes through every template of a template set; the normalised embeddings are averaged and
-re-normalised. The classifier of a vocabulary is computed once per (vocabulary, template set) and cached; the
-text tower is frozen and run in eval mode. ``encode_texts`` embeds raw texts (captions, nouns) in batches.
+re-normalised. The classifier of a vocabulary is computed once per (vocabulary, template set) and
+cached; the text tower is frozen and run in eval mode. ``encode_texts`` embeds raw texts (captions,
+nouns) in batches.
 """
 
 from collections import OrderedDict
@@ -47,25 +48,30 @@ TEMPLATE_SETS: Dict[str, Tuple[str, ...]] = {
     "vild": VILD_TEMPLATES,
     "imagenet": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
     "single": ("a photo of a {}.",),
-    # the toy world's caption style (object-centric captions: "a photo of a red star"); every token of
-    # these templates occurs in the toy world's training captions
+    # the toy world's caption style (object-centric captions: "a photo of a red star"); every token
+    # of these templates occurs in the toy world's training captions
     "toyworld": ("a photo of a {}", "a picture of a {}", "an image of a {}", "a {}"),
 }
 
 
 def resolve_templates(templates: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    """A template-set name (``TEMPLATE_SETS``) or an explicit sequence of templates -> tuple of templates.
+    """A template-set name (``TEMPLATE_SETS``) or an explicit sequence of templates -> tuple of
+    templates.
 
     Raises:
         KeyError: unknown set name. ValueError: empty set or a template without "{}".
     """
     if isinstance(templates, str):
         if templates not in TEMPLATE_SETS:
-            raise KeyError(f"Unknown template set {templates!r}; known: {', '.join(sorted(TEMPLATE_SETS))}")
+            raise KeyError(
+                f"Unknown template set {templates!r}; known: {', '.join(sorted(TEMPLATE_SETS))}"
+            )
         templates = TEMPLATE_SETS[templates]
     templates = tuple(templates)
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(f"templates must be a non-empty sequence of strings containing '{{}}': {templates}")
+        raise ValueError(
+            f"templates must be a non-empty sequence of strings containing '{{}}': {templates}"
+        )
     return templates
 
 
@@ -78,7 +84,7 @@ def text_tower_modules(clip_model: nn.Module) -> List[nn.Module]:
 
 
 def text_tower_parameters(clip_model: nn.Module) -> List[nn.Parameter]:
-    """The parameters of an open_clip model's text tower (modules + positional embedding, projection)."""
+    """Parameters of an open_clip model's text tower (modules, positional embedding, projection)."""
     params = [p for m in text_tower_modules(clip_model) for p in m.parameters()]
     for name in ("positional_embedding", "text_projection"):
         value = getattr(clip_model, name, None)
@@ -104,9 +110,9 @@ def _eval_mode(modules: Sequence[nn.Module]):
 class TextClassifier(nn.Module):
     """Class-name embeddings from a CLIP text tower, ensembled over prompt templates and cached.
 
-    The CLIP model is referenced, not registered as a submodule: the classifier's state dict holds only its
-    own parameters (the optional void embedding), and the model that owns the CLIP saves it once.
-    ``.to()`` / ``.cuda()`` on the classifier also move the referenced model.
+    The CLIP model is referenced, not registered as a submodule: the classifier's state dict holds
+    only its own parameters (the optional void embedding), and the model that owns the CLIP saves it
+    once. ``.to()`` / ``.cuda()`` on the classifier also move the referenced model.
 
     Args:
         clip_model: an open_clip model (``encode_text``).
@@ -114,8 +120,8 @@ class TextClassifier(nn.Module):
         tokenizer: a ``CLIPTokenizer``; default: the model's BPE tokenizer (``build_tokenizer``).
         void: add a learnable void ("no object") embedding (1, D), init N(0, 1/D), appended to every
             classifier as its last row.
-        freeze: set ``requires_grad=False`` on the text tower (default). A text tower that trains (CLIP
-            pre-training) must call ``clear_cache()`` after each update.
+        freeze: set ``requires_grad=False`` on the text tower (default). A text tower that trains
+            (CLIP pre-training) must call ``clear_cache()`` after each update.
         batch_size: prompts encoded per forward of the text tower.
         cache_size: vocabularies kept in the cache (least recently used dropped first).
         name_cache_size: single-name embeddings kept (the name cache is emptied when full).
@@ -210,8 +216,8 @@ class TextClassifier(nn.Module):
     def class_embeddings(self, vocabulary: Sequence[str]) -> torch.Tensor:
         """Template-ensembled embeddings of the names (cached; no void row).
 
-        Two caches: whole vocabularies (the tensor returned), and single names, so a new vocabulary (e.g.
-        the category names of a training batch) only encodes the names never encoded before.
+        Two caches: whole vocabularies (the tensor returned), and single names, so a new vocabulary
+        (e.g. the category names of a training batch) only encodes the names never encoded before.
 
         Returns:
             (K, D) L2-normalised, without gradient.
@@ -239,8 +245,8 @@ class TextClassifier(nn.Module):
         """Classifier weights for ``vocabulary``.
 
         Returns:
-            (K, D) L2-normalised class embeddings; (K + 1, D) with the normalised void embedding as the
-            last row when the classifier has one (that row carries gradient).
+            (K, D) L2-normalised class embeddings; (K + 1, D) with the normalised void embedding as
+            the last row when the classifier has one (that row carries gradient).
 
         Raises:
             ValueError: empty vocabulary, duplicate or empty names.

@@ -1,14 +1,15 @@
 """Tokenisation for open_clip text towers, and a compact-vocabulary token embedding for training.
 
-``CLIPTokenizer`` wraps open_clip's BPE ``SimpleTokenizer`` with a per-word cache: for plain ASCII text
-(no HTML entities) it gives exactly the ids of ``SimpleTokenizer.__call__`` at a fraction of the cost
-(ftfy cleaning is skipped, and BPE runs once per distinct word), which matters when a training step tokenises
-hundreds of captions on the data-loading thread.
+``CLIPTokenizer`` wraps open_clip's BPE ``SimpleTokenizer`` with a per-word cache: for plain ASCII
+text (no HTML entities) it gives exactly the ids of ``SimpleTokenizer.__call__`` at a fraction of
+the cost (ftfy cleaning is skipped, and BPE runs once per distinct word), which matters when a
+training step tokenises hundreds of captions on the data-loading thread.
 
-``CompactTokenEmbedding`` replaces ``model.token_embedding`` while training a text tower: only the rows of
-the token ids that occur in the training texts are parameters (a 64-wide tiny model otherwise spends most of
-its parameters, and 10-15% of an AdamW step, on the 49k-row table). Its state dict is the full
-``(vocab_size, width)`` table, so checkpoints stay plain open_clip state dicts.
+``CompactTokenEmbedding`` replaces ``model.token_embedding`` while training a text tower: only the
+rows of the token ids that occur in the training texts are parameters (a 64-wide tiny model
+otherwise spends most of its parameters, and 10-15% of an AdamW step, on the 49k-row table). Its
+state dict is the full ``(vocab_size, width)`` table, so checkpoints stay plain open_clip state
+dicts.
 """
 
 import re
@@ -18,9 +19,14 @@ import open_clip
 import torch
 from torch import nn
 
-__all__ = ["CLIPTokenizer", "build_tokenizer", "CompactTokenEmbedding", "install_compact_vocabulary"]
+__all__ = [
+    "CLIPTokenizer",
+    "build_tokenizer",
+    "CompactTokenEmbedding",
+    "install_compact_vocabulary",
+]
 
-# Characters whose handling in SimpleTokenizer's cleaning (ftfy + html.unescape) could change the text.
+# Characters that SimpleTokenizer's cleaning (ftfy + html.unescape) could change.
 _NEEDS_CLEANING = re.compile(r"[^\x20-\x7e]|&")
 
 
@@ -29,13 +35,16 @@ class CLIPTokenizer:
 
     Args:
         context_length: L, the text tower's context length (``clip_sizes(model).context_length``).
-        tokenizer: an open_clip tokenizer to wrap; default: the BPE ``SimpleTokenizer`` (every model with a
-            CLIP-style text tower). Non-BPE tokenizers (HF) are called as they are, without the word cache.
+        tokenizer: an open_clip tokenizer to wrap; default: the BPE ``SimpleTokenizer`` (every model
+            with a CLIP-style text tower). Non-BPE tokenizers (HF) are called as they are, without
+            the word cache.
     """
 
     def __init__(self, context_length: int, tokenizer=None):
         self.context_length = int(context_length)
-        self.tokenizer = tokenizer or open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        self.tokenizer = tokenizer or open_clip.tokenizer.SimpleTokenizer(
+            context_length=context_length
+        )
         simple = isinstance(self.tokenizer, open_clip.tokenizer.SimpleTokenizer)
         self._fast = simple and not getattr(self.tokenizer, "reduction_fn", None)
         if self._fast:
@@ -94,8 +103,8 @@ def build_tokenizer(model: nn.Module, model_name: str = "") -> CLIPTokenizer:
 
     Args:
         model: the open_clip model.
-        model_name: its open_clip name; used only for non-BPE tokenizers (HF text towers), whose kind
-            open_clip derives from the name.
+        model_name: its open_clip name; used only for non-BPE tokenizers (HF text towers), whose
+            kind open_clip derives from the name.
     """
     context_length = int(model.context_length)
     inner = None
@@ -107,11 +116,12 @@ def build_tokenizer(model: nn.Module, model_name: str = "") -> CLIPTokenizer:
 
 
 class CompactTokenEmbedding(nn.Module):
-    """A token embedding whose trainable rows are the ids in ``token_ids``; the other rows stay frozen.
+    """A token embedding whose trainable rows are the ids in ``token_ids``; the other rows stay
+    frozen.
 
-    Behaves as the full ``nn.Embedding`` it replaces (ids outside ``token_ids`` read the frozen table), and
-    its state dict holds the full table under ``weight``, so saving / loading works with plain open_clip
-    state dicts.
+    Behaves as the full ``nn.Embedding`` it replaces (ids outside ``token_ids`` read the frozen
+    table), and its state dict holds the full table under ``weight``, so saving / loading works with
+    plain open_clip state dicts.
 
     Args:
         embedding: the full ``nn.Embedding`` (V, W) it replaces (its values initialise both parts).
@@ -125,7 +135,9 @@ class CompactTokenEmbedding(nn.Module):
         if ids.numel() == 0:
             raise ValueError("CompactTokenEmbedding needs at least one token id")
         if ids.min() < 0 or ids.max() >= full.shape[0]:
-            raise ValueError(f"token ids must lie in [0, {full.shape[0]}), got {ids.min()}..{ids.max()}")
+            raise ValueError(
+                f"token ids must lie in [0, {full.shape[0]}), got {ids.min()}..{ids.max()}"
+            )
         lookup = torch.full((full.shape[0],), -1, dtype=torch.long)
         lookup[ids] = torch.arange(len(ids))
         self.num_embeddings, self.embedding_dim = full.shape
@@ -169,11 +181,16 @@ class CompactTokenEmbedding(nn.Module):
             self.compact_weight.copy_(full[self.token_ids.to(full.device)])
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, trainable rows={self.token_ids.numel()}"
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, trainable rows={self.token_ids.numel()}"
+        )
 
 
 def install_compact_vocabulary(
-    model: nn.Module, tokenizer: CLIPTokenizer, texts: Iterable[str], extra_ids: Optional[Iterable[int]] = None
+    model: nn.Module,
+    tokenizer: CLIPTokenizer,
+    texts: Iterable[str],
+    extra_ids: Optional[Iterable[int]] = None,
 ) -> CompactTokenEmbedding:
     """Replace ``model.token_embedding`` by a ``CompactTokenEmbedding`` over the ids of ``texts``.
 
@@ -181,13 +198,16 @@ def install_compact_vocabulary(
         the installed module.
 
     Raises:
-        TypeError: when the model has no ``token_embedding`` (``nn.Embedding``), e.g. an HF text tower.
+        TypeError: when the model has no ``token_embedding`` (``nn.Embedding``), e.g. an HF text
+            tower.
     """
     emb = getattr(model, "token_embedding", None)
     if isinstance(emb, CompactTokenEmbedding):
         emb = nn.Embedding.from_pretrained(emb.weight, freeze=False)
     if not isinstance(emb, nn.Embedding):
-        raise TypeError("a compact vocabulary needs an open_clip CLIP with an nn.Embedding token_embedding")
+        raise TypeError(
+            "a compact vocabulary needs an open_clip CLIP with an nn.Embedding token_embedding"
+        )
     ids = set(tokenizer.vocabulary(texts))
     ids.update(int(i) for i in (extra_ids or ()))
     compact = CompactTokenEmbedding(emb, sorted(ids))

@@ -1,9 +1,10 @@
 """Class heads of the MaskFormer proposal generator: query embeddings → class logits + "no object".
 
-Both heads map decoder outputs (..., Q, d) to logits (..., Q, K + 1) whose last column is "no object", and
-convert dataset labels to training labels (``training_labels``).
+Both heads map decoder outputs (..., Q, d) to logits (..., Q, K + 1) whose last column is "no
+object", and convert dataset labels to training labels (``training_labels``).
 """
 
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -21,12 +22,14 @@ __all__ = [
     "OpenVocabClassHead",
 ]
 
+logger = logging.getLogger(__name__)
+
 CLASS_HEAD_REGISTRY = NamedRegistry("CLASS_HEAD")
 CLASS_HEAD_REGISTRY.__doc__ = """
 Registry of MaskFormer class heads, chosen by ``MODEL.MASK_FORMER.CLASS_HEAD.NAME``.
 A registered class is ``@configurable`` with ``from_config(cls, cfg)``; it is called as
-``head(query_embeds (..., Q, d), vocabulary) -> logits (..., Q, K + 1)`` (last column: no object) and has
-``class_agnostic: bool``, ``uses_clip: bool`` (its ``from_config`` takes ``clip_model``) and
+``head(query_embeds (..., Q, d), vocabulary) -> logits (..., Q, K + 1)`` (last column: no object)
+and has ``class_agnostic: bool``, ``uses_clip: bool`` (its ``from_config`` takes ``clip_model``) and
 ``training_labels(labels, vocabulary) -> labels in [0, K)``.
 """
 
@@ -35,11 +38,14 @@ def build_class_head(cfg, clip_model: Optional[nn.Module] = None) -> nn.Module:
     """The class head named by ``cfg.MODEL.MASK_FORMER.CLASS_HEAD.NAME``.
 
     Args:
-        clip_model: an already built open_clip model whose text tower the open-vocabulary head should use
-            (default: the head builds ``MODEL.CLIP``'s); ignored by heads without text embeddings.
+        clip_model: an already built open_clip model whose text tower the open-vocabulary head
+            should use (default: the head builds ``MODEL.CLIP``'s); ignored by heads without text
+            embeddings.
     """
     name = cfg.MODEL.MASK_FORMER.CLASS_HEAD.NAME
-    cls = get_registered(CLASS_HEAD_REGISTRY, name, "class head (MODEL.MASK_FORMER.CLASS_HEAD.NAME)")
+    cls = get_registered(
+        CLASS_HEAD_REGISTRY, name, "class head (MODEL.MASK_FORMER.CLASS_HEAD.NAME)"
+    )
     if clip_model is not None and cls.uses_clip:
         return cls(cfg, clip_model=clip_model)
     return cls(cfg)
@@ -86,24 +92,33 @@ class OpenVocabClassHead(nn.Module):
     """OVSeg's open-vocabulary class head.
 
     query (d) → MLP(d → hidden → D) → L2-normalise; logits = τ · cos(query, t_k) for the CLIP text
-    embedding t_k of each class name (``TextClassifier``: prompt-ensembled, frozen, cached per vocabulary)
-    and τ · cos(query, n) for a learnable "no object" embedding n (init N(0, 1/D)); τ fixed (100).
+    embedding t_k of each class name (``TextClassifier``: prompt-ensembled, frozen, cached per
+    vocabulary) and τ · cos(query, n) for a learnable "no object" embedding n (init N(0, 1/D)); τ
+    fixed (100).
 
-    The CLIP model is referenced by the text classifier, not owned: checkpoints of the head hold the MLP
-    and the no-object embedding only, the CLIP comes from ``MODEL.CLIP`` (``build_clip``) at build time.
+    The CLIP model is referenced by the text classifier, not owned: checkpoints of the head hold the
+    MLP and the no-object embedding only; the CLIP comes from ``MODEL.CLIP`` (``build_clip``) at
+    build time.
     """
 
     class_agnostic = False
     uses_clip = True
 
     @configurable
-    def __init__(self, *, hidden_dim: int, embed_hidden_dim: int, text_classifier: nn.Module, logit_scale: float):
+    def __init__(
+        self,
+        *,
+        hidden_dim: int,
+        embed_hidden_dim: int,
+        text_classifier: nn.Module,
+        logit_scale: float,
+    ):
         """
         Args:
             hidden_dim: width d of the query embeddings.
             embed_hidden_dim: hidden width of the projection MLP (OVSeg: 1024).
-            text_classifier: ``TextClassifier(clip_model, templates, void=True)``: vocabulary → (K + 1, D)
-                L2-normalised rows, the last one the no-object embedding.
+            text_classifier: ``TextClassifier(clip_model, templates, void=True)``: vocabulary → (K +
+                1, D) L2-normalised rows, the last one the no-object embedding.
             logit_scale: the fixed temperature τ.
         """
         super().__init__()
@@ -119,6 +134,11 @@ class OpenVocabClassHead(nn.Module):
         from ov_seg.modeling.clip import TextClassifier, build_clip
 
         if clip_model is None:
+            if not cfg.MODEL.CLIP.PRETRAINED:
+                logger.warning(
+                    "MODEL.CLIP.PRETRAINED is empty: the open-vocabulary class head embeds class "
+                    "names with a randomly initialised CLIP text tower"
+                )
             clip_model = build_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED or None)
         head = cfg.MODEL.MASK_FORMER.CLASS_HEAD
         return {
@@ -139,8 +159,8 @@ class OpenVocabClassHead(nn.Module):
         """
         if not vocabulary:
             raise ValueError(
-                "the open-vocabulary head needs class names: give inputs a 'vocabulary' or train on a "
-                "dataset with stuff_classes metadata"
+                "the open-vocabulary head needs class names: give inputs a 'vocabulary' or train "
+                "on a dataset with stuff_classes metadata"
             )
         classifier = self.text_classifier(list(vocabulary))  # (K + 1, D)
         queries = F.normalize(self.projection(query_embeds), dim=-1)

@@ -97,8 +97,8 @@ class GroupingBlock(nn.Module):
 
     1. Group tokens (B, G_in, d) → LayerNorm → token-mixing MLP (G_in → G) → cross-attention to the
        tokens + MLP: the G "assigners" g.
-    2. Assignment logits ``q(g)·k(x)^T / sqrt(d)`` (B, G, N); Gumbel-softmax over the groups (hard,
-       straight-through, in training; plain softmax at test).
+    2. Assignment logits ``q(g)·k(x)^T / sqrt(d)`` (B, G, N); softmax over the groups, with Gumbel
+       noise in training, one-hot (straight-through) when ``hard``, in training and at test.
     3. Each group averages the values of its tokens (``A / (Σ_tokens A + 1)``, so an empty group
        gets zero), projects them and adds them to g; a residual MLP follows.
     """
@@ -167,12 +167,14 @@ class GroupingBlock(nn.Module):
         gn = self.norm_assign(g)
         logits = torch.einsum("bgd,bnd->bgn", self.assign_q(gn), self.assign_k(x)) * self.scale
         soft = logits.softmax(dim=1)
-        if self.training:
-            assign = gumbel_assignment(
-                logits, dim=1, hard=self.hard, gumbel=self.gumbel, tau=self.gumbel_tau
-            )
-        else:
-            assign = soft
+        # Gumbel noise in training only; hard (one-hot) assignment in training and at test alike
+        assign = gumbel_assignment(
+            logits,
+            dim=1,
+            hard=self.hard,
+            gumbel=self.gumbel and self.training,
+            tau=self.gumbel_tau if self.training else 1.0,
+        )
         weights = assign / (assign.sum(dim=-1, keepdim=True) + 1.0)
         g = g + self.assign_proj(torch.einsum("bgn,bnd->bgd", weights, self.assign_v(x)))
         g = g + self.out_mlp(self.norm_out(g))

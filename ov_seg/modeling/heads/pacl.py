@@ -26,8 +26,9 @@ __all__ = [
 PACL_EMBEDDER_REGISTRY = NamedRegistry("PACL_EMBEDDER")
 PACL_EMBEDDER_REGISTRY.__doc__ = """
 Registry of PACL patch embedders, chosen by ``MODEL.PACL.EMBEDDER``.
-A registered class is called as ``cls(clip_model=..., hidden_dim=...)`` and maps patch tokens (B, N,
-d_v), taken after the vision trunk's last LayerNorm, to embeddings (B, N, D) in CLIP's joint space.
+A registered class is called as ``cls(clip_model=..., hidden_dim=...)`` and maps patch tokens
+(B, N, d_v), taken after the vision trunk's last LayerNorm, to embeddings (B, N, D) in CLIP's joint
+space.
 """
 
 

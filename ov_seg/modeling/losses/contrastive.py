@@ -4,8 +4,8 @@ For B matched pairs (a_i, b_i), L2-normalised, and a logit scale s = 1/τ::
 
     L = ½ [ CE(s · A Bᵀ, i) + CE(s · B Aᵀ, i) ]
 
-Extra negatives for the a → b direction (e.g. hard-negative captions) are appended as columns of the a → b
-logits only.
+Extra negatives for the a → b direction (e.g. hard-negative captions) are appended as columns of the
+a → b logits only.
 """
 
 from typing import Optional, Union
@@ -23,7 +23,7 @@ def clamped_logit_scale(log_scale: torch.Tensor, max_scale: float = 100.0) -> to
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (N, ...) over all workers, differentiably (identity in a single process)."""
+    """Concatenate ``x`` (N, ...) over all workers, differentiably (identity in one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
@@ -50,8 +50,9 @@ def info_nce(
         b_negatives: optional (M, D) extra negatives of the a → b direction (hard-negative texts).
         symmetric: average the a → b and b → a losses (CLIP); ``False`` = a → b only.
         normalize: L2-normalise ``a``, ``b`` and ``b_negatives`` here.
-        targets: optional (B,) int64 column of each a's positive among ``b`` (default: the diagonal);
-            only with ``symmetric=False`` (the b → a direction needs one positive per row).
+        targets: optional (B,) int64 column of each a's positive among ``b`` (default: the
+            diagonal); only with ``symmetric=False`` (the b → a direction needs one positive per
+            row).
 
     Returns:
         the scalar loss (mean over the batch).
@@ -71,7 +72,9 @@ def info_nce(
     logits_ba = logits_ab.t()
     if b_negatives is not None and b_negatives.numel():
         if b_negatives.ndim != 2 or b_negatives.shape[1] != a.shape[1]:
-            raise ValueError(f"b_negatives must be (M, {a.shape[1]}), got {tuple(b_negatives.shape)}")
+            raise ValueError(
+                f"b_negatives must be (M, {a.shape[1]}), got {tuple(b_negatives.shape)}"
+            )
         neg = F.normalize(b_negatives, dim=-1) if normalize else b_negatives
         logits_ab = torch.cat([logits_ab, logit_scale * a @ neg.t()], dim=1)
     loss = F.cross_entropy(logits_ab, targets)

@@ -80,8 +80,7 @@ def pacl_compatibility(
     if patches.dim() != 3 or texts.dim() != 2 or patches.shape[-1] != texts.shape[-1]:
         raise ValueError(
             "expected patches (B, N, D) and texts (T, D) with the same D, got "
-            f"{tuple(patches.shape)} "
-            f"and {tuple(texts.shape)}"
+            f"{tuple(patches.shape)} and {tuple(texts.shape)}"
         )
     if temperature <= 0:
         raise ValueError(f"the patch softmax temperature must be positive, got {temperature}")
@@ -132,8 +131,7 @@ def pacl_info_nce(
     """L_PACL: symmetric InfoNCE on the PACL score matrix Φ_bc = φ(x_b, y_c) of pairs (x_b, y_b).
 
     ``info_nce`` in ``contrastive.py`` scores pairs by a dot product of two embeddings; here every
-    score
-    needs its own text-conditioned pooling, so the loss is taken on Φ itself::
+    score needs its own text-conditioned pooling, so the loss is taken on Φ itself::
 
         L = ½ [ CE(s · Φ, diag) + CE(s · Φᵀ, diag) ]
 

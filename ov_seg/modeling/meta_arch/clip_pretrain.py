@@ -1,13 +1,16 @@
-"""``CLIPPretrain``: image-caption contrastive training of an open_clip model (from scratch or fine-tuning).
+"""``CLIPPretrain``: image-caption contrastive training of an open_clip model (from scratch or
+fine-tuning).
 
-Training (a caption dataset, ``INPUT.DATASET_MAPPER_NAME caption``): one caption per image, drawn at random,
+Training (a caption dataset, ``INPUT.DATASET_MAPPER_NAME caption``): one caption per image, drawn at
+    random,
 and, with ``HARD_NEGATIVES``, its hard-negative caption as an extra text negative for every image::
 
-    L = ½ [ CE(s · I Tᵀ, diag) + CE(s · T Iᵀ, diag) ]      I (B, D) images, T (B, D) captions (+ negatives)
+    L = ½ [ CE(s · I Tᵀ, diag) + CE(s · T Iᵀ, diag) ]      I (B, D) images, T (B, D) captions (+
+    negatives)
 
 with the learnable logit scale s = exp(t) clamped at ``LOGIT_SCALE_MAX``. Evaluation
-(``INPUT.TEST_DATASET_MAPPER_NAME mask_category``, ``TEST.EVALUATOR_TYPE mask_classification``): zero-shot
-masked-crop classification of ground-truth segments against the dataset's class names.
+(``INPUT.TEST_DATASET_MAPPER_NAME mask_category``, ``TEST.EVALUATOR_TYPE mask_classification``):
+zero-shot masked-crop classification of ground-truth segments against the dataset's class names.
 
 The state dict is the open_clip model's under ``clip.``, so ``model_final.pth`` already loads with
 ``build_clip(name, path)``; ``export_clip`` writes the plain ``clip_export.pth``.
@@ -42,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 def caption_texts(dataset_names) -> List[str]:
-    """Every caption and hard-negative caption of the registered caption datasets ``dataset_names``."""
+    """Every caption and hard-negative caption of the registered datasets ``dataset_names``."""
     texts: List[str] = []
     for name in dataset_names:
         for d in DatasetCatalog.get(name):
@@ -57,10 +60,11 @@ class CLIPPretrain(nn.Module):
     """Contrastive image-caption training of an open_clip ``CLIP``.
 
     Args:
-        clip_model: the open_clip model (registered as ``clip``; both towers train unless ``lock_text``).
+        clip_model: the open_clip model (registered as ``clip``; both towers train unless
+            ``lock_text``).
         tokenizer: its ``CLIPTokenizer``.
-        crop_classifier: a ``MaskedCropClassifier`` referencing ``clip_model`` (``register_clip=False``,
-            no prompts) for the zero-shot evaluation.
+        crop_classifier: a ``MaskedCropClassifier`` referencing ``clip_model``
+            (``register_clip=False``, no prompts) for the zero-shot evaluation.
         hard_negatives: use the inputs' ``hard_negatives`` as extra text negatives.
         logit_scale_max: clamp of exp(t).
         lock_text: freeze the text tower.
@@ -127,7 +131,9 @@ class CLIPPretrain(nn.Module):
 
     def preprocess_images(self, batched_inputs: List[Dict]) -> torch.Tensor:
         """(B, 3, S, S) normalised CLIP inputs (shortest side resized to S, centre crop)."""
-        images = [resize_center_crop(x["image"].to(self.device), self.image_size) for x in batched_inputs]
+        images = [
+            resize_center_crop(x["image"].to(self.device), self.image_size) for x in batched_inputs
+        ]
         return normalize_clip(torch.stack(images))
 
     def _texts(self, batched_inputs: List[Dict]):
@@ -137,18 +143,21 @@ class CLIPPretrain(nn.Module):
             caps = [caps] if isinstance(caps, str) else list(caps or [])
             if not caps:
                 raise ValueError(
-                    f"training input {i} ({x.get('file_name', x.get('image_id'))}) has no 'captions': train "
-                    "CLIPPretrain on a caption dataset with INPUT.DATASET_MAPPER_NAME caption"
+                    f"training input {i} ({x.get('file_name', x.get('image_id'))}) has no "
+                    "'captions': train CLIPPretrain on a caption dataset with "
+                    "INPUT.DATASET_MAPPER_NAME caption"
                 )
             k = int(torch.randint(len(caps), ()))
             captions.append(caps[k])
             hard = list(x.get("hard_negatives") or [])
             if self.hard_negatives and hard:
-                negatives.append(hard[k] if len(hard) == len(caps) else hard[int(torch.randint(len(hard), ()))])
+                negatives.append(
+                    hard[k] if len(hard) == len(caps) else hard[int(torch.randint(len(hard), ()))]
+                )
         return captions, negatives
 
     def forward(self, batched_inputs: List[Dict]):
-        """Training: ``{"loss_contrastive": L}``. Eval: ``mask_cls`` outputs (see ``MaskedCropClassifier``)."""
+        """Training: ``{"loss_contrastive": L}``; eval: ``mask_cls`` outputs (crop classifier)."""
         if not self.training:
             return self.crop_classifier.classify_inputs(batched_inputs)
         images = self.preprocess_images(batched_inputs)
@@ -157,10 +166,12 @@ class CLIPPretrain(nn.Module):
         text_emb = self.clip.encode_text(self.tokenizer(captions + negatives).to(self.device))
         b = len(captions)
         scale = clamped_logit_scale(self.clip.logit_scale, self.logit_scale_max)
-        loss = info_nce(image_emb, text_emb[:b], scale, b_negatives=text_emb[b:] if negatives else None)
+        loss = info_nce(
+            image_emb, text_emb[:b], scale, b_negatives=text_emb[b:] if negatives else None
+        )
         get_event_storage().put_scalar("logit_scale", float(scale.detach()), smoothing_hint=False)
         return {"loss_contrastive": loss}
 
     def export_clip(self, path: str) -> None:
-        """Write the trained CLIP as a plain open_clip checkpoint (``build_clip(name, path)`` loads it)."""
+        """Write the trained CLIP as a plain open_clip checkpoint (``build_clip(name, path)``)."""
         save_clip_checkpoint(path, self.clip, meta={"source": type(self).__name__})

@@ -1,14 +1,17 @@
 """``MaskAdaptedCLIP``: adapt CLIP to masked crops on (mask, category name) pairs (OVSeg).
 
-Each pair's masked crop goes through the image tower (with mask prompts); its embedding is classified
+Each pair's masked crop goes through the image tower (with mask prompts); its embedding is
+classified
 against the text embeddings of the batch's category names (or the whole training vocabulary)::
 
-    L = CE(s · cos(f_v(crop_i, mask_i), f_t(names)), name_i)      s = MODEL.CLIP.LOGIT_SCALE (fixed, 100)
+    L = CE(s · cos(f_v(crop_i, mask_i), f_t(names)), name_i)      s = MODEL.CLIP.LOGIT_SCALE (fixed,
+    100)
 
-Modes (``MODEL.MASK_ADAPTED_CLIP.MODE``): "mpt" trains only the mask prompts (every CLIP weight frozen),
-"ft" the image tower (no prompts), "ft_mpt" both; the text tower is always frozen. FT then MPT is an "ft"
-run followed by an "mpt" run from its export. Evaluation: masked-crop classification of ground-truth
-segments (``mask_category`` mapper, ``mask_classification`` evaluator).
+Modes (``MODEL.MASK_ADAPTED_CLIP.MODE``): "mpt" trains only the mask prompts (every CLIP weight
+    frozen),
+"ft" the image tower (no prompts), "ft_mpt" both; the text tower is always frozen. FT then MPT is an
+"ft" run followed by an "mpt" run from its export. Evaluation: masked-crop classification of
+ground-truth segments (``mask_category`` mapper, ``mask_classification`` evaluator).
 """
 
 from typing import Dict, List, Sequence
@@ -20,7 +23,12 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from ov_seg.modeling.clip import MaskedCropClassifier, build_clip, jitter_masks, save_clip_checkpoint
+from ov_seg.modeling.clip import (
+    MaskedCropClassifier,
+    build_clip,
+    jitter_masks,
+    save_clip_checkpoint,
+)
 from ov_seg.modeling.losses.contrastive import contrastive_classification
 
 __all__ = ["MaskAdaptedCLIP", "MODES"]
@@ -35,11 +43,11 @@ class MaskAdaptedCLIP(nn.Module):
 
     Args:
         clip_model: the open_clip model (registered as ``clip``).
-        crop_classifier: a ``MaskedCropClassifier`` referencing ``clip_model`` (``register_clip=False``);
-            holds the mask prompts (depth 0 in "ft" mode).
+        crop_classifier: a ``MaskedCropClassifier`` referencing ``clip_model``
+            (``register_clip=False``); holds the mask prompts (depth 0 in "ft" mode).
         mode: "mpt", "ft" or "ft_mpt" (see ``MODES``).
-        vocabulary: "batch" (the batch's category names) or "dataset" (``dataset_vocabulary``, plus any batch
-            name outside it).
+        vocabulary: "batch" (the batch's category names) or "dataset" (``dataset_vocabulary``, plus
+            any batch name outside it).
         dataset_vocabulary: class names of the training dataset (for ``vocabulary="dataset"``).
         mask_jitter: training masks are dilated / eroded by up to this many pixels.
         max_crops: crops per step at most (random subset; 0 = all).
@@ -59,14 +67,23 @@ class MaskAdaptedCLIP(nn.Module):
     ):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"MODEL.MASK_ADAPTED_CLIP.MODE must be one of {sorted(MODES)}, got {mode!r}")
+            raise ValueError(
+                f"MODEL.MASK_ADAPTED_CLIP.MODE must be one of {sorted(MODES)}, got {mode!r}"
+            )
         if vocabulary not in ("batch", "dataset"):
-            raise ValueError(f"MODEL.MASK_ADAPTED_CLIP.VOCABULARY must be 'batch' or 'dataset', got {vocabulary!r}")
+            raise ValueError(
+                "MODEL.MASK_ADAPTED_CLIP.VOCABULARY must be 'batch' or 'dataset', "
+                f"got {vocabulary!r}"
+            )
         if vocabulary == "dataset" and not dataset_vocabulary:
-            raise ValueError("VOCABULARY 'dataset' needs the training dataset's class names (stuff_classes)")
+            raise ValueError(
+                "VOCABULARY 'dataset' needs the training dataset's class names (stuff_classes)"
+            )
         train_image, train_prompts = MODES[mode]
         if train_prompts and crop_classifier.encoder.depth == 0:
-            raise ValueError(f"mode {mode!r} trains mask prompts: MODEL.CLIP.MASK_PROMPT_DEPTH must be > 0")
+            raise ValueError(
+                f"mode {mode!r} trains mask prompts: MODEL.CLIP.MASK_PROMPT_DEPTH must be > 0"
+            )
         self.clip = clip_model
         self.crop_classifier = crop_classifier
         self.mode = mode
@@ -90,7 +107,9 @@ class MaskAdaptedCLIP(nn.Module):
         mcfg = cfg.MODEL.MASK_ADAPTED_CLIP
         clip_model = build_clip(ccfg.MODEL_NAME, ccfg.PRETRAINED or None)
         _, train_prompts = MODES.get(mcfg.MODE, (False, False))
-        clf = MaskedCropClassifier.from_config(cfg, clip_model=clip_model, train_prompts=train_prompts)
+        clf = MaskedCropClassifier.from_config(
+            cfg, clip_model=clip_model, train_prompts=train_prompts
+        )
         clf["register_clip"] = False
         if mcfg.MODE == "ft":
             clf.update(prompt_depth=0, prompts=None)
@@ -125,7 +144,7 @@ class MaskAdaptedCLIP(nn.Module):
         return sorted(set(names))
 
     def forward(self, batched_inputs: List[Dict]):
-        """Training: ``{"loss_mask_cls": L}``; eval: ``mask_cls`` outputs (``MaskedCropClassifier``)."""
+        """Training: ``{"loss_mask_cls": L}``; eval: ``mask_cls`` outputs (MaskedCropClassifier)."""
         if not self.training:
             return self.crop_classifier.classify_inputs(batched_inputs)
         images, masks, names = [], [], []
@@ -145,7 +164,9 @@ class MaskAdaptedCLIP(nn.Module):
             keep = torch.randperm(crops.shape[0], device=crops.device)[: self.max_crops]
             crops, crop_masks = crops[keep], crop_masks[keep]
             names = [names[i] for i in keep.tolist()]
-        if not names:  # no pair in the batch: a zero loss that still reaches every trained parameter
+        if (
+            not names
+        ):  # no pair in the batch: a zero loss that still reaches every trained parameter
             zero = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
             return {"loss_mask_cls": zero}
         vocabulary = self._batch_vocabulary(names)
@@ -158,9 +179,12 @@ class MaskAdaptedCLIP(nn.Module):
         return {"loss_mask_cls": loss}
 
     def export_clip(self, path: str) -> None:
-        """Write the adapted CLIP (+ its mask prompts) as a checkpoint ``build_clip`` / ``MODEL.CLIP.PRETRAINED``
-        load (prompts through ``load_mask_prompts``)."""
+        """Write the adapted CLIP (+ its mask prompts) as a checkpoint ``build_clip`` /
+        ``MODEL.CLIP.PRETRAINED`` load (prompts through ``load_mask_prompts``)."""
         prompts = self.crop_classifier.encoder.prompts
         save_clip_checkpoint(
-            path, self.clip, mask_prompts=prompts, meta={"source": type(self).__name__, "mode": self.mode}
+            path,
+            self.clip,
+            mask_prompts=prompts,
+            meta={"source": type(self).__name__, "mode": self.mode},
         )

@@ -29,7 +29,7 @@ the built CLIP model.
 """
 
 import logging
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,7 @@ class MixReorg(nn.Module):
         mix_cell: int = 1,
         mix_shares: Sequence[float] = (),
         restore_group_tokens: str = "tuple_mean",
+        hard_negatives: bool = False,
         orig_weight: float = 1.0,
         rest_weight: float = 1.0,
         seg_weight: float = 1.0,
@@ -113,6 +114,8 @@ class MixReorg(nn.Module):
             mix_shares: share of cells per tuple member; empty = uniform.
             restore_group_tokens: group tokens of the restored sequences, "tuple_mean" or
                 "original".
+            hard_negatives: add the inputs' ``hard_negatives`` captions as extra text negatives of
+                L_orig and L_rest.
             orig_weight, rest_weight, seg_weight: W_ORIG, W_REST, W_SEG.
             logit_scale_init: initial 1/τ of the learnable logit scale.
             max_logit_scale: clamp of the logit scale.
@@ -143,6 +146,7 @@ class MixReorg(nn.Module):
         self.mix_cell = mix_cell
         self.mix_shares = list(mix_shares)
         self.restore_group_tokens = restore_group_tokens
+        self.hard_negatives = hard_negatives
         self.orig_weight, self.rest_weight, self.seg_weight = orig_weight, rest_weight, seg_weight
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)).log())
         self.max_logit_scale = max_logit_scale
@@ -186,6 +190,7 @@ class MixReorg(nn.Module):
             "mix_cell": mc.MIX_CELL,
             "mix_shares": mc.MIX_SHARES,
             "restore_group_tokens": mc.RESTORE_GROUP_TOKENS,
+            "hard_negatives": mc.HARD_NEGATIVES,
             "orig_weight": mc.ORIG_WEIGHT,
             "rest_weight": mc.REST_WEIGHT,
             "seg_weight": mc.SEG_WEIGHT,
@@ -219,9 +224,16 @@ class MixReorg(nn.Module):
             images.append((image - self.pixel_mean) / self.pixel_std)
         return ImageList.from_tensors(images, self.encoder.patch_size)
 
-    def caption_embeddings(self, batched_inputs: List[Dict]) -> torch.Tensor:
-        """(B, D) normalised embedding of one caption per image, drawn at random among its own."""
-        texts = []
+    def caption_embeddings(
+        self, batched_inputs: List[Dict]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Embed one caption per image, drawn at random among its own, and (with ``hard_negatives``)
+        the hard-negative caption aligned with it (a random one when they are not aligned).
+
+        Returns:
+            (B, D) normalised caption embeddings; (M, D) normalised hard negatives or None.
+        """
+        texts, negatives = [], []
         for i, x in enumerate(batched_inputs):
             caps = x.get("captions")
             if not caps:
@@ -230,9 +242,14 @@ class MixReorg(nn.Module):
                     "MixReorg on a caption dataset with INPUT.DATASET_MAPPER_NAME caption"
                 )
             caps = [caps] if isinstance(caps, str) else list(caps)
-            texts.append(caps[int(torch.randint(len(caps), ()))])
+            k = int(torch.randint(len(caps), ()))
+            texts.append(caps[k])
+            negs = list(x.get("hard_negatives") or [])
+            if self.hard_negatives and negs:
+                negatives.append(negs[k] if len(negs) == len(caps) else negs[k % len(negs)])
         with torch.no_grad():
-            return self.text_classifier.encode_texts(texts).to(self.device)
+            emb = self.text_classifier.encode_texts(texts + negatives).to(self.device)
+        return emb[: len(texts)], (emb[len(texts) :] if negatives else None)
 
     def scale(self) -> torch.Tensor:
         """Contrastive logit scale exp(log s), clamped at ``max_logit_scale``."""
@@ -243,8 +260,8 @@ class MixReorg(nn.Module):
         images = self.preprocess_images(batched_inputs)
         if not self.training:
             return self.inference(batched_inputs, images)
-        texts = self.caption_embeddings(batched_inputs)
-        return self.losses(images.tensor, texts)
+        texts, negatives = self.caption_embeddings(batched_inputs)
+        return self.losses(images.tensor, texts, negatives)
 
     def make_plan(self, batch_size: int, grid) -> MixPlan:
         """A random mixing of the batch (``make_mix_plan`` with the configured M, c, shares)."""
@@ -309,8 +326,11 @@ class MixReorg(nn.Module):
         """(B, G, d) segment tokens → (B, D) projected average (not normalised)."""
         return self.encoder.project(segments.mean(dim=1))
 
-    def losses(self, images: torch.Tensor, texts: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Loss dict for normalised images (B, 3, H, W) and their caption embeddings (B, D)."""
+    def losses(
+        self, images: torch.Tensor, texts: torch.Tensor, negatives: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
+        """Loss dict for normalised images (B, 3, H, W), their caption embeddings (B, D) and
+        optional hard-negative caption embeddings (M, D) (extra negatives of L_orig and L_rest)."""
         b = images.shape[0]
         grid = (
             images.shape[-2] // self.encoder.patch_size,
@@ -321,11 +341,15 @@ class MixReorg(nn.Module):
         scale = self.scale()
         losses = {
             "loss_orig": self.orig_weight
-            * info_nce(self.image_embedding(outs["orig"]["segments"]), texts, scale)
+            * info_nce(
+                self.image_embedding(outs["orig"]["segments"]), texts, scale, b_negatives=negatives
+            )
         }
         if "restored" in outs:
             emb = self.image_embedding(outs["restored"]["segments"])
-            losses["loss_rest"] = self.rest_weight * info_nce(emb, texts, scale)
+            losses["loss_rest"] = self.rest_weight * info_nce(
+                emb, texts, scale, b_negatives=negatives
+            )
         if "mixed" in outs:
             mixed = outs["mixed"]
             losses["loss_seg"] = self.seg_weight * mixed_segmentation_loss(

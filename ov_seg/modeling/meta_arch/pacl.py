@@ -1,18 +1,15 @@
 """``PACL``: patch-aligned contrastive learning on a frozen CLIP (Mukhoti et al., CVPR 2023).
 
-Training (caption datasets, ``INPUT.DATASET_MAPPER_NAME caption``): both CLIP towers are frozen; the
-    patch
-tokens X (B, N, d_v) of the image tower (after its last LayerNorm, before the projection) go through
-a trainable embedder e_v (``MODEL.PACL.EMBEDDER``), V = e_v(X) (B, N, D). Every image is scored
-against every
-caption of the batch with PACL's compatibility (``losses/pacl.py``)::
+Training (caption datasets, ``INPUT.DATASET_MAPPER_NAME caption``): both CLIP towers are frozen. The
+patch tokens X (B, N, d_v) of the image tower (after its last LayerNorm, before the projection) go
+through a trainable embedder e_v (``MODEL.PACL.EMBEDDER``): V = e_v(X) (B, N, D). Every image is
+scored against every caption of the batch with PACL's compatibility (``losses/pacl.py``)::
 
     φ(x, y) = cos(Σ_i softmax_i(cos(v_i, t) / τ_p) v_i, t)
 
 and the symmetric InfoNCE on Φ (B, B) with a learnable logit scale is minimised. With prompt
 augmentation, each image also forms a second pair with a prompt built from a noun of its caption
-(one random noun wrapped in one random template); the two B×B losses are averaged
-(``PROMPT_AUG.WEIGHT``).
+(one random noun in one random template); the two B×B losses are averaged (``PROMPT_AUG.WEIGHT``).
 
 Inference: the per-patch class scores s_{i,k} = cos(v_i, t_k) against the template-ensembled class
 embeddings, upsampled bilinearly to the image; ``sem_seg`` holds softmax_k(s · logit_scale). With
@@ -34,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from torch import nn
@@ -107,6 +104,7 @@ class PACL(nn.Module):
         chunk_size: int = 64,
         checkpoint_chunks: bool = True,
         noun_extractor: Optional[Callable[[Sequence[str]], List[List[str]]]] = None,
+        noun_datasets: Sequence[str] = (),
         prompt_weight: float = 1.0,
         infer_stride: int = 4,
         stride_mode: str = "shift",
@@ -130,6 +128,9 @@ class PACL(nn.Module):
             checkpoint_chunks: recompute Φ's chunks in backward (bounded memory).
             noun_extractor: captions → nouns of each (``ov_seg.mining.NounExtractor``); None
                 disables prompt augmentation.
+            noun_datasets: caption datasets whose nouns are parsed once before the first training
+                step, through ``ov_seg.mining.extract_for_dataset`` (a disk cache shared with the
+                other users of the same extractor settings); other captions are parsed when met.
             prompt_weight: weight W of the noun-prompt loss: L = (L_cap + W·L_noun) / (1 + W).
             infer_stride: stride of the test-time score map (the patch size, or 0, disables the
                 trick).
@@ -173,16 +174,16 @@ class PACL(nn.Module):
         self.templates = tuple(self.text_classifier.templates)
         self.patch_softmax_temp = float(patch_softmax_temp)
         self.trainable = any(p.requires_grad for p in embedder.parameters())
-        if self.trainable:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale_init)))
-        else:  # the baseline: CLIP's own temperature
-            self.register_buffer(
-                "logit_scale", clip_model.logit_scale.detach().clone(), persistent=False
-            )
+        # learnable s = 1/τ; the baseline (nothing trained) uses CLIP's own
+        self.logit_scale = (
+            nn.Parameter(torch.tensor(math.log(logit_scale_init))) if self.trainable else None
+        )
         self.logit_scale_max = float(logit_scale_max)
         self.chunk_size = int(chunk_size)
         self.checkpoint_chunks = bool(checkpoint_chunks)
         self.noun_extractor = noun_extractor
+        self.noun_datasets = tuple(noun_datasets)
+        self._noun_table: Optional[Dict[str, List[str]]] = None  # caption -> nouns, lazily
         self.prompt_weight = float(prompt_weight)
         self.bg_rule = BACKGROUND_RULES[bg_mode]
         self.bg_thresh = float(bg_entropy if bg_mode == "entropy" else bg_score)
@@ -196,11 +197,12 @@ class PACL(nn.Module):
         pacl = cfg.MODEL.PACL
         clip_model = build_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED or None)
         embedder = build_pacl_embedder(pacl.EMBEDDER, clip_model, hidden_dim=pacl.EMBED_HIDDEN_DIM)
-        noun_extractor = None
+        noun_extractor, noun_datasets = None, ()
         if pacl.PROMPT_AUG.ENABLED and pacl.PROMPT_AUG.WEIGHT > 0:
             from ov_seg.mining import NounExtractor  # spaCy is imported lazily there
 
             noun_extractor = NounExtractor(mode=pacl.PROMPT_AUG.NOUN_MODE)
+            noun_datasets = tuple(cfg.DATASETS.TRAIN) if pacl.PROMPT_AUG.DATASET_CACHE else ()
         vocabulary = ()
         if cfg.DATASETS.TEST:
             vocabulary = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes", ()) or ()
@@ -214,6 +216,7 @@ class PACL(nn.Module):
             "chunk_size": pacl.CHUNK_SIZE,
             "checkpoint_chunks": pacl.CHECKPOINT_CHUNKS,
             "noun_extractor": noun_extractor,
+            "noun_datasets": noun_datasets,
             "prompt_weight": pacl.PROMPT_AUG.WEIGHT,
             "infer_stride": pacl.INFER_STRIDE,
             "stride_mode": pacl.STRIDE_MODE,
@@ -240,8 +243,9 @@ class PACL(nn.Module):
         return self
 
     def current_logit_scale(self) -> torch.Tensor:
-        """s = exp(log s) clamped at ``logit_scale_max`` (0-dim)."""
-        return clamped_logit_scale(self.logit_scale, self.logit_scale_max)
+        """s = exp(log s) clamped at ``logit_scale_max`` (0-dim); CLIP's for the baseline."""
+        log_scale = self.clip.logit_scale if self.logit_scale is None else self.logit_scale
+        return clamped_logit_scale(log_scale, self.logit_scale_max)
 
     # ---------------------------------------------------------------------------------------------------
     # training
@@ -280,10 +284,34 @@ class PACL(nn.Module):
             )
         return random.choice(valid)
 
+    def _load_noun_table(self) -> Dict[str, List[str]]:
+        """caption -> nouns for every caption of ``noun_datasets`` (parsed once, disk-cached)."""
+        from ov_seg.mining import extract_for_dataset
+
+        table: Dict[str, List[str]] = {}
+        for name in self.noun_datasets:
+            dicts = DatasetCatalog.get(name)
+            per_image = extract_for_dataset(name, self.noun_extractor, per_caption=True)
+            for d in dicts:
+                table.update(zip(d["captions"], per_image[d["image_id"]]))
+            logger.info(
+                "PACL prompt augmentation: nouns of %s ready (%d captions)", name, len(table)
+            )
+        return table
+
+    def caption_nouns(self, captions: Sequence[str]) -> List[List[str]]:
+        """Nouns of each caption: from the dataset table, else parsed (and memoised) now."""
+        if self._noun_table is None:
+            self._noun_table = self._load_noun_table()
+        table = self._noun_table
+        missing = list(dict.fromkeys(c for c in captions if c not in table))
+        parsed = dict(zip(missing, self.noun_extractor(missing))) if missing else {}
+        return [table[c] if c in table else parsed[c] for c in captions]
+
     def noun_prompts(self, captions: Sequence[str]) -> List[str]:
-        """Per caption, one of its nouns in one random template (the caption itself if it has none)."""
+        """Per caption, one of its nouns in a random template (the caption if it has no noun)."""
         prompts = []
-        for caption, nouns in zip(captions, self.noun_extractor(captions)):
+        for caption, nouns in zip(captions, self.caption_nouns(captions)):
             nouns = [n for n in nouns if n.strip()]
             prompts.append(
                 random.choice(self.templates).format(random.choice(nouns)) if nouns else caption

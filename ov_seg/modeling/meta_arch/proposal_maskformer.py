@@ -1,4 +1,4 @@
-"""``ProposalMaskFormer``: the MaskFormer proposal generator of two-stage open-vocabulary segmentation."""
+"""``ProposalMaskFormer``: the MaskFormer proposal generator of two-stage OVSeg."""
 
 from typing import Dict, List, Optional, Sequence
 
@@ -26,7 +26,7 @@ def _class_score(mask_cls: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def _class_x_mask_score(mask_cls: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """(1 − p(no object)) × mean probability inside the binarised mask (Mask2Former's instance score)."""
+    """(1 − p(no object)) × mean probability inside the binarised mask (Mask2Former's score)."""
     binary = (masks > 0.5).to(masks.dtype)
     mask_score = (masks * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     return _class_score(mask_cls, masks) * mask_score
@@ -39,17 +39,19 @@ PROPOSAL_SCORES = {"class": _class_score, "class_x_mask": _class_x_mask_score}
 @META_ARCH_REGISTRY.register()
 class ProposalMaskFormer(nn.Module):
     """MaskFormer (mask classification) producing N mask proposals per image with class / objectness
-    scores: backbone → pixel decoder (per-pixel embeddings at stride 4) → transformer decoder (N queries,
-    one mask per query) → class head (open-vocabulary or class-agnostic).
+    scores: backbone → pixel decoder (per-pixel embeddings at stride 4) → transformer decoder (N
+    queries, one mask per query) → class head (open-vocabulary or class-agnostic).
 
     Input (``batched_inputs``: list of dicts from a dataset mapper): ``image`` (3, H, W) in
     ``INPUT.FORMAT``; optional ``height``/``width`` (output size, default the input size);
-    ``instances`` (training) with ``gt_classes`` (N,) and ``gt_masks`` (N, H, W) (BitMasks or tensor);
-    optional ``vocabulary`` (class names for the open-vocabulary head; default: the training dataset's).
+    ``instances`` (training) with ``gt_classes`` (N,) and ``gt_masks`` (N, H, W) (BitMasks or
+    tensor); optional ``vocabulary`` (class names for the open-vocabulary head; default: the
+    training dataset's).
 
-    Output in training: a dict of weighted losses (``SetCriterion``). In inference: per image a dict with
-    ``sem_seg`` (K, height, width) class probabilities, ``panoptic_seg`` (``(H, W)`` int32 segment ids,
-    ``segments_info``) and ``proposals`` (see ``predict_proposals``), each when its TEST flag is on.
+    Output in training: a dict of weighted losses (``SetCriterion``). In inference: per image a dict
+    with ``sem_seg`` (K, height, width) class probabilities, ``panoptic_seg`` (``(H, W)`` int32
+    segment ids, ``segments_info``) and ``proposals`` (see ``predict_proposals``), each when its
+    TEST flag is on.
     """
 
     @configurable
@@ -83,8 +85,10 @@ class ProposalMaskFormer(nn.Module):
             criterion: the set criterion (holds the matcher).
             transformer_in_feature: memory of the decoder: a backbone feature name or
                 "transformer_encoder" (the pixel decoder's encoder output).
-            size_divisibility: pad batched images to a multiple of this (and of the backbone's).
-            pixel_mean, pixel_std: per-channel normalisation (3 values each, ``INPUT.FORMAT`` order).
+            size_divisibility: pad batched images to a multiple of this; <= 0: the backbone's
+                ``size_divisibility`` (INPUT.SIZE_DIVISIBILITY -1).
+            pixel_mean, pixel_std: per-channel normalisation (3 values each, ``INPUT.FORMAT``
+                order).
             vocabulary: class names used when an input has no ``vocabulary`` (open-vocabulary head).
             thing_ids: class ids that are things (panoptic inference; others are merged as stuff).
             semantic_on, panoptic_on, proposals_on: inference outputs.
@@ -95,11 +99,13 @@ class ProposalMaskFormer(nn.Module):
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError(f"pixel_mean / pixel_std need 3 values, got {pixel_mean}, {pixel_std}")
         if proposal_score not in PROPOSAL_SCORES:
-            raise KeyError(f"unknown proposal score {proposal_score!r}; known: {sorted(PROPOSAL_SCORES)}")
+            raise KeyError(
+                f"unknown proposal score {proposal_score!r}; known: {sorted(PROPOSAL_SCORES)}"
+            )
         if getattr(class_head, "class_agnostic", False) and (semantic_on or panoptic_on):
             raise ValueError(
-                "the class-agnostic head predicts no categories: set MODEL.MASK_FORMER.TEST.SEMANTIC_ON "
-                "and PANOPTIC_ON to False (proposals only)"
+                "the class-agnostic head predicts no categories: set "
+                "MODEL.MASK_FORMER.TEST.SEMANTIC_ON and PANOPTIC_ON to False (proposals only)"
             )
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
@@ -107,7 +113,9 @@ class ProposalMaskFormer(nn.Module):
         self.class_head = class_head
         self.criterion = criterion
         self.transformer_in_feature = transformer_in_feature
-        self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0))
+        if size_divisibility <= 0:
+            size_divisibility = getattr(backbone, "size_divisibility", 0)
+        self.size_divisibility = size_divisibility
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.vocabulary = list(vocabulary)
@@ -121,8 +129,8 @@ class ProposalMaskFormer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, clip_model: Optional[nn.Module] = None):
-        """Arguments from ``cfg``; ``clip_model``: an open_clip model to share with the open-vocabulary
-        class head (default: the head builds ``MODEL.CLIP``'s)."""
+        """Arguments from ``cfg``; ``clip_model``: an open_clip model to share with the
+        open-vocabulary class head (default: the head builds ``MODEL.CLIP``'s)."""
         m = cfg.MODEL.MASK_FORMER
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
@@ -166,7 +174,7 @@ class ProposalMaskFormer(nn.Module):
             "class_head": build_class_head(cfg, clip_model),
             "criterion": criterion,
             "transformer_in_feature": m.TRANSFORMER_IN_FEATURE,
-            "size_divisibility": m.SIZE_DIVISIBILITY,
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "vocabulary": train_meta.get("stuff_classes", []) if train_meta else [],
@@ -197,14 +205,18 @@ class ProposalMaskFormer(nn.Module):
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def batch_vocabulary(self, batched_inputs: List[dict]) -> List[str]:
-        """The class names of the batch: the inputs' ``vocabulary`` (all equal) or the default one."""
+        """The class names of the batch: the inputs' ``vocabulary`` (all equal) or the default
+        one."""
         vocabs = {tuple(x["vocabulary"]) for x in batched_inputs if x.get("vocabulary")}
         if len(vocabs) > 1:
             raise ValueError("all images of a batch must share one vocabulary")
         return list(vocabs.pop()) if vocabs else self.vocabulary
 
-    def prepare_targets(self, batched_inputs: List[dict], images: ImageList, vocabulary) -> List[dict]:
-        """Per image ``labels`` (N,) and ``masks`` (N, H_pad, W_pad) bool, padded like the images."""
+    def prepare_targets(
+        self, batched_inputs: List[dict], images: ImageList, vocabulary
+    ) -> List[dict]:
+        """Per image ``labels`` (N,) and ``masks`` (N, H_pad, W_pad) bool, padded like the
+        images."""
         h_pad, w_pad = images.tensor.shape[-2:]
         targets = []
         for x in batched_inputs:
@@ -215,30 +227,35 @@ class ProposalMaskFormer(nn.Module):
                 )
             inst = x["instances"].to(self.device)
             masks = getattr(inst.gt_masks, "tensor", inst.gt_masks)
-            padded = torch.zeros((masks.shape[0], h_pad, w_pad), dtype=torch.bool, device=self.device)
+            padded = torch.zeros(
+                (masks.shape[0], h_pad, w_pad), dtype=torch.bool, device=self.device
+            )
             padded[:, : masks.shape[1], : masks.shape[2]] = masks.bool()
             labels = self.class_head.training_labels(inst.gt_classes.long(), vocabulary)
             targets.append({"labels": labels, "masks": padded})
         return targets
 
     # ------------------------------------------------------------------ network
-    def forward_outputs(self, images: torch.Tensor, vocabulary: Sequence[str]) -> Dict[str, torch.Tensor]:
+    def forward_outputs(
+        self, images: torch.Tensor, vocabulary: Sequence[str]
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             images: (B, 3, H_pad, W_pad) normalised, padded images.
             vocabulary: class names for the class head.
 
         Returns:
-            ``pred_logits`` (L, B, Q, K + 1), ``pred_masks`` (L, B, Q, H_pad / 4, W_pad / 4) logits and
-            ``query_embeds`` (L, B, Q, d), for L supervised decoder layers (the last is the output).
+            ``pred_logits`` (L, B, Q, K + 1), ``pred_masks`` (L, B, Q, H_pad / 4, W_pad / 4) logits
+            and ``query_embeds`` (L, B, Q, d), for L supervised decoder layers (the last is the
+            output).
         """
         features = self.backbone(images)
         mask_features, encoder_features = self.pixel_decoder.forward_features(features)
         if self.transformer_in_feature == "transformer_encoder":
             if encoder_features is None:
                 raise ValueError(
-                    "TRANSFORMER_IN_FEATURE 'transformer_encoder' needs a pixel decoder with an encoder "
-                    "(MODEL.PIXEL_DECODER.NAME 'TransformerEncoderPixelDecoder')"
+                    "TRANSFORMER_IN_FEATURE 'transformer_encoder' needs a pixel decoder with an "
+                    "encoder (MODEL.PIXEL_DECODER.NAME 'TransformerEncoderPixelDecoder')"
                 )
             memory = encoder_features
         else:
@@ -258,13 +275,19 @@ class ProposalMaskFormer(nn.Module):
         return self.inference(batched_inputs, images, outputs)
 
     # ------------------------------------------------------------------ inference
-    def _image_masks(self, mask_pred: torch.Tensor, images: ImageList, i: int, height: int, width: int):
-        """Mask logits (Q, h, w) of image i → (Q, height, width): upsample to the padded size, crop the
-        image, resize to the output size."""
-        up = F.interpolate(mask_pred[None], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False)
+    def _image_masks(
+        self, mask_pred: torch.Tensor, images: ImageList, i: int, height: int, width: int
+    ):
+        """Mask logits (Q, h, w) of image i → (Q, height, width): upsample to the padded size, crop
+        the image, resize to the output size."""
+        up = F.interpolate(
+            mask_pred[None], size=images.tensor.shape[-2:], mode="bilinear", align_corners=False
+        )
         return sem_seg_postprocess(up[0], images.image_sizes[i], height, width)
 
-    def inference(self, batched_inputs: List[dict], images: ImageList, outputs: Dict[str, torch.Tensor]):
+    def inference(
+        self, batched_inputs: List[dict], images: ImageList, outputs: Dict[str, torch.Tensor]
+    ):
         results = []
         pred_logits, pred_masks = outputs["pred_logits"][-1], outputs["pred_masks"][-1]
         for i, x in enumerate(batched_inputs):
@@ -282,7 +305,9 @@ class ProposalMaskFormer(nn.Module):
             results.append(r)
         return results
 
-    def _proposals(self, mask_cls: torch.Tensor, masks: torch.Tensor, query_embeds: torch.Tensor) -> dict:
+    def _proposals(
+        self, mask_cls: torch.Tensor, masks: torch.Tensor, query_embeds: torch.Tensor
+    ) -> dict:
         return {
             "masks": masks,
             "scores": PROPOSAL_SCORES[self.proposal_score](mask_cls, masks),
@@ -292,16 +317,18 @@ class ProposalMaskFormer(nn.Module):
 
     @torch.no_grad()
     def predict_proposals(self, batched_inputs: List[dict]) -> List[dict]:
-        """Raw proposals for the second stage and caption mining (call ``eval()`` first for dropout off).
+        """Raw proposals for the second stage and caption mining (call ``eval()`` first for dropout
+        off).
 
         Args:
-            batched_inputs: as for ``forward`` (``image``, optional ``height``/``width``/``vocabulary``).
+            batched_inputs: as for ``forward`` (``image``, optional
+                ``height``/``width``/``vocabulary``).
 
         Returns:
             per image a dict with
             ``masks`` (Q, height, width) float mask probabilities σ(m_q) at the output size;
-            ``scores`` (Q,) proposal scores (MODEL.MASK_FORMER.TEST.PROPOSAL_SCORE; "class" = 1 − p(no
-            object), the objectness of the class-agnostic head);
+            ``scores`` (Q,) proposal scores (MODEL.MASK_FORMER.TEST.PROPOSAL_SCORE; "class" = 1 −
+            p(no object), the objectness of the class-agnostic head);
             ``class_logits`` (Q, K + 1) logits of the class head (last column: no object);
             ``query_embeds`` (Q, d) final decoder outputs.
         """
@@ -311,14 +338,19 @@ class ProposalMaskFormer(nn.Module):
         for i, x in enumerate(batched_inputs):
             height = x.get("height", images.image_sizes[i][0])
             width = x.get("width", images.image_sizes[i][1])
-            masks = self._image_masks(outputs["pred_masks"][-1, i].float(), images, i, height, width)
+            masks = self._image_masks(
+                outputs["pred_masks"][-1, i].float(), images, i, height, width
+            )
             mask_cls = outputs["pred_logits"][-1, i].float()
-            proposals.append(self._proposals(mask_cls, masks.sigmoid(), outputs["query_embeds"][-1, i]))
+            proposals.append(
+                self._proposals(mask_cls, masks.sigmoid(), outputs["query_embeds"][-1, i])
+            )
         return proposals
 
     @staticmethod
     def semantic_inference(mask_cls: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """semseg[c] = Σ_q softmax(mask_cls_q)[c] · σ(m_q), no-object column dropped after the softmax.
+        """semseg[c] = Σ_q softmax(mask_cls_q)[c] · σ(m_q), no-object column dropped after the
+        softmax.
 
         Args:
             mask_cls: (Q, K + 1) logits. masks: (Q, H, W) probabilities.
@@ -332,9 +364,10 @@ class ProposalMaskFormer(nn.Module):
     def panoptic_inference(self, mask_cls: torch.Tensor, masks: torch.Tensor):
         """MaskFormer panoptic rules. mask_cls: (Q, K + 1) logits. masks: (Q, H, W) probabilities.
 
-        Keep queries whose best class is not "no object" and whose score exceeds the object-mask threshold;
-        each pixel goes to argmax_q score_q · σ(m_q); a query whose kept area / (σ(m_q) ≥ 0.5 area) is
-        below the overlap threshold is dropped; stuff segments of the same class are merged.
+        Keep queries whose best class is not "no object" and whose score exceeds the object-mask
+        threshold; each pixel goes to argmax_q score_q · σ(m_q); a query whose kept area / (σ(m_q) ≥
+        0.5 area) is below the overlap threshold is dropped; stuff segments of the same class are
+        merged.
 
         Returns:
             (panoptic_seg (H, W) int32 with 0 = void, segments_info list of dicts with ``id``,

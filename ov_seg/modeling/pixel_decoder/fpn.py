@@ -1,4 +1,4 @@
-"""FPN pixel decoders of MaskFormer: plain FPN, and FPN with a transformer encoder on its coarsest level."""
+"""MaskFormer's FPN pixel decoders: plain, and with a transformer encoder on the coarsest level."""
 
 from typing import Dict, List, Optional, Tuple
 
@@ -38,12 +38,15 @@ def _conv(in_ch: int, out_ch: int, kernel: int, norm: str, relu: bool) -> Conv2d
 class BasePixelDecoder(nn.Module):
     """Top-down FPN over the backbone features; the finest level gives the per-pixel embeddings.
 
-    The coarsest level only gets a 3x3 conv; each finer level adds a 1x1 lateral conv of its feature to
-    the nearest-upsampled coarser output, then a 3x3 conv. ``mask_features`` = 3x3 conv of the finest output.
+    The coarsest level only gets a 3x3 conv; each finer level adds a 1x1 lateral conv of its feature
+    to the nearest-upsampled coarser output, then a 3x3 conv. ``mask_features`` = 3x3 conv of the
+    finest output.
     """
 
     @configurable
-    def __init__(self, *, input_shape: Dict[str, ShapeSpec], conv_dim: int, mask_dim: int, norm: str):
+    def __init__(
+        self, *, input_shape: Dict[str, ShapeSpec], conv_dim: int, mask_dim: int, norm: str
+    ):
         """
         Args:
             input_shape: backbone features used (name → ShapeSpec with channels and stride).
@@ -54,15 +57,21 @@ class BasePixelDecoder(nn.Module):
         super().__init__()
         if not input_shape:
             raise ValueError("the pixel decoder needs at least one backbone feature")
-        self.in_features: List[str] = [k for k, _ in sorted(input_shape.items(), key=lambda kv: kv[1].stride)]
+        self.in_features: List[str] = [
+            k for k, _ in sorted(input_shape.items(), key=lambda kv: kv[1].stride)
+        ]
         channels = [input_shape[k].channels for k in self.in_features]
         self.common_stride = input_shape[self.in_features[0]].stride
         # index 0 = coarsest level
         self.lateral_convs = nn.ModuleList()
         self.output_convs = nn.ModuleList()
         for i, ch in enumerate(reversed(channels)):
-            self.lateral_convs.append(_conv(ch, conv_dim, 1, norm, relu=False) if i > 0 else nn.Identity())
-            self.output_convs.append(_conv(ch if i == 0 else conv_dim, conv_dim, 3, norm, relu=True))
+            self.lateral_convs.append(
+                _conv(ch, conv_dim, 1, norm, relu=False) if i > 0 else nn.Identity()
+            )
+            self.output_convs.append(
+                _conv(ch if i == 0 else conv_dim, conv_dim, 3, norm, relu=True)
+            )
         self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=3, padding=1)
         weight_init.c2_xavier_fill(self.mask_features)
         self.conv_dim = conv_dim
@@ -112,8 +121,8 @@ class BasePixelDecoder(nn.Module):
 
 @PIXEL_DECODER_REGISTRY.register("TransformerEncoderPixelDecoder")
 class TransformerEncoderPixelDecoder(BasePixelDecoder):
-    """``BasePixelDecoder`` whose coarsest feature is first projected to ``conv_dim`` and passed through a
-    transformer encoder (sine positions); the encoder output is also the decoder memory
+    """``BasePixelDecoder`` whose coarsest feature is first projected to ``conv_dim`` and passed
+    through a transformer encoder (sine positions); the encoder output is also the decoder memory
     (MASK_FORMER.TRANSFORMER_IN_FEATURE "transformer_encoder")."""
 
     @configurable

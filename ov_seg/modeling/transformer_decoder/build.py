@@ -7,9 +7,10 @@ __all__ = ["TRANSFORMER_DECODER_REGISTRY", "build_transformer_decoder"]
 TRANSFORMER_DECODER_REGISTRY = NamedRegistry("TRANSFORMER_DECODER")
 TRANSFORMER_DECODER_REGISTRY.__doc__ = """
 Registry of transformer decoders turning learned queries into per-query embeddings and masks.
-A registered class is ``@configurable`` with ``from_config(cls, cfg, in_channels)`` and its forward takes
-``(x, mask_features)`` — the memory (B, C_in, h, w) and per-pixel embeddings (B, C_E, H, W) — and
-returns ``{"query_embeds": (L, B, Q, d), "pred_masks": (L, B, Q, H, W)}`` (L = supervised layers).
+A registered class is ``@configurable`` with ``from_config(cls, cfg, in_channels)``; its forward
+takes ``(x, mask_features)`` — the memory (B, C_in, h, w) and per-pixel embeddings (B, C_E, H, W) —
+and returns ``{"query_embeds": (L, B, Q, d), "pred_masks": (L, B, Q, H, W)}`` (L supervised
+layers).
 """
 
 
@@ -21,6 +22,8 @@ def build_transformer_decoder(cfg, in_channels: int):
     """
     name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
     cls = get_registered(
-        TRANSFORMER_DECODER_REGISTRY, name, "transformer decoder (MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME)"
+        TRANSFORMER_DECODER_REGISTRY,
+        name,
+        "transformer decoder (MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME)",
     )
     return cls(cfg, in_channels=in_channels)

@@ -1,4 +1,4 @@
-"""DETR-style transformer decoder with N learned queries and per-layer mask predictions (MaskFormer)."""
+"""DETR-style decoder with N learned queries and per-layer mask predictions (MaskFormer)."""
 
 from typing import Dict
 
@@ -17,9 +17,10 @@ __all__ = ["DETRTransformerDecoder"]
 class DETRTransformerDecoder(nn.Module):
     """N learned queries attend to one feature map through ``dec_layers`` DETR decoder layers.
 
-    Every layer's output goes through a shared LayerNorm; a 3-layer MLP maps it to a mask embedding that
-    is dotted with the per-pixel embeddings: ``pred_masks = einsum("bqc,bchw->bqhw", MLP(q), mask_features)``.
-    Class logits are left to a class head (``ov_seg.modeling.heads``) applied to ``query_embeds``.
+    Every layer's output goes through a shared LayerNorm; a 3-layer MLP maps it to a mask embedding
+    that is dotted with the per-pixel embeddings: ``pred_masks = einsum("bqc,bchw->bqhw", MLP(q),
+    mask_features)``. Class logits are left to a class head (``ov_seg.modeling.heads``) applied to
+    ``query_embeds``.
     """
 
     @configurable
@@ -45,7 +46,8 @@ class DETRTransformerDecoder(nn.Module):
             num_queries: number of learned queries N.
             nheads, dim_feedforward, dec_layers, dropout, pre_norm: decoder layer settings.
             mask_dim: channels C_E of the per-pixel embeddings.
-            enforce_input_proj: project the memory with a 1x1 conv even when ``in_channels == hidden_dim``.
+            enforce_input_proj: project the memory with a 1x1 conv even when ``in_channels ==
+                hidden_dim``.
             deep_supervision: return the outputs of every layer (else only the last).
         """
         super().__init__()
@@ -92,8 +94,9 @@ class DETRTransformerDecoder(nn.Module):
             mask_features: (B, C_E, H, W) per-pixel embeddings.
 
         Returns:
-            dict with ``query_embeds`` (L, B, Q, d) — normalised decoder outputs — and ``pred_masks``
-            (L, B, Q, H, W) mask logits, L = ``dec_layers`` with deep supervision, else 1 (last layer).
+            dict with ``query_embeds`` (L, B, Q, d) — normalised decoder outputs — and
+            ``pred_masks`` (L, B, Q, H, W) mask logits, L = ``dec_layers`` with deep supervision,
+            else 1 (last layer).
         """
         memory, pos = flatten_with_pos(self.input_proj(x), self.pos_encoding)
         b = memory.shape[0]

@@ -35,7 +35,7 @@ class MLP(nn.Module):
 
 
 class SinePositionEncoding(nn.Module):
-    """2-D sine / cosine position encoding of a feature map (DETR), coordinates normalised to (0, 2 pi].
+    """2-D sine / cosine position encoding of a feature map (DETR), coordinates scaled to (0, 2π].
 
     Args:
         num_channels: output channels (even); half encode y, half encode x.
@@ -45,7 +45,9 @@ class SinePositionEncoding(nn.Module):
     def __init__(self, num_channels: int, temperature: float = 10000.0):
         super().__init__()
         if num_channels % 4 != 0:
-            raise ValueError(f"sine position encoding needs channels divisible by 4, got {num_channels}")
+            raise ValueError(
+                f"sine position encoding needs channels divisible by 4, got {num_channels}"
+            )
         self.num_pos_feats = num_channels // 2
         self.temperature = temperature
 
@@ -63,7 +65,9 @@ class SinePositionEncoding(nn.Module):
         y = torch.arange(1, h + 1, device=x.device, dtype=torch.float32) / (h + eps) * scale
         xs = torch.arange(1, w + 1, device=x.device, dtype=torch.float32) / (w + eps) * scale
         i = torch.arange(self.num_pos_feats, device=x.device, dtype=torch.float32)
-        dim_t = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / self.num_pos_feats)
+        dim_t = self.temperature ** (
+            2 * torch.div(i, 2, rounding_mode="floor") / self.num_pos_feats
+        )
         pos_y = y[:, None] / dim_t  # (H, F)
         pos_x = xs[:, None] / dim_t  # (W, F)
         pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)
@@ -105,7 +109,7 @@ class _ResidualBlocks(nn.Module):
         self.pre_norm = pre_norm
 
     def residual(self, i: int, x: torch.Tensor, fn) -> torch.Tensor:
-        """x + fn(x) through block ``i``'s dropout and LayerNorm (before fn if pre-norm, after if not)."""
+        """x + fn(x) with block ``i``'s dropout and LayerNorm (pre-norm: before fn; else after)."""
         y = fn(self.norms[i](x)) if self.pre_norm else fn(x)
         x = x + self.dropouts[i](y)
         return x if self.pre_norm else self.norms[i](x)
@@ -115,7 +119,8 @@ class TransformerEncoderLayer(_ResidualBlocks):
     """Self-attention (position encoding added to queries and keys) + FFN.
 
     Args:
-        dim: token width. nheads: attention heads. dim_feedforward: FFN width. dropout: dropout rate.
+        dim: token width. nheads: attention heads. dim_feedforward: FFN width.
+        dropout: dropout rate.
         pre_norm: LayerNorm before (True) or after (False, DETR) each residual block.
     """
 
