@@ -190,7 +190,8 @@ def test_pairs_output_and_precision(mined_gt):
     tsv = (mined_gt / "crops.tsv").read_text().splitlines()
     assert tsv[0] == "filepath\ttitle" and len(tsv) == len(coco["annotations"]) + 1
     assert all((mined_gt / row.split("\t")[0]).is_file() for row in tsv[1:])
-    # ground-truth proposals: a pair is correct (IoU 1) exactly when the chosen segment has its class
+    # ground-truth proposals: a pair is correct (IoU 1) exactly when the chosen segment has its
+    # class
     p = mining_precision(coco, "toyworld_panoptic_train")
     same = [a["proposal_category"] == a["category"] for a in coco["annotations"]]
     assert p["num_pairs"] == len(same) and p["precision"] == pytest.approx(sum(same) / len(same))

@@ -186,12 +186,12 @@ def main(argv=None):
     p.add_argument("opts", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
     results = {"cpu_cores": len(os.sched_getaffinity(0)), "load_avg_start": os.getloadavg()}
     if not args.skip_stage1:
         results["stage1"] = stage1(args)
     if not args.skip_stage2:
-        results["stage2"] = stage2(args)
+        with torch.no_grad():
+            results["stage2"] = stage2(args)
     results["load_avg_end"] = os.getloadavg()
     print(f"load average start {results['load_avg_start']} end {results['load_avg_end']}")
     if args.json:

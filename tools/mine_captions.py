@@ -286,8 +286,8 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     set_num_threads(1)
-    torch.set_grad_enabled(False)
-    summary = COMMANDS[args.command](args)
+    with torch.no_grad():
+        summary = COMMANDS[args.command](args)
     print(json.dumps(summary))
     return summary
 

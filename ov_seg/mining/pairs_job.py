@@ -209,6 +209,7 @@ def _write_crop(
     os.replace(tmp, path)
 
 
+@torch.no_grad()
 def mine_image_pairs(
     records: Sequence[dict],
     images: Sequence[np.ndarray],
