@@ -210,3 +210,19 @@ def test_mask_adapted_clip_runs_and_exports(pretrained, toyworld_root, tmp_path)
     cfg2 = setup_config("configs/toyworld/clip_mpt.yaml", ["MODEL.CLIP.PRETRAINED", path])
     assert torch.equal(Trainer.build_model(cfg2).crop_classifier.encoder.prompts.detach(), prompts)
     json.dumps({k: float(v.float().sum()) for k, v in after.items()})  # finite, serialisable
+
+
+def test_register_caption_csv_flickr8k(shared_dir):
+    """The shared Flickr8k subset (``image,caption`` CSV) as a caption dataset, through the mapper."""
+    root = shared_dir / "data" / "flickr8k_subset1000"
+    if not (root / "captions.csv").is_file():
+        pytest.skip("flickr8k subset absent")
+    register_caption_csv(
+        "test_flickr8k", str(root / "captions.csv"), str(root / "images"), ",", "image", "caption"
+    )
+    dicts = DatasetCatalog.get("test_flickr8k")
+    assert len(dicts) == 1000 and all(len(d["captions"]) == 5 for d in dicts)
+    cfg = setup_config("configs/toyworld/clip_pretrain.yaml")
+    x = build_dataset_mapper(cfg, True, "test_flickr8k")(dicts[0])
+    assert x["image"].shape[0] == 3 and max(x["image"].shape[1:]) == 64  # INPUT.MAX_SIZE_TRAIN 64
+    assert x["captions"] == dicts[0]["captions"] and x["hard_negatives"] == []

@@ -283,8 +283,9 @@ def _load_model(name: str):
     from thinc.api import use_ops
 
     try:
-        # numpy's BLAS: its float32 GEMM is ~1.7x faster than thinc's bundled blis on this machine's
-        # CPUs (the GEMMs are half of the parsing time); threads follow OMP/OPENBLAS_NUM_THREADS
+        # numpy's BLAS for the GEMMs (half of the parsing time): faster than thinc's bundled blis on
+        # this machine's CPUs (same outputs on the 5000 Flickr8k captions); threads follow
+        # OMP_NUM_THREADS / OPENBLAS_NUM_THREADS
         with use_ops("numpy", use_blis=False):
             nlp = spacy.load(name, exclude=["ner", "senter"])
     except OSError as e:
