@@ -31,14 +31,27 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=0, help="processes (0 = free CPU cores)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    root = Path(args.root) if args.root else Path(os.getenv("DETECTRON2_DATASETS", "datasets")) / args.name
+    root = (
+        Path(args.root)
+        if args.root
+        else Path(os.getenv("DETECTRON2_DATASETS", "datasets")) / args.name
+    )
     spec = ToyWorldSpec(image_size=args.image_size, seed=args.seed)
     spec.splits = default_splits(args.num_train, args.num_val, args.num_web)
     workers = args.workers or free_cores()
     records = generate_toyworld(root, spec, splits=args.splits, force=args.force, workers=workers)
     for split, rec in records.items():
-        print(json.dumps({"root": str(root), "split": split, "images": rec["num_images"],
-                          "captions": rec["num_captions"], "images_per_s": rec["images_per_s"]}))
+        print(
+            json.dumps(
+                {
+                    "root": str(root),
+                    "split": split,
+                    "images": rec["num_images"],
+                    "captions": rec["num_captions"],
+                    "images_per_s": rec["images_per_s"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ def test_skip_rerun_and_output_check(tmp_path):
     assert first["write"]["peak_rss_mib"] > 0
     assert run_stages(stages, tmp_path / "job")["write"]["skipped"]
     out.write_text("changed size")  # output no longer matches the record: the stage runs again
-    again = run_stages([Stage("write", _writer(out, "hello"), outputs=[str(out)])], tmp_path / "job")
+    again = run_stages(
+        [Stage("write", _writer(out, "hello"), outputs=[str(out)])], tmp_path / "job"
+    )
     assert not again["write"]["skipped"] and out.read_text() == "hello"
 
 

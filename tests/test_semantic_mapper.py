@@ -22,7 +22,9 @@ def test_16bit_ground_truth_and_ignore_remap(tmp_path):
     gt_path = tmp_path / "a_gt.png"
     Image.fromarray(gt).save(gt_path)
     mapper = _mapper("ov_seg_test_16bit", [f"c{i}" for i in range(6)], 65535)
-    out = mapper({"file_name": str(img), "sem_seg_file_name": str(gt_path), "height": 5, "width": 7})
+    out = mapper(
+        {"file_name": str(img), "sem_seg_file_name": str(gt_path), "height": 5, "width": 7}
+    )
     assert out["image"].shape == (3, 5, 7)
     assert out["sem_seg"][0].tolist() == [0, 1, 255, 2, 3, 4, 5]
     assert out["vocabulary"] == [f"c{i}" for i in range(6)]

@@ -11,8 +11,16 @@ from ov_seg.engine import Trainer
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 BASES = [c for c in CONFIGS if Path(c).name.startswith("Base-")]
 # Tiny overrides for real-scale configs: keep their structure, no weights, CPU.
-TINY = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.CLIP.PRETRAINED", "",
-        "OUTPUT_DIR", "/tmp/ov_seg_test_setup"]
+TINY = [
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.WEIGHTS",
+    "",
+    "MODEL.CLIP.PRETRAINED",
+    "",
+    "OUTPUT_DIR",
+    "/tmp/ov_seg_test_setup",
+]
 
 
 def test_configs_exist():

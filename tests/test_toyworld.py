@@ -67,7 +67,9 @@ def _check_consistency(root, split):
             assert set(np.unique(sem[sel])) == {s["category_id"] - 1}
         # void panoptic pixels are exactly the ignore pixels of the semantic map
         assert np.array_equal(pid == 0, sem == 255)
-        thing_names = {names[s["category_id"]] for s in ann["segments_info"] if s["category_id"] > 5}
+        thing_names = {
+            names[s["category_id"]] for s in ann["segments_info"] if s["category_id"] > 5
+        }
         for cap in caps_by_image[ann["image_id"]]:
             for n in thing_names:  # every visible object is named (singular or plural)
                 assert n in cap, (cap, thing_names)
@@ -94,8 +96,11 @@ def test_unseen_never_in_training(toyworld_root):
                 assert not any(n in text for n in UNSEEN_NAMES), text
     val = json.loads((toyworld_root / "panoptic_val.json").read_text())
     names = {c["id"]: c["name"] for c in val["categories"]}
-    assert any(names[s["category_id"]] in UNSEEN_NAMES for a in val["annotations"]
-               for s in a["segments_info"])
+    assert any(
+        names[s["category_id"]] in UNSEEN_NAMES
+        for a in val["annotations"]
+        for s in a["segments_info"]
+    )
 
 
 def test_web_split_has_object_centric_and_hard_negatives(toyworld_root):

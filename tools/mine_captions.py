@@ -114,6 +114,12 @@ def _pairs_args(sub) -> None:
     p.add_argument(
         "--max-proposals", type=int, default=0, help="top proposals by objectness (0: all)"
     )
+    p.add_argument(
+        "--objectness-weight",
+        type=float,
+        default=0.0,
+        help="choose by cos + w*log(objectness) (0: OVSeg's cosine only)",
+    )
     p.add_argument("--crops", action="store_true", help="also write PNG masked crops + crops.tsv")
     p.add_argument("--batch-size", type=int, default=16, help="images per CLIP forward")
     _common(p)
@@ -241,6 +247,7 @@ def cmd_pairs(args) -> dict:
         captions_per_image=args.captions_per_image,
         min_score=args.min_score,
         one_to_one=args.one_to_one,
+        objectness_weight=args.objectness_weight,
         crops=args.crops,
         batch_size=args.batch_size,
         chunk_size=args.chunk_size or 500,

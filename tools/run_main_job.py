@@ -11,6 +11,7 @@ Every stage is an ordinary command (printed as it starts) that can be re-run on 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,65 +22,436 @@ sys.path.insert(0, str(REPO))
 from ov_seg.engine.pipeline import Stage, atomic_write_json, run_stages  # noqa: E402
 
 
-def build_stages(out: Path, data_root: Path):
-    """The stages of the main job, in order."""
-    tw = data_root / "toyworld"
-    train_net = str(REPO / "tools" / "train_net.py")
-    semseg = out / "semseg_R18"
+def _train(name, config, out_dir, *opts, estimate_s=120, outputs=("model_final.pth",)):
+    """A ``tools/train_net.py`` training stage writing ``out_dir``."""
+    return Stage(
+        name,
+        [TRAIN_NET, "--config-file", str(REPO / config), *opts, "OUTPUT_DIR", str(out_dir)],
+        outputs=[str(out_dir / o) for o in outputs],
+        estimate_s=estimate_s,
+    )
+
+
+def _evaluate(name, config, out_dir, *opts, estimate_s=30):
+    """A ``tools/train_net.py --eval-only`` stage writing ``out_dir/eval_results.json``."""
+    return Stage(
+        name,
+        [
+            TRAIN_NET,
+            "--config-file",
+            str(REPO / config),
+            "--eval-only",
+            *opts,
+            "OUTPUT_DIR",
+            str(out_dir),
+        ],
+        outputs=[str(out_dir / "eval_results.json")],
+        estimate_s=estimate_s,
+    )
+
+
+TRAIN_NET = str(REPO / "tools" / "train_net.py")
+MINE = str(REPO / "tools" / "mine_captions.py")
+TWO_STAGE_CONFIG = "configs/toyworld/two_stage_R18.yaml"
+
+
+def two_stage_weights(out: Path):
+    """Options loading the trained proposals and the mask-adapted (FT then MPT) CLIP."""
     return [
+        "MODEL.TWO_STAGE.PROPOSAL_WEIGHTS",
+        str(out / "proposals" / "model_final.pth"),
+        "MODEL.CLIP.PRETRAINED",
+        str(out / "clip_mpt" / "clip_export.pth"),
+    ]
+
+
+def build_stages(out: Path, data_root: Path):
+    """The stages of the main job, in order (each one an ordinary, re-runnable launch)."""
+    tw = data_root / "toyworld"
+    clip = out / "clip_pretrain" / "clip_export.pth"
+    proposals = out / "proposals" / "model_final.pth"
+    mined = tw / "mined_train"
+    ft = out / "clip_ft" / "clip_export.pth"
+    two_stage = TWO_STAGE_CONFIG
+    ts_weights = two_stage_weights(out)
+    stages = [
         Stage(
             "generate_toyworld",
             [str(REPO / "datasets" / "prepare_toyworld.py"), "--root", str(tw)],
             outputs=[str(tw / s / "DONE.json") for s in ("train", "val", "web")],
             estimate_s=60,
         ),
-        Stage(
-            "train_semseg_baseline",
-            [train_net, "--config-file", str(REPO / "configs/toyworld/semseg_R18.yaml"),
-             "OUTPUT_DIR", str(semseg)],
-            outputs=[str(semseg / "model_final.pth")],
-            estimate_s=120,
+        _train(
+            "clip_pretrain",
+            "configs/toyworld/clip_pretrain.yaml",
+            out / "clip_pretrain",
+            "DATASETS.TEST",
+            "()",
+            estimate_s=240,
+            outputs=("clip_export.pth",),
+        ),
+        _evaluate(
+            "clip_pretrain_eval",
+            "configs/toyworld/clip_pretrain.yaml",
+            out / "clip_pretrain" / "eval",
+            "MODEL.WEIGHTS",
+            str(out / "clip_pretrain" / "model_final.pth"),
+        ),
+        _train(
+            "proposals",
+            "configs/toyworld/proposal_R18.yaml",
+            out / "proposals",
+            "MODEL.MASK_FORMER.CLASS_HEAD.NAME",
+            "open_vocab",
+            "MODEL.CLIP.PRETRAINED",
+            str(clip),
+            "INPUT.PANOPTIC.TRAIN_VOCABULARY",
+            "seen",
+            "DATASETS.TEST",
+            "()",
+            estimate_s=150,
+        ),
+        _evaluate(
+            "proposals_eval",
+            "configs/toyworld/proposal_R18.yaml",
+            out / "proposals" / "eval",
+            "MODEL.MASK_FORMER.CLASS_HEAD.NAME",
+            "open_vocab",
+            "MODEL.CLIP.PRETRAINED",
+            str(clip),
+            "MODEL.WEIGHTS",
+            str(proposals),
         ),
         Stage(
-            "eval_semseg_baseline",
-            [train_net, "--config-file", str(REPO / "configs/toyworld/semseg_R18.yaml"), "--eval-only",
-             "MODEL.WEIGHTS", str(semseg / "model_final.pth"), "OUTPUT_DIR", str(semseg / "eval")],
-            outputs=[str(semseg / "eval" / "eval_results.json")],
+            "mine_nouns",
+            [
+                MINE,
+                "nouns",
+                "--captions",
+                "toyworld_captions_train",
+                "--mode",
+                "chunk",
+                "--output-dir",
+                str(mined),
+                "--no-progress",
+            ],
+            outputs=[str(mined / "nouns.jsonl")],
             estimate_s=20,
         ),
+        Stage(
+            "mine_pairs",
+            [
+                MINE,
+                "pairs",
+                "--nouns",
+                str(mined / "nouns.jsonl"),
+                "--output-dir",
+                str(mined),
+                "--proposals",
+                "maskformer",
+                "--config-file",
+                str(REPO / two_stage),
+                "--no-progress",
+                "MODEL.TWO_STAGE.PROPOSAL_WEIGHTS",
+                str(proposals),
+                "MODEL.CLIP.PRETRAINED",
+                str(clip),
+            ],
+            outputs=[str(mined / "pairs.json")],
+            estimate_s=60,
+        ),
+        Stage(
+            "mining_precision",
+            [
+                MINE,
+                "evaluate",
+                "--pairs",
+                str(mined / "pairs.json"),
+                "--gt-dataset",
+                "toyworld_panoptic_train",
+                "--output",
+                str(out / "mining_precision.json"),
+            ],
+            outputs=[str(out / "mining_precision.json")],
+            estimate_s=15,
+        ),
+        _train(
+            "clip_ft",
+            "configs/toyworld/clip_ft.yaml",
+            out / "clip_ft",
+            "MODEL.CLIP.PRETRAINED",
+            str(clip),
+            "DATASETS.TRAIN",
+            "('toyworld_mined_train',)",
+            "DATASETS.TEST",
+            "()",
+            estimate_s=60,
+            outputs=("clip_export.pth",),
+        ),
+        _train(
+            "clip_mpt",
+            "configs/toyworld/clip_mpt.yaml",
+            out / "clip_mpt",
+            "MODEL.CLIP.PRETRAINED",
+            str(ft),
+            "DATASETS.TRAIN",
+            "('toyworld_mined_train',)",
+            "DATASETS.TEST",
+            "()",
+            estimate_s=60,
+            outputs=("clip_export.pth",),
+        ),
+        Stage(
+            "two_stage_search",
+            [
+                str(REPO / "tools" / "search_ensemble.py"),
+                "--config-file",
+                str(REPO / two_stage),
+                "--output",
+                str(out / "two_stage_search"),
+                "--weights",
+                "0:1:0.1",
+                "--mask-thrs",
+                "0.35,0.4,0.45",
+                "--subset",
+                "0:150",
+                "--metric",
+                "hIoU",
+                *ts_weights,
+            ],
+            outputs=[str(out / "two_stage_search" / "search.json")],
+            estimate_s=60,
+        ),
     ]
+    for lam in ("0.0", "1.0"):
+        stages.append(
+            _evaluate(
+                f"two_stage_lambda{lam}",
+                two_stage,
+                out / f"two_stage_lambda{lam}",
+                *ts_weights,
+                "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
+                lam,
+            )
+        )
+    stages.append(
+        Stage(
+            "two_stage_best",
+            [sys.executable, str(REPO / "tools" / "run_main_job.py"), "--eval-searched", str(out)],
+            outputs=[str(out / "two_stage_best" / "eval_results.json")],
+            estimate_s=30,
+        )
+    )
+    for method, cfg in (("pacl", "pacl"), ("mgca", "mgca"), ("mixreorg", "mixreorg")):
+        stages.append(
+            _train(
+                method,
+                f"configs/toyworld/{cfg}.yaml",
+                out / method,
+                "MODEL.CLIP.PRETRAINED",
+                str(clip),
+                "DATASETS.TEST",
+                "()",
+                estimate_s=100,
+            )
+        )
+        stages.append(
+            _evaluate(
+                f"{method}_eval",
+                f"configs/toyworld/{cfg}.yaml",
+                out / method / "eval",
+                "MODEL.CLIP.PRETRAINED",
+                str(clip),
+                "MODEL.WEIGHTS",
+                str(out / method / "model_final.pth"),
+            )
+        )
+    stages.append(
+        _evaluate(
+            "pacl_vanilla_eval",
+            "configs/toyworld/pacl_vanilla.yaml",
+            out / "pacl_vanilla" / "eval",
+            "MODEL.CLIP.PRETRAINED",
+            str(clip),
+        )
+    )
+    methods = [f"two-stage={TWO_STAGE_CONFIG}::{' '.join(ts_weights)}"]
+    for method in ("pacl", "mgca", "mixreorg"):
+        methods.append(
+            f"{method}=configs/toyworld/{method}.yaml:{out / method / 'model_final.pth'}:"
+            f"MODEL.CLIP.PRETRAINED {clip}"
+        )
+    stages.append(
+        Stage(
+            "prediction_grid",
+            [
+                str(REPO / "tools" / "visualize_methods.py"),
+                "--output",
+                str(out / "grid.png"),
+                *[a for m in methods for a in ("--method", m)],
+            ],
+            outputs=[str(out / "grid.png")],
+            estimate_s=30,
+        )
+    )
+    return stages
 
 
-def _metrics(path: Path) -> dict:
-    res = json.loads(path.read_text())["sem_seg"]
-    return {k: res[k] for k in ("mIoU", "fwIoU", "pACC") if k in res}
+# (report row, stage folder with eval/eval_results.json or eval_results.json)
+METHOD_ROWS = [
+    ("two-stage OVSeg, λ = 0 (proposal head only)", "two_stage_lambda0.0"),
+    ("two-stage OVSeg, λ = 1 (mask-adapted CLIP only)", "two_stage_lambda1.0"),
+    ("two-stage OVSeg, searched λ / MASK_THR (ensemble)", "two_stage_best"),
+    ("PACL", "pacl/eval"),
+    ("PACL baseline: vanilla CLIP patches", "pacl_vanilla/eval"),
+    ("MGCA", "mgca/eval"),
+    ("MixReorg", "mixreorg/eval"),
+]
+
+
+def chance_miou(dataset: str) -> dict:
+    """Expected mIoU (all / seen / unseen) of a uniformly random labelling of ``dataset``'s pixels.
+
+    For a class with pixel fraction f among K classes: IoU = (f/K) / (f/K + (1-f)/K + f(1-1/K))
+    = f / (1 + f(K-1)), averaged over the classes present.
+    """
+    import cv2
+    import numpy as np
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    meta = MetadataCatalog.get(dataset)
+    k = len(meta.stuff_classes)
+    counts = np.zeros(k + 1, np.int64)
+    for d in DatasetCatalog.get(dataset):
+        gt = cv2.imread(d["sem_seg_file_name"], cv2.IMREAD_UNCHANGED).astype(np.int64)
+        gt = np.where(gt == meta.ignore_label, k, gt)
+        counts += np.bincount(gt.ravel(), minlength=k + 1)[: k + 1]
+    f = counts[:k] / max(1, counts[:k].sum())
+    iou = f / (1 + f * (k - 1))
+    present = counts[:k] > 0
+    out = {"mIoU": 100 * iou[present].mean()}
+    for key, ids in (("mIoU-seen", meta.seen_class_ids), ("mIoU-unseen", meta.unseen_class_ids)):
+        ids = [i for i in ids if present[i]]
+        out[key] = 100 * iou[ids].mean() if ids else float("nan")
+    return out
+
+
+def _results(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    res = json.loads(path.read_text())
+    return res.get("sem_seg", next(iter(res.values()), {})) if res else {}
 
 
 def write_report(out: Path, records: dict, elapsed: float) -> str:
-    """Write report.md / report.json; return the table printed on the console."""
-    rows = [("closed-vocabulary baseline (SemanticSegmentor R18, all 69 classes supervised)",
-             _metrics(out / "semseg_R18" / "eval" / "eval_results.json"))]
-    table = ["| method | mIoU | fwIoU | pixel acc |", "|---|---|---|---|"]
-    for name, m in rows:
-        table.append(f"| {name} | {m.get('mIoU', float('nan')):.1f} | {m.get('fwIoU', float('nan')):.1f}"
-                     f" | {m.get('pACC', float('nan')):.1f} |")
+    """Write report.md / report.json (+ the grid PNG link); return the table printed on the console."""
+    import ov_seg  # noqa: F401 (registration)
+
+    chance = chance_miou("toyworld_sem_seg_val")
+    keys = ("mIoU-seen", "mIoU-unseen", "hIoU", "mIoU")
+    table = [
+        "| method | seen mIoU | unseen mIoU | harmonic | mIoU (all) | chance unseen |",
+        "|---|---|---|---|---|---|",
+    ]
+    results = {}
+    for name, folder in METHOD_ROWS:
+        res = _results(out / folder / "eval_results.json")
+        results[name] = {k: res.get(k) for k in keys}
+        cells = [f"{res[k]:.1f}" if isinstance(res.get(k), (int, float)) else "n/a" for k in keys]
+        table.append(f"| {name} | {' | '.join(cells)} | {chance['mIoU-unseen']:.2f} |")
+    extra = {}
+    for name, rel in (
+        ("CLIP pretrain: masked-crop classification", "clip_pretrain/eval"),
+        ("proposal recall", "proposals/eval"),
+    ):
+        path = out / rel / "eval_results.json"
+        extra[name] = json.loads(path.read_text()) if path.is_file() else {}
+    mining = out / "mining_precision.json"
+    extra["mining precision"] = json.loads(mining.read_text()) if mining.is_file() else {}
+    search = out / "two_stage_search" / "search.json"
+    if search.is_file():
+        best = json.loads(search.read_text())["best"]
+        extra["searched ensemble"] = {k: best[k] for k in ("ensemble_weight", "mask_thr")}
     timing = ["| stage | seconds | peak RSS (MiB) | skipped |", "|---|---|---|---|"]
     for name, r in records.items():
         timing.append(f"| {name} | {r['seconds']} | {r.get('peak_rss_mib')} | {r['skipped']} |")
-    md = "\n".join(["# ov_seg main job on the toy world", "", "## Results (toyworld_sem_seg_val)", "",
-                    *table, "", "## Stages", "", *timing, "",
-                    f"Total wall time of this run: {elapsed:.0f} s", ""])
-    (out / "report.md").write_text(md)
-    atomic_write_json(out / "report.json", {"results": dict(rows), "stages": records,
-                                            "elapsed_s": round(elapsed, 1)})
+    peak = max((r.get("peak_rss_mib") or 0) for r in records.values())
+    md = [
+        "# ov_seg main job on the toy world",
+        "",
+        "Train on seen categories (48 colour-shape objects + 5 stuff); evaluate on `toyworld_sem_seg_val`",
+        "with the vocabulary of all 69 names, 16 of which (unseen colour-shape combinations) never appear in",
+        "any training image or caption. 'chance' = expected mIoU of a uniformly random labelling.",
+        "",
+        *table,
+        "",
+        f"Chance level: all {chance['mIoU']:.2f}, seen {chance['mIoU-seen']:.2f}, "
+        f"unseen {chance['mIoU-unseen']:.2f}.",
+        "",
+        "![predictions](grid.png)",
+        "",
+        "## Other measurements",
+        "",
+        "```json",
+        json.dumps(extra, indent=2),
+        "```",
+        "",
+        "## Stages",
+        "",
+        *timing,
+        "",
+        f"Wall time of this run: {elapsed:.0f} s; peak RSS of any stage: {peak:.0f} MiB.",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(md))
+    atomic_write_json(
+        out / "report.json",
+        {
+            "results": results,
+            "chance": chance,
+            "other": extra,
+            "stages": records,
+            "elapsed_s": round(elapsed, 1),
+            "peak_rss_mib": peak,
+        },
+    )
     return "\n".join(table)
+
+
+def eval_searched(out: Path) -> int:
+    """Evaluate the two-stage model at the (λ, MASK_THR) pair that ``two_stage_search`` picked."""
+    best = json.loads((out / "two_stage_search" / "search.json").read_text())["best"]
+    cmd = [
+        sys.executable,
+        TRAIN_NET,
+        "--config-file",
+        str(REPO / TWO_STAGE_CONFIG),
+        "--eval-only",
+        *two_stage_weights(out),
+        "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
+        str(best["ensemble_weight"]),
+        "MODEL.CLIP.MASK_THR",
+        str(best["mask_thr"]),
+        "OUTPUT_DIR",
+        str(out / "two_stage_best"),
+    ]
+    print("$ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--output", default="output/main_job")
     p.add_argument("--force", nargs="*", default=[], help="stage names to re-run")
+    p.add_argument(
+        "--eval-searched",
+        default=None,
+        metavar="OUT",
+        help="(stage) evaluate the two-stage model at the searched λ / MASK_THR of OUT",
+    )
     args = p.parse_args(argv)
+    if args.eval_searched:
+        return eval_searched(Path(args.eval_searched))
     out = Path(args.output).resolve()
     data_root = Path(os.environ.get("DETECTRON2_DATASETS", REPO / "datasets")).resolve()
     os.environ["DETECTRON2_DATASETS"] = str(data_root)

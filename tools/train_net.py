@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train / evaluate any ov_seg model (detectron2 style).
 
-    python tools/train_net.py --config-file configs/toyworld/semseg_R18.yaml MODEL.DEVICE cpu
-    python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
-    python tools/train_net.py --config-file ... --num-gpus 2   # 2 processes (gloo on CPU)
+python tools/train_net.py --config-file configs/toyworld/semseg_R18.yaml MODEL.DEVICE cpu
+python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+python tools/train_net.py --config-file ... --num-gpus 2   # 2 processes (gloo on CPU)
 """
 
 import logging

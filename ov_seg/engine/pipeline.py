@@ -86,15 +86,20 @@ def run_stages(stages: List[Stage], workdir, force: Sequence[str] = ()) -> Dict[
         if done is not None:
             records[stage.name] = {**done, "skipped": True}
             remaining -= stage.estimate_s
-            print(f"[{k}/{len(stages)}] {stage.name:<28} done before ({_fmt(done['seconds'])}), skipped",
-                  flush=True)
+            print(
+                f"[{k}/{len(stages)}] {stage.name:<28} done before ({_fmt(done['seconds'])}), skipped",
+                flush=True,
+            )
             continue
         log = workdir / "logs" / f"{stage.name}.log"
         cmd = list(stage.command)
         if cmd and cmd[0].endswith(".py"):
             cmd = [sys.executable] + cmd
-        print(f"[{k}/{len(stages)}] {stage.name:<28} running  (elapsed {_fmt(time.perf_counter() - start)}"
-              f", ETA {_fmt(remaining)})  $ {shlex.join(cmd)}", flush=True)
+        print(
+            f"[{k}/{len(stages)}] {stage.name:<28} running  (elapsed {_fmt(time.perf_counter() - start)}"
+            f", ETA {_fmt(remaining)})  $ {shlex.join(cmd)}",
+            flush=True,
+        )
         t0 = time.perf_counter()
         with open(log, "w") as f:
             proc = subprocess.Popen(
@@ -118,7 +123,9 @@ def run_stages(stages: List[Stage], workdir, force: Sequence[str] = ()) -> Dict[
         }
         atomic_write_json(_record_path(workdir, stage), rec)
         records[stage.name] = {**rec, "skipped": False}
-        print(f"[{k}/{len(stages)}] {stage.name:<28} finished in {_fmt(seconds)}, "
-              f"peak {rss:.0f} MiB", flush=True)
+        print(
+            f"[{k}/{len(stages)}] {stage.name:<28} finished in {_fmt(seconds)}, "
+            f"peak {rss:.0f} MiB",
+            flush=True,
+        )
     return records
-

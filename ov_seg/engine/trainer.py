@@ -6,11 +6,11 @@ import os
 from typing import Any, Dict, List
 
 import torch
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.engine.hooks import PeriodicWriter
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
 
 from ov_seg.data import build_dataset_mapper
 from ov_seg.evaluation import build_evaluator

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -36,6 +36,7 @@ from .assign import assign_nouns, cosine_scores
 from .job import ChunkedJob, JobSpec, atomic_write_json, atomic_write_text, merge_parts
 
 __all__ = [
+    "MiningProposals",
     "GroundTruthProposals",
     "ModelProposals",
     "NounEmbeddings",
@@ -77,6 +78,14 @@ def image_nouns(record: dict, captions_per_image: int = 1) -> List[str]:
     return list(dict.fromkeys(p for phrases in caps for p in phrases))
 
 
+class MiningProposals(NamedTuple):
+    """The proposals of one image for mining."""
+
+    masks: torch.Tensor  # (Q, H, W) float probabilities or bool, at the image's size
+    objectness: Optional[torch.Tensor] = None  # (Q,) in [0, 1] (a proposal generator's scores)
+    names: Optional[List[str]] = None  # class names of ground-truth segments (the ablation)
+
+
 class GroundTruthProposals:
     """Ground-truth segments of a registered panoptic or semantic dataset as the proposals (the
     ablation: mining with perfect masks). Images are matched by ``image_id``.
@@ -99,7 +108,7 @@ class GroundTruthProposals:
         )
 
     def __call__(self, records: Sequence[dict], images: Sequence[np.ndarray]):
-        """Returns per image ``(masks (Q, H, W) bool, names of the Q segments)``."""
+        """Returns per image ``MiningProposals(masks (Q, H, W) bool, None, names of the Q segments)``."""
         from ov_seg.data.dataset_mappers.panoptic import read_segments
 
         out = []
@@ -112,12 +121,8 @@ class GroundTruthProposals:
             index, classes = read_segments(d, self.ignore_label)
             index = torch.from_numpy(index.astype(np.int64))
             masks = index.unsqueeze(0) == torch.arange(len(classes)).view(-1, 1, 1)
-            out.append(
-                (
-                    masks,
-                    [self.classes[c] if 0 <= c < len(self.classes) else str(c) for c in classes],
-                )
-            )
+            names = [self.classes[c] if 0 <= c < len(self.classes) else str(c) for c in classes]
+            out.append(MiningProposals(masks, None, names))
         return out
 
 
@@ -144,7 +149,7 @@ class ModelProposals:
         self.max_proposals = int(max_proposals)
 
     def __call__(self, records: Sequence[dict], images: Sequence[np.ndarray]):
-        """Returns per image ``(masks (Q, H, W) float probabilities, None)``."""
+        """Returns per image ``MiningProposals(masks (Q, H, W) float probabilities, objectness (Q,))``."""
         inputs = []
         for rec, image in zip(records, images):
             img = image[:, :, ::-1] if self.input_format == "BGR" else image
@@ -162,12 +167,12 @@ class ModelProposals:
             masks, scores = p.masks.float(), p.scores.float()
             if self.max_proposals > 0 and masks.shape[0] > self.max_proposals:
                 keep = scores.topk(self.max_proposals).indices.sort().values
-                masks = masks[keep]
+                masks, scores = masks[keep], scores[keep]
             if tuple(masks.shape[-2:]) != tuple(image.shape[:2]):
                 masks = F.interpolate(
                     masks[None], size=image.shape[:2], mode="bilinear", align_corners=False
                 )[0]
-            out.append((masks.cpu(), None))
+            out.append(MiningProposals(masks.cpu(), scores.cpu()))
         return out
 
 
@@ -213,38 +218,41 @@ def _write_crop(
 def mine_image_pairs(
     records: Sequence[dict],
     images: Sequence[np.ndarray],
-    proposals: Sequence[Tuple[torch.Tensor, Optional[List[str]]]],
+    proposals: Sequence[MiningProposals],
     crop_classifier,
     noun_embeddings: NounEmbeddings,
     captions_per_image: int = 1,
     min_score: Optional[float] = None,
     one_to_one: bool = False,
+    objectness_weight: float = 0.0,
 ) -> List[dict]:
     """Mask-category pairs of a batch of images (one CLIP pass over all their crops).
 
     Args:
         records: stage-1 records (``image_id``, ``file_name``, ``nouns``).
         images: (H, W, 3) uint8 RGB images.
-        proposals: per image (masks (Q, H, W) probabilities or bool, optional names of ground-truth
-            segments).
+        proposals: per image ``MiningProposals`` (masks, optional objectness, optional names).
         crop_classifier: a ``MaskedCropClassifier`` (its ``mask_thr`` binarises the proposals).
         noun_embeddings: cached text embeddings.
-        captions_per_image, min_score, one_to_one: see ``image_nouns`` / ``assign_nouns``.
+        captions_per_image, min_score, one_to_one: see ``image_nouns`` / ``assign_nouns``
+            (``min_score`` applies to the cosine).
+        objectness_weight: β > 0 selects by cos + β · log(objectness) (proposals with objectness
+            only; not in OVSeg, which uses the cosine alone: β = 0).
 
     Returns:
         per image ``{"image_id", "file_name", "height", "width", "nouns", "num_proposals",
-        "num_valid", "pairs": [{"category", "score", "proposal", "segmentation", "area", "bbox"[,
-        "proposal_category"]}]}`` with pairs in noun order (kept pairs only).
+        "num_valid", "pairs": [{"category", "score" (cosine), "proposal", "segmentation", "area",
+        "bbox"[, "objectness"][, "proposal_category"]}]}`` with pairs in noun order (kept pairs only).
     """
     thr = crop_classifier.mask_thr
-    binary = [m if m.dtype == torch.bool else m > thr for m, _ in proposals]
+    binary = [p.masks if p.masks.dtype == torch.bool else p.masks > thr for p in proposals]
     tensors = [
         torch.as_tensor(np.ascontiguousarray(im.transpose(2, 0, 1))).float() for im in images
     ]
     emb, valid = crop_classifier.embed(tensors, binary)
     emb = emb.cpu()
     out, start = [], 0
-    for rec, image, (masks, names), bin_masks, v in zip(records, images, proposals, binary, valid):
+    for rec, image, prop, bin_masks, v in zip(records, images, proposals, binary, valid):
         v = v.cpu()
         n_valid = int(v.sum())
         crops = emb[start : start + n_valid]
@@ -256,29 +264,35 @@ def mine_image_pairs(
             "height": int(image.shape[0]),
             "width": int(image.shape[1]),
             "nouns": nouns,
-            "num_proposals": int(masks.shape[0]),
+            "num_proposals": int(prop.masks.shape[0]),
             "num_valid": n_valid,
             "pairs": [],
         }
         if nouns and n_valid:
-            scores = cosine_scores(noun_embeddings(nouns), crops, v)
-            a = assign_nouns(scores, v, min_score=min_score, one_to_one=one_to_one)
+            cosine = cosine_scores(noun_embeddings(nouns), crops, v)
+            select = cosine
+            if objectness_weight > 0 and prop.objectness is not None:
+                prior = prop.objectness.float().clamp_min(1e-6).log()
+                select = cosine + objectness_weight * prior.unsqueeze(0)
+            a = assign_nouns(select, v, one_to_one=one_to_one)
             bin_np = bin_masks.cpu().numpy()
             for j, noun in enumerate(nouns):
-                if not bool(a.keep[j]):
-                    continue
                 q = int(a.proposal[j])
+                if q < 0 or (min_score is not None and float(cosine[j, q]) < min_score):
+                    continue
                 rle = _rle(bin_np[q])
                 pair = {
                     "category": noun,
-                    "score": round(float(a.score[j]), 6),
+                    "score": round(float(cosine[j, q]), 6),
                     "proposal": q,
                     "segmentation": rle,
                     "area": int(mask_util.area(rle)),
                     "bbox": [round(float(x), 2) for x in mask_util.toBbox(rle)],
                 }
-                if names is not None:
-                    pair["proposal_category"] = names[q]
+                if prop.objectness is not None:
+                    pair["objectness"] = round(float(prop.objectness[q]), 6)
+                if prop.names is not None:
+                    pair["proposal_category"] = prop.names[q]
                 result["pairs"].append(pair)
         out.append(result)
     return out
@@ -301,6 +315,7 @@ def run_pairs_job(
     captions_per_image: int = 1,
     min_score: Optional[float] = None,
     one_to_one: bool = False,
+    objectness_weight: float = 0.0,
     crops: bool = False,
     batch_size: int = 16,
     chunk_size: int = 500,
@@ -324,6 +339,7 @@ def run_pairs_job(
         captions_per_image: nouns of the first this many captions (OVSeg: 1; 0 = all).
         min_score: minimum cosine score of a kept pair.
         one_to_one: no two nouns of an image share a proposal.
+        objectness_weight: β of ``mine_image_pairs`` (0: OVSeg's cosine-only choice).
         crops: also write PNG crops + ``crops.tsv``.
         batch_size: images per CLIP forward.
         chunk_size, shard, overwrite, progress, max_chunks: see ``run_nouns_job``.
@@ -340,6 +356,7 @@ def run_pairs_job(
         "captions_per_image": int(captions_per_image),
         "min_score": min_score,
         "one_to_one": bool(one_to_one),
+        "objectness_weight": float(objectness_weight),
         "crops": bool(crops),
         "batch_size": int(batch_size),
         "mask_thr": float(crop_classifier.mask_thr),
@@ -376,6 +393,7 @@ def run_pairs_job(
                 captions_per_image,
                 min_score,
                 one_to_one,
+                objectness_weight,
             )
             if crops:
                 for i, (res, image) in enumerate(zip(mined, images)):

@@ -43,7 +43,9 @@ class SplitSpec:
     num_images: int
     allow_unseen: bool = False
     unseen_boost: float = 0.0  # probability that a sampled object is forced to an unseen category
-    object_centric_fraction: float = 0.0  # fraction of object-centric images (one object, grey background)
+    object_centric_fraction: float = (
+        0.0  # fraction of object-centric images (one object, grey background)
+    )
     hard_negatives: bool = False
 
 
@@ -155,7 +157,13 @@ def generate_split(root: Path, spec: ToyWorldSpec, split: str, workers: int = 1)
             pool.join()
     elapsed = time.perf_counter() - start
     cats = [
-        {"id": c.id, "name": c.name, "isthing": int(c.isthing), "seen": c.seen, "color": list(c.color)}
+        {
+            "id": c.id,
+            "name": c.name,
+            "isthing": int(c.isthing),
+            "seen": c.seen,
+            "color": list(c.color),
+        }
         for c in CATEGORIES
     ]
     _atomic_write_json(
@@ -190,7 +198,13 @@ def generate_toyworld(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     cats = [
-        {"id": c.id, "name": c.name, "isthing": int(c.isthing), "seen": c.seen, "color": list(c.color)}
+        {
+            "id": c.id,
+            "name": c.name,
+            "isthing": int(c.isthing),
+            "seen": c.seen,
+            "color": list(c.color),
+        }
         for c in CATEGORIES
     ]
     _atomic_write_json(root / "categories.json", cats)
@@ -207,6 +221,9 @@ def generate_toyworld(
         records[split] = generate_split(root, spec, split, workers=workers)
         logger.info(
             "toy world %s: %s, %d images at %.0f images/s",
-            root, split, records[split]["num_images"], records[split]["images_per_s"],
+            root,
+            split,
+            records[split]["num_images"],
+            records[split]["images_per_s"],
         )
     return records

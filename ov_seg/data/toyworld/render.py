@@ -33,8 +33,13 @@ def _texture(stuff: str, size: int, rng) -> np.ndarray:
         for _ in range(size // 2):  # blades
             x, y = rng.integers(0, size, 2)
             length = int(rng.integers(2, max(3, size // 16)))
-            cv2.line(img, (int(x), int(y)), (int(x + rng.integers(-1, 2)), int(y - length)),
-                     (40, 100 + float(rng.integers(0, 60)), 30), 1)
+            cv2.line(
+                img,
+                (int(x), int(y)),
+                (int(x + rng.integers(-1, 2)), int(y - length)),
+                (40, 100 + float(rng.integers(0, 60)), 30),
+                1,
+            )
     elif stuff == "sky":
         top, bottom = np.array([90, 140, 225], np.float32), np.array([175, 210, 245], np.float32)
         img = top + (bottom - top) * yy[..., None]
@@ -43,7 +48,9 @@ def _texture(stuff: str, size: int, rng) -> np.ndarray:
     elif stuff == "water":
         phase = rng.random() * 6.28
         waves = np.sin(yy * 40 + np.sin(xx * 9 + phase) * 2.0 + phase)
-        img = np.array([30, 95, 150], np.float32) + waves[..., None] * np.array([15, 25, 30], np.float32)
+        img = np.array([30, 95, 150], np.float32) + waves[..., None] * np.array(
+            [15, 25, 30], np.float32
+        )
     elif stuff == "sand":
         img = np.array([215, 190, 135], np.float32) + (_noise(rng, size, 6)[..., None] - 0.5) * 30
         img = img + rng.normal(0, 12, (size, size, 1)).astype(np.float32)
@@ -52,10 +59,10 @@ def _texture(stuff: str, size: int, rng) -> np.ndarray:
         img = img + (_noise(rng, size, 3)[..., None] - 0.5) * 30
         brick_h = max(4, size // 10)
         for row, y in enumerate(range(0, size, brick_h)):
-            img[y:y + 1] = (200, 195, 185)
-            off = (brick_h if row % 2 else 0)
+            img[y : y + 1] = (200, 195, 185)
+            off = brick_h if row % 2 else 0
             for x in range(off, size, 2 * brick_h):
-                img[y:y + brick_h, x:x + 1] = (200, 195, 185)
+                img[y : y + brick_h, x : x + 1] = (200, 195, 185)
     else:
         raise KeyError(f"unknown stuff {stuff!r}")
     return np.clip(img, 0, 255).astype(np.uint8)
@@ -73,7 +80,7 @@ def stuff_patch(stuff: str, size: int, rng) -> np.ndarray:
     bank = texture_bank(stuff, size)
     k = rng.integers(0, len(bank))
     y, x = rng.integers(0, size, 2)
-    patch = bank[k, y:y + size, x:x + size].astype(np.int16)
+    patch = bank[k, y : y + size, x : x + size].astype(np.int16)
     patch = patch + rng.integers(-12, 13)
     return np.clip(patch, 0, 255).astype(np.uint8)
 
@@ -95,8 +102,22 @@ def _star(r, rot):
 def _cross(r, rot):
     w = r * 0.38
     pts = np.array(
-        [[-w, -r], [w, -r], [w, -w], [r, -w], [r, w], [w, w], [w, r], [-w, r], [-w, w], [-r, w],
-         [-r, -w], [-w, -w]], np.float64)
+        [
+            [-w, -r],
+            [w, -r],
+            [w, -w],
+            [r, -w],
+            [r, w],
+            [w, w],
+            [w, r],
+            [-w, r],
+            [-w, w],
+            [-r, w],
+            [-r, -w],
+            [-w, -w],
+        ],
+        np.float64,
+    )
     c, s = math.cos(rot), math.sin(rot)
     return pts @ np.array([[c, s], [-s, c]])
 
@@ -117,7 +138,9 @@ def shape_mask(shape: str, size: int, cx: float, cy: float, r: float, rot: float
     if shape in ("circle", "ring"):
         cv2.circle(m, (int(cx * 16), int(cy * 16)), int(r * 16), 1, -1, cv2.LINE_8, shift)
         if shape == "ring":
-            cv2.circle(m, (int(cx * 16), int(cy * 16)), int(r * 0.55 * 16), 0, -1, cv2.LINE_8, shift)
+            cv2.circle(
+                m, (int(cx * 16), int(cy * 16)), int(r * 0.55 * 16), 0, -1, cv2.LINE_8, shift
+            )
         return m.astype(bool)
     polys = {
         "square": lambda: _regular(4, r * 1.05, rot, math.pi / 4),
@@ -233,7 +256,8 @@ def render_scene(
         stuff_idx.append(other + (other >= stuff_idx[0]))
         xs = np.arange(size) / size
         boundary = size * (0.35 + 0.3 * rng.random()) + size * 0.06 * np.sin(
-            xs * (4 + 6 * rng.random()) + rng.random() * 6.28)
+            xs * (4 + 6 * rng.random()) + rng.random() * 6.28
+        )
         region = (np.arange(size)[:, None] > boundary[None, :]).astype(np.int8)
     for k, s in enumerate(stuff_idx):
         sel = region == k
@@ -288,8 +312,9 @@ def render_scene(
         neg = hard_negative_names(kept, rng)
         if neg is not None:
             negs = [scene_caption(neg, stuff_names, rng) for _ in range(n_caps)]
-    return dict(image=image, sem=sem, pan=pan, segments=segments, captions=captions,
-                hard_negatives=negs)
+    return dict(
+        image=image, sem=sem, pan=pan, segments=segments, captions=captions, hard_negatives=negs
+    )
 
 
 def render_object_centric(rng, size: int, radius_range=(0.25, 0.38), hard_negatives: bool = False):
@@ -321,8 +346,14 @@ def render_object_centric(rng, size: int, radius_range=(0.25, 0.38), hard_negati
         if neg is not None:
             captions_neg = f"{_article(neg[0])} {neg[0]}"
             negs = [OBJECT_CENTRIC[rng.integers(len(OBJECT_CENTRIC))].format(L=captions_neg)]
-    return dict(image=image, sem=sem, pan=pan, segments=[_segment(1, cid, True, mask)],
-                captions=captions, hard_negatives=negs)
+    return dict(
+        image=image,
+        sem=sem,
+        pan=pan,
+        segments=[_segment(1, cid, True, mask)],
+        captions=captions,
+        hard_negatives=negs,
+    )
 
 
 def _sample_category(rng, allow_unseen: bool, unseen_boost: float) -> Tuple[int, int]:

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""A PNG grid comparing methods on a few images: image, ground truth, then each method's prediction.
+
+    python tools/visualize_methods.py --dataset toyworld_sem_seg_val --num-images 6 --output grid.png \\
+        --method "two-stage=configs/toyworld/two_stage_R18.yaml::MODEL.CLIP.PRETRAINED x.pth" \\
+        --method "PACL=configs/toyworld/pacl.yaml:output/pacl/model_final.pth:MODEL.CLIP.PRETRAINED x.pth"
+
+``--method NAME=CONFIG:WEIGHTS:OPTS`` (WEIGHTS may be empty; OPTS are space-separated config overrides).
+Images are picked from those containing unseen classes first, so unseen names are shown.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import ov_seg  # noqa: E402,F401 (registration)
+from ov_seg.data import build_dataset_mapper  # noqa: E402
+from ov_seg.engine import Trainer  # noqa: E402
+from ov_seg.engine.setup import get_ov_seg_cfg  # noqa: E402
+from ov_seg.utils.threads import set_num_threads  # noqa: E402
+
+
+def parse_method(text: str):
+    name, rest = text.split("=", 1)
+    config, weights, opts = (rest.split(":", 2) + ["", ""])[:3]
+    return name, config, weights, opts.split()
+
+
+def colorize(labels: np.ndarray, colors: np.ndarray, ignore: int = 255) -> np.ndarray:
+    """(H, W) int labels -> (H, W, 3) uint8 RGB; ignore pixels black."""
+    out = np.zeros((*labels.shape, 3), np.uint8)
+    valid = (labels != ignore) & (labels < len(colors))
+    out[valid] = colors[labels[valid]]
+    return out
+
+
+def pick_images(dicts, unseen_ids, n):
+    """Indices of ``n`` images, those whose ground truth holds unseen classes first."""
+    scored = []
+    for i, d in enumerate(dicts):
+        gt = cv2.imread(d["sem_seg_file_name"], cv2.IMREAD_UNCHANGED)
+        scored.append((-len(set(np.unique(gt).tolist()) & unseen_ids), i))
+    return [i for _, i in sorted(scored)[:n]]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="toyworld_sem_seg_val")
+    p.add_argument("--num-images", type=int, default=6)
+    p.add_argument("--scale", type=int, default=2, help="upscaling of each tile (nearest)")
+    p.add_argument("--method", action="append", required=True, help="NAME=CONFIG:WEIGHTS:OPTS")
+    p.add_argument("--output", required=True, help="PNG path")
+    args = p.parse_args(argv)
+    set_num_threads(0)
+    meta = MetadataCatalog.get(args.dataset)
+    colors = np.asarray(meta.stuff_colors, np.uint8)
+    dicts = DatasetCatalog.get(args.dataset)
+    chosen = pick_images(dicts, set(meta.get("unseen_class_ids", [])), args.num_images)
+    columns = [("image", None), ("ground truth", None)]
+    rows = {i: [] for i in chosen}
+    base_cfg = get_ov_seg_cfg()
+    mapper = None
+    for spec in args.method:
+        name, config, weights, opts = parse_method(spec)
+        cfg = base_cfg.clone()
+        cfg.merge_from_file(str(REPO / config) if not os.path.isabs(config) else config)
+        cfg.merge_from_list(opts + ["MODEL.DEVICE", "cpu"])
+        model = Trainer.build_model(cfg).eval()
+        if weights:
+            DetectionCheckpointer(model).load(weights)
+        mapper = build_dataset_mapper(cfg, is_train=False, dataset_name=args.dataset)
+        columns.append((name, None))
+        with torch.inference_mode():
+            for i in chosen:
+                inp = mapper(dicts[i])
+                pred = model([inp])[0]["sem_seg"].argmax(0).cpu().numpy()
+                rows[i].append(colorize(pred, colors))
+    tiles = []
+    for i in chosen:
+        d = dicts[i]
+        image = cv2.imread(d["file_name"])[:, :, ::-1]
+        gt = cv2.imread(d["sem_seg_file_name"], cv2.IMREAD_UNCHANGED).astype(np.int64)
+        row = [image, colorize(gt, colors)] + rows[i]
+        row = [
+            cv2.resize(t, None, fx=args.scale, fy=args.scale, interpolation=cv2.INTER_NEAREST)
+            for t in row
+        ]
+        tiles.append(np.concatenate(row, 1))
+    grid = np.concatenate(tiles, 0)
+    header = np.full((18, grid.shape[1], 3), 255, np.uint8)
+    tile_w = grid.shape[1] // len(columns)
+    for k, (name, _) in enumerate(columns):
+        cv2.putText(
+            header,
+            name[: max(4, tile_w // 7)],
+            (k * tile_w + 2, 13),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.4,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
+    grid = np.concatenate([header, grid], 0)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(args.output) + ".tmp.png"
+    cv2.imwrite(tmp, grid[:, :, ::-1])
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output} ({len(chosen)} images x {len(columns)} columns)")
+
+
+if __name__ == "__main__":
+    main()
