@@ -196,6 +196,9 @@ def add_mixreorg_config(cfg):
     cfg.MODEL.MIXREORG.HARD_ASSIGNMENT = True
     cfg.MODEL.MIXREORG.GUMBEL = True
     cfg.MODEL.MIXREORG.GUMBEL_TAU = 1.0
+    # Assignment logits: 0 = GroupViT's scaled dot product q·k/sqrt(d); > 0 = cos(q, k) / this
+    # temperature (sharper, feature-similarity grouping from the start).
+    cfg.MODEL.MIXREORG.ASSIGN_COSINE_TEMPERATURE = 0.0
     # Hidden width of the 2-layer MLP projecting segment tokens to D (GroupViT: 4096); 0 = a linear
     # projection initialised from the CLIP tower's own (keeps a pretrained CLIP's joint space).
     cfg.MODEL.MIXREORG.PROJ_HIDDEN = 4096
@@ -427,6 +430,9 @@ def add_mgca_config(cfg):
     # in two before its pixels keep their pixel scores.
     cfg.MODEL.MGCA.TEST.UNIT_PURITY = 0.6
     cfg.MODEL.MGCA.TEST.UNIT_MAX_SPLITS = 2
+    # Scores of a leaf still impure after the splits: "pixel" (its pixels keep their own scores, the
+    # design) or "unit" (they take the leaf's unit scores).
+    cfg.MODEL.MGCA.TEST.UNIT_IMPURE_LEAF = "pixel"
     # A vocabulary entry with this name is not scored by text: it gets the constant probability BG_THRESH,
     # so pixels whose max class probability is below it become background (TCL style; 0 = never).
     cfg.MODEL.MGCA.TEST.BACKGROUND_NAME = "background"
@@ -438,28 +444,34 @@ def add_mgca_config(cfg):
 
 
 def add_two_stage_config(cfg):
-    """``TwoStageOVSeg`` (OVSeg): proposals -> masked crops -> mask-adapted CLIP (``MODEL.CLIP``), fused with
-    the proposal head. Inference only; the stages train as ``ProposalMaskFormer`` and ``MaskAdaptedCLIP``."""
+    """``TwoStageOVSeg`` (OVSeg): proposals -> masked crops -> mask-adapted CLIP (``MODEL.CLIP``), fused
+    with the proposal head. Inference only; the stages train as ``ProposalMaskFormer`` and
+    ``MaskAdaptedCLIP``."""
     cfg.MODEL.TWO_STAGE = CN()
-    # Proposal source (ov_seg.modeling.proposal_sources): "maskformer" (the ProposalMaskFormer described by
-    # MODEL.MASK_FORMER / PIXEL_DECODER / BACKBONE) or "precomputed" (mask files under PROPOSAL_DIR).
+    # Proposal source (ov_seg.modeling.proposal_sources): "maskformer" (the ProposalMaskFormer
+    # described by MODEL.MASK_FORMER / PIXEL_DECODER / BACKBONE) or "precomputed" (mask files under
+    # PROPOSAL_DIR).
     cfg.MODEL.TWO_STAGE.PROPOSAL_SOURCE = "maskformer"
-    # Trained ProposalMaskFormer checkpoint (train_net's model_final.pth); "" = none (a merged checkpoint in
-    # MODEL.WEIGHTS, which is loaded after it, or random init).
+    # Trained ProposalMaskFormer checkpoint (train_net's model_final.pth); "" = none (a merged
+    # checkpoint in MODEL.WEIGHTS, which is loaded after it, or random init).
     cfg.MODEL.TWO_STAGE.PROPOSAL_WEIGHTS = ""
-    # Directory of precomputed proposals, one <image stem>.npz / .json per image ("precomputed" source).
+    # Directory of precomputed proposals, one <image stem>.npz / .json per image ("precomputed"
+    # source).
     cfg.MODEL.TWO_STAGE.PROPOSAL_DIR = ""
-    # lambda of the geometric ensemble p = p_proposal^(1 - lambda) * p_clip^lambda (1 = CLIP only, 0 = proposal
-    # head only). OVSeg: 0.7 for ADE-150/847, 0.6 for Pascal Context 59/459, 0.45 for VOC-20 (0.6 in the paper).
+    # lambda of the geometric ensemble p = p_proposal^(1 - lambda) * p_clip^lambda (1 = CLIP only, 0
+    # = proposal head only). OVSeg: 0.7 for ADE-150/847, 0.6 for Pascal Context 59/459, 0.45 for
+    # VOC-20 (0.6 in the paper).
     cfg.MODEL.TWO_STAGE.ENSEMBLE_WEIGHT = 0.7
-    # Name appended to a single-class vocabulary, since classification is a softmax (OVSeg: "others").
+    # Name appended to a single-class vocabulary, since classification is a softmax (OVSeg:
+    # "others").
     cfg.MODEL.TWO_STAGE.BACKGROUND_NAME = "others"
     cfg.MODEL.TWO_STAGE.TEST = CN()
-    # Outputs: semantic (sum_q p_q(c) sigmoid(m_q)) and panoptic (MaskFormer merge of the fused classes).
+    # Outputs: semantic (sum_q p_q(c) sigmoid(m_q)) and panoptic (MaskFormer merge of the fused
+    # classes).
     cfg.MODEL.TWO_STAGE.TEST.SEMANTIC_ON = True
     cfg.MODEL.TWO_STAGE.TEST.PANOPTIC_ON = False
-    # Panoptic: keep proposals whose fused class probability (renormalised over the vocabulary) times
-    # objectness exceeds this ...
+    # Panoptic: keep proposals whose fused class probability (renormalised over the vocabulary)
+    # times objectness exceeds this ...
     cfg.MODEL.TWO_STAGE.TEST.OBJECT_MASK_THRESHOLD = 0.8
     # ... and drop a proposal whose visible area / its own (sigmoid >= 0.5) area is below this.
     cfg.MODEL.TWO_STAGE.TEST.OVERLAP_THRESHOLD = 0.8

@@ -226,3 +226,16 @@ def test_register_caption_csv_flickr8k(shared_dir):
     x = build_dataset_mapper(cfg, True, "test_flickr8k")(dicts[0])
     assert x["image"].shape[0] == 3 and max(x["image"].shape[1:]) == 64  # INPUT.MAX_SIZE_TRAIN 64
     assert x["captions"] == dicts[0]["captions"] and x["hard_negatives"] == []
+
+
+@pytest.mark.parametrize("mode", ["ft", "ft_mpt"])
+def test_mask_adapted_clip_modes(mode, tmp_path):
+    cfg = setup_config(
+        "configs/toyworld/clip_mpt.yaml", ["MODEL.MASK_ADAPTED_CLIP.MODE", mode, "OUTPUT_DIR", str(tmp_path)]
+    )
+    model = Trainer.build_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    visual = {f"clip.{n}" for n, _ in model.clip.visual.named_parameters(prefix="visual")}
+    expected = visual | ({"crop_classifier.encoder.prompts"} if mode == "ft_mpt" else set())
+    assert trainable == expected
+    assert (model.crop_classifier.encoder.depth == 0) == (mode == "ft")

@@ -141,6 +141,7 @@ def test_train_net_then_eval(toyworld_root, tmp_path):
     out = tmp_path / "run"
     cfg_file = str(REPO / CONFIG)
     common = [*TINY, "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATCH", "8", "RUNTIME.LOG_PERIOD", "2"]
+    common += ["RUNTIME.NUM_THREADS", "1"]  # tiny model: a second thread only adds contention
     run_train_net(
         ["--config-file", cfg_file, *common, "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1"]
     )

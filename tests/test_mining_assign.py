@@ -62,3 +62,47 @@ def test_cosine_scores_fill_invalid_columns():
     assert assign_nouns(s, valid).proposal.tolist() == [0, 2]
     with pytest.raises(ValueError):
         cosine_scores(nouns, crops, torch.tensor([True, True, True]))
+
+
+class _FakeCropClassifier:
+    """Stands in for MaskedCropClassifier: fixed crop embeddings, one per valid mask."""
+
+    mask_thr = 0.5
+
+    def __init__(self, crop_embeddings):
+        self.crop_embeddings = crop_embeddings
+
+    def embed(self, images, masks):
+        valid = [m.flatten(1).any(dim=1) for m in masks]
+        return self.crop_embeddings[: int(valid[0].sum())], valid
+
+
+def test_mine_image_pairs_cosine_objectness_and_min_score():
+    import numpy as np
+
+    from ov_seg.mining.pairs_job import MiningProposals, mine_image_pairs
+
+    masks = torch.zeros(3, 8, 8)
+    masks[0, :4] = 0.9  # proposal 0: top half
+    masks[1, 4:] = 0.9  # proposal 1: bottom half; proposal 2 is empty (invalid)
+    crops = torch.tensor([[1.0, 0.0], [0.8, 0.6]])  # "dog" is closest to proposal 0
+    nouns = {"dog": torch.tensor([1.0, 0.0]), "cat": torch.tensor([0.0, 1.0])}
+    record = {"image_id": 1, "file_name": "x.png", "nouns": [["dog", "cat"]]}
+    image = np.zeros((8, 8, 3), np.uint8)
+
+    def run(**kw):
+        props = [MiningProposals(masks, torch.tensor([0.1, 0.9, 0.5]))]
+        res = mine_image_pairs(
+            [record],
+            [image],
+            props,
+            _FakeCropClassifier(crops),
+            lambda ns: torch.stack([nouns[n] for n in ns]),
+            **kw,
+        )[0]
+        return {p["category"]: (p["proposal"], p["score"]) for p in res["pairs"]}
+
+    out = run()
+    assert out["dog"] == (0, 1.0) and out["cat"][0] == 1 and out["cat"][1] == pytest.approx(0.6)
+    assert run(objectness_weight=1.0)["dog"] == (1, pytest.approx(0.8))  # log(.9) - log(.1) > 0.2
+    assert set(run(min_score=0.7)) == {"dog"}

@@ -31,6 +31,15 @@ def _input(h, w, num_segments=2, seed=0, **extra):
     return {"image": image, "instances": inst, **extra}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on 64-px images: one torch thread (restored after the module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return _model()

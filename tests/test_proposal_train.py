@@ -4,14 +4,25 @@ then --eval-only reports class-agnostic proposal recall (overall, seen, unseen).
 import json
 import math
 
+import pytest
+import torch
 from helpers import REPO
 from helpers import run_train_net as _run
 
 
-def test_proposal_train_then_eval(toyworld_root, tmp_path):
+@pytest.fixture
+def one_thread():
+    """train_net sets torch's threads from RUNTIME.NUM_THREADS: one (tiny model), restored after."""
+    threads = torch.get_num_threads()
+    yield ["RUNTIME.NUM_THREADS", "1"]
+    torch.set_num_threads(threads)
+
+
+def test_proposal_train_then_eval(toyworld_root, tmp_path, one_thread):
     out = tmp_path / "run"
     cfg_file = str(REPO / "configs/toyworld/proposal_R18.yaml")
     common = [
+        *one_thread,
         "OUTPUT_DIR",
         str(out),
         "SOLVER.IMS_PER_BATCH",

@@ -1,4 +1,4 @@
-"""tools/merge_checkpoints.py and tools/search_ensemble.py with tiny random models on the toy world."""
+"""tools/merge_checkpoints.py and tools/search_ensemble.py with tiny random models (toy world)."""
 
 import importlib.util
 import json

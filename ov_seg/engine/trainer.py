@@ -3,14 +3,24 @@
 import itertools
 import logging
 import os
+import weakref
 from typing import Any, Dict, List
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+)
 from detectron2.engine.hooks import PeriodicWriter
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ov_seg.data import build_dataset_mapper
 from ov_seg.evaluation import build_evaluator
@@ -127,7 +137,35 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 class Trainer(DefaultTrainer):
-    """detectron2 ``DefaultTrainer`` with registry-dispatched mappers and evaluators."""
+    """detectron2 ``DefaultTrainer`` with registry-dispatched mappers and evaluators.
+
+    Multi-process training also works on CPU (gloo): detectron2's ``DefaultTrainer`` gives DDP
+    ``device_ids=[local_rank]``, which DDP rejects for CPU modules, so the constructor is
+    re-stated here with ``device_ids`` chosen from the model's device.
+    """
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        model = create_ddp_model(
+            model, broadcast_buffers=False, device_ids=[comm.get_local_rank()] if on_gpu else None
+        )
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
         hooks = super().build_hooks()

@@ -279,7 +279,6 @@ def _load_model(name: str):
     if name in _MODELS:
         return _MODELS[name]
     import spacy
-
     from thinc.api import use_ops
 
     try:

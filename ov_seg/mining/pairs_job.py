@@ -108,7 +108,7 @@ class GroundTruthProposals:
         )
 
     def __call__(self, records: Sequence[dict], images: Sequence[np.ndarray]):
-        """Returns per image ``MiningProposals(masks (Q, H, W) bool, None, names of the Q segments)``."""
+        """Per image ``MiningProposals(masks (Q, H, W) bool, None, names of the Q segments)``."""
         from ov_seg.data.dataset_mappers.panoptic import read_segments
 
         out = []
@@ -149,7 +149,7 @@ class ModelProposals:
         self.max_proposals = int(max_proposals)
 
     def __call__(self, records: Sequence[dict], images: Sequence[np.ndarray]):
-        """Returns per image ``MiningProposals(masks (Q, H, W) float probabilities, objectness (Q,))``."""
+        """Per image ``MiningProposals(masks (Q, H, W) probabilities, objectness (Q,))``."""
         inputs = []
         for rec, image in zip(records, images):
             img = image[:, :, ::-1] if self.input_format == "BGR" else image
@@ -242,7 +242,8 @@ def mine_image_pairs(
     Returns:
         per image ``{"image_id", "file_name", "height", "width", "nouns", "num_proposals",
         "num_valid", "pairs": [{"category", "score" (cosine), "proposal", "segmentation", "area",
-        "bbox"[, "objectness"][, "proposal_category"]}]}`` with pairs in noun order (kept pairs only).
+        "bbox"[, "objectness"][, "proposal_category"]}]}`` with pairs in noun order (kept pairs
+        only).
     """
     thr = crop_classifier.mask_thr
     binary = [p.masks if p.masks.dtype == torch.bool else p.masks > thr for p in proposals]

@@ -21,6 +21,7 @@ images, its source images for mixed ones).
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ov_seg.modeling.clip import interpolate_grid_embedding
@@ -114,6 +115,7 @@ class GroupingBlock(nn.Module):
         hard: bool = True,
         gumbel: bool = True,
         gumbel_tau: float = 1.0,
+        cosine_temperature: float = 0.0,
     ):
         """
         Args:
@@ -126,10 +128,13 @@ class GroupingBlock(nn.Module):
             hard: one-hot assignment (straight-through) in training.
             gumbel: Gumbel noise on the assignment logits in training.
             gumbel_tau: Gumbel-softmax temperature.
+            cosine_temperature: > 0: assignment logits are cos(q, k) / this temperature; 0: the
+                scaled dot product q·k / sqrt(d) (GroupViT).
         """
         super().__init__()
         self.hard, self.gumbel, self.gumbel_tau = hard, gumbel, gumbel_tau
         self.scale = dim**-0.5
+        self.cosine_temperature = cosine_temperature
         self.norm_tokens = nn.LayerNorm(dim)
         self.norm_x = nn.LayerNorm(dim)
         mix_hidden = max(num_output_groups, num_group_tokens // 2)
@@ -165,7 +170,12 @@ class GroupingBlock(nn.Module):
         g = g + self.pre_assign_attn(q, x, x, need_weights=False)[0]
         g = g + self.pre_assign_mlp(self.norm_pre_mlp(g))
         gn = self.norm_assign(g)
-        logits = torch.einsum("bgd,bnd->bgn", self.assign_q(gn), self.assign_k(x)) * self.scale
+        q, k = self.assign_q(gn), self.assign_k(x)
+        if self.cosine_temperature > 0:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            logits = torch.einsum("bgd,bnd->bgn", q, k) / self.cosine_temperature
+        else:
+            logits = torch.einsum("bgd,bnd->bgn", q, k) * self.scale
         soft = logits.softmax(dim=1)
         # Gumbel noise in training only; hard (one-hot) assignment in training and at test alike
         assign = gumbel_assignment(
@@ -224,6 +234,7 @@ class GroupingViT(nn.Module):
         hard: bool = True,
         gumbel: bool = True,
         gumbel_tau: float = 1.0,
+        assign_cosine_temperature: float = 0.0,
         freeze_at: int = 0,
     ):
         """
@@ -237,6 +248,7 @@ class GroupingViT(nn.Module):
             progressive: a ``ProgressiveCrossAttention`` after each block of the first stage.
             proj_hidden: hidden width of the 2-layer projection MLP; 0 = CLIP's linear projection.
             hard, gumbel, gumbel_tau: grouping assignment options (see ``GroupingBlock``).
+            assign_cosine_temperature: ``GroupingBlock``'s ``cosine_temperature``.
             freeze_at: freeze the patch embedding and the first ``freeze_at`` trunk blocks (0 =
                 none).
 
@@ -284,6 +296,7 @@ class GroupingViT(nn.Module):
                 hard=hard,
                 gumbel=gumbel,
                 gumbel_tau=gumbel_tau,
+                cosine_temperature=assign_cosine_temperature,
             )
             stages.append(
                 GroupingStage(

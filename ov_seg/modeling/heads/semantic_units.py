@@ -10,7 +10,8 @@ MGCA (``single_stage.md`` §3) argues that fixed groups (GroupViT) under-segment
 4. purity ``ρ_u`` = fraction of the unit's pixels whose pixel argmax equals the unit argmax. A pure
    unit (``ρ_u >= purity``) gives ``S_u`` to all its pixels; an impure one is re-clustered into two
    (farthest-point initialisation, soft k-means) and each part is tested again, at most
-   ``max_splits`` times; pixels of a leaf that is still impure keep ``S_pix``.
+   ``max_splits`` times; pixels of a leaf that is still impure keep ``S_pix`` (``impure_leaf``
+   "pixel", the design) or take the leaf's ``S_u`` ("unit").
 
 ``UNIT_PREDICTORS`` maps the config names "pixel", "group" and "adaptive" to the three predictors.
 """
@@ -105,6 +106,7 @@ def adaptive_unit_scores(
     num_units: int = 16,
     purity: float = 0.6,
     max_splits: int = 2,
+    impure_leaf: str = "pixel",
     iters: int = 3,
     temperature: float = 0.1,
     **kwargs,
@@ -117,10 +119,14 @@ def adaptive_unit_scores(
         num_units: initial units (``UNIT_NUM``).
         purity: ρ threshold (``UNIT_PURITY``).
         max_splits: how many times an impure unit may be split in two (``UNIT_MAX_SPLITS``).
+        impure_leaf: scores of a leaf that is still impure: "pixel" (its pixels keep S_pix) or
+            "unit" (they take the leaf's S_u) (``UNIT_IMPURE_LEAF``).
 
     Returns:
         (K, h, w) cosine scores.
     """
+    if impure_leaf not in ("pixel", "unit"):
+        raise ValueError(f"impure_leaf must be 'pixel' or 'unit', got {impure_leaf!r}")
     _check(features, class_emb)
     d, h, w = features.shape
     points = features.flatten(1).t()  # (N, D)
@@ -139,14 +145,19 @@ def adaptive_unit_scores(
         if rho >= purity:
             out[idx] = s_unit
             continue
-        if depth >= max_splits or idx.numel() < 2:
-            continue  # an impure leaf keeps the pixel scores
-        sub = points[idx]
-        init = farthest_point_init(sub, 2)
-        sub_centers, q = soft_kmeans(sub[None], init[None], iters=iters, temperature=temperature)
-        sub_assign = q[0].argmax(dim=-1)
-        if bool((sub_assign == sub_assign[0]).all()):
-            continue  # the unit cannot be split: keep the pixel scores
+        sub_assign = None
+        if depth < max_splits and idx.numel() >= 2:
+            sub = points[idx]
+            init = farthest_point_init(sub, 2)
+            sub_centers, q = soft_kmeans(
+                sub[None], init[None], iters=iters, temperature=temperature
+            )
+            sub_assign = q[0].argmax(dim=-1)
+        if sub_assign is None or bool((sub_assign == sub_assign[0]).all()):
+            # an impure leaf (split depth reached, or the unit does not split)
+            if impure_leaf == "unit":
+                out[idx] = s_unit
+            continue
         for part in range(2):
             stack.append((idx[sub_assign == part], sub_centers[0, part], depth + 1))
     return out.t().reshape(-1, h, w)

@@ -232,6 +232,7 @@ class MGCA(nn.Module):
         group_num: int = 8,
         unit_purity: float = 0.6,
         unit_max_splits: int = 2,
+        unit_impure_leaf: str = "pixel",
         background_name: str = "background",
         bg_thresh: float = 0.0,
         slide_window: int = 0,
@@ -264,6 +265,8 @@ class MGCA(nn.Module):
             unit_num: initial units of the adaptive semantic unit; group_num: groups of the "group"
                 mode.
             unit_purity, unit_max_splits: ρ threshold and split depth of the adaptive unit.
+            unit_impure_leaf: "pixel" (the pixels of a still impure leaf keep their scores) or
+                "unit" (they take the leaf's scores).
             background_name, bg_thresh: a vocabulary entry with this name gets the constant
                 probability ``bg_thresh`` instead of a text score (``bg_thresh`` 0 with such an
                 entry: never chosen).
@@ -278,6 +281,8 @@ class MGCA(nn.Module):
                 f"Unknown MODEL.MGCA.TEST.UNIT_MODE {unit_mode!r}; "
                 f"known: {', '.join(sorted(UNIT_PREDICTORS))}"
             )
+        if unit_impure_leaf not in ("pixel", "unit"):
+            raise ValueError(f"UNIT_IMPURE_LEAF must be 'pixel' or 'unit', got {unit_impure_leaf!r}")
         if len(loss_weights) != 3:
             raise ValueError(f"LOSS_WEIGHTS must be (obj, reg, pix), got {loss_weights}")
         if max_entities < 1 or "{}" not in entity_template:
@@ -313,6 +318,7 @@ class MGCA(nn.Module):
             "num_groups": int(group_num),
             "purity": float(unit_purity),
             "max_splits": int(unit_max_splits),
+            "impure_leaf": unit_impure_leaf,
             "iters": int(meta_iters),
             "temperature": float(meta_temperature),
         }
@@ -365,6 +371,7 @@ class MGCA(nn.Module):
             "group_num": mc.TEST.GROUP_NUM,
             "unit_purity": mc.TEST.UNIT_PURITY,
             "unit_max_splits": mc.TEST.UNIT_MAX_SPLITS,
+            "unit_impure_leaf": mc.TEST.UNIT_IMPURE_LEAF,
             "background_name": mc.TEST.BACKGROUND_NAME,
             "bg_thresh": mc.TEST.BG_THRESH,
             "slide_window": mc.TEST.SLIDE_WINDOW,

@@ -176,6 +176,7 @@ class MixReorg(nn.Module):
             hard=mc.HARD_ASSIGNMENT,
             gumbel=mc.GUMBEL,
             gumbel_tau=mc.GUMBEL_TAU,
+            assign_cosine_temperature=mc.ASSIGN_COSINE_TEMPERATURE,
             freeze_at=mc.FREEZE_AT,
         )
         vocabulary = []
