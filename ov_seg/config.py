@@ -127,13 +127,13 @@ def add_maskformer_config(cfg):
     # Point-sampled mask losses (memory-bounded, PointRend-style): points per mask for matching and losses;
     # 0 = dense losses on all pixels (predictions upsampled to the padded image size).
     cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 0
-    # Dense mask losses at the target (padded image) size with upsampled predictions (MaskFormer), or at
-    # the prediction size (stride 4) with area-resized, soft targets (False: 16x fewer pixels).
-    cfg.MODEL.MASK_FORMER.MASK_LOSS_AT_TARGET_SIZE = True
     # Importance sampling of the loss points: candidates = OVERSAMPLE_RATIO x points, of which
     # IMPORTANCE_SAMPLE_RATIO are the most uncertain and the rest uniform.
     cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
     cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # Dense mask losses at the target (padded image) size with upsampled predictions (MaskFormer), or at
+    # the prediction size (stride 4) with area-resized, soft targets (False: 16x fewer pixels).
+    cfg.MODEL.MASK_FORMER.MASK_LOSS_AT_TARGET_SIZE = True
 
     cfg.MODEL.MASK_FORMER.CLASS_HEAD = CN()
     # Class head by registry name (ov_seg.modeling.heads): "open_vocab" (OVSeg: logits = tau * cos(query

@@ -1,5 +1,7 @@
 """Every YAML under configs/ goes through train_net's setup() and builds its model (tiny overrides)."""
 
+import ctypes
+import gc
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,15 @@ def test_config_builds_model(path):
     model = Trainer.build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert all(p.device == torch.device("cpu") for p in model.parameters())
+    del model
+    _release_memory()
+
+
+def _release_memory():
+    """Real-scale models are large: free them and return the memory to the OS between configs (glibc
+    keeps freed arenas otherwise, and ~40 builds in one process grew to 11 GiB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
