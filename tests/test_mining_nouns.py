@@ -58,12 +58,14 @@ def test_chunk_mode_keeps_adjectives(chunk_extractor):
             "A young boy in a red t-shirt stands by a traffic light .",
             "Two little girls .",
             "A black and white dog .",
+            "A tri-colored dog and a man 's old hat .",
         ]
     )
     assert out[0] == ["red circle", "blue square", "grass"]
     assert out[1] == ["young boy", "red t-shirt", "traffic light"]
     assert out[2] == ["little girl"]
     assert out[3] == ["black and white dog"]
+    assert out[4] == ["tri-colored dog", "man", "old hat"]
 
 
 def test_tagger_chunker_agrees_on_simple_captions():

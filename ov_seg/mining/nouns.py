@@ -4,8 +4,8 @@ with their adjectives ("red circle", "young boy").
 Pipeline: spaCy's tokenizer, ``tok2vec``, ``tagger`` and (chunker "parser") ``parser``; the
 attribute ruler, lemmatizer and NER are not run (they cost more than the parser on short captions).
 Universal POS tags are set from the tagger's fine tags with the model's own tag map (read from its
-attribute ruler) so that ``doc.noun_chunks`` works; the head lemma comes from the model's rule
-lemmatizer, called on plural heads only and cached. Chunker "tagger" skips the parser and chunks
+attribute ruler) so that ``doc.noun_chunks`` works; the head lemma of plural nouns comes from the
+model's rule-lemmatizer tables (cached). Chunker "tagger" skips the parser and chunks
 runs of ``JJ* NN+`` tags (about 2x faster, slightly different chunks: see
 ``tools/benchmark_mining.py``).
 
@@ -147,45 +147,70 @@ class _Chunk:
     adjectives: List[int]
 
 
+def _head_chunk(doc, root, left: int, skip=frozenset()) -> _Chunk:
+    """The ``_Chunk`` of the noun ``root`` whose modifiers lie in ``doc[left : root.i]`` (tokens in
+    ``skip`` excluded)."""
+    start = root.i
+    # compound run: nouns attached as "compound" directly before the head (hyphens inside kept)
+    while start > left:
+        prev = doc[start - 1]
+        if prev.dep_ == "compound" and prev.pos_ in _NP_POS:
+            start -= 1
+        elif prev.tag_ == "HYPH" and not prev.whitespace_ and start - 2 >= left:
+            if doc[start - 2].whitespace_ or doc[start - 2].dep_ != "compound":
+                break
+            start -= 1
+        else:
+            break
+    adjectives = [
+        t.i
+        for t in doc[left:start]
+        if t.i not in skip
+        and (t.pos_ == "ADJ" or t.dep_ == "amod")
+        and t.pos_ not in ("DET", "NUM", "PRON", "PUNCT")
+    ]
+    return _Chunk(root.i, start, _with_conjunctions(doc, adjectives))
+
+
 def _parser_chunks(doc) -> List[_Chunk]:
-    """spaCy noun chunks (dependency parse) -> ``_Chunk``; pronoun heads are skipped."""
+    """spaCy noun chunks (dependency parse) -> ``_Chunk``; pronoun heads are skipped; a possessor
+    inside a chunk ("a man 's old hat") is a chunk of its own ("man", "old hat")."""
     out = []
     for span in doc.noun_chunks:
         root = span.root
-        if root.pos_ not in _NP_POS:
-            continue
-        start = root.i
-        # compound run: nouns attached as "compound" directly before the head (hyphens inside kept)
-        while start > span.start:
-            prev = doc[start - 1]
-            if prev.dep_ == "compound" and prev.pos_ in _NP_POS:
-                start -= 1
-            elif prev.tag_ == "HYPH" and not prev.whitespace_ and start - 2 >= span.start:
-                if doc[start - 2].whitespace_ or doc[start - 2].dep_ != "compound":
-                    break
-                start -= 1
-            else:
-                break
-        possessed = {t.i for t in span if t.dep_ == "poss" for t in t.subtree}
-        adjectives = [
-            t.i
-            for t in doc[span.start : start]
-            if t.i not in possessed
-            and (t.pos_ == "ADJ" or t.dep_ == "amod")
-            and t.pos_ not in ("DET", "NUM", "PRON", "PUNCT")
-        ]
-        out.append(_Chunk(root.i, start, _with_conjunctions(doc, adjectives)))
+        possessed = set()
+        for t in span:
+            if t.dep_ == "poss" and t.i < root.i:
+                sub = [d.i for d in t.subtree]
+                possessed.update(sub)
+                if t.pos_ in _NP_POS:
+                    out.append(_head_chunk(doc, t, max(span.start, min(sub))))
+        if root.pos_ in _NP_POS:
+            out.append(_head_chunk(doc, root, span.start, frozenset(possessed)))
     return out
 
 
 def _with_conjunctions(doc, adjectives: List[int]) -> List[int]:
-    """Add the conjunctions between two kept adjectives ("black and white")."""
+    """Add the conjunctions and hyphens between two kept adjectives ("black and white",
+    "tri-colored")."""
     out: List[int] = []
     for i in adjectives:
-        if out and i > out[-1] + 1 and all(doc[j].pos_ == "CCONJ" for j in range(out[-1] + 1, i)):
-            out.extend(range(out[-1] + 1, i))
+        gap = range(out[-1] + 1, i) if out else range(0)
+        if gap and all(doc[j].pos_ == "CCONJ" or doc[j].tag_ == "HYPH" for j in gap):
+            out.extend(gap)
         out.append(i)
     return out
+
+
+def _tokens_text(doc, indices: Sequence[int]) -> str:
+    """Lower-case text of tokens, spaced as in the caption between neighbours ("tri-colored")."""
+    parts = []
+    for k, i in enumerate(indices):
+        parts.append(doc[i].text.lower())
+        nxt = indices[k + 1] if k + 1 < len(indices) else None
+        if nxt is not None and (nxt != i + 1 or doc[i].whitespace_):
+            parts.append(" ")
+    return "".join(parts)
 
 
 def _tagger_chunks(doc) -> List[_Chunk]:
@@ -456,7 +481,7 @@ class NounExtractor:
                 continue
             phrase = noun
             if self.settings.mode == "chunk" and chunk.adjectives:
-                phrase = " ".join([doc[i].text.lower() for i in chunk.adjectives] + [noun])
+                phrase = f"{_tokens_text(doc, chunk.adjectives)} {noun}"
             if phrase not in out:
                 out.append(phrase)
         return tuple(out)

@@ -64,6 +64,7 @@ class MaskedCropClassifier(nn.Module):
         register_clip: register ``clip_model`` as the submodule ``clip`` (default); ``False`` for a
             parent that owns the CLIP already (then the state dict holds only the prompts).
         batch_size: crops per CLIP forward.
+        model_name: the open_clip name (picks the tokenizer of non-BPE text towers; "" = BPE).
     """
 
     @configurable

@@ -172,7 +172,10 @@ class GroupingBlock(nn.Module):
         gn = self.norm_assign(g)
         q, k = self.assign_q(gn), self.assign_k(x)
         if self.cosine_temperature > 0:
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            # centred over the groups / the tokens: the logits follow how a token differs from the
+            # image's other tokens, not what all of them share
+            q = F.normalize(q - q.mean(dim=1, keepdim=True), dim=-1)
+            k = F.normalize(k - k.mean(dim=1, keepdim=True), dim=-1)
             logits = torch.einsum("bgd,bnd->bgn", q, k) / self.cosine_temperature
         else:
             logits = torch.einsum("bgd,bnd->bgn", q, k) * self.scale
