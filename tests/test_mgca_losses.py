@@ -1,5 +1,6 @@
 """MGCA's pure pieces: hard-negative InfoNCE, pseudo correspondences, losses, meta-points, units."""
 
+import dataclasses
 import math
 
 import pytest
@@ -21,6 +22,7 @@ from ov_seg.modeling.losses.meta_points import grid_init_centers, grid_shape, so
 from ov_seg.modeling.losses.mgca import (
     build_correspondences,
     grounding_masks,
+    group_mean,
     object_level_losses,
     object_regions,
     own_image_rows,
@@ -387,3 +389,50 @@ def test_adaptive_unit_splits_an_under_segmented_unit():
     # with no split allowed the impure unit keeps the pixel scores (still correct here, no noise)
     kept = adaptive_unit_scores(feats, classes, num_units=1, purity=0.6, max_splits=0)
     assert torch.allclose(kept, pixel_unit_scores(feats, classes))
+
+
+def test_pixel_loss_with_all_pixels_matches_per_query_pools():
+    """k_pix <= 0 (every qualifying pixel) uses one shared masked pool: the same loss as explicit
+    per-query pools, whatever the order of the candidate indices."""
+    z, entity_emb, image_index, same_text = _random_batch()
+    cos, masks = grounding_masks(z, entity_emb, 10.0, 0.0)
+    init = grid_init_centers(z.transpose(1, 2).reshape(3, 8, 4, 4), 4)
+    centers, assign = soft_kmeans(z, init)
+    corr = build_correspondences(
+        cos,
+        masks,
+        assign,
+        centers,
+        entity_emb,
+        image_index,
+        pos_thresh=0.5,
+        neg_thresh=0.4,
+        k_pix=0,
+    )
+    assert corr.neg_pixels.shape == (5, 48)
+    _, e2p = pixel_level_loss(
+        z, corr, entity_emb, image_index, same_text, k_neg=0, logit_scale=10.0
+    )
+    perm = torch.randperm(48)
+    shuffled = dataclasses.replace(
+        corr, neg_pixels=corr.neg_pixels[:, perm], neg_pixels_valid=corr.neg_pixels_valid[:, perm]
+    )
+    _, e2p_shuffled = pixel_level_loss(
+        z, shuffled, entity_emb, image_index, same_text, k_neg=0, logit_scale=10.0
+    )
+    # explicit per-query pools
+    pair_e, slot = torch.nonzero(corr.pos_pixels_valid, as_tuple=True)
+    flat = z.reshape(48, -1)
+    queries = flat[image_index[pair_e] * 16 + corr.pos_pixels[pair_e, slot]]
+    losses = hard_negative_info_nce(
+        entity_emb[pair_e],
+        queries,
+        flat[corr.neg_pixels[pair_e]],
+        corr.neg_pixels_valid[pair_e],
+        k_neg=0,
+        logit_scale=10.0,
+        reduction="none",
+    )
+    assert len(pair_e) > 0
+    assert torch.allclose(e2p, group_mean(losses, pair_e, 5), atol=1e-5)
+    assert torch.allclose(e2p, e2p_shuffled, atol=1e-5)

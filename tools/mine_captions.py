@@ -40,6 +40,7 @@ import torch
 
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.mining.captions import CAPTION_FORMATS, load_captions
+from ov_seg.engine.pipeline import atomic_write_json
 from ov_seg.mining.evaluate import mining_precision
 from ov_seg.mining.job import job_file, parse_shard
 from ov_seg.mining.nouns import DEFAULT_STOPLIST, NounExtractor
@@ -133,6 +134,7 @@ def _evaluate_args(sub) -> None:
         "--gt-dataset", required=True, help="panoptic / sem-seg dataset with the same image ids"
     )
     p.add_argument("--iou", type=float, default=0.5, help="IoU for a correct pair")
+    p.add_argument("--output", default=None, help="also write the summary JSON here (atomic)")
 
 
 def _merge_args(sub) -> None:
@@ -270,7 +272,10 @@ def cmd_merge(args) -> dict:
 def cmd_evaluate(args) -> dict:
     with open(args.pairs) as f:
         pairs = json.load(f)
-    return mining_precision(pairs, args.gt_dataset, iou_thr=args.iou)
+    summary = mining_precision(pairs, args.gt_dataset, iou_thr=args.iou)
+    if args.output:
+        atomic_write_json(args.output, summary)
+    return summary
 
 
 FINALIZERS = {"nouns": finalize_nouns, "pairs": finalize_pairs}

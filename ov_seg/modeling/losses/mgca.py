@@ -365,11 +365,16 @@ def pixel_level_loss(
     p2e = hard_negative_info_nce(
         queries, entity_emb[pair_e], entity_emb, text_valid, k_neg, logit_scale, reduction="none"
     )
+    if corr.neg_pixels.shape[1] == bsz * n:
+        # every pixel of the batch is a candidate (k_pix <= 0): one shared pool, masked per query
+        pool, pool_valid = flat, corr.neg_pixels_valid.gather(1, corr.neg_pixels.argsort(1))
+    else:  # (Q, k, D): N_bj of the query's entity
+        pool, pool_valid = flat[corr.neg_pixels[pair_e]], corr.neg_pixels_valid
     e2p = hard_negative_info_nce(
         entity_emb[pair_e],
         queries,
-        flat[corr.neg_pixels[pair_e]],  # (Q, k, D): N_bj of the query's entity
-        corr.neg_pixels_valid[pair_e],
+        pool,
+        pool_valid[pair_e],
         k_neg,
         logit_scale,
         reduction="none",
