@@ -389,6 +389,9 @@ def test_adaptive_unit_splits_an_under_segmented_unit():
     # with no split allowed the impure unit keeps the pixel scores (still correct here, no noise)
     kept = adaptive_unit_scores(feats, classes, num_units=1, purity=0.6, max_splits=0)
     assert torch.allclose(kept, pixel_unit_scores(feats, classes))
+    # UNIT_IMPURE_LEAF "unit": the impure leaf takes its unit scores (here: the single group's)
+    leaf = adaptive_unit_scores(feats, classes, num_units=1, max_splits=0, impure_leaf="unit")
+    assert torch.allclose(leaf, group_unit_scores(feats, classes, num_groups=1), atol=1e-6)
 
 
 def test_pixel_loss_with_all_pixels_matches_per_query_pools():
