@@ -272,6 +272,12 @@ def add_clip_config(cfg):
     # Train the text tower with a compact vocabulary (only the token ids of the training texts are
     # parameters; checkpoints keep the full table). For tiny from-scratch models.
     cfg.MODEL.CLIP.COMPACT_VOCAB = False
+    # Directory of the on-disk cache of class-name embeddings, keyed by (text-tower weights hash,
+    # template set, names), written atomically ("" = no disk cache; e.g. "~/.cache/ov_seg/text").
+    cfg.MODEL.CLIP.TEXT_CACHE_DIR = ""
+    # Masked crops per image-tower forward at inference (smaller batches keep the activations in
+    # the CPU caches; measured in notes/fast_inference.md). Outputs do not depend on it.
+    cfg.MODEL.CLIP.CROP_BATCH_SIZE = 256
 
 
 def add_clip_pretrain_config(cfg):
@@ -475,6 +481,31 @@ def add_two_stage_config(cfg):
     cfg.MODEL.TWO_STAGE.TEST.OBJECT_MASK_THRESHOLD = 0.8
     # ... and drop a proposal whose visible area / its own (sigmoid >= 0.5) area is below this.
     cfg.MODEL.TWO_STAGE.TEST.OVERLAP_THRESHOLD = 0.8
+    # Fast inference (notes/fast_inference.md). The defaults are exact: outputs equal the plain
+    # path (float rounding aside); the other settings trade accuracy for speed.
+    cfg.MODEL.TWO_STAGE.FAST = CN()
+    # Skip proposals whose objectness is below this before the CLIP stage (0 = keep all; the best
+    # proposal is always kept).
+    cfg.MODEL.TWO_STAGE.FAST.MIN_OBJECTNESS = 0.0
+    # Proposals whose binarised masks (MODEL.CLIP.MASK_THR) overlap a higher-scoring proposal with
+    # IoU >= this reuse its CLIP probabilities instead of a crop of their own. 1.0 = identical masks
+    # only (exact); > 1 = off.
+    cfg.MODEL.TWO_STAGE.FAST.DUPLICATE_IOU = 1.0
+    # How proposals get CLIP features: "crops" (one forward per masked crop, OVSeg) or
+    # "single_pass" (one forward on the whole image, features read from its dense tokens).
+    cfg.MODEL.TWO_STAGE.FAST.CLIP_MODE = "crops"
+    # single_pass: "attention" (per-mask query tokens attending to the mask's patches, SAN-style
+    # attention masking), "region" (per-mask sequences of the mask's tokens, attending only among
+    # themselves) or "mean" (mask pooling of the projected dense tokens, FC-CLIP-style).
+    cfg.MODEL.TWO_STAGE.FAST.SINGLE_PASS_POOLING = "attention"
+    # single_pass "attention" / "region": the per-mask tokens join the last this many blocks.
+    cfg.MODEL.TWO_STAGE.FAST.SINGLE_PASS_LAYERS = 3
+    # single_pass: short side (pixels) the image is resized to; 0 = the CLIP's native input size.
+    cfg.MODEL.TWO_STAGE.FAST.SINGLE_PASS_SIZE = 0
+    # Quantization of the CLIP image tower's linear layers (CPU only): "none" or "int8_dynamic"
+    # (int8 weights per output channel, activations quantized on the fly; applied at the first
+    # forward, after all weights are loaded).
+    cfg.MODEL.TWO_STAGE.FAST.QUANTIZE = "none"
 
 
 _ADDERS = [

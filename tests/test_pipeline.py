@@ -40,3 +40,13 @@ def test_missing_output_is_a_failure(tmp_path):
     stages = [Stage("lazy", [sys.executable, "-c", "pass"], outputs=[str(tmp_path / "x")])]
     with pytest.raises(RuntimeError, match="did not write"):
         run_stages(stages, tmp_path / "job")
+
+
+def test_changed_command_runs_again(tmp_path):
+    out = tmp_path / "a.txt"
+    run_stages([Stage("write", _writer(out, "hello"), outputs=[str(out)])], tmp_path / "job")
+    # same outputs, same size, but a different command line (e.g. a new config option): not skipped
+    again = run_stages(
+        [Stage("write", _writer(out, "world"), outputs=[str(out)])], tmp_path / "job"
+    )
+    assert not again["write"]["skipped"] and out.read_text() == "world"

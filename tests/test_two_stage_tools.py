@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -96,3 +97,26 @@ def test_search_matches_the_model_forward(toyworld_root, tmp_path):
     # resume: the finished search is reloaded, not recomputed
     best = _tool("search_ensemble").main([*args, "--resume", *OPTS])
     assert best == result["best"]
+
+
+def test_search_holdout_scores_the_held_out_images(toyworld_root, tmp_path):
+    base = ["--config-file", str(REPO / CONFIG), "--weights", "0,1", "--mask-thrs", "0.5"]
+    torch.manual_seed(0)
+    _tool("search_ensemble").main(
+        [*base, "--output", str(tmp_path / "a"), "--subset", "0:2", "--holdout", "2:4", *OPTS]
+    )
+    torch.manual_seed(0)
+    _tool("search_ensemble").main(
+        [*base, "--output", str(tmp_path / "b"), "--subset", "2:4", *OPTS]
+    )
+    both = json.loads((tmp_path / "a" / "search.json").read_text())
+    alone = json.loads((tmp_path / "b" / "search.json").read_text())
+    assert both["num_images"] == 2 and both["holdout"]["num_images"] == 2
+    # the held-out grid is exactly a search over those images alone
+    assert both["holdout"]["grid"] == alone["grid"]
+    pick = (both["best"]["ensemble_weight"], both["best"]["mask_thr"])
+    assert (both["holdout"]["best"]["ensemble_weight"], both["holdout"]["best"]["mask_thr"]) == pick
+    with pytest.raises(SystemExit, match="overlap"):
+        _tool("search_ensemble").main(
+            [*base, "--output", str(tmp_path / "c"), "--subset", "0:3", "--holdout", "2:4", *OPTS]
+        )

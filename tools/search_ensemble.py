@@ -6,7 +6,9 @@ Per image the proposals are computed once and the CLIP scores once per mask thre
 MASK_THR) pair is then re-scored from these and accumulated into its own confusion matrix
 (detectron2's semantic segmentation convention, ignore pixels skipped). Prints a table per metric
 and the best pair, and writes ``search.json``. Progress is saved every ``--save-every`` images
-(atomically) and resumed with ``--resume``.
+(atomically) and resumed with ``--resume``. With ``--holdout`` the images of a second, disjoint range are
+scored too: the best pair is picked on ``--subset`` and every pair is also reported on the held-out
+images, so the searched ensemble is evaluated on images it was not chosen on.
 
     python tools/search_ensemble.py --config-file configs/toyworld/two_stage_R18.yaml \\
         --output /tmp/two_stage/search --weights 0:1:0.1 --mask-thrs 0.35,0.4,0.45 --subset 0:150 \\
@@ -91,6 +93,12 @@ def get_parser() -> argparse.ArgumentParser:
         "--subset", type=parse_subset, default=slice(None), help="START:END of the dataset's images"
     )
     p.add_argument(
+        "--holdout",
+        type=parse_subset,
+        default=None,
+        help="START:END of held-out images: every pair is also scored there (search.json 'holdout')",
+    )
+    p.add_argument(
         "--metric",
         default="mIoU",
         help="metric that picks the best pair (mIoU, hIoU, mIoU-unseen...)",
@@ -121,11 +129,13 @@ class GridScorer:
         self.num_classes = num_classes
         self.ignore_label = ignore_label
         n = num_classes + 1
-        self.conf = np.zeros((len(self.mask_thrs), len(self.weights), n, n), dtype=np.int64)
+        # (part, MASK_THR, λ, prediction, ground truth); part 0 = search images, 1 = held-out images
+        self.conf = np.zeros((2, len(self.mask_thrs), len(self.weights), n, n), dtype=np.int64)
 
     @torch.no_grad()
-    def add_image(self, x: dict, gt: np.ndarray) -> None:
-        """Score one mapped input against its (H, W) ground truth for every grid point."""
+    def add_image(self, x: dict, gt: np.ndarray, part: int = 0) -> None:
+        """Score one mapped input against its (H, W) ground truth for every grid point, into the
+        confusion matrices of ``part`` (0: search images, 1: held-out images)."""
         model = self.model
         vocabulary = with_background_name(model.input_vocabulary(x), model.background_name)
         if len(vocabulary) != self.num_classes:
@@ -160,7 +170,7 @@ class GridScorer:
                     proposals, clip_probs, valid, output_size, [], ensemble_weight=weight
                 )
                 pred = out["sem_seg"].argmax(0).cpu().numpy().astype(np.int64)
-                self.conf[t, w] += np.bincount(
+                self.conf[part, t, w] += np.bincount(
                     n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n
                 ).reshape(n, n)
 
@@ -168,7 +178,7 @@ class GridScorer:
         """λ = 0 rows are only computed at the first threshold: copy them to the others."""
         for w, weight in enumerate(self.weights):
             if weight == 0.0:
-                self.conf[1:, w] = self.conf[0, w]
+                self.conf[:, 1:, w] = self.conf[:, :1, w]
 
 
 def search_key(cfg, args, dataset: str, num_images: int) -> str:
@@ -180,6 +190,7 @@ def search_key(cfg, args, dataset: str, num_images: int) -> str:
             args.mask_thrs,
             dataset,
             [args.subset.start, args.subset.stop],
+            [args.holdout.start, args.holdout.stop] if args.holdout else None,
             num_images,
         ]
     )
@@ -224,9 +235,20 @@ def main(argv=None):
             "this proposal source has no class scores: only λ = 1 is possible (--weights 1)"
         )
 
-    dicts = DatasetCatalog.get(dataset)[args.subset]
+    all_dicts = DatasetCatalog.get(dataset)
+    dicts = all_dicts[args.subset]
     if not dicts:
         raise SystemExit(f"the subset {args.subset} of {dataset!r} is empty")
+    held = []
+    if args.holdout is not None:
+        held = all_dicts[args.holdout]
+        ids = set(range(len(all_dicts)))
+        if not held:
+            raise SystemExit(f"the holdout {args.holdout} of {dataset!r} is empty")
+        if set(sorted(ids)[args.subset]) & set(sorted(ids)[args.holdout]):
+            raise SystemExit(f"--subset {args.subset} and --holdout {args.holdout} overlap")
+    parts = [0] * len(dicts) + [1] * len(held)
+    dicts = dicts + held
     mapper = build_dataset_mapper(cfg, is_train=False, dataset_name=dataset)
     ignore_label = int(meta.get("ignore_label", 255))
     scorer = GridScorer(model, args.weights, args.mask_thrs, len(class_names), ignore_label)
@@ -247,63 +269,82 @@ def main(argv=None):
         range(start, len(dicts)), initial=start, total=len(dicts), desc="images", file=sys.stdout
     ):
         d = dicts[i]
-        scorer.add_image(mapper(d), read_label_image(d["sem_seg_file_name"]))
+        scorer.add_image(mapper(d), read_label_image(d["sem_seg_file_name"]), parts[i])
         if (i + 1) % args.save_every == 0 and i + 1 < len(dicts):
             save_state(state_path, key, i + 1, scorer.conf)
     scorer.fix_zero_weight()
     save_state(state_path, key, len(dicts), scorer.conf)
 
     seen, unseen = meta.get("seen_class_ids", None), meta.get("unseen_class_ids", None)
-    results = []
+    results, holdout = [], []
     for t, thr in enumerate(args.mask_thrs):
         for w, weight in enumerate(args.weights):
-            m = sem_seg_metrics(scorer.conf[t, w], class_names, seen, unseen)
-            results.append(
-                {
-                    "ensemble_weight": weight,
-                    "mask_thr": thr,
-                    **{k: m[k] for k in TABLE_METRICS if k in m},
-                }
-            )
+            for part, rows in ((0, results), (1, holdout) if held else (None, None)):
+                if part is None:
+                    continue
+                m = sem_seg_metrics(scorer.conf[part, t, w], class_names, seen, unseen)
+                rows.append(
+                    {
+                        "ensemble_weight": weight,
+                        "mask_thr": thr,
+                        **{k: m[k] for k in TABLE_METRICS if k in m},
+                    }
+                )
     if args.metric not in results[0]:
         raise SystemExit(f"metric {args.metric!r} not available; known: {sorted(results[0])}")
     best = max(results, key=lambda r: -np.inf if np.isnan(r[args.metric]) else r[args.metric])
-    for metric in (k for k in TABLE_METRICS if k in results[0]):
-        rows = [
-            [weight]
-            + [
-                next(
-                    r[metric]
-                    for r in results
-                    if r["ensemble_weight"] == weight and r["mask_thr"] == thr
-                )
-                for thr in args.mask_thrs
+    tables = [(results, args.subset, len(parts) - len(held))]
+    if held:
+        tables.append((holdout, args.holdout, len(held)))
+    for grid, subset, num in tables:
+        for metric in (k for k in TABLE_METRICS if k in grid[0]):
+            rows = [
+                [weight]
+                + [
+                    next(
+                        r[metric]
+                        for r in grid
+                        if r["ensemble_weight"] == weight and r["mask_thr"] == thr
+                    )
+                    for thr in args.mask_thrs
+                ]
+                for weight in args.weights
             ]
-            for weight in args.weights
-        ]
-        print(
-            f"\n{metric} on {dataset} {args.subset.start}:{args.subset.stop} ({len(dicts)} images)"
-        )
-        print(
-            tabulate(
-                rows, headers=["λ \\ MASK_THR"] + [str(t) for t in args.mask_thrs], floatfmt=".2f"
+            print(f"\n{metric} on {dataset} {subset.start}:{subset.stop} ({num} images)")
+            print(
+                tabulate(
+                    rows,
+                    headers=["λ \\ MASK_THR"] + [str(t) for t in args.mask_thrs],
+                    floatfmt=".2f",
+                )
             )
-        )
     print(
         f"\nbest by {args.metric}: λ = {best['ensemble_weight']}, MASK_THR = {best['mask_thr']} "
         f"({', '.join(f'{k} {best[k]:.2f}' for k in TABLE_METRICS if k in best)})"
     )
-    atomic_write_json(
-        out_dir / "search.json",
-        {
-            "dataset": dataset,
-            "subset": [args.subset.start, args.subset.stop],
-            "num_images": len(dicts),
-            "metric": args.metric,
-            "best": best,
-            "grid": results,
-        },
-    )
+    summary = {
+        "dataset": dataset,
+        "subset": [args.subset.start, args.subset.stop],
+        "num_images": len(parts) - len(held),
+        "metric": args.metric,
+        "best": best,
+        "grid": results,
+    }
+    if held:
+        at = {(r["ensemble_weight"], r["mask_thr"]): r for r in holdout}
+        summary["holdout"] = {
+            "subset": [args.holdout.start, args.holdout.stop],
+            "num_images": len(held),
+            "best": at[(best["ensemble_weight"], best["mask_thr"])],
+            "grid": holdout,
+        }
+        print(
+            "held-out images at the best pair: "
+            + ", ".join(
+                f"{k} {summary['holdout']['best'][k]:.2f}" for k in TABLE_METRICS if k in best
+            )
+        )
+    atomic_write_json(out_dir / "search.json", summary)
     return best
 
 

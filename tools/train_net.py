@@ -37,7 +37,10 @@ def main(args):
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    results = trainer.train()  # the final evaluation's results (main process; empty without tests)
+    if comm.is_main_process() and results:
+        write_results(cfg, results)
+    return results
 
 
 def write_results(cfg, results):

@@ -1,8 +1,9 @@
 """A resumable chain of command-line stages (the main job).
 
 Each stage is a normal launch (``tools/train_net.py ...``, ``tools/mine_captions.py ...``) run as a subprocess
-with its own log file. A stage is skipped on rerun when its record says it finished *and* every declared
-output still exists with the recorded size; a failed stage stops the chain and names its log.
+with its own log file. A stage is skipped on rerun when its record says it finished with the same command
+line *and* every declared output still exists with the recorded size; a failed stage stops the chain and
+names its log.
 """
 
 import json
@@ -56,6 +57,8 @@ def _finished(workdir: Path, stage: Stage) -> Optional[dict]:
     if not rec_path.is_file():
         return None
     rec = json.loads(rec_path.read_text())
+    if rec.get("command") != list(stage.command):
+        return None  # the stage changed (config, options, inputs): run it again
     for out, size in rec.get("outputs", {}).items():
         p = Path(out)
         if not p.is_file() or p.stat().st_size != size:
@@ -119,6 +122,7 @@ def run_stages(stages: List[Stage], workdir, force: Sequence[str] = ()) -> Dict[
             "seconds": round(seconds, 1),
             "peak_rss_mib": rss,
             "log": str(log),
+            "command": list(stage.command),
             "outputs": {o: Path(o).stat().st_size for o in stage.outputs},
         }
         atomic_write_json(_record_path(workdir, stage), rec)

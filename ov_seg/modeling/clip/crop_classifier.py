@@ -65,6 +65,10 @@ class MaskedCropClassifier(nn.Module):
             parent that owns the CLIP already (then the state dict holds only the prompts).
         batch_size: crops per CLIP forward.
         model_name: the open_clip name (picks the tokenizer of non-BPE text towers; "" = BPE).
+        text_cache_dir: on-disk cache of class-name embeddings ("" = none; see
+            ``TextEmbeddingCache``).
+        resampler: crop resampler of ``prepare_masked_crops`` ("separable"; "roi_align" is the
+            reference).
     """
 
     @configurable
@@ -82,6 +86,8 @@ class MaskedCropClassifier(nn.Module):
         register_clip: bool = True,
         batch_size: int = 256,
         model_name: str = "",
+        text_cache_dir: str = "",
+        resampler: str = "separable",
     ):
         super().__init__()
         if register_clip:
@@ -93,7 +99,10 @@ class MaskedCropClassifier(nn.Module):
             clip_model.visual, prompt_depth, prompts=prompts, register_visual=False
         )
         self.text_classifier = TextClassifier(
-            clip_model, templates=templates, tokenizer=build_tokenizer(clip_model, model_name)
+            clip_model,
+            templates=templates,
+            tokenizer=build_tokenizer(clip_model, model_name),
+            cache_dir=text_cache_dir,
         )
         self.crop_size = clip_sizes(clip_model).image_size
         self.mask_thr = float(mask_thr)
@@ -101,6 +110,7 @@ class MaskedCropClassifier(nn.Module):
         self.square_crop = bool(square_crop)
         self.logit_scale = float(logit_scale)
         self.batch_size = int(batch_size)
+        self.resampler = resampler
 
     @classmethod
     def from_config(cls, cfg, clip_model: Optional[nn.Module] = None, train_prompts: bool = False):
@@ -139,6 +149,8 @@ class MaskedCropClassifier(nn.Module):
             "square_crop": ccfg.MASK_SQUARE_CROP,
             "logit_scale": ccfg.LOGIT_SCALE,
             "model_name": ccfg.MODEL_NAME,
+            "text_cache_dir": ccfg.TEXT_CACHE_DIR,
+            "batch_size": ccfg.CROP_BATCH_SIZE,
         }
 
     def _apply(self, fn, *args, **kwargs):
@@ -174,6 +186,7 @@ class MaskedCropClassifier(nn.Module):
                 self.expand_ratio,
                 self.crop_size,
                 self.square_crop,
+                self.resampler,
             )
             for img, m in zip(images, masks)
         ]

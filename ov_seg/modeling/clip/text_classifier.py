@@ -4,6 +4,17 @@ Each name goes through every template of a template set; the normalised embeddin
 re-normalised. The classifier of a vocabulary is computed once per (vocabulary, template set) and
 cached; the text tower is frozen and run in eval mode. ``encode_texts`` embeds raw texts (captions,
 nouns) in batches.
+
+Exact speed-ups (same embeddings as ``model.encode_text`` at the full context, within float
+rounding):
+
+- prompts are encoded at the length of their longest tokenised prompt, not the model's context
+  length (77): the text tower of a CLIP is causal (each position attends to itself and the positions
+  before it) and pools the end-of-text token, so the padding after it never reaches the output
+  (``encode_tokens``; towers that are not causal or pool otherwise fall back to ``encode_text``);
+- prompts are sorted by length and batched, so each batch runs at its own longest prompt;
+- classifiers built on the same CLIP share their caches (``share_cache``), and an optional
+  ``TextEmbeddingCache`` keeps vocabularies on disk across processes.
 """
 
 from collections import OrderedDict
@@ -15,6 +26,7 @@ import torch.nn.functional as F
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
+from .text_cache import TextEmbeddingCache, text_tower_hash
 from .tokenizer import CLIPTokenizer, build_tokenizer
 
 __all__ = [
@@ -23,6 +35,8 @@ __all__ = [
     "resolve_templates",
     "text_tower_modules",
     "text_tower_parameters",
+    "encode_tokens",
+    "token_lengths",
 ]
 
 # The 14 ViLD templates (OVSeg's default prompt set; its released code uses 9 of them).
@@ -95,6 +109,65 @@ def text_tower_parameters(clip_model: nn.Module) -> List[nn.Parameter]:
     return params
 
 
+def token_lengths(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, L) token ids (zero padding after the end token) -> (N,) used length (last non-zero id +
+    1; id 0 is also a BPE token, but the end token always follows it)."""
+    nonzero = tokens != 0
+    ar = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    return torch.where(nonzero, ar, 0).amax(dim=1).clamp_min(1)
+
+
+def _trimmable(clip_model: nn.Module) -> bool:
+    """Whether the text tower can run on a shorter context with the same output: an open_clip
+    ``CLIP`` whose text transformer has a causal mask and pools the end-of-text token."""
+    mask = getattr(clip_model, "attn_mask", None)
+    if not (
+        isinstance(getattr(clip_model, "positional_embedding", None), torch.Tensor)
+        and isinstance(mask, torch.Tensor)
+        and getattr(clip_model, "text_pool_type", None) in ("argmax", "eos")
+        and hasattr(clip_model, "token_embedding")
+        and hasattr(clip_model, "transformer")
+    ):
+        return False
+    causal = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    return bool(torch.equal(torch.isneginf(mask), causal)) and bool((mask[~causal] == 0).all())
+
+
+def encode_tokens(clip_model: nn.Module, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
+    """``clip_model.encode_text(tokens)``, run at the batch's longest used length when exact.
+
+    The text tower is causal and pools the end-of-text token (at or before the used length), so the
+    positions after it are never read: dropping them (and the matching rows / columns of the
+    positional embedding and the causal mask) gives the same embeddings.
+
+    Args:
+        clip_model: an open_clip model.
+        tokens: (N, L) token ids at the model's context length.
+        trim: False = always the full context (the reference path).
+
+    Returns:
+        (N, D) embeddings, not normalised.
+    """
+    if not trim or not _trimmable(clip_model):
+        return clip_model.encode_text(tokens)
+    from open_clip.transformer import text_global_pool
+
+    length = int(token_lengths(tokens).max())
+    tokens = tokens[:, :length]
+    cast_dtype = clip_model.transformer.get_cast_dtype()
+    x = clip_model.token_embedding(tokens).to(cast_dtype)
+    x = x + clip_model.positional_embedding[:length].to(cast_dtype)
+    x = clip_model.transformer(x, attn_mask=clip_model.attn_mask[:length, :length])
+    x = clip_model.ln_final(x)
+    x = text_global_pool(
+        x, tokens, clip_model.text_pool_type, eos_token_id=getattr(clip_model, "text_eos_id", None)
+    )
+    projection = clip_model.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+    return x
+
+
 @contextmanager
 def _eval_mode(modules: Sequence[nn.Module]):
     modes = [m.training for m in modules]
@@ -122,9 +195,13 @@ class TextClassifier(nn.Module):
             classifier as its last row.
         freeze: set ``requires_grad=False`` on the text tower (default). A text tower that trains
             (CLIP pre-training) must call ``clear_cache()`` after each update.
-        batch_size: prompts encoded per forward of the text tower.
+        batch_size: prompts encoded per forward of the text tower (prompts sorted by length).
         cache_size: vocabularies kept in the cache (least recently used dropped first).
         name_cache_size: single-name embeddings kept (the name cache is emptied when full).
+        trim_context: encode at the longest prompt's length (exact, see ``encode_tokens``); False
+            = the model's full context (the reference path).
+        cache_dir: directory of a ``TextEmbeddingCache`` ("" = no disk cache): vocabularies are
+            read from / written to disk, keyed by (text-tower weights hash, templates, names).
     """
 
     def __init__(
@@ -137,6 +214,8 @@ class TextClassifier(nn.Module):
         batch_size: int = 256,
         cache_size: int = 16,
         name_cache_size: int = 100000,
+        trim_context: bool = True,
+        cache_dir: str = "",
     ):
         super().__init__()
         object.__setattr__(self, "_clip", clip_model)  # referenced, not a submodule
@@ -145,8 +224,11 @@ class TextClassifier(nn.Module):
         self.batch_size = int(batch_size)
         self.cache_size = int(cache_size)
         self.name_cache_size = int(name_cache_size)
+        self.trim_context = bool(trim_context)
         self._cache: "OrderedDict[Tuple, torch.Tensor]" = OrderedDict()
         self._name_cache: Dict[str, torch.Tensor] = {}
+        self.disk_cache = TextEmbeddingCache(cache_dir) if cache_dir else None
+        self._weights_hash: Dict[str, Optional[str]] = {"value": None}
         if freeze:
             for p in text_tower_parameters(clip_model):
                 p.requires_grad_(False)
@@ -170,6 +252,31 @@ class TextClassifier(nn.Module):
         """Forget every cached vocabulary and name (after the text tower changed)."""
         self._cache.clear()
         self._name_cache.clear()
+        self._weights_hash["value"] = None
+
+    def share_cache(self, other: "TextClassifier") -> bool:
+        """Use the caches (memory and disk) of ``other`` when both embed names identically (same
+        CLIP model, templates, tokenizer kind and context); then a vocabulary is encoded once for
+        both. Returns whether the caches are now shared."""
+        same = (
+            other.clip_model is self._clip
+            and other.templates == self.templates
+            and type(other.tokenizer.tokenizer) is type(self.tokenizer.tokenizer)
+            and other.tokenizer.context_length == self.tokenizer.context_length
+        )
+        if same:
+            self._cache = other._cache
+            self._name_cache = other._name_cache
+            self._weights_hash = other._weights_hash
+            self.disk_cache = other.disk_cache
+            self.cache_size = other.cache_size
+        return same
+
+    def weights_hash(self) -> str:
+        """Hash of the text tower's weights (computed once until ``clear_cache``)."""
+        if self._weights_hash["value"] is None:
+            self._weights_hash["value"] = text_tower_hash(self._clip)
+        return self._weights_hash["value"]
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -189,12 +296,23 @@ class TextClassifier(nn.Module):
         if len(texts) == 0:
             raise ValueError("encode_texts needs at least one text")
         device = self.device
-        out = []
+        tokens = self.tokenizer(list(texts))
+        # batches of prompts of similar length, each run at its own longest prompt
+        order = token_lengths(tokens).argsort(stable=True) if self.trim_context else None
+        out = None
         with _eval_mode(text_tower_modules(self._clip)):
             for i in range(0, len(texts), self.batch_size):
-                tokens = self.tokenizer(list(texts[i : i + self.batch_size])).to(device)
-                out.append(F.normalize(self._clip.encode_text(tokens).float(), dim=-1))
-        return torch.cat(out)
+                idx = (
+                    slice(i, i + self.batch_size)
+                    if order is None
+                    else order[i : i + self.batch_size]
+                )
+                emb = encode_tokens(self._clip, tokens[idx].to(device), self.trim_context)
+                emb = F.normalize(emb.float(), dim=-1)
+                if out is None:
+                    out = emb.new_empty((len(texts), emb.shape[1]))
+                out[idx] = emb
+        return out
 
     def _check_vocabulary(self, vocabulary: Sequence[str]) -> Tuple[str, ...]:
         if isinstance(vocabulary, str):
@@ -227,15 +345,26 @@ class TextClassifier(nn.Module):
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        missing = [name for name in vocabulary if name not in self._name_cache]
+        known = {name: self._name_cache[name] for name in vocabulary if name in self._name_cache}
+        missing = [name for name in vocabulary if name not in known]
+        from_disk = None
+        if missing and self.disk_cache is not None:
+            from_disk = self.disk_cache.load(self.weights_hash(), self.templates, vocabulary)
+            if from_disk is not None:
+                known.update(zip(vocabulary, from_disk.to(self.device)))
+                missing = []
         if missing:
             prompts = [t.format(name) for name in missing for t in self.templates]
             emb = self.encode_texts(prompts).view(len(missing), len(self.templates), -1)
-            emb = F.normalize(emb.mean(dim=1), dim=-1)
-            if len(self._name_cache) + len(missing) > self.name_cache_size:
-                self._name_cache.clear()
-            self._name_cache.update(zip(missing, emb))
-        emb = torch.stack([self._name_cache[name] for name in vocabulary])
+            known.update(zip(missing, F.normalize(emb.mean(dim=1), dim=-1)))
+        new = [name for name in vocabulary if name not in self._name_cache]
+        if len(self._name_cache) + len(new) > self.name_cache_size:
+            self._name_cache.clear()
+            new = vocabulary
+        self._name_cache.update((name, known[name]) for name in new)
+        emb = torch.stack([known[name] for name in vocabulary])
+        if missing and self.disk_cache is not None:
+            self.disk_cache.save(self.weights_hash(), self.templates, vocabulary, emb)
         self._cache[key] = emb
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

@@ -144,7 +144,12 @@ class OpenVocabClassHead(nn.Module):
         return {
             "hidden_dim": cfg.MODEL.MASK_FORMER.HIDDEN_DIM,
             "embed_hidden_dim": head.EMBED_HIDDEN_DIM,
-            "text_classifier": TextClassifier(clip_model, cfg.MODEL.CLIP.TEMPLATES, void=True),
+            "text_classifier": TextClassifier(
+                clip_model,
+                cfg.MODEL.CLIP.TEMPLATES,
+                void=True,
+                cache_dir=cfg.MODEL.CLIP.TEXT_CACHE_DIR,
+            ),
             "logit_scale": head.LOGIT_SCALE,
         }
 

@@ -19,6 +19,12 @@ dataset's ``stuff_classes``, or given explicitly, e.g. by the demo), else the cl
 ``dataset_name``, else those of the first test dataset. A single class name gets
 ``MODEL.TWO_STAGE.BACKGROUND_NAME`` appended.
 
+Fast inference (``MODEL.TWO_STAGE.FAST``, notes/fast_inference.md): proposals below an objectness
+threshold are skipped, near-duplicate masks share one CLIP result, the image tower can be int8
+quantized, and ``CLIP_MODE "single_pass"`` replaces the per-crop forwards by one forward on the
+whole image (``SinglePassMaskEmbedder``). Every mode keeps the output contract. The defaults are
+exact (only identical masks share a crop).
+
 Weights: the proposal generator from ``MODEL.TWO_STAGE.PROPOSAL_WEIGHTS`` and the adapted CLIP from
 ``MODEL.CLIP.PRETRAINED`` (its exported checkpoint carries the mask prompts), or one merged
 checkpoint (``tools/merge_checkpoints.py``) as ``MODEL.WEIGHTS``.
@@ -35,7 +41,9 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from ov_seg.modeling.clip import MaskedCropClassifier, build_clip
+from ov_seg.modeling.clip import MaskedCropClassifier, build_clip, normalize_clip
+from ov_seg.modeling.clip.quantize import quantize_vision_linears
+from ov_seg.modeling.clip.single_pass import SinglePassMaskEmbedder
 from ov_seg.modeling.heads.ensemble import (
     clip_class_probs,
     geometric_ensemble,
@@ -43,6 +51,7 @@ from ov_seg.modeling.heads.ensemble import (
     semantic_scores,
     with_background_name,
 )
+from ov_seg.modeling.heads.proposal_selection import duplicate_representatives, objectness_keep
 from ov_seg.modeling.meta_arch.proposal_maskformer import ProposalMaskFormer
 from ov_seg.modeling.proposal_sources import Proposals, build_proposal_source
 
@@ -119,6 +128,11 @@ class TwoStageOVSeg(nn.Module):
         panoptic_on: bool = False,
         object_mask_threshold: float = 0.8,
         overlap_threshold: float = 0.8,
+        min_objectness: float = 0.0,
+        duplicate_iou: float = 1.0,
+        clip_mode: str = "crops",
+        single_pass: Optional[SinglePassMaskEmbedder] = None,
+        quantize: str = "none",
     ):
         """
         Args:
@@ -136,6 +150,14 @@ class TwoStageOVSeg(nn.Module):
                 objectness exceeds this.
             overlap_threshold: panoptic: drop a proposal whose visible area / own area is below
                 this.
+            min_objectness: skip proposals with a lower objectness (0 = keep all).
+            duplicate_iou: proposals whose binarised masks overlap a higher-scoring one with IoU >=
+                this reuse its CLIP result (1.0 = identical masks only, exact; > 1 = off).
+            clip_mode: ``CLIP_MODES`` name: "crops" (OVSeg) or "single_pass".
+            single_pass: the ``SinglePassMaskEmbedder`` of "single_pass" (built from the crop
+                classifier's CLIP when None).
+            quantize: "none" or "int8_dynamic" (the CLIP image tower's linear layers, CPU only;
+                applied at the first forward, once every weight is loaded).
         """
         super().__init__()
         if not 0.0 <= ensemble_weight <= 1.0:
@@ -165,6 +187,22 @@ class TwoStageOVSeg(nn.Module):
         self.panoptic_on = panoptic_on
         self.object_mask_threshold = float(object_mask_threshold)
         self.overlap_threshold = float(overlap_threshold)
+        if clip_mode not in CLIP_MODES:
+            raise KeyError(
+                f"MODEL.TWO_STAGE.FAST.CLIP_MODE {clip_mode!r} unknown; known: {sorted(CLIP_MODES)}"
+            )
+        if quantize not in QUANTIZERS:
+            raise KeyError(
+                f"MODEL.TWO_STAGE.FAST.QUANTIZE {quantize!r} unknown; known: {sorted(QUANTIZERS)}"
+            )
+        self.min_objectness = float(min_objectness)
+        self.duplicate_iou = float(duplicate_iou)
+        self.clip_mode = clip_mode
+        if clip_mode == "single_pass" and single_pass is None:
+            single_pass = SinglePassMaskEmbedder(crop_classifier.clip.visual)
+        self.single_pass = single_pass
+        self.quantize = quantize
+        self._quantized = quantize == "none"
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
     @classmethod
@@ -189,8 +227,23 @@ class TwoStageOVSeg(nn.Module):
         vocabulary = []
         if test_name:
             vocabulary = list(MetadataCatalog.get(test_name).get("stuff_classes", None) or [])
+        proposal_source = build_proposal_source(cfg, clip_model)
+        # the open-vocabulary proposal head embeds the same names with the same CLIP: one cache
+        head = getattr(getattr(proposal_source, "model", None), "class_head", None)
+        head_text = getattr(head, "text_classifier", None)
+        if head_text is not None and hasattr(head_text, "share_cache"):
+            head_text.share_cache(crop_classifier.text_classifier)
+        fcfg = tcfg.FAST
+        single_pass = None
+        if fcfg.CLIP_MODE == "single_pass":
+            single_pass = SinglePassMaskEmbedder(
+                clip_model.visual,
+                pooling=fcfg.SINGLE_PASS_POOLING,
+                layers=fcfg.SINGLE_PASS_LAYERS,
+                size=fcfg.SINGLE_PASS_SIZE,
+            )
         return {
-            "proposal_source": build_proposal_source(cfg, clip_model),
+            "proposal_source": proposal_source,
             "crop_classifier": crop_classifier,
             "ensemble_weight": tcfg.ENSEMBLE_WEIGHT,
             "input_format": cfg.INPUT.FORMAT,
@@ -201,6 +254,11 @@ class TwoStageOVSeg(nn.Module):
             "panoptic_on": tcfg.TEST.PANOPTIC_ON,
             "object_mask_threshold": tcfg.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": tcfg.TEST.OVERLAP_THRESHOLD,
+            "min_objectness": fcfg.MIN_OBJECTNESS,
+            "duplicate_iou": fcfg.DUPLICATE_IOU,
+            "clip_mode": fcfg.CLIP_MODE,
+            "single_pass": single_pass,
+            "quantize": fcfg.QUANTIZE,
         }
 
     @property
@@ -313,16 +371,86 @@ class TwoStageOVSeg(nn.Module):
             out.append(clip_class_probs(full, v))
         return out
 
+    def select_proposals(self, proposals: Proposals) -> Proposals:
+        """Fast mode: drop the proposals of one image whose objectness is below
+        ``min_objectness`` (the best one is kept)."""
+        if self.min_objectness <= 0.0:
+            return proposals
+        keep = objectness_keep(proposals.scores, self.min_objectness)
+        return Proposals(
+            proposals.masks[keep],
+            proposals.scores[keep],
+            None if proposals.class_probs is None else proposals.class_probs[keep],
+        )
+
+    def clip_embeddings(
+        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Stages 2-3 in the configured ``clip_mode``.
+
+        Args:
+            images: B tensors (3, H_i, W_i) RGB 0-255. masks: B tensors (Q_i, H_i, W_i).
+
+        Returns:
+            (N, D) normalised embeddings of the valid masks of all images, and B valid flags (Q_i,)
+            (N valid).
+        """
+        return CLIP_MODES[self.clip_mode](self, images, masks)
+
+    def encode_single_pass(
+        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Stages 2-3 of "single_pass": one image-tower forward per image
+        (``SinglePassMaskEmbedder``).
+
+        Returns:
+            as ``clip_embeddings``.
+        """
+        thr = self.crop_classifier.mask_thr
+        embeds, valid = [], []
+        for image, m in zip(images, masks):
+            binary = m if m.dtype == torch.bool else m > thr
+            v = binary.flatten(1).any(dim=1)
+            valid.append(v)
+            if bool(v.any()):
+                embeds.append(self.single_pass(normalize_clip(image), binary[v]))
+        if not embeds:
+            return images[0].new_zeros((0, self.crop_classifier.encoder.embed_dim)), valid
+        return F.normalize(torch.cat(embeds), dim=-1), valid
+
     def clip_branch(
         self,
         images: Sequence[torch.Tensor],
         proposals: Sequence[Proposals],
         vocabulary: Sequence[str],
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Stages 2-4: (p_clip (Q_i, K), valid (Q_i,)) per image."""
-        crops, crop_masks, valid = self.prepare_crops(images, [p.masks for p in proposals])
-        embeds = self.encode_crops(crops, crop_masks)
-        return self.clip_probabilities(embeds, self.text_embeddings(vocabulary), valid), valid
+        """Stages 2-4: (p_clip (Q_i, K), valid (Q_i,)) per image. Duplicate masks
+        (``duplicate_iou``) are encoded once and share the result."""
+        groups = [
+            duplicate_representatives(
+                p.masks, p.scores, self.crop_classifier.mask_thr, self.duplicate_iou
+            )
+            for p in proposals
+        ]
+        masks = [p.masks[unique] for p, (unique, _) in zip(proposals, groups)]
+        embeds, valid = self.clip_embeddings(images, masks)
+        probs = self.clip_probabilities(embeds, self.text_embeddings(vocabulary), valid)
+        return (
+            [pr[inverse] for pr, (_, inverse) in zip(probs, groups)],
+            [v[inverse] for v, (_, inverse) in zip(valid, groups)],
+        )
+
+    def prepare_fast_modes(self) -> None:
+        """Apply the quantization of ``quantize`` once (at the first forward: quantized modules do
+        not load float checkpoints, so every weight must be loaded before)."""
+        if self._quantized:
+            return
+        if self.device.type != "cpu":
+            raise RuntimeError(
+                f"MODEL.TWO_STAGE.FAST.QUANTIZE {self.quantize!r} runs on the CPU only"
+            )
+        QUANTIZERS[self.quantize](self.crop_classifier.clip.visual)
+        self._quantized = True
 
     def fuse(
         self,
@@ -404,7 +532,9 @@ class TwoStageOVSeg(nn.Module):
             vocabulary = with_background_name(self.input_vocabulary(x), self.background_name)
             groups.setdefault(tuple(vocabulary), []).append(i)
         results: List[dict] = [{} for _ in batched_inputs]
-        with torch.no_grad():
+        self.prepare_fast_modes()
+        # inference_mode: no autograd bookkeeping at all (the model is inference-only)
+        with torch.inference_mode():
             for vocabulary, idx in groups.items():
                 inputs = [batched_inputs[i] for i in idx]
                 for i, r in zip(idx, self.inference(inputs, list(vocabulary))):
@@ -414,6 +544,7 @@ class TwoStageOVSeg(nn.Module):
     def inference(self, batched_inputs: Sequence[dict], vocabulary: Sequence[str]) -> List[dict]:
         """All stages for inputs sharing one (final) vocabulary."""
         proposals = self.generate_proposals(batched_inputs, vocabulary)
+        proposals = [self.select_proposals(p) for p in proposals]
         if self.ensemble_weight > 0.0:
             clip_probs, valid = self.clip_branch(
                 self.rgb_images(batched_inputs), proposals, vocabulary
@@ -428,6 +559,18 @@ class TwoStageOVSeg(nn.Module):
             r["vocabulary"] = list(vocabulary)
             results.append(r)
         return results
+
+
+def _encode_crops(model: TwoStageOVSeg, images, masks):
+    crops, crop_masks, valid = model.prepare_crops(images, masks)
+    return model.encode_crops(crops, crop_masks), valid
+
+
+# MODEL.TWO_STAGE.FAST.CLIP_MODE -> fn(model, images, masks) -> (embeds (N, D), valid flags)
+CLIP_MODES = {"crops": _encode_crops, "single_pass": TwoStageOVSeg.encode_single_pass}
+
+# MODEL.TWO_STAGE.FAST.QUANTIZE -> in-place transform of the CLIP image tower
+QUANTIZERS = {"none": lambda visual: visual, "int8_dynamic": quantize_vision_linears}
 
 
 class _PanopticRules:

@@ -1,0 +1,80 @@
+"""Which proposals need a CLIP feature of their own (fast modes of the two-stage model, pure
+functions).
+
+- ``objectness_keep``: proposals whose objectness is below a threshold are skipped (their proposal
+  term p_proposal = softmax without "no object" is at most their objectness, so they add little to
+  the semantic sum Σ_q p_q(c) σ(m_q));
+- ``duplicate_representatives``: a proposal whose binarised mask overlaps a higher-scoring one with
+  IoU >= a threshold reuses that proposal's CLIP probabilities (MaskFormer's queries often
+  duplicate). At threshold 1.0 only identical masks share, which is exact: identical binarised
+  masks give identical crops.
+"""
+
+from typing import Tuple
+
+import torch
+
+__all__ = ["objectness_keep", "duplicate_representatives", "mask_iou"]
+
+
+def objectness_keep(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(Q,) objectness -> (Q,) bool, scores >= threshold; the best proposal is always kept (an
+    image keeps at least one proposal)."""
+    keep = scores >= threshold
+    if scores.numel() and not bool(keep.any()):
+        keep[scores.argmax()] = True
+    return keep
+
+
+def mask_iou(binary: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU of binary masks.
+
+    Args:
+        binary: (Q, H, W) bool.
+
+    Returns:
+        (Q, Q) float; 1 between two empty masks. Intersections are exact integer counts (float32
+        matmul, exact below 2²⁴ pixels per mask).
+    """
+    flat = binary.flatten(1).float()
+    inter = flat @ flat.t()
+    area = flat.sum(dim=1)
+    union = area[:, None] + area[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter))
+
+
+def duplicate_representatives(
+    masks: torch.Tensor, scores: torch.Tensor, mask_thr: float, iou_threshold: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy grouping of near-duplicate masks (in decreasing score order, like NMS).
+
+    Args:
+        masks: (Q, H, W) mask probabilities (binarised with ``> mask_thr``) or bool.
+        scores: (Q,) objectness (order of the greedy pass).
+        mask_thr: binarisation threshold (MODEL.CLIP.MASK_THR).
+        iou_threshold: masks with IoU >= this share a representative; > 1 = none share.
+
+    Returns:
+        ``unique`` (U,) long indices of the representatives (increasing), and ``inverse`` (Q,) long:
+        proposal q uses the CLIP result of ``unique[inverse[q]]``.
+    """
+    q = masks.shape[0]
+    device = masks.device
+    if q == 0 or iou_threshold > 1.0:
+        ar = torch.arange(q, device=device)
+        return ar, ar
+    binary = masks if masks.dtype == torch.bool else masks > mask_thr
+    if iou_threshold >= 1.0:  # identical masks only: integer equality, no rounding
+        flat = binary.flatten(1).float()
+        inter = flat @ flat.t()
+        area = flat.sum(dim=1)
+        similar = (inter == area[:, None]) & (inter == area[None, :])
+    else:
+        similar = mask_iou(binary) >= iou_threshold
+    rep = torch.full((q,), -1, dtype=torch.long, device=device)
+    for i in scores.argsort(descending=True, stable=True).tolist():
+        if rep[i] >= 0:
+            continue
+        rep[similar[i] & (rep < 0)] = i
+    unique, inverse = torch.unique(rep, return_inverse=True)
+    return unique, inverse

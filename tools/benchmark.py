@@ -1,0 +1,404 @@
+#!/usr/bin/env python
+"""Benchmark the two-stage model (any MODEL.TWO_STAGE.FAST mode): per-stage times, crops/s, CLIP
+GFLOP/s as a fraction of a matmul measured in the same run, text encoding (cold / disk cache /
+memory), peak RSS and the foreign CPU load during the run. JSON output.
+
+    python tools/benchmark.py --config-file configs/two_stage/R101c_vitB16_ade150.yaml \\
+        --size 683x512 --proposals 100 --json out.json MODEL.CLIP.PRETRAINED ""
+
+    python tools/benchmark.py --config-file configs/toyworld/two_stage_R18.yaml --size 64x64 \\
+        --proposals 16 MODEL.TWO_STAGE.FAST.CLIP_MODE single_pass
+
+Random weights unless the config / opts give some; one random image of ``--size`` (W x H, the model
+input: no resize). With random weights the proposal masks are meaningless (often near-identical
+full-image masks, which the exact duplicate sharing would collapse to one crop), so by default
+(``--synthetic-masks auto``) a model without ``MODEL.TWO_STAGE.PROPOSAL_WEIGHTS`` /
+``MODEL.WEIGHTS`` gets Q distinct random blob masks (5-30 % of the image side) and uniform random
+objectness in place of its proposals, after the proposal stage is timed: the CLIP stage then
+encodes Q distinct crops.
+
+Stages (median of ``--iters`` runs after ``--warmup``): ``proposals`` (the proposal source),
+``select`` (objectness skip + duplicate grouping), ``crop_prep`` (masked crops; 0 in single-pass
+mode), ``clip`` (image tower), ``text`` (the vocabulary from the memory cache), ``fusion``
+(ensemble, semantic + panoptic outputs). ``end_to_end`` is the median over runs of their sum.
+
+Text (once, before the stage runs): ``text_cold_s`` encodes the vocabulary with empty caches (in
+every text classifier of the model: the CLIP branch's and the proposal head's, which share their
+cache when they can), ``text_disk_s`` again from the on-disk cache only (memory caches cleared;
+the hash of the text tower's weights included), ``text_memory_ms`` from memory.
+
+Machine: the fp32 matmul throughput (n x n, best of 5) with the run's threads, before and after
+the runs; CLIP FLOPs counted by ``torch.utils.flop_counter`` on the float model (nominal FLOPs,
+also for int8); ``foreign_cpu_cores``: CPU time of other processes during the timed runs, in cores
+(from /proc/stat minus this process's CPU time), and the load averages.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from collections import OrderedDict, defaultdict
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from torch.utils.flop_counter import FlopCounterMode
+
+import ov_seg  # noqa: F401 (registration)
+from ov_seg.engine import Trainer
+from ov_seg.engine.setup import get_ov_seg_cfg
+from ov_seg.modeling.heads.ensemble import with_background_name
+from ov_seg.modeling.heads.proposal_selection import duplicate_representatives
+from ov_seg.modeling.proposal_sources import Proposals
+from ov_seg.utils.threads import set_num_threads
+
+STAGES = ("proposals", "select", "crop_prep", "clip", "text", "fusion")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config-file", required=True, help="a TwoStageOVSeg config")
+    p.add_argument("--size", default="683x512", help="model input W x H")
+    p.add_argument(
+        "--proposals", type=int, default=100, help="MODEL.MASK_FORMER.NUM_OBJECT_QUERIES"
+    )
+    p.add_argument(
+        "--vocabulary-size",
+        type=int,
+        default=0,
+        help="synthetic names 'class i' (0 = the config's test dataset's stuff_classes)",
+    )
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--synthetic-masks",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="replace the proposals by distinct random blobs (auto: when no trained weights)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = RUNTIME.NUM_THREADS)")
+    p.add_argument("--text-cache-dir", default="", help="disk cache for the text timings (temp)")
+    p.add_argument("--skip-text", action="store_true", help="no cold / disk text timings")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="disable the exact speed-ups (context 77, unshared text caches, roi_align crops, no "
+        "duplicate sharing, no_grad): the reference path",
+    )
+    p.add_argument("--label", default="", help="free text stored in the JSON")
+    p.add_argument("--json", default="", help="write the result to this file")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return p
+
+
+# ---------------------------------------------------------------------------- machine
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def machine_busy_s() -> Optional[float]:
+    """CPU seconds all processes of the machine spent busy (/proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class LoadMonitor:
+    """Foreign CPU load between ``start()`` and ``stop()``: busy CPU seconds of the machine minus
+    this process's, per wall second (in cores)."""
+
+    def start(self):
+        self.t0, self.busy0, self.own0 = time.perf_counter(), machine_busy_s(), own_cpu_s()
+        self.load0 = os.getloadavg()
+        return self
+
+    def stop(self) -> Dict[str, object]:
+        wall = time.perf_counter() - self.t0
+        busy, own = machine_busy_s(), own_cpu_s() - self.own0
+        out = {
+            "wall_s": round(wall, 2),
+            "own_cpu_cores": round(own / wall, 2),
+            "loadavg_before": [round(v, 2) for v in self.load0],
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+        }
+        if busy is not None and self.busy0 is not None:
+            out["foreign_cpu_cores"] = round(max(0.0, (busy - self.busy0) - own) / wall, 2)
+        return out
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 (n x n) @ (n x n) GFLOP/s with the current threads."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ms: Dict[str, List[float]] = defaultdict(list)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ms[name].append(1000.0 * (time.perf_counter() - t0))
+
+
+# ---------------------------------------------------------------------------- model
+def random_blobs(q: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """(q, H, W) soft elliptic blobs, radii 5-30 % of the longer side, random centres."""
+    yy = torch.arange(height).float().view(1, -1, 1)
+    xx = torch.arange(width).float().view(1, 1, -1)
+    side = max(height, width)
+    c = torch.rand(q, 2, generator=generator) * torch.tensor([width, height])
+    r = (0.05 + 0.25 * torch.rand(q, 2, generator=generator)) * side
+    d = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + (
+        (yy - c[:, 1, None, None]) / r[:, 1, None, None]
+    ) ** 2
+    return torch.sigmoid(4 * (1 - d))
+
+
+def text_classifiers(model) -> list:
+    out = [model.crop_classifier.text_classifier]
+    head = getattr(getattr(model.proposal_source, "model", None), "class_head", None)
+    if getattr(head, "text_classifier", None) is not None:
+        out.append(head.text_classifier)
+    return out
+
+
+def encode_vocabulary(model, vocabulary, grad_mode=torch.inference_mode) -> float:
+    """Seconds to get the vocabulary's embeddings in every text classifier."""
+    t0 = time.perf_counter()
+    with grad_mode():
+        for tc in text_classifiers(model):
+            tc(vocabulary)
+    return time.perf_counter() - t0
+
+
+def clip_flops_per_crop(model, size: int) -> float:
+    """Nominal FLOPs of one masked crop through the image tower (float model, mask prompts)."""
+    enc = model.crop_classifier.encoder
+    crops = torch.zeros(2, 3, size, size, device=model.device)
+    masks = torch.zeros(2, size, size, dtype=torch.bool, device=model.device)
+    masks[:, : size // 2] = True  # half the patches get prompts, as masked crops do
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        enc(crops, masks)
+    return counter.get_total_flops() / 2
+
+
+def run_once(model, x, vocabulary, timer: Timer, synthetic: Optional[Proposals]) -> Dict[str, int]:
+    """One image through every stage of ``model.inference``, each stage timed."""
+    with timer("proposals"):
+        proposals = model.generate_proposals([x], vocabulary)
+    if synthetic is not None:
+        proposals = [synthetic._replace(class_probs=proposals[0].class_probs)]
+    with timer("select"):
+        proposals = [model.select_proposals(p) for p in proposals]
+        p = proposals[0]
+        unique, inverse = duplicate_representatives(
+            p.masks, p.scores, model.crop_classifier.mask_thr, model.duplicate_iou
+        )
+        masks = [p.masks[unique]]
+    images = model.rgb_images([x])
+    if model.clip_mode == "crops":
+        with timer("crop_prep"):
+            crops, crop_masks, valid = model.prepare_crops(images, masks)
+        with timer("clip"):
+            embeds = model.encode_crops(crops, crop_masks)
+    else:
+        timer.ms["crop_prep"].append(0.0)
+        with timer("clip"):
+            embeds, valid = model.encode_single_pass(images, masks)
+    with timer("text"):
+        text = model.text_embeddings(vocabulary)
+    with timer("fusion"):
+        probs = model.clip_probabilities(embeds, text, valid)[0][inverse]
+        v = valid[0][inverse]
+        size = tuple(x["image"].shape[-2:])
+        model.fuse(p, probs, v, size, list(range(len(vocabulary))))
+    return {
+        "proposals_kept": int(p.masks.shape[0]),
+        "masks_encoded": int(unique.numel()),
+        "crops_encoded": int(valid[0].sum()),
+    }
+
+
+def make_plain(model) -> None:
+    """Turn off every exact speed-up of ``model`` (the reference path of the benchmark)."""
+    classifiers = text_classifiers(model)
+    for tc in classifiers:
+        tc.trim_context = False
+        tc.disk_cache = None
+    for tc in classifiers[1:]:  # own caches again: the vocabulary is encoded by each classifier
+        tc._cache, tc._name_cache, tc._weights_hash = OrderedDict(), {}, {"value": None}
+    model.crop_classifier.resampler = "roi_align"
+    model.duplicate_iou = 1.01
+
+
+def build(args):
+    cfg = get_ov_seg_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(["MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", str(args.proposals), *args.opts])
+    cfg.freeze()
+    threads = args.threads if args.threads > 0 else cfg.RUNTIME.NUM_THREADS
+    threads = set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = Trainer.build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    model.semantic_on = model.panoptic_on = True
+    return cfg, model, threads, time.perf_counter() - t0
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    cfg, model, threads, build_s = build(args)
+    device = model.device
+    if args.plain:
+        make_plain(model)
+    grad_mode = torch.no_grad if args.plain else torch.inference_mode
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    if args.vocabulary_size > 0:
+        names = [f"class {i}" for i in range(args.vocabulary_size)]
+    else:
+        names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).stuff_classes)
+    vocabulary = with_background_name(names, model.background_name)
+    trained = bool(cfg.MODEL.TWO_STAGE.PROPOSAL_WEIGHTS or cfg.MODEL.WEIGHTS)
+    synthetic_masks = args.synthetic_masks == "yes" or (
+        args.synthetic_masks == "auto" and not trained
+    )
+    gen = torch.Generator().manual_seed(0)
+    x = {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)}
+    synthetic = None
+    if synthetic_masks:
+        synthetic = Proposals(
+            random_blobs(args.proposals, height, width, gen).to(device),
+            torch.rand(args.proposals, generator=gen).to(device),
+            None,
+        )
+    peak_before = matmul_gflops()
+    result: Dict[str, object] = {
+        "label": args.label,
+        "config": args.config_file,
+        "opts": args.opts,
+        "device": str(device),
+        "threads": threads,
+        "image": f"{width}x{height}",
+        "proposals": args.proposals,
+        "synthetic_masks": synthetic_masks,
+        "plain": args.plain,
+        "vocabulary": len(vocabulary),
+        "fast": {k: v for k, v in cfg.MODEL.TWO_STAGE.FAST.items()},
+        "build_s": round(build_s, 2),
+        "clip_params_M": round(
+            sum(p.numel() for p in model.crop_classifier.clip.parameters()) / 1e6, 2
+        ),
+    }
+    crop = model.crop_classifier.crop_size
+    flops_crop = clip_flops_per_crop(model, crop) if model.clip_mode == "crops" else None
+
+    # text: cold (empty caches), from the disk cache, from memory
+    templates = model.crop_classifier.text_classifier.templates
+    result["text_prompts"] = len(vocabulary) * len(templates)
+    if args.plain and not args.skip_text:
+        result["text_cold_s"] = round(encode_vocabulary(model, vocabulary, grad_mode), 3)
+    elif not args.skip_text:
+        with tempfile.TemporaryDirectory() as tmp:
+            cache_dir = args.text_cache_dir or tmp
+            from ov_seg.modeling.clip.text_cache import TextEmbeddingCache
+
+            for tc in text_classifiers(model):
+                tc.disk_cache = TextEmbeddingCache(cache_dir)
+                tc.clear_cache()
+            result["text_cold_s"] = round(encode_vocabulary(model, vocabulary, grad_mode), 3)
+            for tc in text_classifiers(model):
+                tc.clear_cache()  # memory only: the hash is recomputed, the files stay
+            result["text_disk_s"] = round(encode_vocabulary(model, vocabulary, grad_mode), 3)
+    else:
+        encode_vocabulary(model, vocabulary, grad_mode)
+    result["text_memory_ms"] = round(1e3 * encode_vocabulary(model, vocabulary, grad_mode), 3)
+
+    model.prepare_fast_modes()  # quantization (after every weight is loaded)
+    timer = Timer(device)
+    with grad_mode():
+        single_pass_flops = None
+        if model.clip_mode == "single_pass" and model.quantize == "none":
+            with FlopCounterMode(display=False) as counter:
+                run_once(model, x, vocabulary, Timer(device), synthetic)
+            single_pass_flops = counter.get_total_flops()
+        for _ in range(args.warmup):
+            run_once(model, x, vocabulary, Timer(device), synthetic)
+        monitor = LoadMonitor().start()
+        counts = [run_once(model, x, vocabulary, timer, synthetic) for _ in range(args.iters)]
+        load = monitor.stop()
+    peak_after = matmul_gflops()
+    med = {k: statistics.median(timer.ms[k]) for k in STAGES}
+    totals = [sum(timer.ms[k][i] for k in STAGES) for i in range(args.iters)]
+    counts = counts[-1]
+    clip_s = med["clip"] / 1e3
+    peak = max(peak_before, peak_after)
+    result.update(counts)
+    result["ms_per_image"] = {k: round(med[k], 1) for k in STAGES}
+    result["end_to_end_ms"] = round(statistics.median(totals), 1)
+    result["end_to_end_runs_ms"] = [round(t, 1) for t in totals]
+    result["crop_prep_fraction_of_clip"] = round(med["crop_prep"] / max(med["clip"], 1e-9), 4)
+    result["crops_per_s"] = round(
+        counts["crops_encoded"] / max(clip_s + med["crop_prep"] / 1e3, 1e-9), 2
+    )
+    result["matmul_gflops_per_s"] = {"before": round(peak_before, 1), "after": round(peak_after, 1)}
+    if flops_crop is not None:
+        gflop = flops_crop * counts["crops_encoded"] / 1e9
+    elif single_pass_flops is not None:
+        gflop = single_pass_flops / 1e9
+    else:
+        gflop = None
+    if gflop is not None:
+        result["clip_gflop"] = round(gflop, 2)
+        result["clip_gflops_per_s"] = round(gflop / max(clip_s, 1e-9), 1)
+        result["clip_fraction_of_matmul"] = round(gflop / max(clip_s, 1e-9) / peak, 3)
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    result["load"] = load
+    for k in STAGES:
+        print(f"{k:>12s}: {med[k]:10.1f} ms/image")
+    print(f"{'end_to_end':>12s}: {result['end_to_end_ms']:10.1f} ms/image (text from the cache)")
+    print(json.dumps(result, indent=2))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
