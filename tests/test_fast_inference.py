@@ -8,6 +8,7 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from helpers import setup_config
+from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from ov_seg.data import build_dataset_mapper
@@ -178,9 +179,15 @@ def test_linear_attention_and_int8(clip_model):
     assert (cos > 0.98).all()
 
 
+@pytest.mark.parametrize("pool_type", ["avg", "tok"])
 @pytest.mark.parametrize("pooling", ["attention", "region", "mean"])
-def test_single_pass_embeddings(clip_model, pooling):
-    embedder = SinglePassMaskEmbedder(clip_model.visual, pooling, layers=2)
+def test_single_pass_embeddings(clip_model, pooling, pool_type):
+    visual = clip_model.visual
+    if pool_type == "tok":  # a class-token tower (OpenAI's kind); the tiny configs average-pool
+        torch.manual_seed(0)
+        visual = VisionTransformer(64, 8, 32, 2, 2, 2.0, output_dim=24, pool_type="tok").eval()
+    assert visual.pool_type == pool_type
+    embedder = SinglePassMaskEmbedder(visual, pooling, layers=2)
     gen = torch.Generator().manual_seed(0)
     image = normalize_clip(torch.rand(3, 48, 72, generator=gen) * 255)
     masks = _blobs(4, 48, 72, gen) > 0.5
@@ -190,7 +197,7 @@ def test_single_pass_embeddings(clip_model, pooling):
     with torch.no_grad():
         out = embedder(image, masks)
         alone = embedder(image, masks[:1])
-    assert out.shape == (4, clip_model.visual.output_dim) and torch.isfinite(out).all()
+    assert out.shape == (4, visual.output_dim) and torch.isfinite(out).all()
     # masks do not see each other: the first embedding is the same alone
     assert (out[0] - alone[0]).abs().max() < 1e-5
 

@@ -50,3 +50,17 @@ def test_changed_command_runs_again(tmp_path):
         [Stage("write", _writer(out, "world"), outputs=[str(out)])], tmp_path / "job"
     )
     assert not again["write"]["skipped"] and out.read_text() == "world"
+
+
+def test_a_stage_that_ran_reruns_the_later_ones(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    copy = [sys.executable, "-c", f"open({str(b)!r}, 'w').write(open({str(a)!r}).read())"]
+    stages = [
+        Stage("make", _writer(a, "one"), outputs=[str(a)]),
+        Stage("copy", copy, outputs=[str(b)]),
+    ]
+    run_stages(stages, tmp_path / "job")
+    stages[0] = Stage("make", _writer(a, "two"), outputs=[str(a)])  # same size, new content
+    again = run_stages(stages, tmp_path / "job")
+    assert not again["copy"]["skipped"] and b.read_text() == "two"
+    assert all(r["skipped"] for r in run_stages(stages, tmp_path / "job").values())

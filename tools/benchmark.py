@@ -34,6 +34,7 @@ also for int8); ``foreign_cpu_cores``: CPU time of other processes during the ti
 """
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -52,6 +53,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import ov_seg  # noqa: F401 (registration)
 from ov_seg.engine import Trainer
 from ov_seg.engine.setup import get_ov_seg_cfg
+from ov_seg.modeling.clip import MaskPromptVisionEncoder, normalize_clip
+from ov_seg.modeling.clip.quantize import replace_self_attention
 from ov_seg.modeling.heads.ensemble import with_background_name
 from ov_seg.modeling.heads.proposal_selection import duplicate_representatives
 from ov_seg.modeling.proposal_sources import Proposals
@@ -202,14 +205,45 @@ def encode_vocabulary(model, vocabulary, grad_mode=torch.inference_mode) -> floa
 
 
 def clip_flops_per_crop(model, size: int) -> float:
-    """Nominal FLOPs of one masked crop through the image tower (float model, mask prompts)."""
-    enc = model.crop_classifier.encoder
+    """Nominal FLOPs of one masked crop through the image tower (float model, mask prompts).
+
+    Counted on a copy whose attention is ``LinearSelfAttention`` (same FLOPs): the flop counter
+    does not see inside ``nn.MultiheadAttention``'s fused inference path (its projections would be
+    missing, ~1/3 of a ViT's FLOPs)."""
+    source = model.crop_classifier.encoder
+    visual = copy.deepcopy(source.visual)
+    replace_self_attention(visual)
+    enc = MaskPromptVisionEncoder(
+        visual,
+        source.depth,
+        prompts=None if source.prompts is None else source.prompts.data,
+        register_visual=False,
+    )
     crops = torch.zeros(2, 3, size, size, device=model.device)
     masks = torch.zeros(2, size, size, dtype=torch.bool, device=model.device)
     masks[:, : size // 2] = True  # half the patches get prompts, as masked crops do
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         enc(crops, masks)
     return counter.get_total_flops() / 2
+
+
+def single_pass_flops_of(model, x, vocabulary, synthetic: Optional[Proposals]) -> float:
+    """Nominal FLOPs of the single-pass CLIP stage of one image (attention swapped for
+    ``LinearSelfAttention`` on a copy, so that the counter sees the projections)."""
+    proposals = model.generate_proposals([x], vocabulary)
+    if synthetic is not None:
+        proposals = [synthetic]
+    p = model.select_proposals(proposals[0])
+    embedder = copy.copy(model.single_pass)
+    visual = copy.deepcopy(model.single_pass.visual)
+    replace_self_attention(visual)
+    object.__setattr__(embedder, "visual", visual)
+    binary = p.masks > model.crop_classifier.mask_thr
+    binary = binary[binary.flatten(1).any(dim=1)]
+    image = normalize_clip(model.rgb_images([x])[0])
+    with FlopCounterMode(display=False) as counter:
+        embedder(image, binary)
+    return counter.get_total_flops()
 
 
 def run_once(model, x, vocabulary, timer: Timer, synthetic: Optional[Proposals]) -> Dict[str, int]:
@@ -350,13 +384,15 @@ def main(argv=None):
     with grad_mode():
         single_pass_flops = None
         if model.clip_mode == "single_pass" and model.quantize == "none":
-            with FlopCounterMode(display=False) as counter:
-                run_once(model, x, vocabulary, Timer(device), synthetic)
-            single_pass_flops = counter.get_total_flops()
+            single_pass_flops = single_pass_flops_of(model, x, vocabulary, synthetic)
         for _ in range(args.warmup):
             run_once(model, x, vocabulary, Timer(device), synthetic)
         monitor = LoadMonitor().start()
-        counts = [run_once(model, x, vocabulary, timer, synthetic) for _ in range(args.iters)]
+        counts = []
+        for i in range(args.iters):
+            counts.append(run_once(model, x, vocabulary, timer, synthetic))
+            stages = ", ".join(f"{k} {timer.ms[k][-1]:.0f}" for k in STAGES)
+            print(f"run {i + 1}/{args.iters} (ms): {stages}", flush=True)
         load = monitor.stop()
     peak_after = matmul_gflops()
     med = {k: statistics.median(timer.ms[k]) for k in STAGES}

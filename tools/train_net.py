@@ -37,7 +37,9 @@ def main(args):
         return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    results = trainer.train()  # the final evaluation's results (main process; empty without tests)
+    trainer.train()
+    # the final evaluation's results (DefaultTrainer.train returns them only with EXPECTED_RESULTS)
+    results = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process() and results:
         write_results(cfg, results)
     return results

@@ -2,8 +2,9 @@
 
 Each stage is a normal launch (``tools/train_net.py ...``, ``tools/mine_captions.py ...``) run as a subprocess
 with its own log file. A stage is skipped on rerun when its record says it finished with the same command
-line *and* every declared output still exists with the recorded size; a failed stage stops the chain and
-names its log.
+line *and* every declared output still exists with the recorded size *and* no earlier stage ran in this
+invocation (the chain is linear: a stage that ran may have changed any later stage's inputs); a failed
+stage stops the chain and names its log.
 """
 
 import json
@@ -84,8 +85,10 @@ def run_stages(stages: List[Stage], workdir, force: Sequence[str] = ()) -> Dict[
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     records, start = {}, time.perf_counter()
     remaining = sum(s.estimate_s for s in stages)
+    upstream_ran = False  # a stage that ran may have changed the inputs of every later stage
     for k, stage in enumerate(stages, 1):
-        done = None if stage.name in force else _finished(workdir, stage)
+        skip_ok = stage.name not in force and not upstream_ran
+        done = _finished(workdir, stage) if skip_ok else None
         if done is not None:
             records[stage.name] = {**done, "skipped": True}
             remaining -= stage.estimate_s
@@ -127,6 +130,7 @@ def run_stages(stages: List[Stage], workdir, force: Sequence[str] = ()) -> Dict[
         }
         atomic_write_json(_record_path(workdir, stage), rec)
         records[stage.name] = {**rec, "skipped": False}
+        upstream_ran = True
         print(
             f"[{k}/{len(stages)}] {stage.name:<28} finished in {_fmt(seconds)}, "
             f"peak {rss:.0f} MiB",

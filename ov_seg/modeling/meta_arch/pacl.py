@@ -201,7 +201,9 @@ class PACL(nn.Module):
         if pacl.PROMPT_AUG.ENABLED and pacl.PROMPT_AUG.WEIGHT > 0:
             from ov_seg.mining import NounExtractor  # spaCy is imported lazily there
 
-            noun_extractor = NounExtractor(mode=pacl.PROMPT_AUG.NOUN_MODE)
+            noun_extractor = NounExtractor(
+                mode=pacl.PROMPT_AUG.NOUN_MODE, chunker=pacl.PROMPT_AUG.CHUNKER
+            )
             noun_datasets = tuple(cfg.DATASETS.TRAIN) if pacl.PROMPT_AUG.DATASET_CACHE else ()
         vocabulary = ()
         if cfg.DATASETS.TEST:
