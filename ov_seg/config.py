@@ -509,6 +509,10 @@ def add_two_stage_config(cfg):
     # (int8 weights per output channel, activations quantized on the fly; applied at the first
     # forward, after all weights are loaded).
     cfg.MODEL.TWO_STAGE.FAST.QUANTIZE = "none"
+    # crops: side (pixels, a multiple of the CLIP patch) of the masked crops; smaller crops have
+    # fewer tokens (the positional embedding and mask prompts are interpolated); 0 = the CLIP's
+    # native input size (OVSeg).
+    cfg.MODEL.TWO_STAGE.FAST.CROP_SIZE = 0
 
 
 _ADDERS = [

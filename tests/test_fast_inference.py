@@ -287,6 +287,11 @@ def test_fast_modes_keep_the_output_contract(model, inputs):
         _check_contract(model(inputs), reference, inputs)
         model.min_objectness, model.duplicate_iou = 0.0, 0.5
         _check_contract(model(inputs), reference, inputs)
+        size, model.crop_classifier.crop_size = model.crop_classifier.crop_size, 32
+        try:
+            _check_contract(model(inputs), reference, inputs)
+        finally:
+            model.crop_classifier.crop_size = size
         for pooling in ("attention", "region", "mean"):
             model.clip_mode = "single_pass"
             model.single_pass = SinglePassMaskEmbedder(model.crop_classifier.clip.visual, pooling)
@@ -304,11 +309,13 @@ def test_fast_config_keys_build_a_working_model(toyworld_root, inputs, tmp_path)
         "MODEL.TWO_STAGE.FAST.SINGLE_PASS_POOLING", "mean",
         "MODEL.TWO_STAGE.FAST.SINGLE_PASS_SIZE", "48",
         "MODEL.TWO_STAGE.FAST.QUANTIZE", "int8_dynamic",
+        "MODEL.TWO_STAGE.FAST.CROP_SIZE", "32",
         "MODEL.CLIP.TEXT_CACHE_DIR", str(tmp_path),
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     assert model.single_pass.pooling == "mean" and model.single_pass.size == 48
+    assert model.crop_classifier.crop_size == 32
     reference = [
         {"sem_seg": torch.zeros(69, x["height"], x["width"]), "panoptic_seg": (
             torch.zeros(x["height"], x["width"], dtype=torch.int32), []), "vocabulary": None}

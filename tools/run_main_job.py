@@ -205,7 +205,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 "--weights",
                 "0:1:0.1",
                 "--mask-thrs",
-                "0.35,0.4,0.45",
+                "0.35,0.45",
                 "--subset",
                 "0:150",
                 "--holdout",

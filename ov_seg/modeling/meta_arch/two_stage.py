@@ -21,9 +21,9 @@ dataset's ``stuff_classes``, or given explicitly, e.g. by the demo), else the cl
 
 Fast inference (``MODEL.TWO_STAGE.FAST``, notes/fast_inference.md): proposals below an objectness
 threshold are skipped, near-duplicate masks share one CLIP result, the image tower can be int8
-quantized, and ``CLIP_MODE "single_pass"`` replaces the per-crop forwards by one forward on the
-whole image (``SinglePassMaskEmbedder``). Every mode keeps the output contract. The defaults are
-exact (only identical masks share a crop).
+quantized, crops can be smaller than the CLIP's input size, and ``CLIP_MODE "single_pass"``
+replaces the per-crop forwards by one forward on the whole image (``SinglePassMaskEmbedder``). Every
+mode keeps the output contract. The defaults are exact (only identical masks share a crop).
 
 Weights: the proposal generator from ``MODEL.TWO_STAGE.PROPOSAL_WEIGHTS`` and the adapted CLIP from
 ``MODEL.CLIP.PRETRAINED`` (its exported checkpoint carries the mask prompts), or one merged
@@ -133,6 +133,7 @@ class TwoStageOVSeg(nn.Module):
         clip_mode: str = "crops",
         single_pass: Optional[SinglePassMaskEmbedder] = None,
         quantize: str = "none",
+        crop_size: int = 0,
     ):
         """
         Args:
@@ -158,6 +159,8 @@ class TwoStageOVSeg(nn.Module):
                 classifier's CLIP when None).
             quantize: "none" or "int8_dynamic" (the CLIP image tower's linear layers, CPU only;
                 applied at the first forward, once every weight is loaded).
+            crop_size: side of the masked crops in pixels, a multiple of the patch size (0 = the
+                CLIP's input size).
         """
         super().__init__()
         if not 0.0 <= ensemble_weight <= 1.0:
@@ -203,6 +206,14 @@ class TwoStageOVSeg(nn.Module):
         self.single_pass = single_pass
         self.quantize = quantize
         self._quantized = quantize == "none"
+        if crop_size:
+            patch = crop_classifier.encoder.patch_size
+            if crop_size < patch[0] or crop_size % patch[0] or crop_size % patch[1]:
+                raise ValueError(
+                    f"MODEL.TWO_STAGE.FAST.CROP_SIZE {crop_size} must be a multiple of the CLIP "
+                    f"patch size {tuple(patch)}"
+                )
+            crop_classifier.crop_size = int(crop_size)
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
     @classmethod
@@ -259,6 +270,7 @@ class TwoStageOVSeg(nn.Module):
             "clip_mode": fcfg.CLIP_MODE,
             "single_pass": single_pass,
             "quantize": fcfg.QUANTIZE,
+            "crop_size": fcfg.CROP_SIZE,
         }
 
     @property
