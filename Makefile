@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py requirements.txt requirements-detectron2.txt requir
 	@touch $@
 
 demo: setup
-	$(PY) tools/run_main_job.py --output output/main_job
+	$(PY) tools/run_main_job.py --output output
 
 test: setup
 	$(PY) -m pytest -q tests

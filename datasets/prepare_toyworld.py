@@ -4,7 +4,8 @@
     python datasets/prepare_toyworld.py                       # 64 px default: train / val / web
     python datasets/prepare_toyworld.py --name toyworld_large --image-size 128
 
-A split already complete with the same parameters is skipped (rerun = no-op); ``--force`` regenerates.
+A split already complete with the same parameters is skipped (rerun = no-op); ``--force``
+regenerates.
 """
 
 import argparse

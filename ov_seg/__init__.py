@@ -5,8 +5,11 @@ Importing the package registers its datasets, dataset mappers, evaluators and mo
 
 import warnings
 
-# detectron2 0.7 scripts a few helpers with torch.jit.script, deprecated in torch 2.9+: upstream noise.
-warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+# detectron2 0.7 scripts a few helpers with torch.jit.script, deprecated in torch 2.9+: upstream
+# noise.
+warnings.filterwarnings(
+    "ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning
+)
 
 from . import data, evaluation, modeling  # noqa: E402,F401 (registration)
 from .config import add_ov_seg_config  # noqa: E402

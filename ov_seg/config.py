@@ -1,7 +1,7 @@
 """Config nodes of ov_seg.
 
-One ``add_*_config`` function per config node, every key commented. ``add_ov_seg_config`` applies all of
-them; later modules add their node here and append the adder to ``_ADDERS``.
+One ``add_*_config`` function per config node, every key commented. ``add_ov_seg_config`` applies
+all of them; later modules add their node here and append the adder to ``_ADDERS``.
 """
 
 from detectron2.config import CfgNode as CN
@@ -24,15 +24,17 @@ def add_solver_config(cfg):
     cfg.SOLVER.BETAS = (0.9, 0.999)
     # AdamW epsilon.
     cfg.SOLVER.EPS = 1e-8
-    # Gradient clipping: detectron2's SOLVER.CLIP_GRADIENTS, plus CLIP_TYPE "full_model" which clips the
-    # global norm over all parameters together (MaskFormer / OVSeg use full_model with CLIP_VALUE 0.01).
+    # Gradient clipping: detectron2's SOLVER.CLIP_GRADIENTS, plus CLIP_TYPE "full_model" which clips
+    # the global norm over all parameters together (MaskFormer / OVSeg use full_model with
+    # CLIP_VALUE 0.01).
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
 
 
 def add_input_config(cfg):
     """Data-loading keys."""
     # Dataset mapper used by the train / test loaders, by name (see ov_seg.data.dataset_mappers):
-    # "semantic", "panoptic", "caption", "mask_category", or "detectron2" for detectron2's DatasetMapper.
+    # "semantic", "panoptic", "caption", "mask_category", or "detectron2" for detectron2's
+    # DatasetMapper.
     cfg.INPUT.DATASET_MAPPER_NAME = "semantic"
     # Mapper used at test time ("" = same as DATASET_MAPPER_NAME).
     cfg.INPUT.TEST_DATASET_MAPPER_NAME = ""
@@ -45,17 +47,19 @@ def add_input_config(cfg):
 def add_runtime_config(cfg):
     """Process-level keys."""
     cfg.RUNTIME = CN()
-    # torch intra-op threads per process; 0 = the CPU cores free for this process (cores / processes).
+    # torch intra-op threads per process; 0 = the CPU cores free for this process (cores
+    # / processes).
     cfg.RUNTIME.NUM_THREADS = 0
     # Iterations between metric writes (console, metrics.json) in training.
     cfg.RUNTIME.LOG_PERIOD = 20
 
 
 def add_swin_config(cfg):
-    """Swin backbone taken from timm (``D2SwinTransformer``, BACKBONE.NAME "build_swin_backbone")."""
+    """Swin backbone taken from timm (``D2SwinTransformer``, BACKBONE.NAME
+    "build_swin_backbone")."""
     cfg.MODEL.SWIN = CN()
-    # timm model name; its architecture (patch 4, window 12, embed 128, depths 2-2-18-2) is the default
-    # unless overridden by the keys below (Swin-B window 12 at 384, as in OVSeg).
+    # timm model name; its architecture (patch 4, window 12, embed 128, depths 2-2-18-2) is the
+    # default unless overridden by the keys below (Swin-B window 12 at 384, as in OVSeg).
     cfg.MODEL.SWIN.TIMM_NAME = "swin_base_patch4_window12_384"
     # Image size the model (relative position tables, pretrained weights) was built for.
     cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 384
@@ -70,15 +74,18 @@ def add_swin_config(cfg):
     # Stage outputs exposed to the pixel decoder (strides 4, 8, 16, 32).
     cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     # Optional local timm checkpoint (ImageNet weights) loaded into the Swin at build time
-    # (torch.load weights_only; "" = random init; MODEL.WEIGHTS still loads a full model afterwards).
+    # (torch.load weights_only; "" = random init; MODEL.WEIGHTS still loads a full model
+    # afterwards).
     cfg.MODEL.SWIN.PRETRAINED_FILE = ""
 
 
 def add_pixel_decoder_config(cfg):
-    """Pixel decoder of the MaskFormer proposal generator (per-pixel embeddings ``mask_features``)."""
+    """Pixel decoder of the MaskFormer proposal generator (per-pixel embeddings
+    ``mask_features``)."""
     cfg.MODEL.PIXEL_DECODER = CN()
     # Registry name (ov_seg.modeling.pixel_decoder): "BasePixelDecoder" (FPN) or
-    # "TransformerEncoderPixelDecoder" (FPN whose coarsest level goes through a transformer encoder).
+    # "TransformerEncoderPixelDecoder" (FPN whose coarsest level goes through a transformer
+    # encoder).
     cfg.MODEL.PIXEL_DECODER.NAME = "BasePixelDecoder"
     # Backbone features used, any order (sorted by stride internally).
     cfg.MODEL.PIXEL_DECODER.IN_FEATURES = ["res2", "res3", "res4", "res5"]
@@ -88,14 +95,14 @@ def add_pixel_decoder_config(cfg):
     cfg.MODEL.PIXEL_DECODER.MASK_DIM = 256
     # Normalisation of the FPN convolutions ("GN", "BN", "SyncBN", "" = none).
     cfg.MODEL.PIXEL_DECODER.NORM = "GN"
-    # Transformer encoder layers on the coarsest feature (TransformerEncoderPixelDecoder only; it uses
-    # MASK_FORMER.NHEADS / DIM_FEEDFORWARD / DROPOUT / PRE_NORM).
+    # Transformer encoder layers on the coarsest feature (TransformerEncoderPixelDecoder only; it
+    # uses MASK_FORMER.NHEADS / DIM_FEEDFORWARD / DROPOUT / PRE_NORM).
     cfg.MODEL.PIXEL_DECODER.TRANSFORMER_ENC_LAYERS = 6
 
 
 def add_maskformer_config(cfg):
-    """MaskFormer proposal generator (``ProposalMaskFormer``): decoder, class head, matching, losses,
-    inference."""
+    """MaskFormer proposal generator (``ProposalMaskFormer``): decoder, class head, matching,
+    losses, inference."""
     cfg.MODEL.MASK_FORMER = CN()
     # Transformer decoder, by registry name (ov_seg.modeling.transformer_decoder).
     cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "DETRTransformerDecoder"
@@ -104,19 +111,21 @@ def add_maskformer_config(cfg):
     cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res5"
     # Number of learned queries N (= proposals per image).
     cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
-    # Decoder width d, attention heads, FFN width, layers, dropout; post-norm as in DETR (PRE_NORM False).
+    # Decoder width d, attention heads, FFN width, layers, dropout; post-norm as in DETR (PRE_NORM
+    # False).
     cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
     cfg.MODEL.MASK_FORMER.NHEADS = 8
     cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD = 2048
     cfg.MODEL.MASK_FORMER.DEC_LAYERS = 6
     cfg.MODEL.MASK_FORMER.DROPOUT = 0.1
     cfg.MODEL.MASK_FORMER.PRE_NORM = False
-    # Always project the memory with a 1x1 conv (otherwise only when its channels differ from HIDDEN_DIM).
+    # Always project the memory with a 1x1 conv (otherwise only when its channels differ from
+    # HIDDEN_DIM).
     cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
     # Deep supervision: losses on the outputs of every decoder layer (auxiliary losses).
     cfg.MODEL.MASK_FORMER.DEEP_SUPERVISION = True
-    # Loss / matching-cost weights: classification (lambda_cls), sigmoid focal on masks (lambda_focal),
-    # dice (lambda_dice); weight of the "no object" class in the cross-entropy.
+    # Loss / matching-cost weights: classification (lambda_cls), sigmoid focal on masks
+    # (lambda_focal), dice (lambda_dice); weight of the "no object" class in the cross-entropy.
     cfg.MODEL.MASK_FORMER.CLASS_WEIGHT = 1.0
     cfg.MODEL.MASK_FORMER.MASK_WEIGHT = 20.0
     cfg.MODEL.MASK_FORMER.DICE_WEIGHT = 1.0
@@ -124,21 +133,22 @@ def add_maskformer_config(cfg):
     # Sigmoid focal loss alpha and gamma.
     cfg.MODEL.MASK_FORMER.FOCAL_ALPHA = 0.25
     cfg.MODEL.MASK_FORMER.FOCAL_GAMMA = 2.0
-    # Point-sampled mask losses (memory-bounded, PointRend-style): points per mask for matching and losses;
-    # 0 = dense losses on all pixels (predictions upsampled to the padded image size).
+    # Point-sampled mask losses (memory-bounded, PointRend-style): points per mask for matching and
+    # losses; 0 = dense losses on all pixels (predictions upsampled to the padded image size).
     cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 0
     # Importance sampling of the loss points: candidates = OVERSAMPLE_RATIO x points, of which
     # IMPORTANCE_SAMPLE_RATIO are the most uncertain and the rest uniform.
     cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0
     cfg.MODEL.MASK_FORMER.IMPORTANCE_SAMPLE_RATIO = 0.75
-    # Dense mask losses at the target (padded image) size with upsampled predictions (MaskFormer), or at
-    # the prediction size (stride 4) with area-resized, soft targets (False: 16x fewer pixels).
+    # Dense mask losses at the target (padded image) size with upsampled predictions (MaskFormer),
+    # or at the prediction size (stride 4) with area-resized, soft targets (False: 16x fewer
+    # pixels).
     cfg.MODEL.MASK_FORMER.MASK_LOSS_AT_TARGET_SIZE = True
 
     cfg.MODEL.MASK_FORMER.CLASS_HEAD = CN()
-    # Class head by registry name (ov_seg.modeling.heads): "open_vocab" (OVSeg: logits = tau * cos(query
-    # embedding, text embedding of each class name) + a learned no-object embedding) or "class_agnostic"
-    # (one "object" class + no-object).
+    # Class head by registry name (ov_seg.modeling.heads): "open_vocab" (OVSeg: logits = tau
+    # * cos(query embedding, text embedding of each class name) + a learned no-object embedding) or
+    # "class_agnostic" (one "object" class + no-object).
     cfg.MODEL.MASK_FORMER.CLASS_HEAD.NAME = "open_vocab"
     # Hidden width of the MLP from the query to the text-embedding space (OVSeg: 256 -> 1024 -> D).
     cfg.MODEL.MASK_FORMER.CLASS_HEAD.EMBED_HIDDEN_DIM = 1024
@@ -146,8 +156,8 @@ def add_maskformer_config(cfg):
     cfg.MODEL.MASK_FORMER.CLASS_HEAD.LOGIT_SCALE = 100.0
 
     cfg.MODEL.MASK_FORMER.TEST = CN()
-    # Outputs of inference: "sem_seg" (sum_q p_q(c) sigmoid(m_q)), "panoptic_seg" (MaskFormer rules),
-    # "proposals" (masks + scores for the second stage, caption mining and proposal recall).
+    # Outputs of inference: "sem_seg" (sum_q p_q(c) sigmoid(m_q)), "panoptic_seg" (MaskFormer
+    # rules), "proposals" (masks + scores for the second stage, caption mining and proposal recall).
     cfg.MODEL.MASK_FORMER.TEST.SEMANTIC_ON = True
     cfg.MODEL.MASK_FORMER.TEST.PANOPTIC_ON = False
     cfg.MODEL.MASK_FORMER.TEST.PROPOSALS_ON = False
@@ -155,16 +165,18 @@ def add_maskformer_config(cfg):
     cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.8
     # ... and drop a query whose visible area / its own (sigmoid >= 0.5) area is below this.
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.8
-    # Proposal score: "class" (1 - p(no object)) or "class_x_mask" (times the mean sigmoid of the mask
-    # inside its binarised region, Mask2Former's instance score).
+    # Proposal score: "class" (1 - p(no object)) or "class_x_mask" (times the mean sigmoid of the
+    # mask inside its binarised region, Mask2Former's instance score).
     cfg.MODEL.MASK_FORMER.TEST.PROPOSAL_SCORE = "class"
 
 
 def add_panoptic_input_config(cfg):
-    """The "panoptic" dataset mapper (per-segment masks + classes for mask-classification models)."""
+    """The "panoptic" dataset mapper (per-segment masks + classes for mask-classification
+    models)."""
     cfg.INPUT.PANOPTIC = CN()
-    # Training vocabulary: "all" (the dataset's stuff_classes) or "seen" (its seen_classes metadata only:
-    # labels re-indexed, other segments dropped), so an open-vocabulary class head never meets unseen names.
+    # Training vocabulary: "all" (the dataset's stuff_classes) or "seen" (its seen_classes metadata
+    # only: labels re-indexed, other segments dropped), so an open-vocabulary class head never meets
+    # unseen names.
     cfg.INPUT.PANOPTIC.TRAIN_VOCABULARY = "all"
 
 
@@ -246,26 +258,28 @@ def add_mixreorg_config(cfg):
 
 
 def add_clip_config(cfg):
-    """CLIP used by every model (``ov_seg.modeling.clip``): which open_clip model, prompts, masked crops."""
+    """CLIP used by every model (``ov_seg.modeling.clip``): which open_clip model, prompts, masked
+    crops."""
     cfg.MODEL.CLIP = CN()
-    # open_clip model name (open_clip.list_models(), or a project config such as "ovseg-tiny-vit8-64").
-    # Paper main setting: ViT-L/14 (with Swin-B); ViT-B/16 with R101c.
+    # open_clip model name (open_clip.list_models(), or a project config such as
+    # "ovseg-tiny-vit8-64"). Paper main setting: ViT-L/14 (with Swin-B); ViT-B/16 with R101c.
     cfg.MODEL.CLIP.MODEL_NAME = "ViT-L-14"
-    # open_clip pretrained tag (needs network or a populated cache), a local checkpoint file (state dict,
-    # {"state_dict": ...} or an exported clip_export.pth, mask prompts included), or "" = random init.
+    # open_clip pretrained tag (needs network or a populated cache), a local checkpoint file (state
+    # dict, {"state_dict": ...} or an exported clip_export.pth, mask prompts included), or ""
+    # = random init.
     cfg.MODEL.CLIP.PRETRAINED = "openai"
-    # Prompt template set of the text classifier (ov_seg.modeling.clip.TEMPLATE_SETS): "vild" (14 ViLD
-    # templates, OVSeg), "imagenet" (CLIP's 80), "single" ("a photo of a {}."), "toyworld".
+    # Prompt template set of the text classifier (ov_seg.modeling.clip.TEMPLATE_SETS): "vild" (14
+    # ViLD templates, OVSeg), "imagenet" (CLIP's 80), "single" ("a photo of a {}."), "toyworld".
     cfg.MODEL.CLIP.TEMPLATES = "vild"
-    # Mask prompt depth (OVSeg: 3; 0 = no mask prompts): prompts replace the tokens of fully masked-out
-    # patches at the input and after transformer blocks 1 .. depth-1.
+    # Mask prompt depth (OVSeg: 3; 0 = no mask prompts): prompts replace the tokens of fully
+    # masked-out patches at the input and after transformer blocks 1 .. depth-1.
     cfg.MODEL.CLIP.MASK_PROMPT_DEPTH = 3
     # Binarisation threshold of soft masks before cropping (OVSeg: 0.4; 0.5 for the R101c model).
     cfg.MODEL.CLIP.MASK_THR = 0.4
     # Expansion of the mask's box around its centre before cropping (OVSeg: 1.0 = the tight box).
     cfg.MODEL.CLIP.MASK_EXPAND_RATIO = 1.0
-    # Crop a square box (side max(w, h)) so the crop keeps the mask's aspect ratio; OVSeg resizes the
-    # (non-square) box to the square CLIP input (False).
+    # Crop a square box (side max(w, h)) so the crop keeps the mask's aspect ratio; OVSeg resizes
+    # the (non-square) box to the square CLIP input (False).
     cfg.MODEL.CLIP.MASK_SQUARE_CROP = False
     # Fixed scale of the cosine logits between crop and text embeddings (OVSeg: 100).
     cfg.MODEL.CLIP.LOGIT_SCALE = 100.0
@@ -281,9 +295,11 @@ def add_clip_config(cfg):
 
 
 def add_clip_pretrain_config(cfg):
-    """``CLIPPretrain``: image-caption contrastive training (symmetric InfoNCE, learnable logit scale)."""
+    """``CLIPPretrain``: image-caption contrastive training (symmetric InfoNCE, learnable logit
+    scale)."""
     cfg.MODEL.CLIP_PRETRAIN = CN()
-    # Add the dataset dicts' "hard_negatives" captions as extra text negatives of the image -> text loss.
+    # Add the dataset dicts' "hard_negatives" captions as extra text negatives of the image -> text
+    # loss.
     cfg.MODEL.CLIP_PRETRAIN.HARD_NEGATIVES = True
     # Clamp of the learnable logit scale exp(t) (CLIP: 100).
     cfg.MODEL.CLIP_PRETRAIN.LOGIT_SCALE_MAX = 100.0
@@ -292,17 +308,19 @@ def add_clip_pretrain_config(cfg):
 
 
 def add_mask_adapted_clip_config(cfg):
-    """``MaskAdaptedCLIP``: masked crop -> image embedding, classified against category-name embeddings."""
+    """``MaskAdaptedCLIP``: masked crop -> image embedding, classified against category-name
+    embeddings."""
     cfg.MODEL.MASK_ADAPTED_CLIP = CN()
-    # What trains: "mpt" (mask prompts only, all CLIP weights frozen), "ft" (full fine-tune of the image
-    # tower, no prompts), "ft_mpt" (both at once). The text tower is always frozen. OVSeg's best is FT then
-    # MPT: a "ft" run, then an "mpt" run with MODEL.CLIP.PRETRAINED = the FT run's clip_export.pth.
+    # What trains: "mpt" (mask prompts only, all CLIP weights frozen), "ft" (full fine-tune of the
+    # image tower, no prompts), "ft_mpt" (both at once). The text tower is always frozen. OVSeg's
+    # best is FT then MPT: a "ft" run, then an "mpt" run with MODEL.CLIP.PRETRAINED = the FT run's
+    # clip_export.pth.
     cfg.MODEL.MASK_ADAPTED_CLIP.MODE = "mpt"
     # Classes each crop is contrasted against: "batch" (the category names present in the batch) or
     # "dataset" (the whole vocabulary of the training dataset).
     cfg.MODEL.MASK_ADAPTED_CLIP.VOCABULARY = "batch"
-    # Training-time mask jitter: each mask is dilated or eroded by up to this many pixels (or kept), so the
-    # CLIP sees masks as imperfect as proposals (0 = exact masks).
+    # Training-time mask jitter: each mask is dilated or eroded by up to this many pixels (or kept),
+    # so the CLIP sees masks as imperfect as proposals (0 = exact masks).
     cfg.MODEL.MASK_ADAPTED_CLIP.MASK_JITTER = 0
     # Masked crops per training step at most (random subset of the batch's pairs; 0 = all).
     cfg.MODEL.MASK_ADAPTED_CLIP.MAX_CROPS = 0
@@ -313,8 +331,8 @@ def add_mask_category_input_config(cfg):
     cfg.INPUT.MASK_CATEGORY = CN()
     # Drop segments smaller than this many pixels (after augmentation).
     cfg.INPUT.MASK_CATEGORY.MIN_AREA = 16
-    # Segments of a panoptic dataset: "instance" (one pair per segment) or "semantic" (segments of the
-    # same category merged).
+    # Segments of a panoptic dataset: "instance" (one pair per segment) or "semantic" (segments of
+    # the same category merged).
     cfg.INPUT.MASK_CATEGORY.GROUPING = "instance"
     # Pairs kept per training image at most (random subset; 0 = all).
     cfg.INPUT.MASK_CATEGORY.MAX_PAIRS = 0
@@ -382,79 +400,89 @@ def add_pacl_config(cfg):
 
 
 def add_mgca_config(cfg):
-    """MGCA (Liu, Ge, Liu, Huang, arXiv 2403.03707): object-, region- and pixel-level alignment with pseudo
-    correspondences and hard negatives, adaptive semantic unit at inference. The encoders are the MODEL.CLIP
-    towers (text frozen). Every default below is project design (../shared/design/single_stage.md §3)."""
+    """MGCA (Liu, Ge, Liu, Huang, arXiv 2403.03707): object-, region- and pixel-level alignment with
+    pseudo correspondences and hard negatives, adaptive semantic unit at inference. The encoders are
+    the MODEL.CLIP towers (text frozen). Every default below is project design
+    (../shared/design/single_stage.md §3).
+    """
     cfg.MODEL.MGCA = CN()
-    # Image-tower blocks kept frozen (TCL's ie_freeze); -1 = all but the last (11 of 12 for ViT-B/16),
-    # the number of blocks = the whole tower frozen, 0 = everything trains (patch embedding included).
+    # Image-tower blocks kept frozen (TCL's ie_freeze); -1 = all but the last (11 of 12 for
+    # ViT-B/16), the number of blocks = the whole tower frozen, 0 = everything trains (patch
+    # embedding included).
     cfg.MODEL.MGCA.FREEZE_AT = -1
-    # Run the last image-tower block on the value path only (MaskCLIP / TCL ignore_last_attn): local tokens.
+    # Run the last image-tower block on the value path only (MaskCLIP / TCL ignore_last_attn): local
+    # tokens.
     cfg.MODEL.MGCA.VALUE_PATH = True
     # Decoder g: pre-activation 3x3 conv layers (LayerNorm, GELU; TCL GDecoder: 2) after a bilinear
     # upsample by DECODER_UPSAMPLE (2: pixel embeddings Z at stride p/2).
     cfg.MODEL.MGCA.DECODER_LAYERS = 2
     cfg.MODEL.MGCA.DECODER_UPSAMPLE = 2
-    # Entities e_bj of a caption: its noun chunks ("chunk") or nouns ("noun") from ov_seg.mining, at most
-    # J_max = MAX_ENTITIES per image (a random subset when there are more), each encoded as
+    # Entities e_bj of a caption: its noun chunks ("chunk") or nouns ("noun") from ov_seg.mining, at
+    # most J_max = MAX_ENTITIES per image (a random subset when there are more), each encoded as
     # ENTITY_TEMPLATE.format(chunk without determiner); a caption without chunks is its own entity.
     cfg.MODEL.MGCA.ENTITY_MODE = "chunk"
-    # Chunker of ov_seg.mining.NounExtractor: "parser" (spaCy dependency noun chunks) or "tagger" (JJ* NN+
-    # tag runs, about 2x faster).
+    # Chunker of ov_seg.mining.NounExtractor: "parser" (spaCy dependency noun chunks) or "tagger"
+    # (JJ* NN+ tag runs, about 2x faster).
     cfg.MODEL.MGCA.ENTITY_CHUNKER = "parser"
     cfg.MODEL.MGCA.MAX_ENTITIES = 3
     cfg.MODEL.MGCA.ENTITY_TEMPLATE = "a photo of a {}."
-    # Initial (w, β) of the learnable grounding m_bj(x) = sigmoid(w cos(z_x, e_bj) + β) (TCL sim2mask).
+    # Initial (w, β) of the learnable grounding m_bj(x) = sigmoid(w cos(z_x, e_bj) + β) (TCL
+    # sim2mask).
     cfg.MODEL.MGCA.GROUNDING_INIT = (10.0, -2.5)
-    # Initial 1/τ of the learnable logit scale shared by every L_hn and L_nce (τ = 0.07), and its clamp.
+    # Initial 1/τ of the learnable logit scale shared by every L_hn and L_nce (τ = 0.07), and its
+    # clamp.
     cfg.MODEL.MGCA.LOGIT_SCALE_INIT = 1.0 / 0.07
     cfg.MODEL.MGCA.MAX_LOGIT_SCALE = 100.0
-    # (λ_obj, λ_reg, λ_pix): L = λ_obj L_obj + λ_reg L_reg + λ_pix L_pix; a zero weight skips the level
-    # (the obj -> +reg -> +pix ablation).
+    # (λ_obj, λ_reg, λ_pix): L = λ_obj L_obj + λ_reg L_reg + λ_pix L_pix; a zero weight skips the
+    # level (the obj -> +reg -> +pix ablation).
     cfg.MODEL.MGCA.LOSS_WEIGHTS = (1.0, 1.0, 1.0)
-    # k_n: hardest negatives kept per L_hn term (<= 0: all valid negatives, the no-hard-sampling ablation).
+    # k_n: hardest negatives kept per L_hn term (<= 0: all valid negatives, the no-hard-sampling
+    # ablation).
     cfg.MODEL.MGCA.K_NEG = 16
-    # k_pix: positive pixels P_bj and hard negative pixels N_bj per entity (<= 0: all qualifying pixels).
+    # k_pix: positive pixels P_bj and hard negative pixels N_bj per entity (<= 0: all qualifying
+    # pixels).
     cfg.MODEL.MGCA.K_PIX = 32
-    # N_meta: meta-points per image (soft k-means on Z, grid init; 8 on the toy world), its iterations
-    # and softmax temperature.
+    # N_meta: meta-points per image (soft k-means on Z, grid init; 8 on the toy world), its
+    # iterations and softmax temperature.
     cfg.MODEL.MGCA.NUM_META_POINTS = 16
     cfg.MODEL.MGCA.META_ITERS = 3
     cfg.MODEL.MGCA.META_TEMPERATURE = 0.1
-    # θ_pos: positive units (grounding mass) and pixels (m) lie above it; θ_neg: hard negative pixels below.
+    # θ_pos: positive units (grounding mass) and pixels (m) lie above it; θ_neg: hard negative
+    # pixels below.
     cfg.MODEL.MGCA.POS_THRESH = 0.5
     cfg.MODEL.MGCA.NEG_THRESH = 0.2
-    # Drop other images' meta-points that would be positive units of an entity (mass > θ_pos) from its
-    # negatives (the cross-image analogue of U+; same-string texts are always dropped).
+    # Drop other images' meta-points that would be positive units of an entity (mass > θ_pos) from
+    # its negatives (the cross-image analogue of U+; same-string texts are always dropped).
     cfg.MODEL.MGCA.FILTER_CROSS_IMAGE_UNITS = True
     cfg.MODEL.MGCA.TEST = CN()
-    # Prediction unit: "adaptive" (adaptive semantic unit), "group" (fixed GROUP_NUM groups, GroupViT-like)
-    # or "pixel" (TCL-like).
+    # Prediction unit: "adaptive" (adaptive semantic unit), "group" (fixed GROUP_NUM groups,
+    # GroupViT-like) or "pixel" (TCL-like).
     cfg.MODEL.MGCA.TEST.UNIT_MODE = "adaptive"
     # Initial units of the adaptive semantic unit (0 = 2 x NUM_META_POINTS).
     cfg.MODEL.MGCA.TEST.UNIT_NUM = 0
     # Groups of the "group" unit (GroupViT's 8 output segments).
     cfg.MODEL.MGCA.TEST.GROUP_NUM = 8
-    # Purity ρ a unit needs to give its own scores to its pixels, and how often an impure unit is split
-    # in two before its pixels keep their pixel scores.
+    # Purity ρ a unit needs to give its own scores to its pixels, and how often an impure unit is
+    # split in two before its pixels keep their pixel scores.
     cfg.MODEL.MGCA.TEST.UNIT_PURITY = 0.6
     cfg.MODEL.MGCA.TEST.UNIT_MAX_SPLITS = 2
     # Scores of a leaf still impure after the splits: "pixel" (its pixels keep their own scores, the
     # design) or "unit" (they take the leaf's unit scores).
     cfg.MODEL.MGCA.TEST.UNIT_IMPURE_LEAF = "pixel"
-    # A vocabulary entry with this name is not scored by text: it gets the constant probability BG_THRESH,
-    # so pixels whose max class probability is below it become background (TCL style; 0 = never).
+    # A vocabulary entry with this name is not scored by text: it gets the constant probability
+    # BG_THRESH, so pixels whose max class probability is below it become background (TCL style;
+    # 0 = never).
     cfg.MODEL.MGCA.TEST.BACKGROUND_NAME = "background"
     cfg.MODEL.MGCA.TEST.BG_THRESH = 0.0
-    # Sliding-window inference: window and stride in pixels, multiples of the patch size (GroupViT / TCL:
-    # 448 / 224); 0 = whole image.
+    # Sliding-window inference: window and stride in pixels, multiples of the patch size (GroupViT /
+    # TCL: 448 / 224); 0 = whole image.
     cfg.MODEL.MGCA.TEST.SLIDE_WINDOW = 0
     cfg.MODEL.MGCA.TEST.SLIDE_STRIDE = 0
 
 
 def add_two_stage_config(cfg):
-    """``TwoStageOVSeg`` (OVSeg): proposals -> masked crops -> mask-adapted CLIP (``MODEL.CLIP``), fused
-    with the proposal head. Inference only; the stages train as ``ProposalMaskFormer`` and
+    """``TwoStageOVSeg`` (OVSeg): proposals -> masked crops -> mask-adapted CLIP (``MODEL.CLIP``),
+    fused with the proposal head. Inference only; the stages train as ``ProposalMaskFormer`` and
     ``MaskAdaptedCLIP``."""
     cfg.MODEL.TWO_STAGE = CN()
     # Proposal source (ov_seg.modeling.proposal_sources): "maskformer" (the ProposalMaskFormer
@@ -538,7 +566,9 @@ _ADDERS = [
 
 def add_ov_seg_config(cfg):
     """Add detectron2's DeepLab keys (WarmupPolyLR: SOLVER.POLY_LR_POWER / POLY_LR_CONSTANT_ENDING,
-    INPUT.CROP.SINGLE_CATEGORY_MAX_AREA) and every ov_seg config node to ``cfg`` (a detectron2 CfgNode from ``get_cfg()``)."""
+    INPUT.CROP.SINGLE_CATEGORY_MAX_AREA) and every ov_seg config node to ``cfg`` (a detectron2
+    CfgNode from ``get_cfg()``).
+    """
     for adder in _ADDERS:
         adder(cfg)
     return cfg

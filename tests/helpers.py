@@ -17,7 +17,8 @@ def load_train_net():
 
 
 def setup_config(path, opts=()):
-    """Frozen config from ``configs/...`` + opts, as train_net's setup builds it (without logging)."""
+    """Frozen config from ``configs/...`` + opts, as train_net's setup builds it (without
+    logging)."""
     from ov_seg.engine.setup import setup_cfg
 
     args = default_argument_parser().parse_args(["--config-file", str(REPO / path), *opts])

@@ -213,7 +213,8 @@ def test_mask_adapted_clip_runs_and_exports(pretrained, toyworld_root, tmp_path)
 
 
 def test_register_caption_csv_flickr8k(shared_dir):
-    """The shared Flickr8k subset (``image,caption`` CSV) as a caption dataset, through the mapper."""
+    """The shared Flickr8k subset (``image,caption`` CSV) as a caption dataset, through the
+    mapper."""
     root = shared_dir / "data" / "flickr8k_subset1000"
     if not (root / "captions.csv").is_file():
         pytest.skip("flickr8k subset absent")
@@ -231,7 +232,8 @@ def test_register_caption_csv_flickr8k(shared_dir):
 @pytest.mark.parametrize("mode", ["ft", "ft_mpt"])
 def test_mask_adapted_clip_modes(mode, tmp_path):
     cfg = setup_config(
-        "configs/toyworld/clip_mpt.yaml", ["MODEL.MASK_ADAPTED_CLIP.MODE", mode, "OUTPUT_DIR", str(tmp_path)]
+        "configs/toyworld/clip_mpt.yaml",
+        ["MODEL.MASK_ADAPTED_CLIP.MODE", mode, "OUTPUT_DIR", str(tmp_path)],
     )
     model = Trainer.build_model(cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -1,4 +1,5 @@
-"""The main-job stage runner: skip finished stages (outputs checked), stop on failure naming the log."""
+"""The main-job stage runner: skip finished stages (outputs checked), stop on failure naming the
+log."""
 
 import sys
 

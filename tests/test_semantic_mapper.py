@@ -1,4 +1,5 @@
-"""The semantic mapper: 8/16-bit ground truth, ignore remapping, vocabulary field, collision error."""
+"""The semantic mapper: 8/16-bit ground truth, ignore remapping, vocabulary field, collision
+error."""
 
 import numpy as np
 import pytest

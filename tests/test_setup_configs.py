@@ -1,4 +1,5 @@
-"""Every YAML under configs/ goes through train_net's setup() and builds its model (tiny overrides)."""
+"""Every YAML under configs/ goes through train_net's setup() and builds its model (tiny
+overrides)."""
 
 import ctypes
 import gc

@@ -1,4 +1,5 @@
-"""A short CPU training run through tools/train_net.py on the toy world; then --eval-only reports mIoU."""
+"""A short CPU training run through tools/train_net.py on the toy world; then --eval-only reports
+mIoU."""
 
 import json
 

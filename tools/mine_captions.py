@@ -38,9 +38,9 @@ import os
 
 import torch
 
+from ov_seg.engine.pipeline import atomic_write_json
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.mining.captions import CAPTION_FORMATS, load_captions
-from ov_seg.engine.pipeline import atomic_write_json
 from ov_seg.mining.evaluate import mining_precision
 from ov_seg.mining.job import job_file, parse_shard
 from ov_seg.mining.nouns import DEFAULT_STOPLIST, NounExtractor

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The main job: the whole pipeline on the embedded toy world, as a chain of normal launches.
 
-    python tools/run_main_job.py --output output/main_job          # run (finished stages are skipped)
-    python tools/run_main_job.py --output output/main_job --force train_semseg
+    python tools/run_main_job.py --output output        # run (finished stages are skipped)
+    python tools/run_main_job.py --output output --force pacl   # re-run a stage and the later ones
 
 Every stage is an ordinary command (printed as it starts) that can be re-run on its own; logs go to
 ``<output>/logs/``; the report to ``<output>/report.md`` and ``report.json``.
@@ -251,7 +251,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
     return stages
 
 
-# (report row, stage folder with eval_results.json, or ("search", λ) for a two-stage row of search.json)
+# (report row, folder with eval_results.json, or ("search", λ): a two-stage row of search.json)
 METHOD_ROWS = [
     ("two-stage OVSeg, λ = 0 (proposal head only) *", ("search", 0.0)),
     ("two-stage OVSeg, λ = 1 (mask-adapted CLIP only) *", ("search", 1.0)),
@@ -298,9 +298,9 @@ def _results(path: Path) -> dict:
 
 
 def two_stage_row(search: dict, weight) -> dict:
-    """Held-out metrics of the two-stage model: ``weight`` None = the searched (λ, MASK_THR); a fixed λ
-    takes the MASK_THR that is best for it on the search images (same metric), so each branch alone
-    gets the same tuning as the ensemble."""
+    """Held-out metrics of the two-stage model: ``weight`` None = the searched (λ, MASK_THR); a
+    fixed λ takes the MASK_THR that is best for it on the search images (same metric), so each
+    branch alone gets the same tuning as the ensemble."""
     if weight is None:
         pick = search["best"]
     else:
@@ -314,7 +314,7 @@ def two_stage_row(search: dict, weight) -> dict:
 
 
 def write_report(out: Path, records: dict, elapsed: float) -> str:
-    """Write report.md / report.json (+ the grid PNG link); return the table printed on the console."""
+    """Write report.md / report.json (+ the grid PNG link); return the console table."""
     import ov_seg  # noqa: F401 (registration)
 
     chance = chance_miou("toyworld_sem_seg_val")
@@ -358,13 +358,16 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
     md = [
         "# ov_seg main job on the toy world",
         "",
-        "Train on seen categories (48 colour-shape objects + 5 stuff); evaluate on `toyworld_sem_seg_val`",
-        "with the vocabulary of all 69 names, 16 of which (unseen colour-shape combinations) never appear in",
+        "Train on seen categories (48 colour-shape objects + 5 stuff); evaluate on "
+        "`toyworld_sem_seg_val`",
+        "with the vocabulary of all 69 names, 16 of which (unseen colour-shape combinations) never "
+        "appear in",
         "any training image or caption. 'chance' = expected mIoU of a uniformly random labelling.",
         "",
         *table,
         "",
-        "\\* two-stage rows: val images 150-299; λ and MASK_THR were chosen on images 0-149 by hIoU "
+        "\\* two-stage rows: val images 150-299; λ and MASK_THR were chosen on images 0-149 by "
+        "hIoU "
         "(`tools/search_ensemble.py --holdout`). Other rows: all 300 val images.",
         "",
         f"Chance level: all {chance['mIoU']:.2f}, seen {chance['mIoU-seen']:.2f}, "
@@ -383,7 +386,8 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
         *timing,
         "",
         f"Wall time of this run: {elapsed:.0f} s; peak RSS of any stage: {peak:.0f} MiB, plus "
-        f"{driver:.0f} MiB for this driver process (stages run one at a time: peak memory of the job "
+        f"{driver:.0f} MiB for this driver process (stages run one at a time: peak memory of the "
+        "job "
         f"<= {peak + driver:.0f} MiB).",
         "",
     ]
@@ -429,13 +433,13 @@ def prediction_grid(out: Path) -> int:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--output", default="output/main_job")
+    p.add_argument("--output", default="output", help="job folder (report.md, stage outputs)")
     p.add_argument("--force", nargs="*", default=[], help="stage names to re-run")
     p.add_argument(
         "--grid",
         default=None,
         metavar="OUT",
-        help="(stage) draw OUT/grid.png with the two-stage model at the searched λ / MASK_THR of OUT",
+        help="(stage) draw OUT/grid.png (two-stage model at the searched λ / MASK_THR of OUT)",
     )
     args = p.parse_args(argv)
     if args.grid:

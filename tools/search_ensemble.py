@@ -6,9 +6,9 @@ Per image the proposals are computed once and the CLIP scores once per mask thre
 MASK_THR) pair is then re-scored from these and accumulated into its own confusion matrix
 (detectron2's semantic segmentation convention, ignore pixels skipped). Prints a table per metric
 and the best pair, and writes ``search.json``. Progress is saved every ``--save-every`` images
-(atomically) and resumed with ``--resume``. With ``--holdout`` the images of a second, disjoint range are
-scored too: the best pair is picked on ``--subset`` and every pair is also reported on the held-out
-images, so the searched ensemble is evaluated on images it was not chosen on.
+(atomically) and resumed with ``--resume``. With ``--holdout`` the images of a second, disjoint
+range are scored too: the best pair is picked on ``--subset`` and every pair is also reported on the
+held-out images, so the searched ensemble is evaluated on images it was not chosen on.
 
     python tools/search_ensemble.py --config-file configs/toyworld/two_stage_R18.yaml \\
         --output /tmp/two_stage/search --weights 0:1:0.1 --mask-thrs 0.35,0.4,0.45 --subset 0:150 \\
@@ -96,7 +96,10 @@ def get_parser() -> argparse.ArgumentParser:
         "--holdout",
         type=parse_subset,
         default=None,
-        help="START:END of held-out images: every pair is also scored there (search.json 'holdout')",
+        help=(
+            "START:END of held-out images: every pair is also scored there "
+            "(search.json 'holdout')"
+        ),
     )
     p.add_argument(
         "--metric",

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """A PNG grid comparing methods on a few images: image, ground truth, then each method's prediction.
 
-    python tools/visualize_methods.py --dataset toyworld_sem_seg_val --num-images 6 --output grid.png \\
+    python tools/visualize_methods.py --dataset toyworld_sem_seg_val --num-images 6 \\
+        --output grid.png \\
         --method "two-stage=configs/toyworld/two_stage_R18.yaml::MODEL.CLIP.PRETRAINED x.pth" \\
-        --method "PACL=configs/toyworld/pacl.yaml:output/pacl/model_final.pth:MODEL.CLIP.PRETRAINED x.pth"
+        --method "PACL=configs/toyworld/pacl.yaml:out/pacl.pth:MODEL.CLIP.PRETRAINED x.pth"
 
-``--method NAME=CONFIG:WEIGHTS:OPTS`` (WEIGHTS may be empty; OPTS are space-separated config overrides).
-Images are picked from those containing unseen classes first, so unseen names are shown.
+``--method NAME=CONFIG:WEIGHTS:OPTS`` (WEIGHTS may be empty; OPTS are space-separated config
+overrides). Images are picked from those containing unseen classes first, so unseen names are shown.
 """
 
 import argparse

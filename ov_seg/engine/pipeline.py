@@ -1,10 +1,10 @@
 """A resumable chain of command-line stages (the main job).
 
-Each stage is a normal launch (``tools/train_net.py ...``, ``tools/mine_captions.py ...``) run as a subprocess
-with its own log file. A stage is skipped on rerun when its record says it finished with the same command
-line *and* every declared output still exists with the recorded size *and* no earlier stage ran in this
-invocation (the chain is linear: a stage that ran may have changed any later stage's inputs); a failed
-stage stops the chain and names its log.
+Each stage is a normal launch (``tools/train_net.py ...``, ``tools/mine_captions.py ...``) run as a
+subprocess with its own log file. A stage is skipped on rerun when its record says it finished with
+the same command line *and* every declared output still exists with the recorded size *and* no
+earlier stage ran in this invocation (the chain is linear: a stage that ran may have changed any
+later stage's inputs); a failed stage stops the chain and names its log.
 """
 
 import json
@@ -26,7 +26,8 @@ class Stage:
 
     Attributes:
         name: unique stage name (used for the log and record file names).
-        command: argv of the launch (run with the current Python when it starts with a ``.py`` path).
+        command: argv of the launch (run with the current Python when it starts with a ``.py``
+            path).
         outputs: files that must exist after the stage (checked to decide whether to skip on rerun).
         estimate_s: expected duration, for the ETA before a first run has measured it.
         env: extra environment variables.
@@ -93,7 +94,8 @@ def run_stages(stages: List[Stage], workdir, force: Sequence[str] = ()) -> Dict[
             records[stage.name] = {**done, "skipped": True}
             remaining -= stage.estimate_s
             print(
-                f"[{k}/{len(stages)}] {stage.name:<28} done before ({_fmt(done['seconds'])}), skipped",
+                f"[{k}/{len(stages)}] {stage.name:<28} done before ({_fmt(done['seconds'])}), "
+                "skipped",
                 flush=True,
             )
             continue
@@ -102,7 +104,8 @@ def run_stages(stages: List[Stage], workdir, force: Sequence[str] = ()) -> Dict[
         if cmd and cmd[0].endswith(".py"):
             cmd = [sys.executable] + cmd
         print(
-            f"[{k}/{len(stages)}] {stage.name:<28} running  (elapsed {_fmt(time.perf_counter() - start)}"
+            f"[{k}/{len(stages)}] {stage.name:<28} running  "
+            f"(elapsed {_fmt(time.perf_counter() - start)}"
             f", ETA {_fmt(remaining)})  $ {shlex.join(cmd)}",
             flush=True,
         )

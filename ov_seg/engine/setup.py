@@ -22,7 +22,8 @@ def setup_cfg(args, default_setup_enabled: bool = True):
 
     Args:
         args: parsed ``default_argument_parser()`` arguments.
-        default_setup_enabled: run detectron2's ``default_setup`` (logging, output dir, config dump).
+        default_setup_enabled: run detectron2's ``default_setup`` (logging, output dir,
+            config dump).
     """
     cfg = get_ov_seg_cfg()
     if args.config_file:

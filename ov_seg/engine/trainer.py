@@ -64,7 +64,8 @@ OPTIMIZERS = {
 
 
 def _lr_factor_func(cfg):
-    """LR multiplier by parameter path: ``backbone.*`` and CLIP towers (a ``clip`` module in the path)."""
+    """LR multiplier by parameter path: ``backbone.*`` and CLIP towers (a ``clip`` module in the
+    path)."""
 
     def factor(name: str) -> float:
         if name.startswith("backbone."):
@@ -108,8 +109,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Optimizer from ``cfg.SOLVER`` through detectron2's ``get_default_optimizer_params``.
 
     Backbone / CLIP LR multipliers, no weight decay on norms (``WEIGHT_DECAY_NORM``) and embeddings
-    (``WEIGHT_DECAY_EMBED``), SGD or AdamW (``SOLVER.OPTIMIZER``), optional gradient clipping (detectron2's
-    "value"/"norm" per parameter, or "full_model" over all parameters together).
+    (``WEIGHT_DECAY_EMBED``), SGD or AdamW (``SOLVER.OPTIMIZER``), optional gradient clipping
+    (detectron2's "value"/"norm" per parameter, or "full_model" over all parameters together).
     """
     wd_embed = cfg.SOLVER.WEIGHT_DECAY_EMBED
     params = get_default_optimizer_params(
@@ -161,7 +162,9 @@ class Trainer(DefaultTrainer):
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -8,7 +8,8 @@ from ov_seg.utils.registry import NamedRegistry, get_registered
 EVALUATOR_REGISTRY = NamedRegistry("EVALUATOR")
 EVALUATOR_REGISTRY.__doc__ = """
 Registry of evaluator builders, keyed by a dataset's ``evaluator_type``.
-A builder is called as ``builder(cfg, dataset_name, output_folder)`` and returns a ``DatasetEvaluator``.
+A builder is called as ``builder(cfg, dataset_name, output_folder)`` and returns a
+``DatasetEvaluator``.
 """
 
 
@@ -18,8 +19,8 @@ def _coco_panoptic(cfg, dataset_name, output_folder):
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: str):
-    """The evaluator for ``dataset_name``, chosen by ``cfg.TEST.EVALUATOR_TYPE`` when set, else by its
-    metadata's ``evaluator_type``."""
+    """The evaluator for ``dataset_name``, chosen by ``cfg.TEST.EVALUATOR_TYPE`` when set, else by
+    its metadata's ``evaluator_type``."""
     evaluator_type = cfg.TEST.get("EVALUATOR_TYPE", "") or MetadataCatalog.get(dataset_name).get(
         "evaluator_type", None
     )

@@ -1,5 +1,5 @@
-"""CPU thread settings: never oversubscribe the cores (2 cores here; a second busy thread made a training
-step 4x slower)."""
+"""CPU thread settings: never oversubscribe the cores (2 cores here; a second busy thread made a
+training step 4x slower)."""
 
 import os
 

@@ -47,7 +47,8 @@ def build_semantic_augmentations(cfg, is_train: bool):
 
 
 def read_sem_seg(file_name: str, ignore_label: int, ignore_value: int) -> np.ndarray:
-    """Read a label map (8-bit PNG or 16-bit PNG/TIFF) as int64 (H, W), ``ignore_label`` → ``ignore_value``.
+    """Read a label map (8-bit PNG or 16-bit PNG/TIFF) as int64 (H, W), ``ignore_label`` →
+    ``ignore_value``.
 
     Raises:
         ValueError: when the file is not a single-channel label image.
@@ -65,9 +66,10 @@ def read_sem_seg(file_name: str, ignore_label: int, ignore_value: int) -> np.nda
 class SemanticDatasetMapper:
     """Map a semantic-segmentation dataset dict to a model input.
 
-    Output fields: ``image`` (3, H, W) uint8 in ``INPUT.FORMAT``; ``sem_seg`` (H, W) int64 with ignore =
-    ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``; ``height``/``width`` of the original image; ``dataset_name``;
-    ``vocabulary`` (the dataset's ``stuff_classes``) when the dataset has metadata.
+    Output fields: ``image`` (3, H, W) uint8 in ``INPUT.FORMAT``; ``sem_seg`` (H, W) int64 with
+    ignore = ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``; ``height``/``width`` of the original image;
+    ``dataset_name``; ``vocabulary`` (the dataset's ``stuff_classes``) when the dataset has
+    metadata.
     """
 
     @configurable
@@ -92,7 +94,8 @@ class SemanticDatasetMapper:
             raise ValueError(
                 f"dataset {dataset_name!r} has {len(self.vocabulary)} classes, so its ignore label "
                 f"{self.ignore_label} cannot be remapped to MODEL.SEM_SEG_HEAD.IGNORE_VALUE "
-                f"{ignore_value} (a valid class id); set MODEL.SEM_SEG_HEAD.IGNORE_VALUE {self.ignore_label}"
+                f"{ignore_value} (a valid class id); set MODEL.SEM_SEG_HEAD.IGNORE_VALUE "
+                f"{self.ignore_label}"
             )
 
     @classmethod

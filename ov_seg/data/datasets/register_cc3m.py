@@ -26,7 +26,9 @@ def register_cc3m(root: str = "") -> None:
     ``$DETECTRON2_DATASETS/cc3m``)."""
     root = root or os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "cc3m")
     for split in CC3M_SPLITS:
-        register_caption_csv(f"cc3m_{split}", os.path.join(root, f"cc3m_{split}.tsv"), image_root=root)
+        register_caption_csv(
+            f"cc3m_{split}", os.path.join(root, f"cc3m_{split}.tsv"), image_root=root
+        )
 
 
 register_cc3m()

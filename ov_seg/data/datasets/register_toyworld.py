@@ -1,8 +1,9 @@
 """Register the toy world (semantic, panoptic, captions; splits train / val / web).
 
-Names: ``{variant}_sem_seg_{split}``, ``{variant}_panoptic_{split}``, ``{variant}_captions_{split}`` for the
-variants in ``TOYWORLD_VARIANTS`` (root ``$DETECTRON2_DATASETS/{variant}``). Registration reads no file;
-loading a split that was not generated raises ``FileNotFoundError`` naming the command that writes it.
+Names: ``{variant}_sem_seg_{split}``, ``{variant}_panoptic_{split}``, ``{variant}_captions_{split}``
+for the variants in ``TOYWORLD_VARIANTS`` (root ``$DETECTRON2_DATASETS/{variant}``). Registration
+reads no file; loading a split that was not generated raises ``FileNotFoundError`` naming the
+command that writes it.
 """
 
 import json
@@ -30,7 +31,8 @@ def _check_split(root: Path, variant: str, split: str) -> None:
         size = TOYWORLD_VARIANTS.get(variant, 64)
         raise FileNotFoundError(
             f"toy world split {split!r} not found under {root} (no {root / split / 'DONE.json'}). "
-            f"Generate it with: python datasets/prepare_toyworld.py --name {variant} --image-size {size}"
+            f"Generate it with: python datasets/prepare_toyworld.py --name {variant} "
+            f"--image-size {size}"
             " (writes under $DETECTRON2_DATASETS)"
         )
 
@@ -49,7 +51,8 @@ def toyworld_metadata() -> dict:
 
 
 def toyworld_panoptic_metadata() -> dict:
-    """Extra panoptic metadata (MaskFormer convention: one contiguous space over things and stuff)."""
+    """Extra panoptic metadata (MaskFormer convention: one contiguous space over things and
+    stuff)."""
     things = [c for c in CATEGORIES if c.isthing]
     stuff = [c for c in CATEGORIES if not c.isthing]
     return {
@@ -107,7 +110,8 @@ def load_toyworld_panoptic(root: Path, variant: str, split: str):
 
 
 def load_toyworld_captions(root: Path, variant: str, split: str):
-    """Caption dataset dicts: file_name, image_id, height, width, captions (list), hard_negatives (list)."""
+    """Caption dataset dicts: file_name, image_id, height, width, captions (list), hard_negatives
+    (list)."""
     _check_split(root, variant, split)
     with open(root / f"captions_{split}.json") as f:
         data = json.load(f)

@@ -1,8 +1,8 @@
 """The toy world's fixed vocabulary: 5 stuff textures and 8 colours x 8 shapes of objects.
 
-The open-vocabulary split keeps every colour and every shape in training but holds out 2 shapes per colour:
-shape index (3c + {0, 4}) mod 8 is unseen for colour c (16 unseen, 48 seen thing categories; each shape is
-unseen for exactly 2 colours).
+The open-vocabulary split keeps every colour and every shape in training but holds out 2 shapes per
+colour: shape index (3c + {0, 4}) mod 8 is unseen for colour c (16 unseen, 48 seen thing categories;
+each shape is unseen for exactly 2 colours).
 """
 
 from dataclasses import dataclass

@@ -7,12 +7,14 @@ Layout under ``root`` (default ``$DETECTRON2_DATASETS/toyworld``)::
     {split}/sem_seg/{id:06d}.png         contiguous category id (= dataset id - 1), 255 = ignore
     {split}/panoptic/{id:06d}.png        COCO panoptic RGB encoding (id = R + 256 G + 256^2 B)
     panoptic_{split}.json                COCO panoptic annotations
-    captions_{split}.json                COCO captions (``captions_train2017.json`` layout); annotations may
-                                         carry ``hard_negative`` (a shape-swapped caption naming seen objects)
+    captions_{split}.json                COCO captions (``captions_train2017.json`` layout);
+                                         annotations may carry ``hard_negative`` (a shape-swapped
+                                         caption naming seen objects)
     {split}/DONE.json                    parameters + counts, written last: marks the split complete
 
-Splits: ``train`` (scenes, seen categories only), ``val`` (scenes, seen + unseen) and ``web`` (caption
-training data mirroring web image-text pairs: scenes and object-centric images, seen only, hard negatives).
+Splits: ``train`` (scenes, seen categories only), ``val`` (scenes, seen + unseen) and ``web``
+(caption training data mirroring web image-text pairs: scenes and object-centric images, seen only,
+hard negatives).
 """
 
 import json
@@ -122,7 +124,8 @@ def split_done(root: Path, split: str) -> Optional[dict]:
 
 
 def generate_split(root: Path, spec: ToyWorldSpec, split: str, workers: int = 1) -> dict:
-    """Generate one split under ``root`` with ``workers`` processes; returns its DONE record (images/s).
+    """Generate one split under ``root`` with ``workers`` processes; returns its DONE record
+    (images/s).
 
     Output does not depend on ``workers``: every image is a pure function of (seed, split, index).
     """

@@ -13,7 +13,8 @@ import numpy as np
 from .categories import COLORS, SHAPES, STUFF, is_unseen, thing_id
 
 # ---------------------------------------------------------------------------------------------------------
-# Stuff textures: a small bank per (stuff, size) built once, then random crops + colour jitter per scene.
+# Stuff textures: a small bank per (stuff, size) built once, then random crops + colour jitter per
+# scene.
 # ---------------------------------------------------------------------------------------------------------
 _BANK_SIZE = 4
 
@@ -132,7 +133,8 @@ def _heart(r, rot):
 
 
 def shape_mask(shape: str, size: int, cx: float, cy: float, r: float, rot: float) -> np.ndarray:
-    """Binary (size, size) bool mask of a shape centred at (cx, cy) with radius r and rotation rot."""
+    """Binary (size, size) bool mask of a shape centred at (cx, cy) with radius r and rotation
+    rot."""
     m = np.zeros((size, size), np.uint8)
     shift = 4  # sub-pixel vertex precision
     if shape in ("circle", "ring"):
@@ -212,7 +214,8 @@ def scene_caption(obj_names: List[str], stuff_names: List[str], rng) -> str:
 
 
 def hard_negative_names(obj: List[Tuple[int, int]], rng) -> Optional[List[str]]:
-    """Swap the shape of one object for another shape that forms a *seen* name; None if impossible."""
+    """Swap the shape of one object for another shape that forms a *seen* name; None if
+    impossible."""
     if not obj:
         return None
     k = int(rng.integers(len(obj)))
@@ -243,8 +246,9 @@ def render_scene(
 
     Returns:
         dict with ``image`` (H, W, 3) uint8 RGB, ``sem`` (H, W) uint8 contiguous ids (255 = ignore),
-        ``pan`` (H, W) int32 segment ids (0 = void), ``segments`` (list of dicts: id, category_id, isthing,
-        area, bbox), ``captions`` (list of str) and ``hard_negatives`` (list of str, maybe empty).
+        ``pan`` (H, W) int32 segment ids (0 = void), ``segments`` (list of dicts: id, category_id,
+        isthing, area, bbox), ``captions`` (list of str) and ``hard_negatives`` (list of str, maybe
+        empty).
     """
     image = np.empty((size, size, 3), np.uint8)
     sem = np.empty((size, size), np.uint8)
@@ -320,8 +324,8 @@ def render_scene(
 def render_object_centric(rng, size: int, radius_range=(0.25, 0.38), hard_negatives: bool = False):
     """One seen object on a plain grey background (toy analogue of a product photo).
 
-    Returns the same dict as :func:`render_scene`; the background is void (0) in ``pan`` and ignore (255)
-    in ``sem``.
+    Returns the same dict as :func:`render_scene`; the background is void (0) in ``pan`` and ignore
+    (255) in ``sem``.
     """
     grey = int(rng.integers(110, 160))
     image = np.full((size, size, 3), grey, np.uint8)
@@ -357,7 +361,8 @@ def render_object_centric(rng, size: int, radius_range=(0.25, 0.38), hard_negati
 
 
 def _sample_category(rng, allow_unseen: bool, unseen_boost: float) -> Tuple[int, int]:
-    """(colour index, shape index); seen only unless ``allow_unseen``; ``unseen_boost`` = P(force unseen)."""
+    """(colour index, shape index); seen only unless ``allow_unseen``; ``unseen_boost`` = P(force
+    unseen)."""
     while True:
         ci, si = int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES)))
         unseen = is_unseen(ci, si)

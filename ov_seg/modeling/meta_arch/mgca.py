@@ -282,7 +282,9 @@ class MGCA(nn.Module):
                 f"known: {', '.join(sorted(UNIT_PREDICTORS))}"
             )
         if unit_impure_leaf not in ("pixel", "unit"):
-            raise ValueError(f"UNIT_IMPURE_LEAF must be 'pixel' or 'unit', got {unit_impure_leaf!r}")
+            raise ValueError(
+                f"UNIT_IMPURE_LEAF must be 'pixel' or 'unit', got {unit_impure_leaf!r}"
+            )
         if len(loss_weights) != 3:
             raise ValueError(f"LOSS_WEIGHTS must be (obj, reg, pix), got {loss_weights}")
         if max_entities < 1 or "{}" not in entity_template:
