@@ -65,3 +65,32 @@ def test_a_stage_that_ran_reruns_the_later_ones(tmp_path):
     again = run_stages(stages, tmp_path / "job")
     assert not again["copy"]["skipped"] and b.read_text() == "two"
     assert all(r["skipped"] for r in run_stages(stages, tmp_path / "job").values())
+
+
+def test_interrupting_the_driver_stops_the_running_stage(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import textwrap
+    import time
+
+    pid_file = tmp_path / "stage.pid"
+    stage = [
+        sys.executable,
+        "-c",
+        f"import os, time; open({str(pid_file)!r}, 'w').write(" "str(os.getpid())); time.sleep(60)",
+    ]
+    driver = textwrap.dedent(f"""
+        from ov_seg.engine.pipeline import Stage, run_stages
+        run_stages([Stage("sleep", {stage!r})], {str(tmp_path / "job")!r})
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", driver])
+    deadline = time.time() + 60
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    with pytest.raises(ProcessLookupError):  # the stage was terminated and reaped
+        os.kill(child, 0)

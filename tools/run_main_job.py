@@ -11,6 +11,7 @@ Every stage is an ordinary command (printed as it starts) that can be re-run on 
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -442,6 +443,8 @@ def main(argv=None):
         help="(stage) draw OUT/grid.png (two-stage model at the searched λ / MASK_THR of OUT)",
     )
     args = p.parse_args(argv)
+    # SIGTERM (e.g. a scheduler) stops the chain like Ctrl-C: the running stage is terminated too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.grid:
         return prediction_grid(Path(args.grid))
     out = Path(args.output).resolve()

@@ -114,7 +114,16 @@ def run_stages(stages: List[Stage], workdir, force: Sequence[str] = ()) -> Dict[
             proc = subprocess.Popen(
                 cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **stage.env}
             )
-            _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
+            except BaseException:  # Ctrl-C / SIGTERM of the driver: do not leave the stage running
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                raise
             proc.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - t0
         remaining -= stage.estimate_s
