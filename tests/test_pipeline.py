@@ -81,6 +81,9 @@ def test_interrupting_the_driver_stops_the_running_stage(tmp_path):
         f"import os, time; open({str(pid_file)!r}, 'w').write(" "str(os.getpid())); time.sleep(60)",
     ]
     driver = textwrap.dedent(f"""
+        import signal
+        # a background shell starts its children with SIGINT ignored: restore Ctrl-C's handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from ov_seg.engine.pipeline import Stage, run_stages
         run_stages([Stage("sleep", {stage!r})], {str(tmp_path / "job")!r})
         """)
