@@ -129,3 +129,23 @@ def test_extract_for_dataset_is_cached(toyworld_root, chunk_extractor, tmp_path)
     assert again == per_image and not calls  # read from the disk cache, nothing parsed
     first = next(iter(per_caption))
     assert list(dict.fromkeys(p for c in per_caption[first] for p in c)) == per_image[first]
+
+
+def test_worker_processes_match_one_process_and_are_reused():
+    """``n_process=2`` gives the single-process output; the worker pool survives between calls
+    (a job calls ``extract`` per chunk) and ``close`` stops it."""
+    texts = [
+        f"{n} red dogs chase a {w} ball near the tennis courts ."
+        for n in ("Two", "Three", "Four")
+        for w in ("blue", "small", "big", "tennis")
+    ] * 3
+    one = NounExtractor(chunker="tagger", batch_size=4, cache_size=0).extract(texts)
+    with NounExtractor(chunker="tagger", batch_size=4, n_process=2, cache_size=0) as ex:
+        assert ex.extract(texts) == one
+        pool = ex._pool
+        assert pool is not None
+        workers = [w.pid for w in pool._pool]
+        assert ex.extract(texts[::-1]) == one[::-1]
+        assert ex._pool is pool and [w.pid for w in pool._pool] == workers
+    assert ex._pool is None
+    assert one[0] == ["dog", "ball", "tennis court"]
