@@ -12,6 +12,7 @@ state dict is the full ``(vocab_size, width)`` table, so checkpoints stay plain 
 dicts.
 """
 
+import functools
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -30,6 +31,12 @@ __all__ = [
 _NEEDS_CLEANING = re.compile(r"[^\x20-\x7e]|&")
 
 
+@functools.lru_cache(maxsize=None)
+def _simple_tokenizer(context_length: int):
+    """open_clip's BPE tokenizer, built once per process (reading its merges takes 0.25 s)."""
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+
+
 class CLIPTokenizer:
     """Callable ``texts -> LongTensor (N, context_length)`` for an open_clip model.
 
@@ -42,9 +49,7 @@ class CLIPTokenizer:
 
     def __init__(self, context_length: int, tokenizer=None):
         self.context_length = int(context_length)
-        self.tokenizer = tokenizer or open_clip.tokenizer.SimpleTokenizer(
-            context_length=context_length
-        )
+        self.tokenizer = tokenizer or _simple_tokenizer(self.context_length)
         simple = isinstance(self.tokenizer, open_clip.tokenizer.SimpleTokenizer)
         self._fast = simple and not getattr(self.tokenizer, "reduction_fn", None)
         if self._fast:
@@ -90,12 +95,28 @@ class CLIPTokenizer:
 
     def vocabulary(self, texts: Iterable[str]) -> List[int]:
         """Sorted distinct token ids (start and end tokens included) used by ``texts``."""
-        ids = set()
+        ids, words = set(), set()
         for text in texts:
-            ids.update(self.encode(text))
+            if self._fast and not _NEEDS_CLEANING.search(text):
+                words.update(text.split())  # word by word, as ``encode`` does: each word once
+            else:
+                ids.update(self.encode(text))
+        for word in words:
+            ids.update(self._encode_words(word))
         if self._fast:
             ids.update((self._sot, self._eot))
         return sorted(ids)
+
+
+def _plain_bpe(model_name: str) -> bool:
+    """True when open_clip would give ``model_name`` the default BPE tokenizer (a built-in config
+    without an HF tokenizer or tokenizer options; not SigLIP): then it is not built just to be
+    dropped."""
+    if ":" in model_name or "siglip" in model_name.lower():
+        return False
+    cfg = open_clip.get_model_config(model_name)
+    text_cfg = (cfg or {}).get("text_cfg", {})
+    return cfg is not None and not {"hf_tokenizer_name", "tokenizer_kwargs"} & set(text_cfg)
 
 
 def build_tokenizer(model: nn.Module, model_name: str = "") -> CLIPTokenizer:
@@ -108,7 +129,7 @@ def build_tokenizer(model: nn.Module, model_name: str = "") -> CLIPTokenizer:
     """
     context_length = int(model.context_length)
     inner = None
-    if model_name:
+    if model_name and not _plain_bpe(model_name):
         inner = open_clip.get_tokenizer(model_name, context_length=context_length)
         if isinstance(inner, open_clip.tokenizer.SimpleTokenizer):
             inner = None  # ours, with the same context length
