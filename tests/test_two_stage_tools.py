@@ -120,3 +120,29 @@ def test_search_holdout_scores_the_held_out_images(toyworld_root, tmp_path):
         _tool("search_ensemble").main(
             [*base, "--output", str(tmp_path / "c"), "--subset", "0:3", "--holdout", "2:4", *OPTS]
         )
+
+
+def test_cross_validation_picks_on_one_set_and_scores_the_other():
+    """Hand-built confusion matrices: each selection is picked on one image set and scored on the
+    other, and the two held-out matrices are pooled."""
+    from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
+
+    tool = _tool("search_ensemble")
+    rng = np.random.default_rng(0)
+    weights, thrs, classes = [0.0, 0.5, 1.0], [0.35, 0.45], ["a", "b", "c"]
+    n = len(classes) + 1
+    # (set, MASK_THR, λ, prediction, truth): noisy confusions, then one clear winner per set
+    conf = rng.integers(0, 20, size=(2, len(thrs), len(weights), n, n))
+    conf[..., np.arange(n), np.arange(n)] += 40
+    conf[0, 1, 1, np.arange(n), np.arange(n)] += 1000  # set 0: best at (0.45, λ 0.5)
+    conf[1, 0, 2, np.arange(n), np.arange(n)] += 1000  # set 1: best at (0.35, λ 1)
+    cv = tool.cross_validate(conf, weights, thrs, "mIoU", classes, None, None)
+    assert cv["searched"]["picks"] == [
+        {"ensemble_weight": 0.5, "mask_thr": 0.45},
+        {"ensemble_weight": 1.0, "mask_thr": 0.35},
+    ]
+    pooled = conf[1, 1, 1] + conf[0, 0, 2]
+    assert np.isclose(cv["searched"]["mIoU"], sem_seg_metrics(pooled, classes, None, None)["mIoU"])
+    # a fixed λ only chooses its MASK_THR
+    assert {p["ensemble_weight"] for p in cv["lambda_0"]["picks"]} == {0.0}
+    assert cv["lambda_1"]["picks"][1] == {"ensemble_weight": 1.0, "mask_thr": 0.35}

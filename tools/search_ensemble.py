@@ -8,7 +8,10 @@ MASK_THR) pair is then re-scored from these and accumulated into its own confusi
 and the best pair, and writes ``search.json``. Progress is saved every ``--save-every`` images
 (atomically) and resumed with ``--resume``. With ``--holdout`` the images of a second, disjoint
 range are scored too: the best pair is picked on ``--subset`` and every pair is also reported on the
-held-out images, so the searched ensemble is evaluated on images it was not chosen on.
+held-out images, so the searched ensemble is evaluated on images it was not chosen on; and a 2-fold
+cross-validation (pick on one range, score on the other, both ways, pooled) gives held-out numbers
+for λ = 0, λ = 1 and the searched pair on every image of both ranges (search.json
+'cross_validated').
 
     python tools/search_ensemble.py --config-file configs/toyworld/two_stage_R18.yaml \\
         --output /tmp/two_stage/search --weights 0:1:0.1 --mask-thrs 0.35,0.4,0.45 --subset 0:150 \\
@@ -184,6 +187,46 @@ class GridScorer:
                 self.conf[:, 1:, w] = self.conf[:, :1, w]
 
 
+# cross-validated selections: name -> the λ values it may pick (None: any λ of the grid)
+CV_SELECTIONS = {"lambda_0": (0.0,), "lambda_1": (1.0,), "searched": None}
+
+
+def cross_validate(conf, weights, mask_thrs, metric, class_names, seen, unseen) -> dict:
+    """2-fold cross-validation over the two image sets: each selection (λ = 0 with its best
+    MASK_THR, λ = 1 with its best MASK_THR, the searched (λ, MASK_THR)) is picked by ``metric`` on
+    one set and scored on the other; the two held-out confusion matrices are summed, so every
+    image is scored exactly once by a pair that was not chosen on it.
+
+    Args:
+        conf: (2, T, W, K+1, K+1) confusion matrices (set, MASK_THR, λ, prediction, truth).
+
+    Returns:
+        {selection: {"picks": [pick on set 0, pick on set 1], metrics of the pooled held-out}}.
+    """
+    out = {}
+    for name, allowed in CV_SELECTIONS.items():
+        cells = [
+            (t, w)
+            for t in range(len(mask_thrs))
+            for w, weight in enumerate(weights)
+            if allowed is None or weight in allowed
+        ]
+        if not cells:
+            continue
+        pooled, picks = np.zeros_like(conf[0, 0, 0]), []
+        for part in (0, 1):
+            scores = [
+                sem_seg_metrics(conf[part, t, w], class_names, seen, unseen)[metric]
+                for t, w in cells
+            ]
+            t, w = cells[int(np.nanargmax(np.where(np.isnan(scores), -np.inf, scores)))]
+            picks.append({"ensemble_weight": weights[w], "mask_thr": mask_thrs[t]})
+            pooled += conf[1 - part, t, w]
+        m = sem_seg_metrics(pooled, class_names, seen, unseen)
+        out[name] = {"picks": picks, **{k: m[k] for k in TABLE_METRICS if k in m}}
+    return out
+
+
 def search_key(cfg, args, dataset: str, num_images: int) -> str:
     """Hash that identifies a search (config, grid, images): a resume never mixes two searches."""
     text = json.dumps(
@@ -347,6 +390,17 @@ def main(argv=None):
                 f"{k} {summary['holdout']['best'][k]:.2f}" for k in TABLE_METRICS if k in best
             )
         )
+        summary["cross_validated"] = cross_validate(
+            scorer.conf, args.weights, args.mask_thrs, args.metric, class_names, seen, unseen
+        )
+        for name, cv in summary["cross_validated"].items():
+            picks = "; ".join(
+                f"λ {p['ensemble_weight']}, MASK_THR {p['mask_thr']}" for p in cv["picks"]
+            )
+            print(
+                f"2-fold cross-validated {name} (picks {picks}): "
+                + ", ".join(f"{k} {cv[k]:.2f}" for k in TABLE_METRICS if k in cv)
+            )
     atomic_write_json(out_dir / "search.json", summary)
     return best
 

@@ -23,10 +23,12 @@ from .mask_prompt import (
     patch_keep_mask,
 )
 from .masked_crops import (
+    BatchMaskedCrops,
     MaskedCrops,
     mask_boxes,
     normalize_clip,
     prepare_masked_crops,
+    prepare_masked_crops_batch,
     resize_center_crop,
 )
 from .text_classifier import TEMPLATE_SETS, TextClassifier, resolve_templates
@@ -53,10 +55,12 @@ __all__ = [
     "VisionOutput",
     "interpolate_grid_embedding",
     "patch_keep_mask",
+    "BatchMaskedCrops",
     "MaskedCrops",
     "mask_boxes",
     "normalize_clip",
     "prepare_masked_crops",
+    "prepare_masked_crops_batch",
     "resize_center_crop",
     "TEMPLATE_SETS",
     "TextClassifier",

@@ -1,7 +1,7 @@
 """Classify masks of images with CLIP: masked crops of all images -> one CLIP pass -> cosine logits.
 
 ``MaskedCropClassifier`` is what the two-stage model, caption mining and the CLIP training models
-use at inference: it joins ``prepare_masked_crops``, the ``MaskPromptVisionEncoder`` and the
+use at inference: it joins ``prepare_masked_crops_batch``, the ``MaskPromptVisionEncoder`` and the
 ``TextClassifier``.
 """
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from .builder import build_clip, clip_sizes, load_mask_prompts
 from .mask_prompt import MaskPromptVisionEncoder
-from .masked_crops import prepare_masked_crops
+from .masked_crops import prepare_masked_crops_batch
 from .text_classifier import TextClassifier
 from .tokenizer import build_tokenizer
 
@@ -166,7 +166,7 @@ class MaskedCropClassifier(nn.Module):
     def crop(
         self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-        """Masked crops of every image (see ``prepare_masked_crops``).
+        """Masked crops of every image in one batched pass (see ``prepare_masked_crops_batch``).
 
         Args:
             images: B tensors (3, H_i, W_i), RGB 0-255.
@@ -174,27 +174,23 @@ class MaskedCropClassifier(nn.Module):
 
         Returns:
             crops (N, 3, S, S), crop masks (N, S, S) bool, and B valid flags (K_i,) (N = valid
-            masks).
+            masks, image 0's first).
         """
         if len(images) != len(masks):
             raise ValueError(f"{len(images)} images but {len(masks)} mask tensors")
-        out = [
-            prepare_masked_crops(
-                img.to(self.device),
-                m.to(self.device),
-                self.mask_thr,
-                self.expand_ratio,
-                self.crop_size,
-                self.square_crop,
-                self.resampler,
-            )
-            for img, m in zip(images, masks)
-        ]
-        return (
-            torch.cat([o.images for o in out]),
-            torch.cat([o.masks for o in out]),
-            [o.valid for o in out],
+        device = self.device
+        out = prepare_masked_crops_batch(
+            [img.to(device) for img in images],
+            [m.to(device) for m in masks],
+            self.mask_thr,
+            self.expand_ratio,
+            self.crop_size,
+            self.square_crop,
+            self.resampler,
         )
+        if not images:  # no image to take the device from
+            return out.images.to(device), out.masks.to(device), out.valid
+        return out.images, out.masks, out.valid
 
     def encode_crops(self, crops: torch.Tensor, crop_masks: Optional[torch.Tensor]) -> torch.Tensor:
         """(N, 3, S, S) normalised crops (+ (N, S, S) masks for prompts) -> (N, D) normalised."""

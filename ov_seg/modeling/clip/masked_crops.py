@@ -1,5 +1,9 @@
 """Masked crops for CLIP: K masks of one image -> K CLIP inputs in one vectorised pass.
 
+``prepare_masked_crops`` handles one image; ``prepare_masked_crops_batch`` the masks of a batch of
+images in one pass per image size (images stacked, masks concatenated with their image index), with
+the same numerics.
+
 Per mask: binarise at ``mask_thr``; empty masks are dropped (``valid`` flag); the box of the mask
 (expanded by ``expand_ratio`` around its centre, clipped to the image; or a square box, not clipped)
 is resampled to S x S, and pixels whose resampled mask is < 0.5 get the CLIP pixel mean (0 after
@@ -19,7 +23,7 @@ adaptive sampling: the mean of bilinear samples on a ceil(box / S) grid per outp
   round to either side.
 """
 
-from typing import NamedTuple, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
 
 import torch
 from torchvision.ops import roi_align
@@ -28,7 +32,9 @@ from .builder import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 
 __all__ = [
     "MaskedCrops",
+    "BatchMaskedCrops",
     "prepare_masked_crops",
+    "prepare_masked_crops_batch",
     "mask_boxes",
     "normalize_clip",
     "resize_center_crop",
@@ -48,6 +54,17 @@ class MaskedCrops(NamedTuple):
     masks: torch.Tensor  # (K', S, S) bool crop masks (for mask prompts)
     valid: torch.Tensor  # (K,) bool, False for masks empty after binarisation
     boxes: torch.Tensor  # (K', 4) float crop boxes (x0, y0, x1, y1) in image pixels
+
+
+class BatchMaskedCrops(NamedTuple):
+    """Output of ``prepare_masked_crops_batch`` for B images (N = valid masks of all images; the
+    crops of image 0 first, each image's in mask order)."""
+
+    images: torch.Tensor  # (N, 3, S, S) normalised CLIP inputs
+    masks: torch.Tensor  # (N, S, S) bool crop masks
+    valid: List[torch.Tensor]  # B tensors (K_i,) bool, False for masks empty after binarisation
+    boxes: torch.Tensor  # (N, 4) float crop boxes (x0, y0, x1, y1) in their image's pixels
+    image_index: torch.Tensor  # (N,) long, image of each crop
 
 
 def normalize_clip(images: torch.Tensor) -> torch.Tensor:
@@ -218,20 +235,17 @@ def roi_align_matrices(
     return out[0], out[1]
 
 
-def _resample_roi_align(image, binary, keep, boxes, size):
-    index = keep.to(boxes.dtype).unsqueeze(1)  # masks are read in place: roi batch index = mask
+def _resample_roi_align(images, binary, keep, image_index, boxes, size):
+    rois = torch.cat([image_index.to(boxes.dtype).unsqueeze(1), boxes], dim=1)
     crops = roi_align(
-        image.unsqueeze(0),
-        torch.cat([torch.zeros_like(index), boxes], dim=1),
-        output_size=size,
-        spatial_scale=1.0,
-        sampling_ratio=-1,
-        aligned=True,
+        images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
     )
+    # masks are read in place: roi batch index = mask index
+    rois = torch.cat([keep.to(boxes.dtype).unsqueeze(1), boxes], dim=1)
     crop_masks = (
         roi_align(
-            binary.unsqueeze(1).to(image.dtype),
-            torch.cat([index, boxes], dim=1),
+            binary.unsqueeze(1).to(images.dtype),
+            rois,
             output_size=size,
             spatial_scale=1.0,
             sampling_ratio=-1,
@@ -283,30 +297,96 @@ def _resample_windows(windows: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor)
     return (ay @ t.reshape(n, h, c * sw)).view(n, sh, c, sw).transpose(1, 2)
 
 
-def _resample_separable(image, binary, keep, boxes, size, chunk: int = 16):
-    image_size = tuple(image.shape[-2:])
-    # the image is resampled once per distinct box (duplicate proposals share their box)
-    unique, inverse = torch.unique(boxes, dim=0, return_inverse=True)
-    crops = image.new_empty((unique.shape[0], 3, *size))
-    for idx, y0, x0, ay, ax in _separable_chunks(unique, size, image_size, chunk):
+def _resample_separable(images, binary, keep, image_index, boxes, size, chunk: int = 16):
+    image_size = tuple(images.shape[-2:])
+    # each image is resampled once per distinct box (duplicate proposals of one image share it)
+    key = torch.cat([image_index.to(boxes.dtype).unsqueeze(1), boxes], dim=1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    unique_image = unique[:, 0].long()
+    crops = images.new_empty((unique.shape[0], 3, *size))
+    for idx, y0, x0, ay, ax in _separable_chunks(unique[:, 1:], size, image_size, chunk):
         h, w = ay.shape[2], ax.shape[1]
         # windows by slicing (memcpy); advanced indexing is several times slower on CPU
-        starts = torch.stack([y0, x0], dim=1).tolist()
-        windows = torch.stack([image[:, y : y + h, x : x + w] for y, x in starts])
+        starts = torch.stack([y0, x0, unique_image[idx]], dim=1).tolist()
+        windows = torch.stack([images[b, :, y : y + h, x : x + w] for y, x, b in starts])
         crops[idx] = _resample_windows(windows, ay, ax)
-    crop_masks = torch.empty((keep.numel(), *size), dtype=torch.bool, device=image.device)
+    crop_masks = torch.empty((keep.numel(), *size), dtype=torch.bool, device=images.device)
     for idx, y0, x0, ay, ax in _separable_chunks(boxes, size, image_size, chunk):
         h, w = ay.shape[2], ax.shape[1]
         starts = torch.stack([y0, x0, keep[idx]], dim=1).tolist()
         windows = torch.stack([binary[k, y : y + h, x : x + w] for y, x, k in starts])
-        resampled = _resample_windows(windows.unsqueeze(1).to(image.dtype), ay, ax)[:, 0]
+        resampled = _resample_windows(windows.unsqueeze(1).to(images.dtype), ay, ax)[:, 0]
         crop_masks[idx] = resampled >= 0.5 - _TIE_EPS
     return crops[inverse], crop_masks
 
 
-# name -> fn(image (3, H, W), binary (K, H, W), keep (K',), boxes (K', 4), (S_h, S_w))
-#   -> (crops (K', 3, S_h, S_w) 0-255, crop masks (K', S_h, S_w) bool)
+# name -> fn(images (B, 3, H, W), binary (K, H, W), keep (K',), image_index (K',) of the kept
+#   masks, boxes (K', 4), (S_h, S_w)) -> (crops (K', 3, S_h, S_w) 0-255, crop masks (K', S_h, S_w)
+#   bool)
 CROP_RESAMPLERS = {"roi_align": _resample_roi_align, "separable": _resample_separable}
+
+
+def _out_size(out_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(out_size, int):
+        return int(out_size), int(out_size)
+    return tuple(int(s) for s in out_size)
+
+
+def _check_inputs(image: torch.Tensor, masks: torch.Tensor, resampler: str, name: str = "") -> None:
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image{name} must be (3, H, W), got {tuple(image.shape)}")
+    if masks.ndim != 3 or masks.shape[-2:] != image.shape[-2:]:
+        raise ValueError(
+            f"masks{name} must be (K, H, W) with the image's H, W; got {tuple(masks.shape)}"
+        )
+    if resampler not in CROP_RESAMPLERS:
+        raise KeyError(f"unknown crop resampler {resampler!r}; known: {sorted(CROP_RESAMPLERS)}")
+
+
+def _binarize(masks: torch.Tensor, mask_thr: float) -> torch.Tensor:
+    return masks if masks.dtype == torch.bool else masks > mask_thr
+
+
+def _crops_of_stacked(
+    images: torch.Tensor,
+    binary: torch.Tensor,
+    mask_image: torch.Tensor,
+    expand_ratio: float,
+    size: Tuple[int, int],
+    square: bool,
+    resampler: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked crops of the masks of B images of one size, in one pass.
+
+    Args:
+        images: (B, 3, H, W) float RGB 0-255.
+        binary: (K, H, W) bool masks of all images.
+        mask_image: (K,) long, the image (index into ``images``) of each mask.
+
+    Returns:
+        crops (K', 3, S_h, S_w) normalised, crop masks (K', S_h, S_w) bool, valid (K,) bool,
+        boxes (K', 4) and the image index (K',) of the valid masks, in mask order.
+    """
+    rows = binary.any(dim=2)  # (K, H)
+    valid = rows.any(dim=1)
+    keep = valid.nonzero()[:, 0]
+    if keep.numel() == 0:
+        return (
+            images.new_zeros((0, 3, *size)),
+            torch.zeros((0, *size), dtype=torch.bool, device=images.device),
+            valid,
+            images.new_zeros((0, 4)),
+            mask_image[keep],
+        )
+    cols = binary.any(dim=1)[keep]  # (K', W)
+    boxes = _boxes_from_projections(rows[keep], cols)
+    boxes = _expand_boxes(boxes, expand_ratio, square, images.shape[-2:])
+    image_index = mask_image[keep]
+    crops, crop_masks = CROP_RESAMPLERS[resampler](images, binary, keep, image_index, boxes, size)
+    mean = crops.new_tensor(CLIP_PIXEL_MEAN).view(1, 3, 1, 1)
+    std = crops.new_tensor(CLIP_PIXEL_STD).view(1, 3, 1, 1)
+    crops = crops.sub_(mean).div_(std).masked_fill_(~crop_masks.unsqueeze(1), 0.0)
+    return crops, crop_masks, valid, boxes, image_index
 
 
 def prepare_masked_crops(
@@ -337,36 +417,94 @@ def prepare_masked_crops(
 
     Raises:
         ValueError: wrong shapes.
+        KeyError: unknown resampler.
     """
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-    if masks.ndim != 3 or masks.shape[-2:] != image.shape[-2:]:
-        raise ValueError(f"masks must be (K, H, W) with the image's H, W; got {tuple(masks.shape)}")
-    size = (
-        (int(out_size), int(out_size))
-        if isinstance(out_size, int)
-        else tuple(int(s) for s in out_size)
+    _check_inputs(image, masks, resampler)
+    binary = _binarize(masks, mask_thr)
+    mask_image = torch.zeros(binary.shape[0], dtype=torch.long, device=image.device)
+    crops, crop_masks, valid, boxes, _ = _crops_of_stacked(
+        image.float().unsqueeze(0),
+        binary,
+        mask_image,
+        expand_ratio,
+        _out_size(out_size),
+        square,
+        resampler,
     )
-    image = image.float()
-    binary = masks if masks.dtype == torch.bool else masks > mask_thr
-    rows = binary.any(dim=2)  # (K, H)
-    valid = rows.any(dim=1)
-    keep = valid.nonzero()[:, 0]
-    num = keep.numel()
-    if num == 0:
-        return MaskedCrops(
-            image.new_zeros((0, 3, *size)),
-            torch.zeros((0, *size), dtype=torch.bool, device=image.device),
-            valid,
-            image.new_zeros((0, 4)),
-        )
-    cols = binary.any(dim=1)[keep]  # (K', W)
-    boxes = _boxes_from_projections(rows[keep], cols)
-    boxes = _expand_boxes(boxes, expand_ratio, square, image.shape[-2:])
-    if resampler not in CROP_RESAMPLERS:
-        raise KeyError(f"unknown crop resampler {resampler!r}; known: {sorted(CROP_RESAMPLERS)}")
-    crops, crop_masks = CROP_RESAMPLERS[resampler](image, binary, keep, boxes, size)
-    mean = crops.new_tensor(CLIP_PIXEL_MEAN).view(1, 3, 1, 1)
-    std = crops.new_tensor(CLIP_PIXEL_STD).view(1, 3, 1, 1)
-    crops = crops.sub_(mean).div_(std).masked_fill_(~crop_masks.unsqueeze(1), 0.0)
     return MaskedCrops(crops, crop_masks, valid, boxes)
+
+
+def prepare_masked_crops_batch(
+    images: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    mask_thr: float = 0.4,
+    expand_ratio: float = 1.0,
+    out_size: Union[int, Sequence[int]] = 224,
+    square: bool = False,
+    resampler: str = "separable",
+) -> BatchMaskedCrops:
+    """``prepare_masked_crops`` of B images in one pass per image size.
+
+    The images of one size are stacked (b, 3, H, W) and their masks concatenated with their image
+    index: boxes of all masks at once, then one set of chunked batched matmuls (or one
+    ``roi_align`` call, the image index as roi batch index); duplicate boxes share their crop only
+    within an image. Same crops as ``prepare_masked_crops`` image by image.
+
+    Args:
+        images: B tensors (3, H_i, W_i), RGB 0-255 (uint8 is converted); all on one device.
+        masks: B tensors (K_i, H_i, W_i), soft masks in [0, 1] or bool.
+        mask_thr, expand_ratio, out_size, square, resampler: see ``prepare_masked_crops``.
+
+    Returns:
+        ``BatchMaskedCrops(images (N, 3, S, S), masks (N, S, S) bool, valid [B x (K_i,)],
+        boxes (N, 4), image_index (N,))``: the valid masks of image 0 first.
+
+    Raises:
+        ValueError: wrong shapes, or ``images`` and ``masks`` of different lengths.
+        KeyError: unknown resampler.
+    """
+    if len(images) != len(masks):
+        raise ValueError(f"{len(images)} images but {len(masks)} mask tensors")
+    for i, (image, m) in enumerate(zip(images, masks)):
+        _check_inputs(image, m, resampler, f" {i}")
+    size = _out_size(out_size)
+    if len(images) == 0:
+        return BatchMaskedCrops(
+            torch.zeros((0, 3, *size)),
+            torch.zeros((0, *size), dtype=torch.bool),
+            [],
+            torch.zeros((0, 4)),
+            torch.zeros(0, dtype=torch.long),
+        )
+    device = images[0].device
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+    valid: List[torch.Tensor] = [None] * len(images)
+    parts = []
+    for idx in groups.values():
+        counts = [masks[i].shape[0] for i in idx]
+        group = torch.tensor(idx, dtype=torch.long, device=device)
+        mask_image = torch.repeat_interleave(
+            torch.arange(len(idx), device=device), torch.tensor(counts, device=device)
+        )
+        crops, crop_masks, v, boxes, local = _crops_of_stacked(
+            torch.stack([images[i].float() for i in idx]),
+            torch.cat([_binarize(masks[i], mask_thr) for i in idx]),
+            mask_image,
+            expand_ratio,
+            size,
+            square,
+            resampler,
+        )
+        for i, vi in zip(idx, v.split(counts)):
+            valid[i] = vi
+        parts.append((crops, crop_masks, boxes, group[local]))
+    if len(parts) == 1:
+        return BatchMaskedCrops(parts[0][0], parts[0][1], valid, parts[0][2], parts[0][3])
+    crops, crop_masks, boxes, image_index = (torch.cat(t) for t in zip(*parts))
+    # groups are image-ordered inside: a stable sort by image puts the crops in input order
+    order = torch.sort(image_index, stable=True).indices
+    return BatchMaskedCrops(
+        crops[order], crop_masks[order], valid, boxes[order], image_index[order]
+    )
