@@ -243,7 +243,30 @@ def add_mixreorg_config(cfg):
     # Initial 1/τ of the learnable contrastive logit scale (GroupViT / CLIP: 1/0.07) and its clamp.
     cfg.MODEL.MIXREORG.LOGIT_SCALE_INIT = 1.0 / 0.07
     cfg.MODEL.MIXREORG.MAX_LOGIT_SCALE = 100.0
+    # Captions L_seg classifies every mixed token among: "tuple" (those of its mixing tuple, the
+    # paper) or "batch" (all captions of the batch, a harder, more text-aligning task).
+    cfg.MODEL.MIXREORG.SEG_NEGATIVES = "tuple"
+    # GroupViT's multi-label noun-prompt loss, scored per group: each image draws one noun of its
+    # caption into a random MODEL.CLIP.TEMPLATES prompt; an image's score for a prompt pools its
+    # groups' similarities to it; InfoNCE over the batch with every prompt whose noun the image's
+    # caption names as a positive; on the original and restored branches (not in the paper).
+    cfg.MODEL.MIXREORG.NOUN_PROMPTS = CN()
+    # Weight of that loss (0 = off, the paper).
+    cfg.MODEL.MIXREORG.NOUN_PROMPTS.WEIGHT = 0.0
+    # Nouns from ov_seg.mining.NounExtractor: "noun" (single nouns) or "chunk" (noun chunks), and
+    # the chunk source "parser" (spaCy's dependency parser) or "tagger" (POS tags only).
+    cfg.MODEL.MIXREORG.NOUN_PROMPTS.NOUN_MODE = "noun"
+    cfg.MODEL.MIXREORG.NOUN_PROMPTS.CHUNKER = "parser"
+    # Parse the nouns of every DATASETS.TRAIN caption once before training (disk-cached); False:
+    # parse per batch.
+    cfg.MODEL.MIXREORG.NOUN_PROMPTS.DATASET_CACHE = True
+    # Temperature of the softmax pooling of group-prompt similarities over an image's groups (0 =
+    # max over the groups).
+    cfg.MODEL.MIXREORG.NOUN_PROMPTS.POOL_TEMP = 0.1
     cfg.MODEL.MIXREORG.TEST = CN()
+    # Pixel scores: False = the class scores of the pixel's argmax group (GroupViT); True = the
+    # soft-assignment-weighted mix of all groups' class scores.
+    cfg.MODEL.MIXREORG.TEST.SOFT_ASSIGNMENT = False
     # Group classification restricted to the image's top-k classes by pooled similarity (GroupViT:
     # 5; 0 = off).
     cfg.MODEL.MIXREORG.TEST.TOPK_CLASSES = 5

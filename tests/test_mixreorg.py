@@ -80,6 +80,41 @@ def test_hard_negative_captions(base_model):
     _check_backward(model, model(inputs))
 
 
+def test_group_noun_prompt_loss(base_model):
+    model = copy.deepcopy(base_model).train()
+    nouns = {
+        "a red star on the grass": ["red star", "grass"],
+        "a blue circle": ["blue circle"],
+        "a photo of a red star": ["red star"],
+        "sky": [],
+    }
+    model.noun_extractor = lambda caps: [nouns[c] for c in caps]
+    model._noun_table = {}  # no dataset table: parse per batch
+    model.noun_weight = 1.0
+    inputs = _inputs(4)
+    emb, targets = model.noun_prompts([x["captions"][0] for x in inputs])
+    assert emb.shape[0] == 4 and targets.diagonal().all()
+    # the prompt of image 2 is "red star", also named by image 0's caption; "sky" has no noun
+    assert targets[0, 2] and not targets[1, 2] and targets.sum() >= 5
+    losses = model(inputs)
+    assert {"loss_noun_orig", "loss_noun_restored"} <= set(losses)
+    _check_backward(model, losses)
+    model.noun_pool_temp = 0.0  # max over the groups
+    _check_backward(model, model(inputs))
+
+
+def test_soft_assignment_inference(base_model):
+    model = copy.deepcopy(base_model).eval()
+    inputs = _inputs(1)
+    inputs[0]["vocabulary"] = VOCAB
+    with torch.no_grad():
+        hard = model(inputs)[0]["sem_seg"]
+        model.soft_inference = True
+        soft = model(inputs)[0]["sem_seg"]
+    assert soft.shape == hard.shape and torch.isfinite(soft).all()
+    assert (soft >= 0).all() and (soft <= 1 + 1e-5).all()
+
+
 def test_batch_of_one_has_no_partner(base_model):
     model = copy.deepcopy(base_model).train()
     losses = model(_inputs(1))

@@ -124,3 +124,19 @@ def test_segmentation_loss_learns_the_sources():
     mask = torch.zeros(batch, 16, dtype=torch.bool)
     mask[:, :3] = True
     assert torch.isfinite(mixed_segmentation_loss(z, a, t, plan, torch.tensor(100.0), mask))
+
+
+def test_segmentation_loss_batch_negatives():
+    """With batch negatives a token picks its source caption among all B captions: identical
+    captions give log B, and the tuple-only loss is never larger."""
+    z, a, t = _loss_inputs(4)
+    plan = make_mix_plan(4, (4, 4), num_mix=2, generator=torch.Generator().manual_seed(0))
+    scale = torch.tensor(10.0)
+    tuple_loss = mixed_segmentation_loss(z, a, t, plan, scale)
+    batch_loss = mixed_segmentation_loss(z, a, t, plan, scale, batch_negatives=True)
+    batch_loss.backward()
+    assert torch.isfinite(z.grad).all()
+    assert batch_loss.item() >= tuple_loss.item() - 1e-6
+    same = t[:1].expand(4, -1)
+    loss = mixed_segmentation_loss(z.detach(), a.detach(), same, plan, scale, batch_negatives=True)
+    assert loss.item() == pytest.approx(math.log(4), rel=1e-5)

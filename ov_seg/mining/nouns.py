@@ -695,7 +695,7 @@ def extract_for_dataset(
                 os.makedirs(folder, exist_ok=True)
                 tmp = f"{path}.tmp{os.getpid()}"
                 with open(tmp, "w") as f:
-                    json.dump(rows, f)
+                    f.write(json.dumps(rows))
                 os.replace(tmp, path)
             except OSError as e:
                 logger.warning(

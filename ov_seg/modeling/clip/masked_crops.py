@@ -297,11 +297,31 @@ def _resample_windows(windows: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor)
     return (ay @ t.reshape(n, h, c * sw)).view(n, sh, c, sw).transpose(1, 2)
 
 
+def _resample_separable_joint(images, binary, keep, image_index, boxes, size, chunk: int = 16):
+    """``_resample_separable`` without duplicate boxes: the image and the mask of a box share one
+    chunk pass (its weights are built once)."""
+    crops = images.new_empty((keep.numel(), 3, *size))
+    crop_masks = torch.empty((keep.numel(), *size), dtype=torch.bool, device=images.device)
+    for idx, y0, x0, ay, ax in _separable_chunks(boxes, size, tuple(images.shape[-2:]), chunk):
+        h, w = ay.shape[2], ax.shape[1]
+        # windows by slicing (memcpy); advanced indexing is several times slower on CPU
+        starts = torch.stack([y0, x0, image_index[idx], keep[idx]], dim=1).tolist()
+        windows = torch.stack([images[b, :, y : y + h, x : x + w] for y, x, b, _ in starts])
+        crops[idx] = _resample_windows(windows, ay, ax)
+        # a separate product for the masks: concatenated channels would cost a copy of the windows
+        windows = torch.stack([binary[k, y : y + h, x : x + w] for y, x, _, k in starts])
+        resampled = _resample_windows(windows.unsqueeze(1).to(images.dtype), ay, ax)[:, 0]
+        crop_masks[idx] = resampled >= 0.5 - _TIE_EPS
+    return crops, crop_masks
+
+
 def _resample_separable(images, binary, keep, image_index, boxes, size, chunk: int = 16):
     image_size = tuple(images.shape[-2:])
     # each image is resampled once per distinct box (duplicate proposals of one image share it)
     key = torch.cat([image_index.to(boxes.dtype).unsqueeze(1), boxes], dim=1)
     unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if unique.shape[0] == boxes.shape[0]:
+        return _resample_separable_joint(images, binary, keep, image_index, boxes, size, chunk)
     unique_image = unique[:, 0].long()
     crops = images.new_empty((unique.shape[0], 3, *size))
     for idx, y0, x0, ay, ax in _separable_chunks(unique[:, 1:], size, image_size, chunk):

@@ -193,6 +193,7 @@ def mixed_segmentation_loss(
     plan: MixPlan,
     logit_scale: torch.Tensor,
     token_mask: Optional[torch.Tensor] = None,
+    batch_negatives: bool = False,
 ) -> torch.Tensor:
     """L_seg: classify every token of every mixed image into its source caption through the
     segments.
@@ -206,6 +207,8 @@ def mixed_segmentation_loss(
             mixed image's tuple.
         logit_scale: scalar s (already exponentiated and clamped).
         token_mask: (B, N) bool, tokens to score (False for padding); None = all.
+        batch_negatives: softmax_j over every caption of the batch instead of the tuple's (a
+            token must then pick its source caption among all B).
 
     Returns:
         scalar loss; 0 (with a gradient path) when every tuple has a single image.
@@ -213,7 +216,8 @@ def mixed_segmentation_loss(
     z = F.normalize(segment_embeds, dim=-1)
     t = F.normalize(text_embeds, dim=-1)
     logits = torch.einsum("bgd,cd->bgc", z, t) * logit_scale  # (B, G, B)
-    logits = logits.masked_fill(~plan.same_tuple()[:, None, :], float("-inf"))
+    if not batch_negatives:
+        logits = logits.masked_fill(~plan.same_tuple()[:, None, :], float("-inf"))
     seg_probs = logits.softmax(dim=-1)  # (B, G, B): softmax_j over the tuple's captions
     token_probs = torch.einsum("bng,bgc->bnc", assignments, seg_probs)  # P(i, j)
     picked = token_probs.gather(2, plan.source[..., None]).squeeze(2)  # P(i, Y_i)

@@ -29,12 +29,13 @@ the built CLIP model.
 """
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import random
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
@@ -101,6 +102,12 @@ class MixReorg(nn.Module):
         slide_window: int = 0,
         slide_stride: int = 0,
         default_vocabulary: Sequence[str] = (),
+        seg_negatives: str = "tuple",
+        noun_extractor: Optional[Callable[[Sequence[str]], List[List[str]]]] = None,
+        noun_datasets: Sequence[str] = (),
+        noun_weight: float = 0.0,
+        noun_pool_temp: float = 0.1,
+        soft_inference: bool = False,
     ):
         """
         Args:
@@ -126,6 +133,16 @@ class MixReorg(nn.Module):
             slide_window: sliding-window side in pixels at inference (0 = whole image).
             slide_stride: sliding-window stride in pixels.
             default_vocabulary: class names for test inputs without a ``vocabulary`` field.
+            seg_negatives: captions L_seg classifies a mixed token among: "tuple" (its mixing
+                tuple's, the paper) or "batch" (every caption of the batch).
+            noun_extractor: captions → nouns of each (``ov_seg.mining.NounExtractor``); None = no
+                noun-prompt loss.
+            noun_datasets: caption datasets whose nouns are parsed once before training.
+            noun_weight: weight of the group-level multi-label noun-prompt loss (0 = off).
+            noun_pool_temp: temperature of the softmax pooling of group-prompt similarities over
+                the groups (0 = max).
+            soft_inference: pixels take the assignment-weighted mix of the groups' class scores
+                instead of their argmax group's.
         """
         super().__init__()
         if num_mix_images < 1:
@@ -135,6 +152,10 @@ class MixReorg(nn.Module):
                 f"Unknown RESTORE_GROUP_TOKENS {restore_group_tokens!r}; known: "
                 f"{', '.join(sorted(_RESTORE_GROUP_TOKENS))}"
             )
+        if seg_negatives not in ("tuple", "batch"):
+            raise ValueError(f"SEG_NEGATIVES must be 'tuple' or 'batch', got {seg_negatives!r}")
+        if noun_weight > 0 and noun_extractor is None:
+            raise ValueError("NOUN_PROMPTS.WEIGHT > 0 needs a noun extractor")
         if slide_window > 0 and not 0 < slide_stride <= slide_window:
             raise ValueError(f"SLIDE_STRIDE must lie in (0, SLIDE_WINDOW], got {slide_stride}")
         self.clip = clip_model
@@ -155,6 +176,13 @@ class MixReorg(nn.Module):
         self.background_name = background_name
         self.slide_window, self.slide_stride = slide_window, slide_stride
         self.default_vocabulary = list(default_vocabulary)
+        self.seg_negatives = seg_negatives
+        self.noun_extractor = noun_extractor
+        self.noun_datasets = tuple(noun_datasets)
+        self.noun_weight = noun_weight
+        self.noun_pool_temp = noun_pool_temp
+        self._noun_table: Optional[Dict[str, List[str]]] = None  # caption -> nouns, lazily
+        self.soft_inference = soft_inference
         self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
 
@@ -179,6 +207,14 @@ class MixReorg(nn.Module):
             assign_cosine_temperature=mc.ASSIGN_COSINE_TEMPERATURE,
             freeze_at=mc.FREEZE_AT,
         )
+        noun_extractor, noun_datasets = None, ()
+        if mc.NOUN_PROMPTS.WEIGHT > 0:
+            from ov_seg.mining import NounExtractor  # spaCy is imported lazily there
+
+            noun_extractor = NounExtractor(
+                mode=mc.NOUN_PROMPTS.NOUN_MODE, chunker=mc.NOUN_PROMPTS.CHUNKER
+            )
+            noun_datasets = tuple(cfg.DATASETS.TRAIN) if mc.NOUN_PROMPTS.DATASET_CACHE else ()
         vocabulary = []
         if cfg.DATASETS.TEST:
             vocabulary = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes", None) or []
@@ -203,6 +239,12 @@ class MixReorg(nn.Module):
             "slide_window": mc.TEST.SLIDE_WINDOW,
             "slide_stride": mc.TEST.SLIDE_STRIDE,
             "default_vocabulary": vocabulary,
+            "seg_negatives": mc.SEG_NEGATIVES,
+            "noun_extractor": noun_extractor,
+            "noun_datasets": noun_datasets,
+            "noun_weight": mc.NOUN_PROMPTS.WEIGHT,
+            "noun_pool_temp": mc.NOUN_PROMPTS.POOL_TEMP,
+            "soft_inference": mc.TEST.SOFT_ASSIGNMENT,
         }
 
     @property
@@ -225,15 +267,9 @@ class MixReorg(nn.Module):
             images.append((image - self.pixel_mean) / self.pixel_std)
         return ImageList.from_tensors(images, self.encoder.patch_size)
 
-    def caption_embeddings(
-        self, batched_inputs: List[Dict]
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Embed one caption per image, drawn at random among its own, and (with ``hard_negatives``)
-        the hard-negative caption aligned with it (a random one when they are not aligned).
-
-        Returns:
-            (B, D) normalised caption embeddings; (M, D) normalised hard negatives or None.
-        """
+    def pick_captions(self, batched_inputs: List[Dict]) -> Tuple[List[str], List[str]]:
+        """One caption per image, drawn at random among its own, and (with ``hard_negatives``) the
+        hard-negative caption aligned with it (a random one when they are not aligned)."""
         texts, negatives = [], []
         for i, x in enumerate(batched_inputs):
             caps = x.get("captions")
@@ -248,9 +284,72 @@ class MixReorg(nn.Module):
             negs = list(x.get("hard_negatives") or [])
             if self.hard_negatives and negs:
                 negatives.append(negs[k] if len(negs) == len(caps) else negs[k % len(negs)])
+        return texts, negatives
+
+    def caption_embeddings(
+        self, batched_inputs: List[Dict]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Embed the captions of ``pick_captions``.
+
+        Returns:
+            (B, D) normalised caption embeddings; (M, D) normalised hard negatives or None.
+        """
+        texts, negatives = self.pick_captions(batched_inputs)
+        return self.encode_captions(texts, negatives)
+
+    def encode_captions(
+        self, texts: List[str], negatives: List[str]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(B, D) caption and (M, D) hard-negative embeddings (None without negatives)."""
         with torch.no_grad():
             emb = self.text_classifier.encode_texts(texts + negatives).to(self.device)
         return emb[: len(texts)], (emb[len(texts) :] if negatives else None)
+
+    def _load_noun_table(self) -> Dict[str, List[str]]:
+        """caption -> nouns for every caption of ``noun_datasets`` (parsed once, disk-cached)."""
+        from ov_seg.mining import extract_for_dataset
+
+        table: Dict[str, List[str]] = {}
+        for name in self.noun_datasets:
+            per_image = extract_for_dataset(name, self.noun_extractor, per_caption=True)
+            for d in DatasetCatalog.get(name):
+                table.update(zip(d["captions"], per_image[d["image_id"]]))
+        return table
+
+    def caption_nouns(self, captions: Sequence[str]) -> List[List[str]]:
+        """Nouns of each caption (empty strings dropped): from the dataset table, else parsed."""
+        if self._noun_table is None:
+            self._noun_table = self._load_noun_table()
+        table = self._noun_table
+        missing = list(dict.fromkeys(c for c in captions if c not in table))
+        if missing:
+            table.update(zip(missing, self.noun_extractor(missing)))
+        return [[n for n in table[c] if n.strip()] for c in captions]
+
+    def noun_prompts(self, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """GroupViT's multi-label prompts: one noun of each caption in a random template.
+
+        Returns:
+            (B, D) normalised prompt embeddings (the caption's own when it has no noun) and the
+            (B, B) bool multi-label targets: [b, c] = prompt c's noun is one of caption b's nouns.
+        """
+        nouns = self.caption_nouns(captions)
+        templates = self.text_classifier.templates
+        picked = [random.choice(n) if n else None for n in nouns]
+        prompts = [
+            random.choice(templates).format(p) if p is not None else c
+            for p, c in zip(picked, captions)
+        ]
+        with torch.no_grad():
+            emb = self.text_classifier.encode_texts(prompts).to(self.device)
+        b = len(captions)
+        targets = torch.eye(b, dtype=torch.bool, device=self.device)
+        for i, own in enumerate(nouns):
+            own = set(own)
+            for j, p in enumerate(picked):
+                if p is not None and p in own:
+                    targets[i, j] = True
+        return emb, targets
 
     def scale(self) -> torch.Tensor:
         """Contrastive logit scale exp(log s), clamped at ``max_logit_scale``."""
@@ -261,8 +360,10 @@ class MixReorg(nn.Module):
         images = self.preprocess_images(batched_inputs)
         if not self.training:
             return self.inference(batched_inputs, images)
-        texts, negatives = self.caption_embeddings(batched_inputs)
-        return self.losses(images.tensor, texts, negatives)
+        captions, negatives = self.pick_captions(batched_inputs)
+        texts, negatives = self.encode_captions(captions, negatives)
+        nouns = self.noun_prompts(captions) if self.noun_weight > 0 else None
+        return self.losses(images.tensor, texts, negatives, nouns)
 
     def make_plan(self, batch_size: int, grid) -> MixPlan:
         """A random mixing of the batch (``make_mix_plan`` with the configured M, c, shares)."""
@@ -327,11 +428,45 @@ class MixReorg(nn.Module):
         """(B, G, d) segment tokens → (B, D) projected average (not normalised)."""
         return self.encoder.project(segments.mean(dim=1))
 
+    def group_noun_loss(
+        self, segments: torch.Tensor, prompts: torch.Tensor, targets: torch.Tensor, scale
+    ) -> torch.Tensor:
+        """Group-level multi-label InfoNCE between images and noun prompts.
+
+        An image's score for a prompt pools the cosine similarities of its groups to the prompt
+        (softmax over the groups at ``noun_pool_temp``, or max); every image is contrasted with all
+        prompts of the batch and every prompt with all images, the positives being the prompts
+        whose noun the image's caption names (GroupViT's multi-label loss, scored per group).
+
+        Args:
+            segments: (B, G, d) segment tokens.
+            prompts: (B, D) noun-prompt embeddings.
+            targets: (B, B) bool, [image, prompt] positives (the diagonal included).
+            scale: the logit scale.
+        """
+        z = F.normalize(self.encoder.project(segments), dim=-1)
+        sim = torch.einsum("bgd,cd->bcg", z, F.normalize(prompts, dim=-1))  # (B, B, G)
+        if self.noun_pool_temp > 0:
+            sim = ((sim / self.noun_pool_temp).softmax(dim=-1) * sim).sum(dim=-1)
+        else:
+            sim = sim.max(dim=-1).values
+        logits = sim * scale
+        neg = torch.finfo(logits.dtype).min
+        i2t = torch.logsumexp(logits.masked_fill(~targets, neg), 1) - torch.logsumexp(logits, 1)
+        t2i = torch.logsumexp(logits.masked_fill(~targets, neg), 0) - torch.logsumexp(logits, 0)
+        return -(i2t.mean() + t2i.mean()) / 2
+
     def losses(
-        self, images: torch.Tensor, texts: torch.Tensor, negatives: Optional[torch.Tensor] = None
+        self,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        negatives: Optional[torch.Tensor] = None,
+        nouns: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Loss dict for normalised images (B, 3, H, W), their caption embeddings (B, D) and
-        optional hard-negative caption embeddings (M, D) (extra negatives of L_orig and L_rest)."""
+        """Loss dict for normalised images (B, 3, H, W), their caption embeddings (B, D),
+        optional hard-negative caption embeddings (M, D) (extra negatives of L_orig and L_rest)
+        and optional noun prompts ``(embeddings (B, D), targets (B, B))`` (``noun_prompts``) of the
+        group-level noun loss on the original and restored branches."""
         b = images.shape[0]
         grid = (
             images.shape[-2] // self.encoder.patch_size,
@@ -359,7 +494,14 @@ class MixReorg(nn.Module):
                 texts,
                 plan,
                 scale,
+                batch_negatives=self.seg_negatives == "batch",
             )
+        if nouns is not None and self.noun_weight > 0:
+            for name in ("orig", "restored"):
+                if name in outs:
+                    losses[f"loss_noun_{name}"] = self.noun_weight * self.group_noun_loss(
+                        outs[name]["segments"], nouns[0], nouns[1], scale
+                    )
         return losses
 
     # ------------------------------------------------------------------ inference
@@ -382,9 +524,14 @@ class MixReorg(nn.Module):
         assign = token_to_segment(out["assignments"])[0]  # (N, G)
         assign = assign.t().reshape(1, -1, h, w)
         assign = F.interpolate(assign, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        one_hot = (
-            F.one_hot(assign[0].argmax(dim=0), assign.shape[1]).permute(2, 0, 1).to(image.dtype)
-        )
+        if self.soft_inference:
+            one_hot = assign[0]
+        else:
+            one_hot = (
+                F.one_hot(assign[0].argmax(dim=0), assign.shape[1])
+                .permute(2, 0, 1)
+                .to(image.dtype)
+            )
         segments = out["segments"][0]
         group_embeds = F.normalize(self.encoder.project(segments), dim=-1)  # (G, D)
         image_embed = F.normalize(self.image_embedding(segments[None])[0], dim=-1)
