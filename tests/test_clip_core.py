@@ -21,6 +21,7 @@ from ov_seg.modeling.clip import (
     load_mask_prompts,
     patch_keep_mask,
     prepare_masked_crops,
+    prepare_masked_crops_batch,
     save_clip_checkpoint,
 )
 from ov_seg.modeling.losses.contrastive import contrastive_classification, info_nce
@@ -230,6 +231,91 @@ def test_crops_all_empty_and_bad_shapes():
     assert out.images.shape == (0, 3, 8, 8) and out.valid.tolist() == [False, False]
     with pytest.raises(ValueError, match="masks"):
         prepare_masked_crops(torch.rand(3, 16, 16), torch.zeros(2, 8, 16), 0.4, 1.0, 8)
+
+
+def _blob_masks(k, h, w, gen):
+    """(k, h, w) soft elliptic blobs in [0, 1]."""
+    yy = torch.arange(h).float().view(1, -1, 1)
+    xx = torch.arange(w).float().view(1, 1, -1)
+    c = torch.rand(k, 2, generator=gen) * torch.tensor([w, h])
+    r = (0.05 + 0.3 * torch.rand(k, 2, generator=gen)) * max(h, w)
+    d = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2
+    d = d + ((yy - c[:, 1, None, None]) / r[:, 1, None, None]) ** 2
+    return torch.sigmoid(4 * (1 - d))
+
+
+def _batch_inputs(gen, sizes):
+    """Images of ``sizes`` with varied masks: empty, full-image, one-pixel, duplicated masks."""
+    images, masks = [], []
+    for i, (h, w) in enumerate(sizes):
+        images.append(torch.rand(3, h, w, generator=gen) * 255)
+        m = _blob_masks(4 + i % 3, h, w, gen)
+        if i % 4 == 0:
+            m[0] = 0.0  # empty
+        if i % 4 == 1:
+            m[1] = 1.0  # the whole image
+            m[2] = m[3]  # a duplicate (shares its crop with mask 3 only)
+        if i % 4 == 2:
+            m[1] = 0.0
+            m[1, h // 2, w // 3] = 1.0  # one pixel
+        if i % 4 == 3:
+            m[:] = 0.0  # no valid mask in this image
+        masks.append(m)
+    masks.append(torch.zeros(0, *sizes[0]))  # an image without masks
+    images.append(torch.rand(3, *sizes[0], generator=gen) * 255)
+    return images, masks
+
+
+@pytest.mark.parametrize("resampler", ["roi_align", "separable"])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("square", [False, True])
+def test_batched_crops_equal_per_image(resampler, mixed, square):
+    gen = torch.Generator().manual_seed(3)
+    sizes = [(40, 56), (30, 20)] * 3 if mixed else [(40, 56)] * 6
+    images, masks = _batch_inputs(gen, sizes)
+    kw = dict(mask_thr=0.4, expand_ratio=1.2, out_size=24, square=square, resampler=resampler)
+    out = prepare_masked_crops_batch(images, masks, **kw)
+    ref = [prepare_masked_crops(i, m, **kw) for i, m in zip(images, masks)]
+    assert len(out.valid) == len(images)
+    assert all(torch.equal(v, r.valid) for v, r in zip(out.valid, ref))
+    counts = [int(r.valid.sum()) for r in ref]
+    assert out.image_index.tolist() == [i for i, n in enumerate(counts) for _ in range(n)]
+    assert torch.equal(out.boxes, torch.cat([r.boxes for r in ref]))
+    assert torch.equal(out.masks, torch.cat([r.masks for r in ref]))
+    assert torch.allclose(out.images, torch.cat([r.images for r in ref]), rtol=0, atol=1e-5)
+
+
+def test_batched_crops_without_duplicates_equal_per_image():
+    # no duplicate box in the batch: the separable resampler's shared image / mask pass
+    gen = torch.Generator().manual_seed(4)
+    images = [torch.rand(3, 32, 48, generator=gen) * 255 for _ in range(5)]
+    masks = [_blob_masks(3, 32, 48, gen) for _ in images]
+    kw = dict(mask_thr=0.4, expand_ratio=1.0, out_size=16)
+    out = prepare_masked_crops_batch(images, masks, **kw)
+    ref = [prepare_masked_crops(i, m, **kw) for i, m in zip(images, masks)]
+    roi = prepare_masked_crops_batch(images, masks, resampler="roi_align", **kw)
+    assert torch.equal(out.masks, torch.cat([r.masks for r in ref]))
+    assert torch.allclose(out.images, torch.cat([r.images for r in ref]), rtol=0, atol=1e-5)
+    flipped = out.masks != roi.masks  # only exact ties at the 0.5 threshold may differ
+    assert flipped.float().mean() < 1e-3
+    same = (~flipped).unsqueeze(1).expand_as(out.images)
+    assert (out.images - roi.images).abs()[same].max() < 1e-5
+
+
+def test_batched_crops_empty_and_bad_inputs(clip_model):
+    out = prepare_masked_crops_batch([], [], out_size=8)
+    assert out.images.shape == (0, 3, 8, 8) and out.masks.shape == (0, 8, 8) and out.valid == []
+    out = prepare_masked_crops_batch([torch.rand(3, 16, 16)], [torch.zeros(2, 16, 16)], out_size=8)
+    assert out.images.shape == (0, 3, 8, 8) and out.valid[0].tolist() == [False, False]
+    with pytest.raises(ValueError, match="masks 1"):
+        prepare_masked_crops_batch(
+            [torch.rand(3, 8, 8)] * 2, [torch.zeros(1, 8, 8), torch.zeros(1, 4, 8)]
+        )
+    with pytest.raises(ValueError, match="images but"):
+        prepare_masked_crops_batch([torch.rand(3, 8, 8)], [])
+    clf = MaskedCropClassifier(clip_model=clip_model)
+    crops, crop_masks, valid = clf.crop([], [])
+    assert crops.shape[0] == crop_masks.shape[0] == 0 and valid == []
 
 
 def test_jitter_masks_keeps_masks_nonempty():
