@@ -328,3 +328,28 @@ def test_fast_config_keys_build_a_working_model(toyworld_root, inputs, tmp_path)
     assert model._quantized and list(tmp_path.rglob("*.pt"))
     with pytest.raises(KeyError, match="CLIP_MODE"):
         build_model(_cfg("MODEL.TWO_STAGE.FAST.CLIP_MODE", "nope"))
+
+
+def test_auto_crop_batch_size_follows_the_tower_and_keeps_outputs():
+    """CROP_BATCH_SIZE 0: a few large crops per forward on a CPU, many small ones; the embeddings
+    do not depend on the batch size."""
+    from ov_seg.engine.setup import get_ov_seg_cfg
+    from ov_seg.modeling.clip import MaskedCropClassifier
+    from ov_seg.modeling.clip.crop_classifier import CPU_ACTIVATION_BUDGET
+
+    cfg = get_ov_seg_cfg()
+    cfg.MODEL.CLIP.MODEL_NAME = "ovseg-tiny-vit8-64"
+    cfg.MODEL.CLIP.PRETRAINED = ""
+    torch.manual_seed(0)
+    clf = MaskedCropClassifier(cfg).eval()
+    assert clf.batch_size == 0
+    crops = torch.randn(40, 3, 64, 64)
+    tokens, hidden = (64 // 8) ** 2 + 1, clf.encoder.visual.transformer.resblocks[0].mlp.c_fc
+    expected = CPU_ACTIVATION_BUDGET // (tokens * hidden.out_features * 4)
+    assert clf.crop_batch_size(crops) == expected
+    assert clf.crop_batch_size(torch.randn(2, 3, 128, 128)) < expected  # more tokens, fewer crops
+    with torch.no_grad():
+        auto = clf.encode_crops(crops, None)
+        clf.batch_size = 3
+        assert clf.crop_batch_size(crops) == 3
+        assert torch.allclose(clf.encode_crops(crops, None), auto, atol=1e-5)

@@ -528,9 +528,7 @@ class MixReorg(nn.Module):
             one_hot = assign[0]
         else:
             one_hot = (
-                F.one_hot(assign[0].argmax(dim=0), assign.shape[1])
-                .permute(2, 0, 1)
-                .to(image.dtype)
+                F.one_hot(assign[0].argmax(dim=0), assign.shape[1]).permute(2, 0, 1).to(image.dtype)
             )
         segments = out["segments"][0]
         group_embeds = F.normalize(self.encoder.project(segments), dim=-1)  # (G, D)
