@@ -73,7 +73,7 @@ class ToyWorldSpec:
 def _atomic_write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps(obj))  # one-shot: the C encoder (json.dump streams in Python, 20x slower)
+        f.write(json.dumps(obj))  # one-shot: C encoder (json.dump encodes in Python)
     os.replace(tmp, path)
 
 
