@@ -10,6 +10,7 @@ from fvcore.nn import FlopCountAnalysis
 from helpers import REPO, run_train_net, setup_config
 
 from ov_seg.engine import Trainer
+from ov_seg.mining.nouns import CaptionNounTable
 from ov_seg.modeling.losses.mixing import make_mix_plan
 from ov_seg.modeling.meta_arch.mixreorg import MixReorg
 
@@ -89,7 +90,7 @@ def test_group_noun_prompt_loss(base_model):
         "sky": [],
     }
     model.noun_extractor = lambda caps: [nouns[c] for c in caps]
-    model._noun_table = {}  # no dataset table: parse per batch
+    model._noun_table = CaptionNounTable(model.noun_extractor)  # no dataset table: per batch
     model.noun_weight = 1.0
     inputs = _inputs(4)
     emb, targets = model.noun_prompts([x["captions"][0] for x in inputs])

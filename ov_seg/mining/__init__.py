@@ -12,6 +12,7 @@ from .assign import Assignment, assign_nouns, cosine_scores
 from .captions import CaptionImage, CaptionSet, MalformedCaptionError, load_captions
 from .nouns import (
     DEFAULT_STOPLIST,
+    CaptionNounTable,
     NounExtractor,
     NounExtractorSettings,
     WordNetFilter,
@@ -31,6 +32,7 @@ __all__ = [
     "NounExtractor",
     "NounExtractorSettings",
     "WordNetFilter",
+    "CaptionNounTable",
     "extract_for_dataset",
     "noun_vocabulary",
 ]

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_STOPLIST",
     "NounExtractor",
     "NounExtractorSettings",
+    "CaptionNounTable",
     "WordNetFilter",
     "extract_for_dataset",
     "noun_vocabulary",
@@ -710,3 +711,43 @@ def extract_for_dataset(
         }
     _DATASET_MEMO[memo_key] = out
     return out
+
+
+class CaptionNounTable:
+    """caption -> nouns for caption-supervised models (PACL prompt augmentation, MixReorg noun
+    prompts): every caption of ``datasets`` is parsed once on first use (``extract_for_dataset``:
+    disk-cached, shared between models with the same extractor settings); other captions are parsed
+    when asked and memoised.
+
+    Args:
+        extractor: the ``NounExtractor``.
+        datasets: registered caption datasets to parse up front (empty: parse per call).
+        label: name for the log line once a dataset is ready.
+    """
+
+    def __init__(self, extractor: NounExtractor, datasets: Sequence[str] = (), label: str = ""):
+        self.extractor = extractor
+        self.datasets = tuple(datasets)
+        self.label = label
+        self._table: Optional[Dict[str, Tuple[str, ...]]] = None
+
+    def _load(self) -> Dict[str, Tuple[str, ...]]:
+        from detectron2.data import DatasetCatalog
+
+        table: Dict[str, Tuple[str, ...]] = {}
+        for name in self.datasets:
+            per_image = extract_for_dataset(name, self.extractor, per_caption=True)
+            for d in DatasetCatalog.get(name):
+                table.update(zip(d["captions"], map(tuple, per_image[d["image_id"]])))
+            logger.info("%s: nouns of %s ready (%d captions)", self.label, name, len(table))
+        return table
+
+    def __call__(self, captions: Sequence[str]) -> List[List[str]]:
+        """Nouns of each caption (blank phrases dropped)."""
+        if self._table is None:
+            self._table = self._load()
+        table = self._table
+        missing = list(dict.fromkeys(c for c in captions if c not in table))
+        if missing:
+            table.update(zip(missing, map(tuple, self.extractor(missing))))
+        return [[n for n in table[c] if n.strip()] for c in captions]

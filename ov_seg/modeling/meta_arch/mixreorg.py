@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
@@ -181,7 +181,14 @@ class MixReorg(nn.Module):
         self.noun_datasets = tuple(noun_datasets)
         self.noun_weight = noun_weight
         self.noun_pool_temp = noun_pool_temp
-        self._noun_table: Optional[Dict[str, List[str]]] = None  # caption -> nouns, lazily
+        from ov_seg.mining.nouns import CaptionNounTable  # spaCy and the datasets: at first use
+
+        # caption -> nouns (the datasets are parsed at the first call)
+        self._noun_table = (
+            CaptionNounTable(noun_extractor, noun_datasets, "MixReorg noun prompts")
+            if noun_extractor is not None
+            else None
+        )
         self.soft_inference = soft_inference
         self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
@@ -305,26 +312,9 @@ class MixReorg(nn.Module):
             emb = self.text_classifier.encode_texts(texts + negatives).to(self.device)
         return emb[: len(texts)], (emb[len(texts) :] if negatives else None)
 
-    def _load_noun_table(self) -> Dict[str, List[str]]:
-        """caption -> nouns for every caption of ``noun_datasets`` (parsed once, disk-cached)."""
-        from ov_seg.mining import extract_for_dataset
-
-        table: Dict[str, List[str]] = {}
-        for name in self.noun_datasets:
-            per_image = extract_for_dataset(name, self.noun_extractor, per_caption=True)
-            for d in DatasetCatalog.get(name):
-                table.update(zip(d["captions"], per_image[d["image_id"]]))
-        return table
-
     def caption_nouns(self, captions: Sequence[str]) -> List[List[str]]:
         """Nouns of each caption (empty strings dropped): from the dataset table, else parsed."""
-        if self._noun_table is None:
-            self._noun_table = self._load_noun_table()
-        table = self._noun_table
-        missing = list(dict.fromkeys(c for c in captions if c not in table))
-        if missing:
-            table.update(zip(missing, self.noun_extractor(missing)))
-        return [[n for n in table[c] if n.strip()] for c in captions]
+        return self._noun_table(captions)
 
     def noun_prompts(self, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """GroupViT's multi-label prompts: one noun of each caption in a random template.

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from torch import nn
@@ -183,7 +183,14 @@ class PACL(nn.Module):
         self.checkpoint_chunks = bool(checkpoint_chunks)
         self.noun_extractor = noun_extractor
         self.noun_datasets = tuple(noun_datasets)
-        self._noun_table: Optional[Dict[str, List[str]]] = None  # caption -> nouns, lazily
+        from ov_seg.mining.nouns import CaptionNounTable  # spaCy and the datasets: at first use
+
+        # caption -> nouns (the datasets are parsed at the first call)
+        self._noun_table = (
+            CaptionNounTable(noun_extractor, noun_datasets, "PACL prompt augmentation")
+            if noun_extractor is not None
+            else None
+        )
         self.prompt_weight = float(prompt_weight)
         self.bg_rule = BACKGROUND_RULES[bg_mode]
         self.bg_thresh = float(bg_entropy if bg_mode == "entropy" else bg_score)
@@ -286,29 +293,9 @@ class PACL(nn.Module):
             )
         return random.choice(valid)
 
-    def _load_noun_table(self) -> Dict[str, List[str]]:
-        """caption -> nouns for every caption of ``noun_datasets`` (parsed once, disk-cached)."""
-        from ov_seg.mining import extract_for_dataset
-
-        table: Dict[str, List[str]] = {}
-        for name in self.noun_datasets:
-            dicts = DatasetCatalog.get(name)
-            per_image = extract_for_dataset(name, self.noun_extractor, per_caption=True)
-            for d in dicts:
-                table.update(zip(d["captions"], per_image[d["image_id"]]))
-            logger.info(
-                "PACL prompt augmentation: nouns of %s ready (%d captions)", name, len(table)
-            )
-        return table
-
     def caption_nouns(self, captions: Sequence[str]) -> List[List[str]]:
         """Nouns of each caption: from the dataset table, else parsed (and memoised) now."""
-        if self._noun_table is None:
-            self._noun_table = self._load_noun_table()
-        table = self._noun_table
-        missing = list(dict.fromkeys(c for c in captions if c not in table))
-        parsed = dict(zip(missing, self.noun_extractor(missing))) if missing else {}
-        return [table[c] if c in table else parsed[c] for c in captions]
+        return self._noun_table(captions)
 
     def noun_prompts(self, captions: Sequence[str]) -> List[str]:
         """Per caption, one of its nouns in a random template (the caption if it has no noun)."""
