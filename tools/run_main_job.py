@@ -70,13 +70,13 @@ def two_stage_weights(out: Path):
 # Per-stage overrides that fit the main job into its budget (15 minutes on 2 idle cores): the toy
 # configs' own schedules are the standalone runs of the notes; the main job shortens some of them.
 BUDGET: Dict[str, List[str]] = {
-    "clip_pretrain": ["SOLVER.MAX_ITER", "500"],  # config: 700
-    "proposals": ["SOLVER.MAX_ITER", "200"],  # config: 300
-    "clip_ft": ["SOLVER.MAX_ITER", "100"],  # config: 200
-    "clip_mpt": ["SOLVER.MAX_ITER", "150"],  # config: 200
-    "pacl": ["SOLVER.MAX_ITER", "200"],  # config: 300
-    "mgca": [],
-    "mixreorg": ["SOLVER.MAX_ITER", "60", "SOLVER.IMS_PER_BATCH", "64"],  # config: 200 x 128
+    "clip_pretrain": ["SOLVER.MAX_ITER", "400"],  # config: 700
+    "proposals": ["SOLVER.MAX_ITER", "150"],  # config: 300
+    "clip_ft": ["SOLVER.MAX_ITER", "60"],  # config: 200
+    "clip_mpt": ["SOLVER.MAX_ITER", "100"],  # config: 200
+    "pacl": ["SOLVER.MAX_ITER", "140"],  # config: 300
+    "mgca": ["SOLVER.MAX_ITER", "140"],  # config: 200
+    "mixreorg": ["SOLVER.MAX_ITER", "50", "SOLVER.IMS_PER_BATCH", "64"],  # config: 200 x 128
 }
 
 
@@ -123,6 +123,10 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 "toyworld_captions_train",
                 "--mode",
                 "chunk",
+                "--chunker",
+                "tagger",
+                "--n-process",
+                "2",
                 "--output-dir",
                 str(mined),
                 "--overwrite",  # the main job owns this folder: a job with other inputs is replaced
