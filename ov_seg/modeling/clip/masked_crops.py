@@ -297,46 +297,42 @@ def _resample_windows(windows: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor)
     return (ay @ t.reshape(n, h, c * sw)).view(n, sh, c, sw).transpose(1, 2)
 
 
-def _resample_separable_joint(images, binary, keep, image_index, boxes, size, chunk: int = 16):
-    """``_resample_separable`` without duplicate boxes: the image and the mask of a box share one
-    chunk pass (its weights are built once)."""
-    crops = images.new_empty((keep.numel(), 3, *size))
-    crop_masks = torch.empty((keep.numel(), *size), dtype=torch.bool, device=images.device)
-    for idx, y0, x0, ay, ax in _separable_chunks(boxes, size, tuple(images.shape[-2:]), chunk):
-        h, w = ay.shape[2], ax.shape[1]
-        # windows by slicing (memcpy); advanced indexing is several times slower on CPU
-        starts = torch.stack([y0, x0, image_index[idx], keep[idx]], dim=1).tolist()
-        windows = torch.stack([images[b, :, y : y + h, x : x + w] for y, x, b, _ in starts])
-        crops[idx] = _resample_windows(windows, ay, ax)
-        # a separate product for the masks: concatenated channels would cost a copy of the windows
-        windows = torch.stack([binary[k, y : y + h, x : x + w] for y, x, _, k in starts])
-        resampled = _resample_windows(windows.unsqueeze(1).to(images.dtype), ay, ax)[:, 0]
-        crop_masks[idx] = resampled >= 0.5 - _TIE_EPS
-    return crops, crop_masks
+def _image_chunk(images, which, y0, x0, ay, ax) -> torch.Tensor:
+    """(n, 3, S_h, S_w): the windows of ``images[which]`` at (y0, x0) resampled (one chunk)."""
+    h, w = ay.shape[2], ax.shape[1]
+    # windows by slicing (memcpy); advanced indexing is several times slower on CPU
+    starts = torch.stack([y0, x0, which], dim=1).tolist()
+    windows = torch.stack([images[b, :, y : y + h, x : x + w] for y, x, b in starts])
+    return _resample_windows(windows, ay, ax)
+
+
+def _mask_chunk(binary, which, y0, x0, ay, ax) -> torch.Tensor:
+    """(n, S_h, S_w) bool: the windows of ``binary[which]`` at (y0, x0) resampled, >= 0.5."""
+    h, w = ay.shape[2], ax.shape[1]
+    starts = torch.stack([y0, x0, which], dim=1).tolist()
+    windows = torch.stack([binary[k, y : y + h, x : x + w] for y, x, k in starts])
+    resampled = _resample_windows(windows.unsqueeze(1).to(ay.dtype), ay, ax)[:, 0]
+    return resampled >= 0.5 - _TIE_EPS
 
 
 def _resample_separable(images, binary, keep, image_index, boxes, size, chunk: int = 16):
     image_size = tuple(images.shape[-2:])
-    # each image is resampled once per distinct box (duplicate proposals of one image share it)
+    # each image is resampled once per distinct box (duplicate proposals of one image share it);
+    # without duplicates the image and the mask of a box share one chunk pass (weights built once)
     key = torch.cat([image_index.to(boxes.dtype).unsqueeze(1), boxes], dim=1)
     unique, inverse = torch.unique(key, dim=0, return_inverse=True)
-    if unique.shape[0] == boxes.shape[0]:
-        return _resample_separable_joint(images, binary, keep, image_index, boxes, size, chunk)
-    unique_image = unique[:, 0].long()
+    shared = unique.shape[0] == boxes.shape[0]
     crops = images.new_empty((unique.shape[0], 3, *size))
-    for idx, y0, x0, ay, ax in _separable_chunks(unique[:, 1:], size, image_size, chunk):
-        h, w = ay.shape[2], ax.shape[1]
-        # windows by slicing (memcpy); advanced indexing is several times slower on CPU
-        starts = torch.stack([y0, x0, unique_image[idx]], dim=1).tolist()
-        windows = torch.stack([images[b, :, y : y + h, x : x + w] for y, x, b in starts])
-        crops[idx] = _resample_windows(windows, ay, ax)
     crop_masks = torch.empty((keep.numel(), *size), dtype=torch.bool, device=images.device)
     for idx, y0, x0, ay, ax in _separable_chunks(boxes, size, image_size, chunk):
-        h, w = ay.shape[2], ax.shape[1]
-        starts = torch.stack([y0, x0, keep[idx]], dim=1).tolist()
-        windows = torch.stack([binary[k, y : y + h, x : x + w] for y, x, k in starts])
-        resampled = _resample_windows(windows.unsqueeze(1).to(images.dtype), ay, ax)[:, 0]
-        crop_masks[idx] = resampled >= 0.5 - _TIE_EPS
+        crop_masks[idx] = _mask_chunk(binary, keep[idx], y0, x0, ay, ax)
+        if shared:
+            crops[idx] = _image_chunk(images, image_index[idx], y0, x0, ay, ax)
+    if shared:
+        return crops, crop_masks
+    unique_image = unique[:, 0].long()
+    for idx, y0, x0, ay, ax in _separable_chunks(unique[:, 1:], size, image_size, chunk):
+        crops[idx] = _image_chunk(images, unique_image[idx], y0, x0, ay, ax)
     return crops[inverse], crop_masks
 
 
