@@ -187,6 +187,18 @@ def add_evaluation_config(cfg):
     cfg.TEST.EVALUATOR_TYPE = ""
 
 
+def add_seen_calibration_config(cfg):
+    """Calibrated stacking of seen-class logits at test time (ov_seg.modeling.calibration), for the
+    single-stage models (PACL, MGCA, MixReorg)."""
+    cfg.MODEL.SEEN_CALIBRATION = CN()
+    # γ, in logit units, subtracted from the logit of every seen name before the class softmax
+    # (0 = off, the plain model). Choose it on held-out images: tools/search_calibration.py.
+    cfg.MODEL.SEEN_CALIBRATION.GAMMA = 0.0
+    # The names the model was trained with; empty = the seen_classes metadata of DATASETS.TEST
+    # and DATASETS.TRAIN.
+    cfg.MODEL.SEEN_CALIBRATION.SEEN_NAMES = []
+
+
 def add_mixreorg_config(cfg):
     """MixReorg (Cai, Ren et al., ICCV 2023): mixed patch reorganisation on a GroupViT-style encoder
     built from the MODEL.CLIP image tower (the text tower stays frozen). Every default below that is
@@ -584,6 +596,7 @@ _ADDERS = [
     add_mask_category_input_config,
     add_pacl_config,
     add_mgca_config,
+    add_seen_calibration_config,
     add_two_stage_config,
 ]
 

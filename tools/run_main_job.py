@@ -34,24 +34,6 @@ def _train(name, config, out_dir, *opts, estimate_s=120, outputs=("model_final.p
     )
 
 
-def _evaluate(name, config, out_dir, *opts, estimate_s=30):
-    """A ``tools/train_net.py --eval-only`` stage writing ``out_dir/eval_results.json``."""
-    return Stage(
-        name,
-        [
-            TRAIN_NET,
-            "--config-file",
-            str(REPO / config),
-            "--eval-only",
-            *opts,
-            "OUTPUT_DIR",
-            str(out_dir),
-        ],
-        outputs=[str(out_dir / "eval_results.json")],
-        estimate_s=estimate_s,
-    )
-
-
 TRAIN_NET = str(REPO / "tools" / "train_net.py")
 MINE = str(REPO / "tools" / "mine_captions.py")
 TWO_STAGE_CONFIG = "configs/toyworld/two_stage_R18.yaml"
@@ -78,6 +60,22 @@ BUDGET: Dict[str, List[str]] = {
     "mgca": ["SOLVER.MAX_ITER", "140"],  # config: 200
     "mixreorg": ["SOLVER.MAX_ITER", "50", "SOLVER.IMS_PER_BATCH", "64"],  # config: 200 x 128
 }
+
+
+SINGLE_STAGE = ("pacl", "mgca", "mixreorg")
+# test-time searches: pick on one half of the 300 val images, score on the other, both ways
+CROSS_VALIDATION = ["--subset", "0:150", "--holdout", "150:300", "--metric", "hIoU"]
+# seen-class calibration γ grid of the single-stage models (logit units; 0 = the plain model)
+CALIBRATION_GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+def single_stage_spec(out: Path, method: str, *opts: str) -> str:
+    """``CONFIG:WEIGHTS:OPTS`` of a trained single-stage model (``pacl_vanilla``: nothing
+    trained) for tools/search_calibration.py and tools/visualize_methods.py."""
+    weights = "" if method == "pacl_vanilla" else str(out / method / "model_final.pth")
+    clip = out / "clip_pretrain" / "clip_export.pth"
+    config = REPO / "configs" / "toyworld" / f"{method}.yaml"
+    return f"{config}:{weights}:{' '.join(['MODEL.CLIP.PRETRAINED', str(clip), *opts])}"
 
 
 def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDGET):
@@ -211,38 +209,47 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 "0:1:0.1",
                 "--mask-thrs",
                 "0.35,0.45",
-                "--subset",
-                "0:150",
-                "--holdout",
-                "150:300",
-                "--metric",
-                "hIoU",
+                *CROSS_VALIDATION,
                 *ts_weights,
             ],
             outputs=[str(out / "two_stage_search" / "search.json")],
             estimate_s=90,
         ),
     ]
-    for method, cfg in (("pacl", "pacl"), ("mgca", "mgca"), ("mixreorg", "mixreorg")):
+    for method in SINGLE_STAGE:
+        # evaluated by the calibration search below (its γ = 0 row is the plain model on all val
+        # images), not by a second pass at the end of training
         stages.append(
             _train(
                 method,
-                f"configs/toyworld/{cfg}.yaml",
+                f"configs/toyworld/{method}.yaml",
                 out / method,
                 "MODEL.CLIP.PRETRAINED",
                 str(clip),
+                "DATASETS.TEST",
+                "()",
                 *budget[method],
-                estimate_s=100,
-                outputs=("model_final.pth", "eval_results.json"),
+                estimate_s=90,
             )
         )
+    methods = [f"{m}={single_stage_spec(out, m)}" for m in SINGLE_STAGE + ("pacl_vanilla",)]
     stages.append(
-        _evaluate(
-            "pacl_vanilla_eval",
-            "configs/toyworld/pacl_vanilla.yaml",
-            out / "pacl_vanilla" / "eval",
-            "MODEL.CLIP.PRETRAINED",
-            str(clip),
+        Stage(
+            "calibration_search",
+            [
+                str(REPO / "tools" / "search_calibration.py"),
+                "--output",
+                str(out / "calibration"),
+                "--gammas",
+                ",".join(str(g) for g in CALIBRATION_GAMMAS),
+                *CROSS_VALIDATION,
+                *[a for m in methods for a in ("--method", m)],
+            ],
+            outputs=[
+                str(out / "calibration" / m / "search.json")
+                for m in SINGLE_STAGE + ("pacl_vanilla",)
+            ],
+            estimate_s=70,
         )
     )
     stages.append(
@@ -256,15 +263,23 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
     return stages
 
 
-# (report row, folder with eval_results.json, or ("search", λ): a two-stage row of search.json)
+# (report row, source): ("search", λ): a two-stage row of two_stage_search/search.json;
+# ("calibration", method, selection): a cross-validated row of calibration/<method>/search.json
 METHOD_ROWS = [
     ("two-stage OVSeg, λ = 0 (proposal head only) *", ("search", 0.0)),
     ("two-stage OVSeg, λ = 1 (mask-adapted CLIP only) *", ("search", 1.0)),
     ("two-stage OVSeg, searched λ / MASK_THR (ensemble) *", ("search", None)),
-    ("PACL", "pacl"),
-    ("PACL baseline: vanilla CLIP patches", "pacl_vanilla/eval"),
-    ("MGCA", "mgca"),
-    ("MixReorg", "mixreorg"),
+    ("PACL", ("calibration", "pacl", "uncalibrated")),
+    ("PACL baseline: vanilla CLIP patches", ("calibration", "pacl_vanilla", "uncalibrated")),
+    ("MGCA", ("calibration", "mgca", "uncalibrated")),
+    ("MixReorg", ("calibration", "mixreorg", "uncalibrated")),
+    ("PACL, seen-calibrated †", ("calibration", "pacl", "calibrated")),
+    (
+        "PACL baseline: vanilla patches, seen-calibrated †",
+        ("calibration", "pacl_vanilla", "calibrated"),
+    ),
+    ("MGCA, seen-calibrated †", ("calibration", "mgca", "calibrated")),
+    ("MixReorg, seen-calibrated †", ("calibration", "mixreorg", "calibrated")),
 ]
 
 
@@ -295,11 +310,19 @@ def chance_miou(dataset: str) -> dict:
     return out
 
 
-def _results(path: Path) -> dict:
-    if not path.is_file():
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def calibration_row(out: Path, method: str, selection: str) -> dict:
+    """Cross-validated metrics of a single-stage model from its calibration search: selection
+    "uncalibrated" (γ = 0: the plain model on every val image) or "calibrated" (γ picked on one
+    half of the val images, scored on the other, both ways)."""
+    search = _read_json(out / "calibration" / method / "search.json") or {}
+    cv = search.get("cross_validated", {}).get(selection)
+    if not cv:
         return {}
-    res = json.loads(path.read_text())
-    return res.get("sem_seg", next(iter(res.values()), {})) if res else {}
+    return {**cv, "gamma": "/".join(str(p["gamma"]) for p in cv["picks"])}
 
 
 def two_stage_row(search: dict, weight) -> dict:
@@ -340,16 +363,17 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
         "|---|---|---|---|---|---|",
     ]
     results = {}
-    search_path = out / "two_stage_search" / "search.json"
-    search = json.loads(search_path.read_text()) if search_path.is_file() else None
-    for name, source in METHOD_ROWS:
-        if isinstance(source, tuple):
-            res = two_stage_row(search, source[1]) if search else {}
-        else:
-            res = _results(out / source / "eval_results.json")
+    search = _read_json(out / "two_stage_search" / "search.json")
+    rows = {
+        "search": lambda weight: two_stage_row(search, weight) if search else {},
+        "calibration": lambda method, selection: calibration_row(out, method, selection),
+    }
+    for name, (kind, *source) in METHOD_ROWS:
+        res = rows[kind](*source)
         results[name] = {k: res.get(k) for k in keys}
-        if isinstance(source, tuple) and res:
-            results[name].update(ensemble_weight=res["ensemble_weight"], mask_thr=res["mask_thr"])
+        for k in ("ensemble_weight", "mask_thr", "gamma"):
+            if k in res:
+                results[name][k] = res[k]
         cells = [f"{res[k]:.1f}" if isinstance(res.get(k), (int, float)) else "n/a" for k in keys]
         table.append(f"| {name} | {' | '.join(cells)} | {chance['mIoU-unseen']:.2f} |")
     extra = {}
@@ -386,6 +410,11 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
         "chosen by hIoU on images 0-149 and scored on 150-299, and the other way round; the two "
         "held-out halves are pooled (`tools/search_ensemble.py --holdout`; the picks of both folds "
         "are in report.json). Other rows: all 300 val images.",
+        "",
+        "† calibrated stacking (`MODEL.SEEN_CALIBRATION.GAMMA`): γ is subtracted from the logits "
+        "of the names seen in training, γ chosen by hIoU with the same 2-fold cross-validation "
+        "(`tools/search_calibration.py`; the γ picks are in report.json). The rows above them are "
+        "the plain models (γ = 0).",
         "",
         f"Chance level: all {chance['mIoU']:.2f}, seen {chance['mIoU-seen']:.2f}, "
         f"unseen {chance['mIoU-unseen']:.2f}.",
@@ -428,7 +457,6 @@ def prediction_grid(out: Path) -> int:
     """Draw the prediction grid: the two-stage model at its searched (λ, MASK_THR), then the
     single-stage models (``tools/visualize_methods.py``)."""
     best = json.loads((out / "two_stage_search" / "search.json").read_text())["best"]
-    clip = out / "clip_pretrain" / "clip_export.pth"
     two_stage = [
         *two_stage_weights(out),
         "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
@@ -437,11 +465,12 @@ def prediction_grid(out: Path) -> int:
         str(best["mask_thr"]),
     ]
     methods = [f"two-stage={REPO / TWO_STAGE_CONFIG}::{' '.join(two_stage)}"]
-    for method in ("pacl", "mgca", "mixreorg"):
-        methods.append(
-            f"{method}={REPO / 'configs' / 'toyworld' / method}.yaml:"
-            f"{out / method / 'model_final.pth'}:MODEL.CLIP.PRETRAINED {clip}"
-        )
+    for method in SINGLE_STAGE:
+        # at the γ the calibration search picked on its first image half
+        search = _read_json(out / "calibration" / method / "search.json") or {}
+        gamma = search.get("best", {}).get("gamma", 0.0)
+        opts = ("MODEL.SEEN_CALIBRATION.GAMMA", str(gamma))
+        methods.append(f"{method}={single_stage_spec(out, method, *opts)}")
     cmd = [sys.executable, str(REPO / "tools" / "visualize_methods.py"), "--output"]
     cmd += [str(out / "grid.png"), *[a for m in methods for a in ("--method", m)]]
     print("$ " + " ".join(cmd), flush=True)

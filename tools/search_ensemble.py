@@ -19,13 +19,10 @@ for λ = 0, λ = 1 and the searched pair on every image of both ranges (search.j
 """
 
 import argparse
-import hashlib
-import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import List, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,37 +38,20 @@ from ov_seg.data.datasets.benchmark_utils import read_label_image
 from ov_seg.engine import Trainer
 from ov_seg.engine.pipeline import atomic_write_json
 from ov_seg.engine.setup import get_ov_seg_cfg
+from ov_seg.evaluation.grid_search import (
+    TABLE_METRICS,
+    add_image_set_arguments,
+    cross_validate_cells,
+    load_state,
+    parse_grid,
+    save_state,
+    search_key,
+)
 from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
 from ov_seg.modeling.heads.ensemble import with_background_name
 from ov_seg.utils.threads import set_num_threads
 
 logger = logging.getLogger("ov_seg.search_ensemble")
-
-# metrics shown in the tables (when the dataset defines them)
-TABLE_METRICS = ("mIoU", "mIoU-seen", "mIoU-unseen", "hIoU")
-
-
-def parse_grid(text: str) -> List[float]:
-    """Grid values: "0.6,0.7" → [0.6, 0.7]; "0:1:0.25" (start:stop:step, stop included) → [0, .25,
-    .5, .75, 1]."""
-    if ":" in text:
-        start, stop, step = (float(v) for v in text.split(":"))
-        if step <= 0 or stop < start:
-            raise argparse.ArgumentTypeError(f"bad range {text!r}: need start <= stop and step > 0")
-        n = int(np.floor((stop - start) / step + 1e-9)) + 1
-        return [round(start + i * step, 6) for i in range(n)]
-    values = [float(v) for v in text.split(",") if v.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError(f"empty grid {text!r}")
-    return values
-
-
-def parse_subset(text: str) -> slice:
-    """Subset "a:b" → slice(a, b) over the dataset's dicts (either side may be empty)."""
-    parts = text.split(":")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"--subset must be START:END, got {text!r}")
-    return slice(*(int(p) if p.strip() else None for p in parts))
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -89,29 +69,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mask-thrs", type=parse_grid, default=parse_grid("0.35,0.4,0.45"), help="MASK_THR grid"
     )
-    p.add_argument(
-        "--dataset", default="", help="registered semantic dataset (default: DATASETS.TEST[0])"
-    )
-    p.add_argument(
-        "--subset", type=parse_subset, default=slice(None), help="START:END of the dataset's images"
-    )
-    p.add_argument(
-        "--holdout",
-        type=parse_subset,
-        default=None,
-        help=(
-            "START:END of held-out images: every pair is also scored there "
-            "(search.json 'holdout')"
-        ),
-    )
-    p.add_argument(
-        "--metric",
-        default="mIoU",
-        help="metric that picks the best pair (mIoU, hIoU, mIoU-unseen...)",
-    )
-    p.add_argument("--save-every", type=int, default=50, help="images between progress saves")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the saved progress of the same search"
+    add_image_set_arguments(
+        p,
+        metric="mIoU",
+        holdout_help="START:END of held-out images: every pair is also scored there "
+        "(search.json 'holdout')",
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p
@@ -192,10 +154,9 @@ CV_SELECTIONS = {"lambda_0": (0.0,), "lambda_1": (1.0,), "searched": None}
 
 
 def cross_validate(conf, weights, mask_thrs, metric, class_names, seen, unseen) -> dict:
-    """2-fold cross-validation over the two image sets: each selection (λ = 0 with its best
-    MASK_THR, λ = 1 with its best MASK_THR, the searched (λ, MASK_THR)) is picked by ``metric`` on
-    one set and scored on the other; the two held-out confusion matrices are summed, so every
-    image is scored exactly once by a pair that was not chosen on it.
+    """2-fold cross-validation over the two image sets (``cross_validate_cells``) of each
+    selection: λ = 0 with its best MASK_THR, λ = 1 with its best MASK_THR, the searched (λ,
+    MASK_THR).
 
     Args:
         conf: (2, T, W, K+1, K+1) confusion matrices (set, MASK_THR, λ, prediction, truth).
@@ -213,41 +174,18 @@ def cross_validate(conf, weights, mask_thrs, metric, class_names, seen, unseen) 
         ]
         if not cells:
             continue
-        pooled, picks = np.zeros_like(conf[0, 0, 0]), []
-        for part in (0, 1):
-            scores = [
-                sem_seg_metrics(conf[part, t, w], class_names, seen, unseen)[metric]
-                for t, w in cells
-            ]
-            t, w = cells[int(np.nanargmax(np.where(np.isnan(scores), -np.inf, scores)))]
-            picks.append({"ensemble_weight": weights[w], "mask_thr": mask_thrs[t]})
-            pooled += conf[1 - part, t, w]
-        m = sem_seg_metrics(pooled, class_names, seen, unseen)
-        out[name] = {"picks": picks, **{k: m[k] for k in TABLE_METRICS if k in m}}
+        picks, metrics = cross_validate_cells(
+            lambda part, cell: conf[part, cell[0], cell[1]],
+            cells,
+            metric,
+            class_names,
+            seen,
+            unseen,
+            TABLE_METRICS,
+        )
+        picks = [{"ensemble_weight": weights[w], "mask_thr": mask_thrs[t]} for t, w in picks]
+        out[name] = {"picks": picks, **metrics}
     return out
-
-
-def search_key(cfg, args, dataset: str, num_images: int) -> str:
-    """Hash that identifies a search (config, grid, images): a resume never mixes two searches."""
-    text = json.dumps(
-        [
-            cfg.dump(),
-            args.weights,
-            args.mask_thrs,
-            dataset,
-            [args.subset.start, args.subset.stop],
-            [args.holdout.start, args.holdout.stop] if args.holdout else None,
-            num_images,
-        ]
-    )
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-def save_state(path: Path, key: str, done: int, conf: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, key=np.array(key), done=np.array(done), conf=conf)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -302,15 +240,8 @@ def main(argv=None):
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "search_state.npz"
-    key = search_key(cfg, args, dataset, len(dicts))
-    start = 0
-    if args.resume and state_path.is_file():
-        with np.load(state_path) as state:
-            if str(state["key"]) == key:
-                start, scorer.conf = int(state["done"]), state["conf"].copy()
-                logger.info("resuming after %d of %d images", start, len(dicts))
-            else:
-                logger.warning("saved progress belongs to another search: starting over")
+    key = search_key(cfg, [args.weights, args.mask_thrs], args, dataset, len(dicts))
+    start, scorer.conf = load_state(state_path, key, scorer.conf, args.resume)
     for i in tqdm(
         range(start, len(dicts)), initial=start, total=len(dicts), desc="images", file=sys.stdout
     ):

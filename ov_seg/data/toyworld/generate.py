@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
@@ -123,6 +123,20 @@ def split_done(root: Path, split: str) -> Optional[dict]:
         return json.load(f)
 
 
+def _categories_json() -> List[dict]:
+    """The categories as written to ``categories.json`` and the panoptic files."""
+    return [
+        {
+            "id": c.id,
+            "name": c.name,
+            "isthing": int(c.isthing),
+            "seen": c.seen,
+            "color": list(c.color),
+        }
+        for c in CATEGORIES
+    ]
+
+
 def generate_split(root: Path, spec: ToyWorldSpec, split: str, workers: int = 1) -> dict:
     """Generate one split under ``root`` with ``workers`` processes; returns its DONE record
     (images/s).
@@ -159,16 +173,7 @@ def generate_split(root: Path, spec: ToyWorldSpec, split: str, workers: int = 1)
             pool.close()
             pool.join()
     elapsed = time.perf_counter() - start
-    cats = [
-        {
-            "id": c.id,
-            "name": c.name,
-            "isthing": int(c.isthing),
-            "seen": c.seen,
-            "color": list(c.color),
-        }
-        for c in CATEGORIES
-    ]
+    cats = _categories_json()
     _atomic_write_json(
         root / f"panoptic_{split}.json",
         {"images": images, "annotations": pan_anns, "categories": cats},
@@ -200,16 +205,7 @@ def generate_toyworld(
     spec = spec or ToyWorldSpec()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    cats = [
-        {
-            "id": c.id,
-            "name": c.name,
-            "isthing": int(c.isthing),
-            "seen": c.seen,
-            "color": list(c.color),
-        }
-        for c in CATEGORIES
-    ]
+    cats = _categories_json()
     _atomic_write_json(root / "categories.json", cats)
     records = {}
     for split in splits or list(spec.splits):

@@ -31,7 +31,7 @@ scored by the threshold ``TEST.BG_THRESH`` on the maximum class probability (TCL
 import logging
 import random
 from collections import OrderedDict
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.clip import (
     CLIP_PIXEL_MEAN,
     CLIP_PIXEL_STD,
@@ -204,6 +205,10 @@ class MGCA(nn.Module):
     default: the first test dataset's ``stuff_classes``).
     """
 
+    # methods whose outputs do not depend on ``seen_calibration``: a calibration search may
+    # reuse them for the same inputs (tools/search_calibration.py)
+    CALIBRATION_INVARIANT = ("dense_features", "class_cosines")
+
     @configurable
     def __init__(
         self,
@@ -239,6 +244,7 @@ class MGCA(nn.Module):
         slide_stride: int = 0,
         default_vocabulary: Sequence[str] = (),
         text_cache_size: int = 65536,
+        seen_calibration: Optional[SeenCalibration] = None,
     ):
         """
         Args:
@@ -274,6 +280,8 @@ class MGCA(nn.Module):
                 multiples of the patch size.
             default_vocabulary: class names for test inputs without a ``vocabulary`` field.
             text_cache_size: caption / entity embeddings kept in memory (the text tower is frozen).
+            seen_calibration: calibrated stacking of the seen names' logits at inference; None =
+                off.
         """
         super().__init__()
         if unit_mode not in UNIT_PREDICTORS:
@@ -329,6 +337,7 @@ class MGCA(nn.Module):
         self.slide_window, self.slide_stride = int(slide_window), int(slide_stride)
         self.default_vocabulary = list(default_vocabulary)
         self.text_cache_size = int(text_cache_size)
+        self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
         self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         # new weights (MODEL.WEIGHTS, resume) invalidate the cached text embeddings
         self.register_load_state_dict_post_hook(lambda module, keys: module._text_cache.clear())
@@ -379,6 +388,7 @@ class MGCA(nn.Module):
             "slide_window": mc.TEST.SLIDE_WINDOW,
             "slide_stride": mc.TEST.SLIDE_STRIDE,
             "default_vocabulary": vocabulary,
+            "seen_calibration": SeenCalibration(cfg),
         }
 
     @property
@@ -591,14 +601,20 @@ class MGCA(nn.Module):
                 count[:, fy : fy + z.shape[1], fx : fx + z.shape[2]] += 1
         return out / count.clamp_min(1)
 
+    def class_cosines(self, features: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """(K, h', w') unit-text cosines of one feature map (D, h', w') for K class names (no
+        background entry), with the configured unit."""
+        class_emb = self.text_classifier(list(names)).to(features.device)
+        return UNIT_PREDICTORS[self.unit_mode](features, class_emb, **self.unit_settings)
+
     def class_scores(self, features: torch.Tensor, vocabulary: Sequence[str]) -> torch.Tensor:
         """Class probabilities (K, h', w') of one feature map, with the configured unit."""
         text_ids = [k for k, name in enumerate(vocabulary) if name != self.background_name]
         if not text_ids:
             raise ValueError(f"the vocabulary holds only the background name: {list(vocabulary)}")
-        class_emb = self.text_classifier([vocabulary[k] for k in text_ids]).to(features.device)
-        cosines = UNIT_PREDICTORS[self.unit_mode](features, class_emb, **self.unit_settings)
-        probs = (cosines * self.scale()).softmax(dim=0)
+        names = [vocabulary[k] for k in text_ids]
+        cosines = self.class_cosines(features, names)
+        probs = self.seen_calibration.apply(cosines * self.scale(), names).softmax(dim=0)
         if len(text_ids) == len(vocabulary):
             return probs
         full = probs.new_full((len(vocabulary), *probs.shape[1:]), self.bg_thresh)

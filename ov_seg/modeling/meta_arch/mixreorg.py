@@ -41,6 +41,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
+from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.clip import (
     CLIP_PIXEL_MEAN,
     CLIP_PIXEL_STD,
@@ -78,6 +79,10 @@ class MixReorg(nn.Module):
     inputs a ``vocabulary`` (list of class names; default: the first test dataset's
     ``stuff_classes``)."""
 
+    # methods whose outputs do not depend on ``seen_calibration``: a calibration search may
+    # reuse them for the same inputs (tools/search_calibration.py)
+    CALIBRATION_INVARIANT = ("encode_image",)
+
     @configurable
     def __init__(
         self,
@@ -108,6 +113,7 @@ class MixReorg(nn.Module):
         noun_weight: float = 0.0,
         noun_pool_temp: float = 0.1,
         soft_inference: bool = False,
+        seen_calibration: Optional[SeenCalibration] = None,
     ):
         """
         Args:
@@ -143,6 +149,8 @@ class MixReorg(nn.Module):
                 the groups (0 = max).
             soft_inference: pixels take the assignment-weighted mix of the groups' class scores
                 instead of their argmax group's.
+            seen_calibration: calibrated stacking of the seen names' logits at inference (the
+                group logits and the image-level top-k ranking); None = off.
         """
         super().__init__()
         if num_mix_images < 1:
@@ -190,6 +198,7 @@ class MixReorg(nn.Module):
             else None
         )
         self.soft_inference = soft_inference
+        self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
         self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
 
@@ -246,6 +255,7 @@ class MixReorg(nn.Module):
             "slide_window": mc.TEST.SLIDE_WINDOW,
             "slide_stride": mc.TEST.SLIDE_STRIDE,
             "default_vocabulary": vocabulary,
+            "seen_calibration": SeenCalibration(cfg),
             "seg_negatives": mc.SEG_NEGATIVES,
             "noun_extractor": noun_extractor,
             "noun_datasets": noun_datasets,
@@ -499,17 +509,29 @@ class MixReorg(nn.Module):
         """(K, D) normalised text embeddings of ``vocabulary`` (cached per vocabulary)."""
         return self.text_classifier(list(vocabulary)).to(self.device)
 
-    def segment_scores(self, image: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The grouping encoder's outputs (``segments``, ``assignments``, ``grid``) of one
+        normalised image (3, H, W); independent of the vocabulary and of the calibration."""
+        return self.encoder(image[None])
+
+    def segment_scores(
+        self,
+        image: torch.Tensor,
+        class_embeds: torch.Tensor,
+        class_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Pixel class scores of one normalised image (3, H, W) (H, W multiples of the patch size).
 
         Args:
             image: (3, H, W).
             class_embeds: (K, D) normalised class embeddings.
+            class_bias: (K,) added to the group logits and to the image-level logits that rank
+                the top-k classes (seen-class calibration); None = 0.
 
         Returns:
             (K, H, W) scores: every pixel holds the class scores of its argmax group.
         """
-        out = self.encoder(image[None])
+        out = self.encode_image(image)
         h, w = out["grid"]
         assign = token_to_segment(out["assignments"])[0]  # (N, G)
         assign = assign.t().reshape(1, -1, h, w)
@@ -525,10 +547,13 @@ class MixReorg(nn.Module):
         image_embed = F.normalize(self.image_embedding(segments[None])[0], dim=-1)
         scale = self.scale()
         group_logits = group_embeds @ class_embeds.t() * scale  # (G, K)
+        image_logits = image_embed @ class_embeds.t() * scale  # (K,)
+        if class_bias is not None:
+            group_logits, image_logits = group_logits + class_bias, image_logits + class_bias
         affinity = group_logits.softmax(dim=-1)
         k = min(self.topk_classes, class_embeds.shape[0])
         if k > 0:
-            top = (image_embed @ class_embeds.t()).topk(k).indices
+            top = image_logits.topk(k).indices
             keep = torch.zeros(class_embeds.shape[0], dtype=torch.bool, device=self.device)
             keep[top] = True
             affinity = group_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1) * affinity
@@ -541,11 +566,16 @@ class MixReorg(nn.Module):
         starts = list(range(0, size - win, stride)) + [size - win]
         return sorted(set(starts))
 
-    def image_scores(self, image: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
+    def image_scores(
+        self,
+        image: torch.Tensor,
+        class_embeds: torch.Tensor,
+        class_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """``segment_scores`` of the whole image, or averaged over sliding windows."""
         h, w = image.shape[-2:]
         if self.slide_window <= 0 or max(h, w) <= self.slide_window:
-            return self.segment_scores(image, class_embeds)
+            return self.segment_scores(image, class_embeds, class_bias)
         win = self.slide_window
         scores = image.new_zeros(class_embeds.shape[0], h, w)
         count = image.new_zeros(1, h, w)
@@ -554,7 +584,7 @@ class MixReorg(nn.Module):
                 crop = image[:, y : y + win, x : x + win]
                 pad_h = -crop.shape[-2] % self.encoder.patch_size
                 pad_w = -crop.shape[-1] % self.encoder.patch_size
-                s = self.segment_scores(F.pad(crop, (0, pad_w, 0, pad_h)), class_embeds)
+                s = self.segment_scores(F.pad(crop, (0, pad_w, 0, pad_h)), class_embeds, class_bias)
                 ch, cw = crop.shape[-2:]
                 scores[:, y : y + ch, x : x + cw] += s[:, :ch, :cw]
                 count[:, y : y + ch, x : x + cw] += 1
@@ -573,8 +603,11 @@ class MixReorg(nn.Module):
             text_ids = [k for k, name in enumerate(vocabulary) if name != self.background_name]
             if not text_ids:
                 raise ValueError(f"the vocabulary holds only the background name: {vocabulary}")
-            embeds = self.class_embeddings([vocabulary[k] for k in text_ids])
-            scores = self.image_scores(images.tensor[i], embeds)
+            names = [vocabulary[k] for k in text_ids]
+            bias = None
+            if self.seen_calibration.enabled:
+                bias = self.seen_calibration.bias(names, self.device)
+            scores = self.image_scores(images.tensor[i], self.class_embeddings(names), bias)
             if len(text_ids) < len(vocabulary):
                 full = scores.new_zeros(len(vocabulary), *scores.shape[-2:])
                 full[text_ids] = scores

@@ -36,6 +36,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from torch import nn
 
+from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.clip import (
     CLIP_PIXEL_MEAN,
     CLIP_PIXEL_STD,
@@ -91,6 +92,10 @@ class PACL(nn.Module):
     dataset).
     """
 
+    # methods whose outputs do not depend on ``seen_calibration``: a calibration search may
+    # reuse them for the same inputs (tools/search_calibration.py)
+    CALIBRATION_INVARIANT = ("dense_cosines",)
+
     @configurable
     def __init__(
         self,
@@ -112,6 +117,7 @@ class PACL(nn.Module):
         bg_entropy: float = 1.5,
         bg_score: float = 0.7,
         bg_class_names: Sequence[str] = ("background",),
+        seen_calibration: Optional[SeenCalibration] = None,
         default_vocabulary: Sequence[str] = (),
     ):
         """
@@ -139,6 +145,8 @@ class PACL(nn.Module):
             bg_entropy: entropy threshold of the "entropy" rule.
             bg_score: cosine threshold of the "score" rule.
             bg_class_names: vocabulary names treated as background.
+            seen_calibration: calibrated stacking of the seen names' logits at inference; None =
+                off.
             default_vocabulary: vocabulary of test inputs that carry none.
         """
         super().__init__()
@@ -195,6 +203,7 @@ class PACL(nn.Module):
         self.bg_rule = BACKGROUND_RULES[bg_mode]
         self.bg_thresh = float(bg_entropy if bg_mode == "entropy" else bg_score)
         self.bg_class_names = frozenset(bg_class_names)
+        self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
         self.default_vocabulary = list(default_vocabulary)
         self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
@@ -234,6 +243,7 @@ class PACL(nn.Module):
             "bg_score": pacl.BG_SCORE,
             "bg_class_names": tuple(pacl.BG_CLASS_NAMES),
             "default_vocabulary": tuple(vocabulary),
+            "seen_calibration": SeenCalibration(cfg),
         }
 
     @property
@@ -435,7 +445,8 @@ class PACL(nn.Module):
             vocabulary: K class names; names in ``bg_class_names`` are background entries.
 
         Returns:
-            (K, H, W): softmax_k(cos · s) over the non-background classes; background channels are 1
+            (K, H, W): softmax_k(cos · s − γ [seen]) over the non-background classes (γ: the seen
+            calibration, 0 by default); background channels are 1
             where the background rule fires (the other channels are 0 there) and 0 elsewhere.
         """
         is_bg = torch.tensor(
@@ -446,7 +457,8 @@ class PACL(nn.Module):
             raise ValueError(f"the vocabulary has no class besides background: {list(vocabulary)}")
         texts = self.text_classifier(fg_names).to(self.device)
         cosines = self.dense_cosines(self._normalize(image), texts)
-        probs = (cosines * self.current_logit_scale()).softmax(dim=0)
+        logits = self.seen_calibration.apply(cosines * self.current_logit_scale(), fg_names)
+        probs = logits.softmax(dim=0)
         out = probs.new_zeros(len(vocabulary), *probs.shape[1:])
         out[~is_bg] = probs
         if bool(is_bg.any()):

@@ -1,0 +1,295 @@
+#!/usr/bin/env python
+"""Choose the seen-class calibration γ (``MODEL.SEEN_CALIBRATION.GAMMA``, calibrated stacking:
+ov_seg.modeling.calibration) of single-stage models (PACL, MGCA, MixReorg) on held-out images.
+
+For every ``--method NAME=CONFIG:WEIGHTS:OPTS`` (WEIGHTS may be empty; OPTS are config overrides,
+split like a shell command line), each image is segmented once per γ of the grid and scored into one
+confusion matrix per (image set, γ); the parts of the model that do not depend on γ (the methods its
+class lists in ``CALIBRATION_INVARIANT``) are computed once per image. With ``--holdout``, a 2-fold
+cross-validation picks γ on one image set and scores it on the other, both ways, pooled: every image
+is scored by a γ that was not chosen on it ('calibrated'); 'uncalibrated' is γ = 0 on the same
+images (the plain model). Writes ``OUTPUT/NAME/search.json``; progress is saved every ``--save-
+every`` images and resumed with ``--resume``.
+
+    python tools/search_calibration.py --output /tmp/calib --gammas 0,0.25,0.5,1,2 \\
+        --subset 0:150 --holdout 150:300 --metric hIoU \\
+        --method "pacl=configs/toyworld/pacl.yaml:out/pacl/model_final.pth:MODEL.CLIP.PRETRAINED c"
+"""
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.logger import setup_logger
+from tabulate import tabulate
+from tqdm import tqdm
+
+import ov_seg  # noqa: F401 (registration)
+from ov_seg.data import build_dataset_mapper
+from ov_seg.data.datasets.benchmark_utils import read_label_image
+from ov_seg.engine import Trainer
+from ov_seg.engine.pipeline import atomic_write_json
+from ov_seg.engine.setup import get_ov_seg_cfg
+from ov_seg.evaluation.grid_search import (
+    TABLE_METRICS,
+    add_image_set_arguments,
+    cross_validate_cells,
+    load_state,
+    parse_grid,
+    save_state,
+    search_key,
+)
+from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
+from ov_seg.utils.threads import set_num_threads
+
+logger = logging.getLogger("ov_seg.search_calibration")
+
+
+def parse_method(text: str):
+    """ "NAME=CONFIG:WEIGHTS:OPTS" → (name, config, weights, [opts])."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--method must be NAME=CONFIG:WEIGHTS:OPTS, got {text!r}")
+    name, rest = text.split("=", 1)
+    config, weights, opts = (rest.split(":", 2) + ["", ""])[:3]
+    if not name or not config:
+        raise argparse.ArgumentTypeError(f"--method needs a name and a config: {text!r}")
+    return name, config, weights, shlex.split(opts)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--method",
+        type=parse_method,
+        action="append",
+        required=True,
+        help="NAME=CONFIG:WEIGHTS:OPTS (repeatable; searched one after the other)",
+    )
+    p.add_argument("--output", required=True, help="output folder (NAME/search.json)")
+    p.add_argument(
+        "--gammas",
+        type=parse_grid,
+        default=parse_grid("0,0.25,0.5,1,2"),
+        help="γ grid (a,b,... or a:b:step); must contain 0",
+    )
+    add_image_set_arguments(
+        p,
+        metric="hIoU",
+        holdout_help="START:END of held-out images (2-fold cross-validation with --subset)",
+    )
+    return p
+
+
+def _same(a, b) -> bool:
+    """Equal call arguments: tensors by value (and dtype / shape), containers element-wise."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+class InputMemo:
+    """Wraps a model method: a call whose arguments equal those of an earlier call since the last
+    ``clear()`` returns that call's output (the method must not depend on anything else that
+    changes in between, here: the calibration γ)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.entries: List = []
+        self.hits = 0
+
+    def clear(self) -> None:
+        self.entries = []
+
+    def __call__(self, *args, **kwargs):
+        for a, k, out in self.entries:
+            if _same(a, args) and _same(k, kwargs):
+                self.hits += 1
+                return out
+        out = self.fn(*args, **kwargs)
+        self.entries.append((args, kwargs, out))
+        return out
+
+
+def memoize_invariants(model) -> List[InputMemo]:
+    """Replace the model's ``CALIBRATION_INVARIANT`` methods by ``InputMemo`` wrappers (instance
+    attributes); returns the wrappers."""
+    memos = []
+    for name in getattr(type(model), "CALIBRATION_INVARIANT", ()):
+        memo = InputMemo(getattr(model, name))
+        setattr(model, name, memo)
+        memos.append(memo)
+    return memos
+
+
+def load_method(base_cfg, config: str, weights: str, opts: List[str]):
+    """(frozen cfg, model in eval mode with ``weights`` loaded)."""
+    cfg = base_cfg.clone()
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(opts)
+    cfg.freeze()
+    model = Trainer.build_model(cfg)
+    if not hasattr(model, "seen_calibration"):
+        raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} has no seen-class calibration")
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    model.eval()
+    return cfg, model
+
+
+def search_method(name: str, config: str, weights: str, opts: List[str], args) -> Dict:
+    """Run the γ search of one method; write and return its summary."""
+    cfg, model = load_method(get_ov_seg_cfg(), config, weights, opts)
+    set_num_threads(cfg.RUNTIME.NUM_THREADS)
+    calibration = model.seen_calibration
+    if max(args.gammas) > 0 and not calibration.seen_names:
+        raise SystemExit(
+            f"{name}: no seen names (MODEL.SEEN_CALIBRATION.SEEN_NAMES, or seen_classes metadata "
+            "of DATASETS.TEST / TRAIN): nothing to calibrate"
+        )
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
+    if dataset not in DatasetCatalog.list():
+        raise SystemExit(f"{name}: unknown or no dataset {dataset!r} (pass --dataset)")
+    meta = MetadataCatalog.get(dataset)
+    class_names = list(meta.get("stuff_classes", None) or [])
+    seen, unseen = meta.get("seen_class_ids", None), meta.get("unseen_class_ids", None)
+    all_dicts = DatasetCatalog.get(dataset)
+    dicts = all_dicts[args.subset]
+    held = all_dicts[args.holdout] if args.holdout is not None else []
+    if not dicts or (args.holdout is not None and not held):
+        raise SystemExit(f"{name}: an empty image set ({args.subset} / {args.holdout})")
+    names = [d["file_name"] for d in dicts]
+    if set(names) & {d["file_name"] for d in held}:
+        raise SystemExit(f"--subset {args.subset} and --holdout {args.holdout} overlap")
+    parts = [0] * len(dicts) + [1] * len(held)
+    dicts = dicts + held
+    mapper = build_dataset_mapper(cfg, is_train=False, dataset_name=dataset)
+    n = len(class_names) + 1
+    ignore = int(meta.get("ignore_label", 255))
+    conf = np.zeros((2, len(args.gammas), n, n), dtype=np.int64)
+
+    out_dir = Path(args.output) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / "search_state.npz"
+    key = search_key(cfg, [args.gammas], args, dataset, len(dicts))
+    start, conf = load_state(state_path, key, conf, args.resume)
+    memos = memoize_invariants(model)
+    with torch.inference_mode():
+        for i in tqdm(range(start, len(dicts)), initial=start, total=len(dicts), desc=name):
+            d = dicts[i]
+            x = mapper(d)
+            gt = read_label_image(d["sem_seg_file_name"]).astype(np.int64)
+            gt[gt == ignore] = n - 1
+            for g, gamma in enumerate(args.gammas):
+                calibration.gamma = float(gamma)
+                sem_seg = model([x])[0]["sem_seg"]
+                if tuple(sem_seg.shape[-2:]) != gt.shape:
+                    raise SystemExit(f"{d['file_name']}: output {sem_seg.shape}, truth {gt.shape}")
+                pred = sem_seg.argmax(0).cpu().numpy().astype(np.int64)
+                conf[parts[i], g] += np.bincount(
+                    n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n
+                ).reshape(n, n)
+            for memo in memos:
+                memo.clear()
+            if (i + 1) % args.save_every == 0 and i + 1 < len(dicts):
+                save_state(state_path, key, i + 1, conf)
+    save_state(state_path, key, len(dicts), conf)
+
+    def metrics(part, g):
+        m = sem_seg_metrics(conf[part, g], class_names, seen, unseen)
+        return {"gamma": args.gammas[g], **{k: m[k] for k in TABLE_METRICS if k in m}}
+
+    if args.metric not in metrics(0, 0):
+        raise SystemExit(f"metric {args.metric!r} not available for {dataset!r}")
+    grid = [metrics(0, g) for g in range(len(args.gammas))]
+    best = max(grid, key=lambda r: -np.inf if np.isnan(r[args.metric]) else r[args.metric])
+    summary = {
+        "method": name,
+        "config": config,
+        "weights": weights,
+        "dataset": dataset,
+        "metric": args.metric,
+        "subset": [args.subset.start, args.subset.stop],
+        "num_images": len(parts) - len(held),
+        "grid": grid,
+        "best": best,
+    }
+    tables = [("images " + f"{args.subset.start}:{args.subset.stop}", grid)]
+    if held:
+        holdout = [metrics(1, g) for g in range(len(args.gammas))]
+        summary["holdout"] = {
+            "subset": [args.holdout.start, args.holdout.stop],
+            "num_images": len(held),
+            "grid": holdout,
+            "best": holdout[args.gammas.index(best["gamma"])],
+        }
+        tables.append((f"held-out images {args.holdout.start}:{args.holdout.stop}", holdout))
+        selections = {"uncalibrated": [0.0], "calibrated": list(args.gammas)}
+        summary["cross_validated"] = {}
+        for sel, allowed in selections.items():
+            if not any(g in args.gammas for g in allowed):
+                continue
+            cells = [args.gammas.index(g) for g in allowed if g in args.gammas]
+            picks, cv = cross_validate_cells(
+                lambda part, g: conf[part, g],
+                cells,
+                args.metric,
+                class_names,
+                seen,
+                unseen,
+                TABLE_METRICS,
+            )
+            summary["cross_validated"][sel] = {
+                "picks": [{"gamma": args.gammas[g]} for g in picks],
+                **cv,
+            }
+    for title, rows in tables:
+        print(f"\n{name} on {dataset}, {title}")
+        print(
+            tabulate(
+                [[r["gamma"], *(r.get(k, float("nan")) for k in TABLE_METRICS)] for r in rows],
+                headers=["γ", *TABLE_METRICS],
+                floatfmt=".2f",
+            )
+        )
+    for sel, cv in summary.get("cross_validated", {}).items():
+        picks = "/".join(str(p["gamma"]) for p in cv["picks"])
+        print(
+            f"{name}: 2-fold cross-validated {sel} (γ picks {picks}): "
+            + ", ".join(f"{k} {cv[k]:.2f}" for k in TABLE_METRICS if k in cv)
+        )
+    atomic_write_json(out_dir / "search.json", summary)
+    return summary
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="ov_seg")
+    setup_logger(name="detectron2")
+    if 0.0 not in args.gammas:
+        raise SystemExit(f"the γ grid must contain 0 (the plain model): {args.gammas}")
+    if min(args.gammas) < 0:
+        raise SystemExit(f"γ must be >= 0: {args.gammas}")
+    return {name: search_method(name, c, w, o, args) for name, c, w, o in args.method}
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
