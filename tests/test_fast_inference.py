@@ -353,3 +353,37 @@ def test_auto_crop_batch_size_follows_the_tower_and_keeps_outputs():
         clf.batch_size = 3
         assert clf.crop_batch_size(crops) == 3
         assert torch.allclose(clf.encode_crops(crops, None), auto, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_class_token_only_last_block_equals_the_full_tower(depth):
+    """need_tokens=False: a class-token tower runs its last block for the class token alone; the
+    embedding equals the full forward's (with and without mask prompts, training graph too). An
+    average-pooling tower, or a quantized copy, ignores the shortcut."""
+    torch.manual_seed(0)
+    visual = VisionTransformer(64, 8, 32, 2, 2, 2.0, output_dim=24, pool_type="tok").eval()
+    encoder = MaskPromptVisionEncoder(visual, depth=depth)
+    assert encoder.class_token_only()
+    gen = torch.Generator().manual_seed(1)
+    crops = torch.randn(5, 3, 64, 64, generator=gen)
+    masks = _blobs(5, 64, 64, gen) > 0.5
+    with torch.no_grad():
+        full = encoder(crops, masks)
+        short = encoder(crops, masks, need_tokens=False)
+    assert short.tokens is None and full.tokens.shape == (5, 64, 32)
+    assert torch.allclose(short.embedding, full.embedding, atol=1e-5)
+    # gradients reach the weights the same way
+    encoder(crops, masks, need_tokens=False).embedding.sum().backward()
+    grad_short = visual.conv1.weight.grad.clone()
+    visual.zero_grad()
+    encoder(crops, masks).embedding.sum().backward()
+    assert torch.allclose(grad_short, visual.conv1.weight.grad, atol=1e-4)
+
+    avg = MaskPromptVisionEncoder(
+        VisionTransformer(64, 8, 32, 2, 2, 2.0, output_dim=24, pool_type="avg").eval(), depth
+    )
+    assert not avg.class_token_only()
+    assert avg(crops, masks, need_tokens=False).tokens is not None
+    quantized = copy.deepcopy(visual)
+    quantize_vision_linears(quantized)
+    assert not MaskPromptVisionEncoder(quantized, depth=depth).class_token_only()

@@ -206,7 +206,7 @@ class MaskedCropClassifier(nn.Module):
         step = self.crop_batch_size(crops) if not torch.is_grad_enabled() else crops.shape[0]
         for i in range(0, crops.shape[0], step):
             m = None if crop_masks is None else crop_masks[i : i + step]
-            out.append(self.encoder(crops[i : i + step], m).embedding)
+            out.append(self.encoder(crops[i : i + step], m, need_tokens=False).embedding)
         return F.normalize(torch.cat(out), dim=-1)
 
     def crop_batch_size(self, crops: torch.Tensor) -> int:

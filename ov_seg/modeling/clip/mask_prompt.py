@@ -16,6 +16,7 @@ from torch import nn
 
 __all__ = [
     "MaskPromptVisionEncoder",
+    "class_token_block",
     "VisionOutput",
     "patch_keep_mask",
     "interpolate_grid_embedding",
@@ -26,8 +27,33 @@ class VisionOutput(NamedTuple):
     """Output of ``MaskPromptVisionEncoder`` (unpacks as a 3-tuple)."""
 
     embedding: torch.Tensor  # (B, D) pooled image embedding after the projection, not normalised
-    tokens: torch.Tensor  # (B, h*w, d_v) patch tokens after ln_post, before the projection
+    # (B, h*w, d_v) patch tokens after ln_post, before the projection; None when the encoder was
+    # asked for the embedding only and skipped them (class-token pooling)
+    tokens: Optional[torch.Tensor]
     grid: Tuple[int, int]  # (h, w) patch grid of the input
+
+
+def class_token_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An open_clip ``ResidualAttentionBlock`` computed for the class token only.
+
+    The class token's output depends on every token through the keys and values of the attention,
+    but no other token's output is needed when the block is the last one and the pooling takes the
+    class token: the query, attention row, output projection and MLP then run for 1 token instead
+    of 1 + h*w (for ViT-B/16 at 224 px: about 0.8 of a block, 7 % of the tower's FLOPs).
+
+    Args:
+        block: the block (its ``attn`` an ``nn.MultiheadAttention``, batch-first).
+        x: (B, 1 + N, d) batch-first tokens, the class token first.
+
+    Returns:
+        (B, 1, d): the block's output at the class token (equal to ``block(x)[:, :1]`` up to
+        float rounding).
+    """
+    y = block.ln_1(x)
+    q = y[:, :1]
+    attn = block.attn(q, y, y, need_weights=False)[0]
+    out = x[:, :1] + block.ls_1(attn)
+    return out + block.ls_2(block.mlp(block.ln_2(out)))
 
 
 def patch_keep_mask(
@@ -153,15 +179,37 @@ class MaskPromptVisionEncoder(nn.Module):
     def _prompts(self, grid: Tuple[int, int], dtype) -> torch.Tensor:
         return interpolate_grid_embedding(self.prompts, self.native_grid, grid).to(dtype)
 
-    def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None) -> VisionOutput:
+    def class_token_only(self) -> bool:
+        """Whether the last block may run for the class token alone when the patch tokens are not
+        needed: class-token pooling (no attentional pooling), a plain ``nn.MultiheadAttention``
+        in the last block (not a quantized copy) and batch-first blocks."""
+        visual = self.visual
+        last = visual.transformer.resblocks[-1]
+        return (
+            visual.pool_type == "tok"
+            and visual.attn_pool is None
+            and visual.transformer.batch_first
+            and type(getattr(last, "attn", None)) is nn.MultiheadAttention
+            and not hasattr(last, "ln_1_kv")
+        )
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        masks: Optional[torch.Tensor] = None,
+        need_tokens: bool = True,
+    ) -> VisionOutput:
         """Encode normalised images, with mask prompts on the fully masked-out patches.
 
         Args:
             images: (B, 3, H, W) normalised with ``CLIP_PIXEL_MEAN`` / ``CLIP_PIXEL_STD``.
             masks: (B, H, W) foreground masks (bool, or float thresholded at 0.5) or None.
+            need_tokens: False when only the embedding is used: with class-token pooling the
+                last block then runs for the class token alone (``class_token_block``; the same
+                embedding up to float rounding) and ``tokens`` is None.
 
         Returns:
-            ``VisionOutput(embedding (B, D), tokens (B, h*w, d_v), grid (h, w))``.
+            ``VisionOutput(embedding (B, D), tokens (B, h*w, d_v) or None, grid (h, w))``.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -194,7 +242,12 @@ class MaskPromptVisionEncoder(nn.Module):
         batch_first = visual.transformer.batch_first
         if not batch_first:
             x = x.transpose(0, 1)
-        for i, block in enumerate(visual.transformer.resblocks):
+        blocks = visual.transformer.resblocks
+        cls_only = not need_tokens and self.class_token_only()
+        for i, block in enumerate(blocks):
+            if cls_only and i == len(blocks) - 1:
+                x = class_token_block(block, x)  # (B, 1, d): only the class token is pooled
+                break
             x = block(x)
             if prompts is not None and i + 1 < self.depth:
                 xb = x if batch_first else x.transpose(0, 1)
@@ -204,7 +257,9 @@ class MaskPromptVisionEncoder(nn.Module):
         if not batch_first:
             x = x.transpose(0, 1)
         pooled, tokens = visual._pool(x)
-        if visual.final_ln_after_pool:
+        if cls_only:
+            tokens = None
+        elif visual.final_ln_after_pool:
             tokens = visual.ln_post(tokens)
         if visual.proj is not None:
             pooled = pooled @ visual.proj
