@@ -149,3 +149,30 @@ def test_worker_processes_match_one_process_and_are_reused():
         assert ex._pool is pool and [w.pid for w in pool._pool] == workers
     assert ex._pool is None
     assert one[0] == ["dog", "ball", "tennis court"]
+
+
+def test_large_dataset_parse_uses_free_cores(toyworld_root, tmp_path, monkeypatch):
+    """A one-time dataset parse above PARALLEL_MIN_TEXTS runs in temporary worker processes (2
+    cores here) and gives the single-process result; the extractor keeps no pool."""
+    from ov_seg.mining import nouns as nouns_module
+
+    from ov_seg.utils.threads import free_cores
+
+    if free_cores() < 2:
+        pytest.skip("one free core: no worker pool")
+    extractor = NounExtractor(mode="chunk", chunker="tagger")
+    single = extract_for_dataset("toyworld_captions_val", extractor, cache_dir=str(tmp_path / "a"))
+    nouns_module._DATASET_MEMO.clear()
+    used = []
+    original = nouns_module.NounExtractor.from_settings
+    monkeypatch.setattr(nouns_module, "PARALLEL_MIN_TEXTS", 1)
+    monkeypatch.setattr(
+        nouns_module.NounExtractor,
+        "from_settings",
+        classmethod(lambda cls, s, **kw: used.append(kw) or original(s, **kw)),
+    )
+    fresh = NounExtractor(mode="chunk", chunker="tagger")
+    parallel = extract_for_dataset("toyworld_captions_val", fresh, cache_dir=str(tmp_path / "b"))
+    assert parallel == single
+    assert used and used[0]["n_process"] >= 2
+    assert fresh._pool is None

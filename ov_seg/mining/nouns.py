@@ -631,6 +631,25 @@ def _dataset_cache_dir(dataset_name: str) -> Optional[str]:
     return None if root is None else os.path.join(root, "nouns_cache")
 
 
+# a one-time dataset parse with at least this many captions uses every free core
+PARALLEL_MIN_TEXTS = 5000
+
+
+def _extract_once(extractor: NounExtractor, texts: List[str]) -> List[List[str]]:
+    """``extractor.extract(texts)`` for a one-time parse: a single-process extractor hands a large
+    job to a temporary pool of worker processes, one per free core of this machine's share
+    (the same output: the worker count is not part of the settings that decide it)."""
+    from detectron2.utils import comm
+
+    from ov_seg.utils.threads import free_cores
+
+    workers = max(1, free_cores() // max(1, comm.get_local_size()))
+    if extractor.settings.n_process > 1 or workers < 2 or len(texts) < PARALLEL_MIN_TEXTS:
+        return extractor.extract(texts)
+    with NounExtractor.from_settings(extractor.settings, n_process=workers) as parallel:
+        return parallel.extract(texts)
+
+
 def extract_for_dataset(
     dataset_name: str,
     extractor: Optional[NounExtractor] = None,
@@ -686,7 +705,7 @@ def extract_for_dataset(
         logger.info("nouns of %s read from the cache %s", dataset_name, path)
     if rows is None:
         texts = [c for d in dicts for c in d["captions"]]
-        phrases = extractor.extract(texts)
+        phrases = _extract_once(extractor, texts)
         rows, pos = [], 0
         for d in dicts:
             rows.append([d["image_id"], phrases[pos : pos + len(d["captions"])]])
