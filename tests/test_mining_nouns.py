@@ -155,7 +155,6 @@ def test_large_dataset_parse_uses_free_cores(toyworld_root, tmp_path, monkeypatc
     """A one-time dataset parse above PARALLEL_MIN_TEXTS runs in temporary worker processes (2
     cores here) and gives the single-process result; the extractor keeps no pool."""
     from ov_seg.mining import nouns as nouns_module
-
     from ov_seg.utils.threads import free_cores
 
     if free_cores() < 2:
