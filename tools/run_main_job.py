@@ -455,7 +455,8 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
 
 def prediction_grid(out: Path) -> int:
     """Draw the prediction grid: the two-stage model at its searched (λ, MASK_THR), then the
-    single-stage models (``tools/visualize_methods.py``)."""
+    single-stage models at their searched seen-class calibration γ
+    (``tools/visualize_methods.py``)."""
     best = json.loads((out / "two_stage_search" / "search.json").read_text())["best"]
     two_stage = [
         *two_stage_weights(out),
@@ -470,7 +471,7 @@ def prediction_grid(out: Path) -> int:
         search = _read_json(out / "calibration" / method / "search.json") or {}
         gamma = search.get("best", {}).get("gamma", 0.0)
         opts = ("MODEL.SEEN_CALIBRATION.GAMMA", str(gamma))
-        methods.append(f"{method}={single_stage_spec(out, method, *opts)}")
+        methods.append(f"{method} cal {gamma}={single_stage_spec(out, method, *opts)}")
     cmd = [sys.executable, str(REPO / "tools" / "visualize_methods.py"), "--output"]
     cmd += [str(out / "grid.png"), *[a for m in methods for a in ("--method", m)]]
     print("$ " + " ".join(cmd), flush=True)
