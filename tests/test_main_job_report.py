@@ -1,0 +1,84 @@
+"""tools/run_main_job.py: the stage list and the report built from the searches' outputs."""
+
+import importlib.util
+import json
+
+from helpers import REPO
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location(
+        "run_main_job", REPO / "tools" / "run_main_job.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cv(seen, unseen, picks, key):
+    h = 2 * seen * unseen / (seen + unseen)
+    return {
+        "picks": [{key: p} for p in picks],
+        "mIoU-seen": seen,
+        "mIoU-unseen": unseen,
+        "hIoU": h,
+        "mIoU": (seen + unseen) / 2,
+    }
+
+
+def test_stages_and_report(toyworld_root, tmp_path):
+    job = _job()
+    out = tmp_path / "out"
+    stages = job.build_stages(out, toyworld_root.parent)
+    names = [s.name for s in stages]
+    assert names[-2:] == ["calibration_search", "prediction_grid"]
+    search = next(s for s in stages if s.name == "calibration_search")
+    assert set(search.outputs) == {
+        str(out / "calibration" / m / "search.json")
+        for m in ("pacl", "mgca", "mixreorg", "pacl_vanilla")
+    }
+    assert search.command.count("--method") == 4
+    for method in job.SINGLE_STAGE:  # trained without a final evaluation: the search scores them
+        train = next(s for s in stages if s.name == method)
+        assert "DATASETS.TEST" in train.command and train.outputs[0].endswith("model_final.pth")
+
+    for method, (plain, cal) in {
+        "pacl": ((5.0, 0.4), (4.0, 3.0)),
+        "pacl_vanilla": ((3.0, 0.1), (2.0, 1.5)),
+        "mgca": ((9.0, 3.0), (8.0, 8.0)),
+        "mixreorg": ((4.0, 0.5), (3.0, 1.5)),
+    }.items():
+        folder = out / "calibration" / method
+        folder.mkdir(parents=True)
+        summary = {
+            "best": {"gamma": 0.5},
+            "cross_validated": {
+                "uncalibrated": _cv(*plain, [0.0, 0.0], "gamma"),
+                "calibrated": _cv(*cal, [0.5, 1.0], "gamma"),
+            },
+        }
+        (folder / "search.json").write_text(json.dumps(summary))
+    two_stage = {
+        "best": {"ensemble_weight": 0.8, "mask_thr": 0.4},
+        "cross_validated": {
+            name: {
+                **_cv(8.0, 3.0 + i, [w, w], "ensemble_weight"),
+                "picks": [{"ensemble_weight": w, "mask_thr": 0.4}] * 2,
+            }
+            for i, (name, w) in enumerate((("lambda_0", 0.0), ("lambda_1", 1.0), ("searched", 0.8)))
+        },
+    }
+    (out / "two_stage_search").mkdir(parents=True)
+    (out / "two_stage_search" / "search.json").write_text(json.dumps(two_stage))
+    records = {"generate_toyworld": {"seconds": 1.0, "peak_rss_mib": 10.0, "skipped": False}}
+    table = job.write_report(out, records, elapsed=2.0)
+
+    report = json.loads((out / "report.json").read_text())["results"]
+    assert report["PACL"]["mIoU-unseen"] == 0.4 and report["PACL"]["gamma"] == "0.0/0.0"
+    assert report["PACL, seen-calibrated †"]["mIoU-unseen"] == 3.0
+    assert report["PACL, seen-calibrated †"]["gamma"] == "0.5/1.0"
+    assert report["MGCA, seen-calibrated †"]["hIoU"] == 8.0
+    searched = report["two-stage OVSeg, searched λ / MASK_THR (ensemble) *"]
+    assert searched["mIoU-unseen"] == 5.0 and searched["ensemble_weight"] == "0.8/0.8"
+    assert "| MixReorg, seen-calibrated † | 3.0 | 1.5 |" in table
+    assert "seen-calibrated" in (out / "report.md").read_text()
