@@ -8,12 +8,17 @@ from detectron2.engine import default_argument_parser
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_train_net():
-    """Import tools/train_net.py as a module."""
-    spec = importlib.util.spec_from_file_location("train_net", REPO / "tools" / "train_net.py")
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_train_net():
+    """Import tools/train_net.py as a module."""
+    return load_tool("train_net")
 
 
 def setup_config(path, opts=()):

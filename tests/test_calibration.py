@@ -1,14 +1,13 @@
 """Seen-class calibration (calibrated stacking) of the single-stage models and
 tools/search_calibration.py."""
 
-import importlib.util
 import shlex
 
 import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from helpers import REPO, setup_config
+from helpers import REPO, load_tool, setup_config
 
 from ov_seg.data import build_dataset_mapper
 from ov_seg.data.datasets.benchmark_utils import read_label_image
@@ -25,15 +24,6 @@ CONFIGS = {
 }
 SEEN = ["red star", "grass", "sky"]
 VOCAB = ["red star", "blue circle", "grass", "sky", "green heart"]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "search_calibration", REPO / "tools" / "search_calibration.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_bias_and_apply():
@@ -99,7 +89,7 @@ def test_calibration_moves_scores_from_seen_to_unseen_names(name):
 
 
 def test_search_tool_cross_validates_and_reuses_the_invariant_parts(toyworld_root, tmp_path):
-    tool = _tool()
+    tool = load_tool("search_calibration")
     config = str(REPO / CONFIGS["pacl"][0])
     calls = {"n": 0}
     original = PACL.dense_cosines

@@ -1,18 +1,8 @@
 """tools/run_main_job.py: the stage list and the report built from the searches' outputs."""
 
-import importlib.util
 import json
 
-from helpers import REPO
-
-
-def _job():
-    spec = importlib.util.spec_from_file_location(
-        "run_main_job", REPO / "tools" / "run_main_job.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_tool
 
 
 def _cv(seen, unseen, picks, key):
@@ -27,7 +17,7 @@ def _cv(seen, unseen, picks, key):
 
 
 def test_stages_and_report(toyworld_root, tmp_path):
-    job = _job()
+    job = load_tool("run_main_job")
     out = tmp_path / "out"
     stages = job.build_stages(out, toyworld_root.parent)
     names = [s.name for s in stages]

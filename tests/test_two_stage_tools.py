@@ -1,6 +1,5 @@
 """tools/merge_checkpoints.py and tools/search_ensemble.py with tiny random models (toy world)."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -9,7 +8,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
-from helpers import REPO, setup_config
+from helpers import REPO, load_tool, setup_config
 
 from ov_seg.data import build_dataset_mapper
 from ov_seg.data.datasets.benchmark_utils import read_label_image
@@ -18,13 +17,6 @@ from ov_seg.modeling.clip import save_clip_checkpoint
 
 CONFIG = "configs/toyworld/two_stage_R18.yaml"
 OPTS = ["MODEL.CLIP.PRETRAINED", "", "RUNTIME.NUM_THREADS", "1"]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_merged_checkpoint_round_trip(toyworld_root, tmp_path):
@@ -40,7 +32,7 @@ def test_merged_checkpoint_round_trip(toyworld_root, tmp_path):
     save_clip_checkpoint(str(clip_path), clip, mask_prompts=prompts)
     merged = tmp_path / "merged.pth"
     # verification inside the tool rebuilds the model from the merged file and compares every tensor
-    _tool("merge_checkpoints").main(
+    load_tool("merge_checkpoints").main(
         [
             "--config-file",
             str(REPO / CONFIG),
@@ -68,7 +60,7 @@ def test_search_matches_the_model_forward(toyworld_root, tmp_path):
     args = ["--config-file", str(REPO / CONFIG), "--output", str(out), "--weights", "0,0.5,1"]
     args += ["--mask-thrs", "0.4,0.6", "--subset", "1:4"]
     torch.manual_seed(0)
-    _tool("search_ensemble").main([*args, *OPTS])
+    load_tool("search_ensemble").main([*args, *OPTS])
     result = json.loads((out / "search.json").read_text())
     grid = {(r["ensemble_weight"], r["mask_thr"]): r for r in result["grid"]}
     assert len(grid) == 6 and result["num_images"] == 3
@@ -95,18 +87,18 @@ def test_search_matches_the_model_forward(toyworld_root, tmp_path):
     for key in ("mIoU", "mIoU-seen", "mIoU-unseen"):
         assert np.isclose(grid[(0.5, 0.6)][key], expected[key], equal_nan=True), key
     # resume: the finished search is reloaded, not recomputed
-    best = _tool("search_ensemble").main([*args, "--resume", *OPTS])
+    best = load_tool("search_ensemble").main([*args, "--resume", *OPTS])
     assert best == result["best"]
 
 
 def test_search_holdout_scores_the_held_out_images(toyworld_root, tmp_path):
     base = ["--config-file", str(REPO / CONFIG), "--weights", "0,1", "--mask-thrs", "0.5"]
     torch.manual_seed(0)
-    _tool("search_ensemble").main(
+    load_tool("search_ensemble").main(
         [*base, "--output", str(tmp_path / "a"), "--subset", "0:2", "--holdout", "2:4", *OPTS]
     )
     torch.manual_seed(0)
-    _tool("search_ensemble").main(
+    load_tool("search_ensemble").main(
         [*base, "--output", str(tmp_path / "b"), "--subset", "2:4", *OPTS]
     )
     both = json.loads((tmp_path / "a" / "search.json").read_text())
@@ -117,7 +109,7 @@ def test_search_holdout_scores_the_held_out_images(toyworld_root, tmp_path):
     pick = (both["best"]["ensemble_weight"], both["best"]["mask_thr"])
     assert (both["holdout"]["best"]["ensemble_weight"], both["holdout"]["best"]["mask_thr"]) == pick
     with pytest.raises(SystemExit, match="overlap"):
-        _tool("search_ensemble").main(
+        load_tool("search_ensemble").main(
             [*base, "--output", str(tmp_path / "c"), "--subset", "0:3", "--holdout", "2:4", *OPTS]
         )
 
@@ -127,7 +119,7 @@ def test_cross_validation_picks_on_one_set_and_scores_the_other():
     other, and the two held-out matrices are pooled."""
     from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
 
-    tool = _tool("search_ensemble")
+    tool = load_tool("search_ensemble")
     rng = np.random.default_rng(0)
     weights, thrs, classes = [0.0, 0.5, 1.0], [0.35, 0.45], ["a", "b", "c"]
     n = len(classes) + 1

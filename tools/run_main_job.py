@@ -11,6 +11,7 @@ Every stage is an ordinary command (printed as it starts) that can be re-run on 
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def single_stage_spec(out: Path, method: str, *opts: str) -> str:
     weights = "" if method == "pacl_vanilla" else str(out / method / "model_final.pth")
     clip = out / "clip_pretrain" / "clip_export.pth"
     config = REPO / "configs" / "toyworld" / f"{method}.yaml"
-    return f"{config}:{weights}:{' '.join(['MODEL.CLIP.PRETRAINED', str(clip), *opts])}"
+    return f"{config}:{weights}:{shlex.join(['MODEL.CLIP.PRETRAINED', str(clip), *opts])}"
 
 
 def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDGET):

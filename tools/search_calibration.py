@@ -18,14 +18,12 @@ every`` images and resumed with ``--resume``.
 
 import argparse
 import logging
-import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
@@ -34,7 +32,7 @@ from tqdm import tqdm
 import ov_seg  # noqa: F401 (registration)
 from ov_seg.data import build_dataset_mapper
 from ov_seg.data.datasets.benchmark_utils import read_label_image
-from ov_seg.engine import Trainer
+from ov_seg.engine.methods import build_method, parse_method_spec
 from ov_seg.engine.pipeline import atomic_write_json
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.evaluation.grid_search import (
@@ -52,24 +50,13 @@ from ov_seg.utils.threads import set_num_threads
 logger = logging.getLogger("ov_seg.search_calibration")
 
 
-def parse_method(text: str):
-    """ "NAME=CONFIG:WEIGHTS:OPTS" → (name, config, weights, [opts])."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--method must be NAME=CONFIG:WEIGHTS:OPTS, got {text!r}")
-    name, rest = text.split("=", 1)
-    config, weights, opts = (rest.split(":", 2) + ["", ""])[:3]
-    if not name or not config:
-        raise argparse.ArgumentTypeError(f"--method needs a name and a config: {text!r}")
-    return name, config, weights, shlex.split(opts)
-
-
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--method",
-        type=parse_method,
+        type=parse_method_spec,
         action="append",
         required=True,
         help="NAME=CONFIG:WEIGHTS:OPTS (repeatable; searched one after the other)",
@@ -140,24 +127,11 @@ def memoize_invariants(model) -> List[InputMemo]:
     return memos
 
 
-def load_method(base_cfg, config: str, weights: str, opts: List[str]):
-    """(frozen cfg, model in eval mode with ``weights`` loaded)."""
-    cfg = base_cfg.clone()
-    cfg.merge_from_file(config)
-    cfg.merge_from_list(opts)
-    cfg.freeze()
-    model = Trainer.build_model(cfg)
-    if not hasattr(model, "seen_calibration"):
-        raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} has no seen-class calibration")
-    if weights:
-        DetectionCheckpointer(model).load(weights)
-    model.eval()
-    return cfg, model
-
-
 def search_method(name: str, config: str, weights: str, opts: List[str], args) -> Dict:
     """Run the γ search of one method; write and return its summary."""
-    cfg, model = load_method(get_ov_seg_cfg(), config, weights, opts)
+    cfg, model = build_method(get_ov_seg_cfg(), config, weights, opts)
+    if not hasattr(model, "seen_calibration"):
+        raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} has no seen-class calibration")
     set_num_threads(cfg.RUNTIME.NUM_THREADS)
     calibration = model.seen_calibration
     if max(args.gammas) > 0 and not calibration.seen_names:

@@ -6,8 +6,9 @@
         --method "two-stage=configs/toyworld/two_stage_R18.yaml::MODEL.CLIP.PRETRAINED x.pth" \\
         --method "PACL=configs/toyworld/pacl.yaml:out/pacl.pth:MODEL.CLIP.PRETRAINED x.pth"
 
-``--method NAME=CONFIG:WEIGHTS:OPTS`` (WEIGHTS may be empty; OPTS are space-separated config
-overrides). Images are picked from those containing unseen classes first, so unseen names are shown.
+``--method NAME=CONFIG:WEIGHTS:OPTS`` (WEIGHTS may be empty; OPTS are config overrides split like a
+shell command line). Images are picked from those containing unseen classes first, so unseen names
+are shown.
 """
 
 import argparse
@@ -18,7 +19,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,15 +26,9 @@ sys.path.insert(0, str(REPO))
 
 import ov_seg  # noqa: E402,F401 (registration)
 from ov_seg.data import build_dataset_mapper  # noqa: E402
-from ov_seg.engine import Trainer  # noqa: E402
+from ov_seg.engine.methods import build_method, parse_method_spec  # noqa: E402
 from ov_seg.engine.setup import get_ov_seg_cfg  # noqa: E402
 from ov_seg.utils.threads import set_num_threads  # noqa: E402
-
-
-def parse_method(text: str):
-    name, rest = text.split("=", 1)
-    config, weights, opts = (rest.split(":", 2) + ["", ""])[:3]
-    return name, config, weights, opts.split()
 
 
 def colorize(labels: np.ndarray, colors: np.ndarray, ignore: int = 255) -> np.ndarray:
@@ -72,13 +66,9 @@ def main(argv=None):
     base_cfg = get_ov_seg_cfg()
     mapper = None
     for spec in args.method:
-        name, config, weights, opts = parse_method(spec)
-        cfg = base_cfg.clone()
-        cfg.merge_from_file(str(REPO / config) if not os.path.isabs(config) else config)
-        cfg.merge_from_list(opts + ["MODEL.DEVICE", "cpu"])
-        model = Trainer.build_model(cfg).eval()
-        if weights:
-            DetectionCheckpointer(model).load(weights)
+        name, config, weights, opts = parse_method_spec(spec)
+        config = str(REPO / config) if not os.path.isabs(config) else config
+        cfg, model = build_method(base_cfg, config, weights, opts + ["MODEL.DEVICE", "cpu"])
         mapper = build_dataset_mapper(cfg, is_train=False, dataset_name=args.dataset)
         columns.append((name, None))
         with torch.inference_mode():
