@@ -189,10 +189,11 @@ def add_evaluation_config(cfg):
 
 def add_seen_calibration_config(cfg):
     """Calibrated stacking of seen-class logits at test time (ov_seg.modeling.calibration), for the
-    single-stage models (PACL, MGCA, MixReorg)."""
+    single-stage models (PACL, MGCA, MixReorg) and the fused scores of ``TwoStageOVSeg``."""
     cfg.MODEL.SEEN_CALIBRATION = CN()
     # γ, in logit units, subtracted from the logit of every seen name before the class softmax
-    # (0 = off, the plain model). Choose it on held-out images: tools/search_calibration.py.
+    # (0 = off, the plain model). Choose it on held-out images: tools/search_calibration.py
+    # (single-stage models), tools/search_ensemble.py --gammas (two-stage, jointly with λ).
     cfg.MODEL.SEEN_CALIBRATION.GAMMA = 0.0
     # The names the model was trained with; empty = the seen_classes metadata of DATASETS.TEST
     # and DATASETS.TRAIN.

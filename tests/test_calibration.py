@@ -43,6 +43,33 @@ def test_bias_and_apply():
         SeenCalibration(gamma=-1.0, seen_names=["a"])
 
 
+def test_two_stage_calibration_keeps_each_proposals_mass():
+    """Two-stage fusion: CLIP-only rows (mass 1) become softmax(logits − γ · seen); proposal-head
+    rows keep their 1 − p(no object); the classes' ratios move by e^(−γ) for seen names only."""
+    from ov_seg.modeling.heads.ensemble import (
+        calibrate_query_probs,
+        geometric_ensemble,
+        proposal_class_probs,
+    )
+
+    vocab = ["a", "b", "c", "d"]
+    bias = SeenCalibration(gamma=1.5, seen_names=["a", "c"]).bias(vocab)
+    logits = torch.randn(6, 4)
+    assert torch.allclose(
+        calibrate_query_probs(logits.softmax(-1), bias), (logits + bias).softmax(-1), atol=1e-6
+    )
+    head = proposal_class_probs(torch.randn(6, 5))
+    clip = logits.softmax(-1)
+    fused, _ = geometric_ensemble(head, clip, torch.ones(6, dtype=torch.bool), 0.7)
+    out = calibrate_query_probs(fused, bias)
+    assert torch.allclose(out.sum(-1), fused.sum(-1), atol=1e-6)
+    ratio = (out / fused) / (out / fused)[:, 1:2]
+    assert torch.allclose(ratio, bias.exp().expand(6, 4), atol=1e-5)
+    assert calibrate_query_probs(fused, None) is fused
+    with pytest.raises(ValueError, match="class_bias"):
+        calibrate_query_probs(fused, bias[:3])
+
+
 def test_seen_names_from_the_datasets_metadata(toyworld_root):
     cfg = setup_config(CONFIGS["pacl"][0], TINY)
     meta = MetadataCatalog.get("toyworld_sem_seg_val")

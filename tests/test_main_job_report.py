@@ -48,14 +48,16 @@ def test_stages_and_report(toyworld_root, tmp_path):
             },
         }
         (folder / "search.json").write_text(json.dumps(summary))
+    selections = [("lambda_0", 0.0), ("lambda_1", 1.0), ("searched", 0.8)]
+    selections += [(name + "_calibrated", w) for name, w in selections]
     two_stage = {
-        "best": {"ensemble_weight": 0.8, "mask_thr": 0.4},
+        "best": {"ensemble_weight": 0.8, "mask_thr": 0.4, "gamma": 2.0},
         "cross_validated": {
             name: {
                 **_cv(8.0, 3.0 + i, [w, w], "ensemble_weight"),
-                "picks": [{"ensemble_weight": w, "mask_thr": 0.4}] * 2,
+                "picks": [{"ensemble_weight": w, "mask_thr": 0.4, "gamma": 2.0 * (i >= 3)}] * 2,
             }
-            for i, (name, w) in enumerate((("lambda_0", 0.0), ("lambda_1", 1.0), ("searched", 0.8)))
+            for i, (name, w) in enumerate(selections)
         },
     }
     (out / "two_stage_search").mkdir(parents=True)
@@ -70,5 +72,11 @@ def test_stages_and_report(toyworld_root, tmp_path):
     assert report["MGCA, seen-calibrated †"]["hIoU"] == 8.0
     searched = report["two-stage OVSeg, searched λ / MASK_THR (ensemble) *"]
     assert searched["mIoU-unseen"] == 5.0 and searched["ensemble_weight"] == "0.8/0.8"
+    assert searched["gamma"] == "0.0/0.0"
+    calibrated = report["two-stage OVSeg, ensemble, seen-calibrated *†"]
+    assert calibrated["mIoU-unseen"] == 8.0 and calibrated["gamma"] == "2.0/2.0"
+    assert report["two-stage OVSeg, λ = 1, seen-calibrated *†"]["mIoU-unseen"] == 7.0
+    ts = next(s for s in stages if s.name == "two_stage_search")
+    assert ts.command[ts.command.index("--gammas") + 1] == "0.0,1.0,2.0,4.0"
     assert "| MixReorg, seen-calibrated † | 3.0 | 1.5 |" in table
     assert "seen-calibrated" in (out / "report.md").read_text()

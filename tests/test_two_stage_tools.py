@@ -58,16 +58,20 @@ def test_merged_checkpoint_round_trip(toyworld_root, tmp_path):
 def test_search_matches_the_model_forward(toyworld_root, tmp_path):
     out = tmp_path / "search"
     args = ["--config-file", str(REPO / CONFIG), "--output", str(out), "--weights", "0,0.5,1"]
-    args += ["--mask-thrs", "0.4,0.6", "--subset", "1:4"]
+    args += ["--mask-thrs", "0.4,0.6", "--gammas", "0,2", "--subset", "1:4"]
     torch.manual_seed(0)
     load_tool("search_ensemble").main([*args, *OPTS])
     result = json.loads((out / "search.json").read_text())
-    grid = {(r["ensemble_weight"], r["mask_thr"]): r for r in result["grid"]}
-    assert len(grid) == 6 and result["num_images"] == 3
-    assert grid[(0.0, 0.4)] == {**grid[(0.0, 0.6)], "mask_thr": 0.4}  # λ = 0 ignores MASK_THR
-    # the cached re-scoring equals the model's own forward at one grid point
+    grid = {(r["ensemble_weight"], r["mask_thr"], r["gamma"]): r for r in result["grid"]}
+    assert len(grid) == 12 and result["num_images"] == 3
+    # λ = 0 ignores MASK_THR
+    assert grid[(0.0, 0.4, 2.0)] == {**grid[(0.0, 0.6, 2.0)], "mask_thr": 0.4}
+    # the cached re-scoring equals the model's own forward at one grid point (seen-calibrated)
     torch.manual_seed(0)
-    cfg = setup_config(CONFIG, [*OPTS, "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT", "0.5"])
+    cfg = setup_config(
+        CONFIG,
+        [*OPTS, "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT", "0.5", "MODEL.SEEN_CALIBRATION.GAMMA", "2.0"],
+    )
     cfg.defrost()
     cfg.MODEL.CLIP.MASK_THR = 0.6
     cfg.freeze()
@@ -85,14 +89,14 @@ def test_search_matches_the_model_forward(toyworld_root, tmp_path):
     meta = MetadataCatalog.get(name)
     expected = sem_seg_metrics(conf, classes, meta.seen_class_ids, meta.unseen_class_ids)
     for key in ("mIoU", "mIoU-seen", "mIoU-unseen"):
-        assert np.isclose(grid[(0.5, 0.6)][key], expected[key], equal_nan=True), key
+        assert np.isclose(grid[(0.5, 0.6, 2.0)][key], expected[key], equal_nan=True), key
     # resume: the finished search is reloaded, not recomputed
     best = load_tool("search_ensemble").main([*args, "--resume", *OPTS])
     assert best == result["best"]
 
 
 def test_search_holdout_scores_the_held_out_images(toyworld_root, tmp_path):
-    base = ["--config-file", str(REPO / CONFIG), "--weights", "0,1", "--mask-thrs", "0.5"]
+    base = ["--config-file", str(REPO / CONFIG), "--weights", "0,0.5,1", "--mask-thrs", "0.5"]
     torch.manual_seed(0)
     load_tool("search_ensemble").main(
         [*base, "--output", str(tmp_path / "a"), "--subset", "0:2", "--holdout", "2:4", *OPTS]
@@ -121,20 +125,32 @@ def test_cross_validation_picks_on_one_set_and_scores_the_other():
 
     tool = load_tool("search_ensemble")
     rng = np.random.default_rng(0)
-    weights, thrs, classes = [0.0, 0.5, 1.0], [0.35, 0.45], ["a", "b", "c"]
+    weights, thrs, gammas, classes = [0.0, 0.5, 0.7, 1.0], [0.35, 0.45], [0.0, 2.0], ["a", "b", "c"]
     n = len(classes) + 1
-    # (set, MASK_THR, λ, prediction, truth): noisy confusions, then one clear winner per set
-    conf = rng.integers(0, 20, size=(2, len(thrs), len(weights), n, n))
-    conf[..., np.arange(n), np.arange(n)] += 40
-    conf[0, 1, 1, np.arange(n), np.arange(n)] += 1000  # set 0: best at (0.45, λ 0.5)
-    conf[1, 0, 2, np.arange(n), np.arange(n)] += 1000  # set 1: best at (0.35, λ 1)
-    cv = tool.cross_validate(conf, weights, thrs, "mIoU", classes, None, None)
+    # (set, MASK_THR, γ, λ, prediction, truth): noisy confusions, then clear winners per set
+    conf = rng.integers(0, 20, size=(2, len(thrs), len(gammas), len(weights), n, n))
+    diag = (np.arange(n), np.arange(n))
+    conf[(..., *diag)] += 40
+    conf[(0, 1, 0, 1, *diag)] += 1000  # set 0: best uncalibrated ensemble (0.45, λ 0.5)
+    conf[(1, 0, 0, 2, *diag)] += 1000  # set 1: best uncalibrated ensemble (0.35, λ 0.7)
+    conf[(1, 0, 0, 3, *diag)] += 2000  # set 1: λ = 1 is better still, but not an ensemble
+    conf[(0, 0, 1, 2, *diag)] += 3000  # set 0: best of all, calibrated (0.35, γ 2, λ 0.7)
+    cv = tool.cross_validate(conf, weights, thrs, gammas, "mIoU", classes, None, None)
     assert cv["searched"]["picks"] == [
-        {"ensemble_weight": 0.5, "mask_thr": 0.45},
-        {"ensemble_weight": 1.0, "mask_thr": 0.35},
+        {"ensemble_weight": 0.5, "mask_thr": 0.45, "gamma": 0.0},
+        {"ensemble_weight": 0.7, "mask_thr": 0.35, "gamma": 0.0},
     ]
-    pooled = conf[1, 1, 1] + conf[0, 0, 2]
+    pooled = conf[1, 1, 0, 1] + conf[0, 0, 0, 2]
     assert np.isclose(cv["searched"]["mIoU"], sem_seg_metrics(pooled, classes, None, None)["mIoU"])
-    # a fixed λ only chooses its MASK_THR
+    assert cv["searched_calibrated"]["picks"][0] == {
+        "ensemble_weight": 0.7,
+        "mask_thr": 0.35,
+        "gamma": 2.0,
+    }
+    # a fixed λ only chooses its MASK_THR (and γ when calibrated)
     assert {p["ensemble_weight"] for p in cv["lambda_0"]["picks"]} == {0.0}
-    assert cv["lambda_1"]["picks"][1] == {"ensemble_weight": 1.0, "mask_thr": 0.35}
+    assert {p["gamma"] for p in cv["lambda_1"]["picks"]} == {0.0}
+    assert cv["lambda_1"]["picks"][1] == {"ensemble_weight": 1.0, "mask_thr": 0.35, "gamma": 0.0}
+    # without γ > 0 in the grid there are no calibrated selections
+    cv = tool.cross_validate(conf[:, :, :1], weights, thrs, [0.0], "mIoU", classes, None, None)
+    assert set(cv) == {"lambda_0", "lambda_1", "searched"}

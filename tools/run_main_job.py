@@ -68,6 +68,15 @@ SINGLE_STAGE = ("pacl", "mgca", "mixreorg")
 CROSS_VALIDATION = ["--subset", "0:150", "--holdout", "150:300", "--metric", "hIoU"]
 # seen-class calibration γ grid of the single-stage models (logit units; 0 = the plain model)
 CALIBRATION_GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0)
+# two-stage search: the branches (λ = 0, 1) and the published ensemble grid λ ∈ {.6, .7, .8}
+# (ovseg_facts.md), × MASK_THR, × the seen-class calibration γ of the fused scores
+TWO_STAGE_WEIGHTS = (0.0, 0.6, 0.7, 0.8, 1.0)
+TWO_STAGE_MASK_THRS = (0.35, 0.45)
+TWO_STAGE_GAMMAS = (0.0, 1.0, 2.0, 4.0)
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def single_stage_spec(out: Path, method: str, *opts: str) -> str:
@@ -207,9 +216,11 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 "--output",
                 str(out / "two_stage_search"),
                 "--weights",
-                "0:1:0.1",
+                _csv(TWO_STAGE_WEIGHTS),
                 "--mask-thrs",
-                "0.35,0.45",
+                _csv(TWO_STAGE_MASK_THRS),
+                "--gammas",
+                _csv(TWO_STAGE_GAMMAS),
                 *CROSS_VALIDATION,
                 *ts_weights,
             ],
@@ -242,7 +253,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 "--output",
                 str(out / "calibration"),
                 "--gammas",
-                ",".join(str(g) for g in CALIBRATION_GAMMAS),
+                _csv(CALIBRATION_GAMMAS),
                 *CROSS_VALIDATION,
                 *[a for m in methods for a in ("--method", m)],
             ],
@@ -264,16 +275,20 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
     return stages
 
 
-# (report row, source): ("search", λ): a two-stage row of two_stage_search/search.json;
-# ("calibration", method, selection): a cross-validated row of calibration/<method>/search.json
+# (report row, source): ("search", λ, calibrated): a two-stage row of two_stage_search/search.json
+# (λ None = the searched ensemble); ("calibration", method, selection): a cross-validated row of
+# calibration/<method>/search.json
 METHOD_ROWS = [
-    ("two-stage OVSeg, λ = 0 (proposal head only) *", ("search", 0.0)),
-    ("two-stage OVSeg, λ = 1 (mask-adapted CLIP only) *", ("search", 1.0)),
-    ("two-stage OVSeg, searched λ / MASK_THR (ensemble) *", ("search", None)),
+    ("two-stage OVSeg, λ = 0 (proposal head only) *", ("search", 0.0, False)),
+    ("two-stage OVSeg, λ = 1 (mask-adapted CLIP only) *", ("search", 1.0, False)),
+    ("two-stage OVSeg, searched λ / MASK_THR (ensemble) *", ("search", None, False)),
     ("PACL", ("calibration", "pacl", "uncalibrated")),
     ("PACL baseline: vanilla CLIP patches", ("calibration", "pacl_vanilla", "uncalibrated")),
     ("MGCA", ("calibration", "mgca", "uncalibrated")),
     ("MixReorg", ("calibration", "mixreorg", "uncalibrated")),
+    ("two-stage OVSeg, λ = 0, seen-calibrated *†", ("search", 0.0, True)),
+    ("two-stage OVSeg, λ = 1, seen-calibrated *†", ("search", 1.0, True)),
+    ("two-stage OVSeg, ensemble, seen-calibrated *†", ("search", None, True)),
     ("PACL, seen-calibrated †", ("calibration", "pacl", "calibrated")),
     (
         "PACL baseline: vanilla patches, seen-calibrated †",
@@ -326,21 +341,26 @@ def calibration_row(out: Path, method: str, selection: str) -> dict:
     return {**cv, "gamma": "/".join(str(p["gamma"]) for p in cv["picks"])}
 
 
-def two_stage_row(search: dict, weight) -> dict:
-    """Held-out metrics of the two-stage model: ``weight`` None = the searched (λ, MASK_THR); a
-    fixed λ takes the MASK_THR that is best for it on the search images (same metric), so each
-    branch alone gets the same tuning as the ensemble. From the 2-fold cross-validation (every val
-    image held out once) when the search has it, else from the held-out half."""
-    cv = search.get("cross_validated", {}).get(
-        {0.0: "lambda_0", 1.0: "lambda_1"}.get(weight, "searched")
-    )
+def two_stage_row(search: dict, weight, calibrated: bool = False) -> dict:
+    """Held-out metrics of the two-stage model: ``weight`` None = the searched ensemble (λ,
+    MASK_THR); a fixed λ takes the MASK_THR that is best for it on the search images (same
+    metric), so each branch alone gets the same tuning as the ensemble; ``calibrated``: γ is
+    searched too. From the 2-fold cross-validation (every val image held out once) when the search
+    has it, else (uncalibrated only) from the held-out half."""
+    name = {0.0: "lambda_0", 1.0: "lambda_1"}.get(weight, "searched")
+    cv = search.get("cross_validated", {}).get(name + ("_calibrated" if calibrated else ""))
     if cv:
         picks = cv["picks"]
         return {
             **cv,
-            "ensemble_weight": "/".join(str(p["ensemble_weight"]) for p in picks),
-            "mask_thr": "/".join(str(p["mask_thr"]) for p in picks),
+            **{
+                k: "/".join(str(p[k]) for p in picks)
+                for k in ("ensemble_weight", "mask_thr", "gamma")
+                if k in picks[0]
+            },
         }
+    if calibrated or "holdout" not in search:
+        return {}
     if weight is None:
         pick = search["best"]
     else:
@@ -366,7 +386,7 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
     results = {}
     search = _read_json(out / "two_stage_search" / "search.json")
     rows = {
-        "search": lambda weight: two_stage_row(search, weight) if search else {},
+        "search": lambda weight, cal: two_stage_row(search, weight, cal) if search else {},
         "calibration": lambda method, selection: calibration_row(out, method, selection),
     }
     for name, (kind, *source) in METHOD_ROWS:
@@ -388,7 +408,11 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
     mining = out / "mining_precision.json"
     extra["mining precision"] = json.loads(mining.read_text()) if mining.is_file() else {}
     if search:
-        extra["searched ensemble"] = {k: search["best"][k] for k in ("ensemble_weight", "mask_thr")}
+        extra["searched ensemble"] = {
+            k: search["best"][k]
+            for k in ("ensemble_weight", "mask_thr", "gamma")
+            if k in search["best"]
+        }
     timing = ["| stage | seconds | peak RSS (MiB) | skipped |", "|---|---|---|---|"]
     for name, r in records.items():
         timing.append(f"| {name} | {r['seconds']} | {r.get('peak_rss_mib')} | {r['skipped']} |")
@@ -413,9 +437,10 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
         "are in report.json). Other rows: all 300 val images.",
         "",
         "† calibrated stacking (`MODEL.SEEN_CALIBRATION.GAMMA`): γ is subtracted from the logits "
-        "of the names seen in training, γ chosen by hIoU with the same 2-fold cross-validation "
-        "(`tools/search_calibration.py`; the γ picks are in report.json). The rows above them are "
-        "the plain models (γ = 0).",
+        "(two-stage: the fused log-scores of each proposal) of the names seen in training, γ "
+        "chosen by hIoU with the same 2-fold cross-validation (`tools/search_calibration.py`; "
+        "two-stage: jointly with λ and MASK_THR, `tools/search_ensemble.py --gammas`; the γ picks "
+        "are in report.json). The rows without † are the plain models (γ = 0).",
         "",
         f"Chance level: all {chance['mIoU']:.2f}, seen {chance['mIoU-seen']:.2f}, "
         f"unseen {chance['mIoU-unseen']:.2f}.",
@@ -455,18 +480,25 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
 
 
 def prediction_grid(out: Path) -> int:
-    """Draw the prediction grid: the two-stage model at its searched (λ, MASK_THR), then the
-    single-stage models at their searched seen-class calibration γ
-    (``tools/visualize_methods.py``)."""
-    best = json.loads((out / "two_stage_search" / "search.json").read_text())["best"]
+    """Draw the prediction grid: the two-stage ensemble at its searched (λ, MASK_THR, γ), then the
+    single-stage models at their searched seen-class calibration γ, each picked on the first half
+    of the val images (``tools/visualize_methods.py``)."""
+    search = json.loads((out / "two_stage_search" / "search.json").read_text())
+    cv = search.get("cross_validated", {})
+    pick = cv.get("searched_calibrated") or cv.get("searched") or {"picks": [search["best"]]}
+    pick = pick["picks"][0]
+    gamma = pick.get("gamma", 0.0)
     two_stage = [
         *two_stage_weights(out),
         "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
-        str(best["ensemble_weight"]),
+        str(pick["ensemble_weight"]),
         "MODEL.CLIP.MASK_THR",
-        str(best["mask_thr"]),
+        str(pick["mask_thr"]),
+        "MODEL.SEEN_CALIBRATION.GAMMA",
+        str(gamma),
     ]
-    methods = [f"two-stage={REPO / TWO_STAGE_CONFIG}::{' '.join(two_stage)}"]
+    label = f"two-stage cal {gamma}"
+    methods = [f"{label}={REPO / TWO_STAGE_CONFIG}::{shlex.join(two_stage)}"]
     for method in SINGLE_STAGE:
         # at the γ the calibration search picked on its first image half
         search = _read_json(out / "calibration" / method / "search.json") or {}

@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""Grid search of the two-stage model's ensemble weight λ × ``MODEL.CLIP.MASK_THR`` on an evaluation
-set.
+"""Grid search of the two-stage model's ensemble weight λ × ``MODEL.CLIP.MASK_THR`` (× the
+seen-class calibration γ, ``MODEL.SEEN_CALIBRATION.GAMMA``, with ``--gammas``) on an evaluation set.
 
 Per image the proposals are computed once and the CLIP scores once per mask threshold; every (λ,
-MASK_THR) pair is then re-scored from these and accumulated into its own confusion matrix
+MASK_THR, γ) cell is then re-scored from these and accumulated into its own confusion matrix
 (detectron2's semantic segmentation convention, ignore pixels skipped). Prints a table per metric
 and the best pair, and writes ``search.json``. Progress is saved every ``--save-every`` images
 (atomically) and resumed with ``--resume``. With ``--holdout`` the images of a second, disjoint
 range are scored too: the best pair is picked on ``--subset`` and every pair is also reported on the
 held-out images, so the searched ensemble is evaluated on images it was not chosen on; and a 2-fold
 cross-validation (pick on one range, score on the other, both ways, pooled) gives held-out numbers
-for λ = 0, λ = 1 and the searched pair on every image of both ranges (search.json
-'cross_validated').
+for λ = 0, λ = 1 and the searched ensemble (0 < λ < 1) on every image of both ranges (search.json
+'cross_validated'), uncalibrated (γ = 0) and, when the γ grid has values > 0, with γ searched too
+(the '_calibrated' selections).
 
     python tools/search_ensemble.py --config-file configs/toyworld/two_stage_R18.yaml \\
         --output /tmp/two_stage/search --weights 0:1:0.1 --mask-thrs 0.35,0.4,0.45 --subset 0:150 \\
@@ -48,6 +49,7 @@ from ov_seg.evaluation.grid_search import (
     search_key,
 )
 from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
+from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.heads.ensemble import with_background_name
 from ov_seg.utils.threads import set_num_threads
 
@@ -69,6 +71,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mask-thrs", type=parse_grid, default=parse_grid("0.35,0.4,0.45"), help="MASK_THR grid"
     )
+    p.add_argument(
+        "--gammas",
+        type=parse_grid,
+        default=parse_grid("0"),
+        help="seen-class calibration γ grid (logit units; must contain 0, the plain model)",
+    )
     add_image_set_arguments(
         p,
         metric="mIoU",
@@ -80,7 +88,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 class GridScorer:
-    """Confusion matrices of every (MASK_THR, λ) pair, filled image by image from cached stage
+    """Confusion matrices of every (MASK_THR, γ, λ) cell, filled image by image from cached stage
     outputs."""
 
     def __init__(
@@ -90,15 +98,22 @@ class GridScorer:
         mask_thrs: Sequence[float],
         num_classes: int,
         ignore_label: int,
+        gammas: Sequence[float] = (0.0,),
     ):
         self.model = model
         self.weights = list(weights)
         self.mask_thrs = list(mask_thrs)
+        self.gammas = list(gammas)
         self.num_classes = num_classes
         self.ignore_label = ignore_label
+        # one calibration per γ, with the model's seen names (γ > 0 without them: a clear error)
+        seen = model.seen_calibration.seen_names
+        self.calibrations = [SeenCalibration(gamma=g, seen_names=seen) for g in self.gammas]
         n = num_classes + 1
-        # (part, MASK_THR, λ, prediction, ground truth); part 0 = search images, 1 = held-out images
-        self.conf = np.zeros((2, len(self.mask_thrs), len(self.weights), n, n), dtype=np.int64)
+        # (part, MASK_THR, γ, λ, prediction, ground truth); part 0 = search images, 1 = held-out
+        self.conf = np.zeros(
+            (2, len(self.mask_thrs), len(self.gammas), len(self.weights), n, n), dtype=np.int64
+        )
 
     @torch.no_grad()
     def add_image(self, x: dict, gt: np.ndarray, part: int = 0) -> None:
@@ -122,6 +137,9 @@ class GridScorer:
         gt = gt.astype(np.int64).copy()
         gt[gt == self.ignore_label] = self.num_classes
         n = self.num_classes + 1
+        biases = [
+            c.bias(vocabulary, model.device) if c.enabled else None for c in self.calibrations
+        ]
         for t, thr in enumerate(self.mask_thrs):
             clip_probs = valid = None
             if text is not None:
@@ -129,53 +147,84 @@ class GridScorer:
                 crops, crop_masks, valids = model.prepare_crops(images, [proposals.masks])
                 embeds = model.encode_crops(crops, crop_masks)
                 clip_probs, valid = model.clip_probabilities(embeds, text, valids)[0], valids[0]
-            for w, weight in enumerate(self.weights):
-                if (
-                    weight == 0.0 and t > 0
-                ):  # λ = 0 does not depend on MASK_THR (see fix_zero_weight)
-                    continue
-                out = model.fuse(
-                    proposals, clip_probs, valid, output_size, [], ensemble_weight=weight
-                )
-                pred = out["sem_seg"].argmax(0).cpu().numpy().astype(np.int64)
-                self.conf[part, t, w] += np.bincount(
-                    n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n
-                ).reshape(n, n)
+            for g, bias in enumerate(biases):
+                for w, weight in enumerate(self.weights):
+                    if weight == 0.0 and t > 0:
+                        continue  # λ = 0 does not depend on MASK_THR (see fix_zero_weight)
+                    out = model.fuse(
+                        proposals,
+                        clip_probs,
+                        valid,
+                        output_size,
+                        [],
+                        ensemble_weight=weight,
+                        class_bias=bias,
+                    )
+                    pred = out["sem_seg"].argmax(0).cpu().numpy().astype(np.int64)
+                    self.conf[part, t, g, w] += np.bincount(
+                        n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n
+                    ).reshape(n, n)
 
     def fix_zero_weight(self) -> None:
-        """λ = 0 rows are only computed at the first threshold: copy them to the others."""
+        """λ = 0 cells are only computed at the first threshold: copy them to the others."""
         for w, weight in enumerate(self.weights):
             if weight == 0.0:
-                self.conf[:, 1:, w] = self.conf[:, :1, w]
+                self.conf[:, 1:, :, w] = self.conf[:, :1, :, w]
 
 
-# cross-validated selections: name -> the λ values it may pick (None: any λ of the grid)
-CV_SELECTIONS = {"lambda_0": (0.0,), "lambda_1": (1.0,), "searched": None}
+def _is_zero(weight: float) -> bool:
+    return weight == 0.0
 
 
-def cross_validate(conf, weights, mask_thrs, metric, class_names, seen, unseen) -> dict:
+def _is_one(weight: float) -> bool:
+    return weight == 1.0
+
+
+def _is_ensemble(weight: float) -> bool:
+    return 0.0 < weight < 1.0
+
+
+# cross-validated selections: name -> (the λ values it may pick, calibrated?). "searched" is the
+# ensemble: λ strictly between 0 and 1 (each branch alone has its own selection). Uncalibrated
+# selections keep γ = 0; calibrated ones pick γ too (only when the γ grid has values > 0).
+CV_SELECTIONS = {
+    "lambda_0": (_is_zero, False),
+    "lambda_1": (_is_one, False),
+    "searched": (_is_ensemble, False),
+    "lambda_0_calibrated": (_is_zero, True),
+    "lambda_1_calibrated": (_is_one, True),
+    "searched_calibrated": (_is_ensemble, True),
+}
+
+
+def cross_validate(conf, weights, mask_thrs, gammas, metric, class_names, seen, unseen) -> dict:
     """2-fold cross-validation over the two image sets (``cross_validate_cells``) of each
-    selection: λ = 0 with its best MASK_THR, λ = 1 with its best MASK_THR, the searched (λ,
-    MASK_THR).
+    selection: λ = 0 with its best MASK_THR, λ = 1 with its best MASK_THR, the ensemble (λ,
+    MASK_THR) with 0 < λ < 1; uncalibrated, and with γ searched too when the γ grid has values
+    > 0. A selection with no cell in the grid is left out.
 
     Args:
-        conf: (2, T, W, K+1, K+1) confusion matrices (set, MASK_THR, λ, prediction, truth).
+        conf: (2, T, G, W, K+1, K+1) confusion matrices (set, MASK_THR, γ, λ, prediction, truth).
 
     Returns:
         {selection: {"picks": [pick on set 0, pick on set 1], metrics of the pooled held-out}}.
     """
     out = {}
-    for name, allowed in CV_SELECTIONS.items():
+    searched_gamma = any(g > 0 for g in gammas)
+    for name, (allowed, calibrated) in CV_SELECTIONS.items():
+        if calibrated and not searched_gamma:
+            continue
         cells = [
-            (t, w)
+            (t, g, w)
             for t in range(len(mask_thrs))
+            for g, gamma in enumerate(gammas)
             for w, weight in enumerate(weights)
-            if allowed is None or weight in allowed
+            if allowed(weight) and (calibrated or gamma == 0.0)
         ]
         if not cells:
             continue
         picks, metrics = cross_validate_cells(
-            lambda part, cell: conf[part, cell[0], cell[1]],
+            lambda part, cell: conf[(part, *cell)],
             cells,
             metric,
             class_names,
@@ -183,7 +232,10 @@ def cross_validate(conf, weights, mask_thrs, metric, class_names, seen, unseen) 
             unseen,
             TABLE_METRICS,
         )
-        picks = [{"ensemble_weight": weights[w], "mask_thr": mask_thrs[t]} for t, w in picks]
+        picks = [
+            {"ensemble_weight": weights[w], "mask_thr": mask_thrs[t], "gamma": gammas[g]}
+            for t, g, w in picks
+        ]
         out[name] = {"picks": picks, **metrics}
     return out
 
@@ -199,6 +251,8 @@ def main(argv=None):
     set_num_threads(cfg.RUNTIME.NUM_THREADS)
     if any(not 0.0 <= w <= 1.0 for w in args.weights):
         raise SystemExit(f"λ values must lie in [0, 1]: {args.weights}")
+    if 0.0 not in args.gammas or min(args.gammas) < 0:
+        raise SystemExit(f"the γ grid must contain 0 and no negative value: {args.gammas}")
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
     if not dataset:
         raise SystemExit("no dataset: pass --dataset or set DATASETS.TEST")
@@ -235,12 +289,17 @@ def main(argv=None):
     dicts = dicts + held
     mapper = build_dataset_mapper(cfg, is_train=False, dataset_name=dataset)
     ignore_label = int(meta.get("ignore_label", 255))
-    scorer = GridScorer(model, args.weights, args.mask_thrs, len(class_names), ignore_label)
+    try:
+        scorer = GridScorer(
+            model, args.weights, args.mask_thrs, len(class_names), ignore_label, args.gammas
+        )
+    except ValueError as e:  # γ > 0 without seen names
+        raise SystemExit(str(e))
 
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "search_state.npz"
-    key = search_key(cfg, [args.weights, args.mask_thrs], args, dataset, len(dicts))
+    key = search_key(cfg, [args.weights, args.mask_thrs, args.gammas], args, dataset, len(dicts))
     start, scorer.conf = load_state(state_path, key, scorer.conf, args.resume)
     for i in tqdm(
         range(start, len(dicts)), initial=start, total=len(dicts), desc="images", file=sys.stdout
@@ -255,48 +314,40 @@ def main(argv=None):
     seen, unseen = meta.get("seen_class_ids", None), meta.get("unseen_class_ids", None)
     results, holdout = [], []
     for t, thr in enumerate(args.mask_thrs):
-        for w, weight in enumerate(args.weights):
-            for part, rows in ((0, results), (1, holdout) if held else (None, None)):
-                if part is None:
-                    continue
-                m = sem_seg_metrics(scorer.conf[part, t, w], class_names, seen, unseen)
-                rows.append(
-                    {
-                        "ensemble_weight": weight,
-                        "mask_thr": thr,
-                        **{k: m[k] for k in TABLE_METRICS if k in m},
-                    }
-                )
+        for g, gamma in enumerate(args.gammas):
+            for w, weight in enumerate(args.weights):
+                for part, rows in ((0, results), (1, holdout) if held else (None, None)):
+                    if part is None:
+                        continue
+                    m = sem_seg_metrics(scorer.conf[part, t, g, w], class_names, seen, unseen)
+                    rows.append(
+                        {
+                            "ensemble_weight": weight,
+                            "mask_thr": thr,
+                            "gamma": gamma,
+                            **{k: m[k] for k in TABLE_METRICS if k in m},
+                        }
+                    )
     if args.metric not in results[0]:
         raise SystemExit(f"metric {args.metric!r} not available; known: {sorted(results[0])}")
     best = max(results, key=lambda r: -np.inf if np.isnan(r[args.metric]) else r[args.metric])
     tables = [(results, args.subset, len(parts) - len(held))]
     if held:
         tables.append((holdout, args.holdout, len(held)))
+    columns = [(thr, gamma) for gamma in args.gammas for thr in args.mask_thrs]
     for grid, subset, num in tables:
+        at = {(r["ensemble_weight"], r["mask_thr"], r["gamma"]): r for r in grid}
         for metric in (k for k in TABLE_METRICS if k in grid[0]):
             rows = [
-                [weight]
-                + [
-                    next(
-                        r[metric]
-                        for r in grid
-                        if r["ensemble_weight"] == weight and r["mask_thr"] == thr
-                    )
-                    for thr in args.mask_thrs
-                ]
+                [weight] + [at[(weight, thr, gamma)][metric] for thr, gamma in columns]
                 for weight in args.weights
             ]
             print(f"\n{metric} on {dataset} {subset.start}:{subset.stop} ({num} images)")
-            print(
-                tabulate(
-                    rows,
-                    headers=["λ \\ MASK_THR"] + [str(t) for t in args.mask_thrs],
-                    floatfmt=".2f",
-                )
-            )
+            headers = [f"{thr}" if len(args.gammas) == 1 else f"{thr} γ{g}" for thr, g in columns]
+            print(tabulate(rows, headers=["λ \\ MASK_THR"] + headers, floatfmt=".2f"))
     print(
-        f"\nbest by {args.metric}: λ = {best['ensemble_weight']}, MASK_THR = {best['mask_thr']} "
+        f"\nbest by {args.metric}: λ = {best['ensemble_weight']}, MASK_THR = {best['mask_thr']}, "
+        f"γ = {best['gamma']} "
         f"({', '.join(f'{k} {best[k]:.2f}' for k in TABLE_METRICS if k in best)})"
     )
     summary = {
@@ -308,11 +359,11 @@ def main(argv=None):
         "grid": results,
     }
     if held:
-        at = {(r["ensemble_weight"], r["mask_thr"]): r for r in holdout}
+        at = {(r["ensemble_weight"], r["mask_thr"], r["gamma"]): r for r in holdout}
         summary["holdout"] = {
             "subset": [args.holdout.start, args.holdout.stop],
             "num_images": len(held),
-            "best": at[(best["ensemble_weight"], best["mask_thr"])],
+            "best": at[(best["ensemble_weight"], best["mask_thr"], best["gamma"])],
             "grid": holdout,
         }
         print(
@@ -322,11 +373,19 @@ def main(argv=None):
             )
         )
         summary["cross_validated"] = cross_validate(
-            scorer.conf, args.weights, args.mask_thrs, args.metric, class_names, seen, unseen
+            scorer.conf,
+            args.weights,
+            args.mask_thrs,
+            args.gammas,
+            args.metric,
+            class_names,
+            seen,
+            unseen,
         )
         for name, cv in summary["cross_validated"].items():
             picks = "; ".join(
-                f"λ {p['ensemble_weight']}, MASK_THR {p['mask_thr']}" for p in cv["picks"]
+                f"λ {p['ensemble_weight']}, MASK_THR {p['mask_thr']}, γ {p['gamma']}"
+                for p in cv["picks"]
             )
             print(
                 f"2-fold cross-validated {name} (picks {picks}): "

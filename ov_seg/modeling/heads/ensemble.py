@@ -25,6 +25,7 @@ __all__ = [
     "proposal_class_probs",
     "clip_class_probs",
     "geometric_ensemble",
+    "calibrate_query_probs",
     "semantic_scores",
     "panoptic_class_logits",
     "with_background_name",
@@ -116,6 +117,32 @@ def geometric_ensemble(
     clip = torch.where(valid.view(-1, 1), clip_probs, torch.ones_like(clip_probs))
     probs = proposal_probs.pow(1.0 - weight) * clip.pow(weight)
     return probs, torch.ones_like(valid)
+
+
+def calibrate_query_probs(probs: torch.Tensor, class_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Calibrated stacking of per-proposal class scores: each row's class distribution becomes the
+    one of ``log p + bias`` (as ``softmax(logits + bias)`` would be), and its total mass (the
+    proposal head's 1 − p(no object), or 1 for CLIP) is kept, so the weight of a proposal in the
+    semantic sum does not change::
+
+        p'_q(c) = p_q(c) · e^{b_c} · Σ_k p_q(k) / Σ_k p_q(k) · e^{b_k}
+
+    Args:
+        probs: (Q, K) fused class probabilities (``geometric_ensemble``).
+        class_bias: (K,) log-space bias (``SeenCalibration.bias``: −γ for seen names), or None.
+
+    Returns:
+        (Q, K) calibrated probabilities (``probs`` itself when ``class_bias`` is None).
+    """
+    if class_bias is None:
+        return probs
+    if class_bias.shape != probs.shape[-1:]:
+        raise ValueError(
+            f"class_bias of shape {tuple(class_bias.shape)} for {probs.shape[-1]} classes"
+        )
+    scaled = probs * class_bias.to(probs).exp()
+    mass = probs.sum(-1, keepdim=True)
+    return scaled * (mass / scaled.sum(-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny))
 
 
 def semantic_scores(

@@ -11,7 +11,9 @@ Stages (each a method, so that each can be timed or replaced):
 3. ``encode_crops``: the mask-adapted CLIP image tower (with mask prompts when the checkpoint has
    them);
 4. ``text_embeddings``: prompt-ensembled class-name embeddings of the vocabulary (cached);
-5. ``fuse``: p = p_proposal^(1−λ) · p_clip^λ (``ov_seg.modeling.heads.ensemble``), then the semantic
+5. ``fuse``: p = p_proposal^(1−λ) · p_clip^λ (``ov_seg.modeling.heads.ensemble``), optionally
+   seen-class calibrated (``MODEL.SEEN_CALIBRATION``: each proposal's class distribution with γ
+   subtracted from the log-scores of the names seen in training, its mass kept), then the semantic
    output Σ_q p_q(c) σ(m_q) and the panoptic output (MaskFormer merge).
 
 The vocabulary of an input is its ``vocabulary`` list (set by the per-dataset mappers from the
@@ -41,10 +43,12 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
+from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.clip import MaskedCropClassifier, build_clip, normalize_clip
 from ov_seg.modeling.clip.quantize import quantize_vision_linears
 from ov_seg.modeling.clip.single_pass import SinglePassMaskEmbedder
 from ov_seg.modeling.heads.ensemble import (
+    calibrate_query_probs,
     clip_class_probs,
     geometric_ensemble,
     panoptic_class_logits,
@@ -134,6 +138,7 @@ class TwoStageOVSeg(nn.Module):
         single_pass: Optional[SinglePassMaskEmbedder] = None,
         quantize: str = "none",
         crop_size: int = 0,
+        seen_calibration: Optional[SeenCalibration] = None,
     ):
         """
         Args:
@@ -161,6 +166,8 @@ class TwoStageOVSeg(nn.Module):
                 applied at the first forward, once every weight is loaded).
             crop_size: side of the masked crops in pixels, a multiple of the patch size (0 = the
                 CLIP's input size).
+            seen_calibration: calibrated stacking of the fused scores (``calibrate_query_probs``
+                with −γ for the seen names); None = off.
         """
         super().__init__()
         if not 0.0 <= ensemble_weight <= 1.0:
@@ -214,6 +221,7 @@ class TwoStageOVSeg(nn.Module):
                     f"patch size {tuple(patch)}"
                 )
             crop_classifier.crop_size = int(crop_size)
+        self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
     @classmethod
@@ -271,6 +279,7 @@ class TwoStageOVSeg(nn.Module):
             "single_pass": single_pass,
             "quantize": fcfg.QUANTIZE,
             "crop_size": fcfg.CROP_SIZE,
+            "seen_calibration": SeenCalibration(cfg),
         }
 
     @property
@@ -472,6 +481,7 @@ class TwoStageOVSeg(nn.Module):
         output_size: Tuple[int, int],
         thing_ids: Sequence[int],
         ensemble_weight: Optional[float] = None,
+        class_bias: Optional[torch.Tensor] = None,
     ) -> Dict[str, object]:
         """Stage 5: geometric ensemble, then the semantic / panoptic outputs of one image.
 
@@ -481,12 +491,14 @@ class TwoStageOVSeg(nn.Module):
             output_size: (height, width) of the outputs.
             thing_ids: thing classes (panoptic).
             ensemble_weight: λ (default: the model's).
+            class_bias: (K,) seen-class calibration bias (``SeenCalibration.bias``) or None (off).
 
         Returns:
             ``sem_seg`` (K, height, width) and / or ``panoptic_seg``.
         """
         weight = self.ensemble_weight if ensemble_weight is None else ensemble_weight
         probs, keep = geometric_ensemble(proposals.class_probs, clip_probs, valid, weight)
+        probs = calibrate_query_probs(probs, class_bias)
         masks = proposals.masks
         out: Dict[str, object] = {}
         resize = tuple(masks.shape[-2:]) != tuple(output_size)
@@ -563,11 +575,14 @@ class TwoStageOVSeg(nn.Module):
             )
         else:
             clip_probs = valid = [None] * len(proposals)
+        bias = None
+        if self.seen_calibration.enabled:
+            bias = self.seen_calibration.bias(vocabulary, self.device)
         results = []
         for x, p, cp, v in zip(batched_inputs, proposals, clip_probs, valid):
             size = tuple(x["image"].shape[-2:])
             output_size = (int(x.get("height", size[0])), int(x.get("width", size[1])))
-            r = self.fuse(p, cp, v, output_size, self.thing_ids_for(x, vocabulary))
+            r = self.fuse(p, cp, v, output_size, self.thing_ids_for(x, vocabulary), class_bias=bias)
             r["vocabulary"] = list(vocabulary)
             results.append(r)
         return results
