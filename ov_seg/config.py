@@ -361,6 +361,10 @@ def add_mask_adapted_clip_config(cfg):
     cfg.MODEL.MASK_ADAPTED_CLIP.MASK_JITTER = 0
     # Masked crops per training step at most (random subset of the batch's pairs; 0 = all).
     cfg.MODEL.MASK_ADAPTED_CLIP.MAX_CROPS = 0
+    # Side of the training crops in pixels, drawn per step from this list (multiples of the patch
+    # size; empty = the CLIP's input size). Several sizes adapt the CLIP and its mask prompts to
+    # the smaller crops of MODEL.TWO_STAGE.FAST.CROP_SIZE; evaluation uses the input size.
+    cfg.MODEL.MASK_ADAPTED_CLIP.TRAIN_CROP_SIZES = []
 
 
 def add_mask_category_input_config(cfg):

@@ -241,3 +241,45 @@ def test_mask_adapted_clip_modes(mode, tmp_path):
     expected = visual | ({"crop_classifier.encoder.prompts"} if mode == "ft_mpt" else set())
     assert trainable == expected
     assert (model.crop_classifier.encoder.depth == 0) == (mode == "ft")
+
+
+def test_mask_adapted_clip_trains_at_several_crop_sizes(toyworld_root, tmp_path):
+    """TRAIN_CROP_SIZES: each step's crops have one of the sizes, gradients reach the prompts and
+    the (interpolated) positional embedding, and evaluation stays at the CLIP's input size."""
+    sizes = [24, 40]
+    cfg = setup_config(
+        "configs/toyworld/clip_mpt.yaml",
+        [
+            "MODEL.MASK_ADAPTED_CLIP.MODE",
+            "ft_mpt",
+            "MODEL.MASK_ADAPTED_CLIP.TRAIN_CROP_SIZES",
+            str(sizes),
+            "OUTPUT_DIR",
+            str(tmp_path),
+            *SMALL,
+        ],
+    )
+    model = Trainer.build_model(cfg)
+    mapper = build_dataset_mapper(cfg, True, "toyworld_panoptic_train")
+    inputs = [mapper(d) for d in DatasetCatalog.get("toyworld_panoptic_train")[:4]]
+    images = [x["image"] for x in inputs]
+    masks = [x["masks"] for x in inputs]
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(12):
+        crops, crop_masks, _ = model.crop_training_batch(images, masks)
+        assert crops.shape[-1] in sizes and crop_masks.shape[-2:] == crops.shape[-2:]
+        seen.add(crops.shape[-1])
+    assert seen == set(sizes) and model.crop_classifier.crop_size == 64
+    model.train()
+    with EventStorage():
+        losses = model(inputs)
+    losses["loss_mask_cls"].backward()
+    assert model.crop_classifier.encoder.prompts.grad.abs().sum() > 0
+    assert model.clip.visual.positional_embedding.grad.abs().sum() > 0
+    assert model.crop_classifier.crop_size == 64
+    with pytest.raises(ValueError, match="TRAIN_CROP_SIZES"):
+        bad = setup_config(
+            "configs/toyworld/clip_mpt.yaml", ["MODEL.MASK_ADAPTED_CLIP.TRAIN_CROP_SIZES", "[30]"]
+        )
+        Trainer.build_model(bad)

@@ -42,6 +42,7 @@ import ov_seg  # noqa: F401 (registration)
 from ov_seg.engine import Trainer
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.modeling.heads.ensemble import with_background_name
+from ov_seg.utils.semseg import label_map
 from ov_seg.utils.threads import set_num_threads
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -177,7 +178,7 @@ class Demo:
             rgb, out = self.predict(path)
             vocabulary = out["vocabulary"]
             meta = demo_metadata(vocabulary, test_name)
-            sem = out["sem_seg"].argmax(0).cpu()
+            sem = label_map(out["sem_seg"]).cpu()
             vis = Visualizer(rgb, meta, scale=scale, instance_mode=ColorMode.IMAGE)
             _save_png(vis.draw_sem_seg(sem, alpha=0.5).get_image(), outputs[0])
             pan, segments = out["panoptic_seg"]

@@ -45,6 +45,7 @@ from ov_seg.evaluation.grid_search import (
     search_key,
 )
 from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
+from ov_seg.utils.semseg import label_map
 from ov_seg.utils.threads import set_num_threads
 
 logger = logging.getLogger("ov_seg.search_calibration")
@@ -177,7 +178,7 @@ def search_method(name: str, config: str, weights: str, opts: List[str], args) -
                 sem_seg = model([x])[0]["sem_seg"]
                 if tuple(sem_seg.shape[-2:]) != gt.shape:
                     raise SystemExit(f"{d['file_name']}: output {sem_seg.shape}, truth {gt.shape}")
-                pred = sem_seg.argmax(0).cpu().numpy().astype(np.int64)
+                pred = label_map(sem_seg).cpu().numpy()
                 conf[parts[i], g] += np.bincount(
                     n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n
                 ).reshape(n, n)

@@ -51,6 +51,7 @@ from ov_seg.evaluation.grid_search import (
 from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
 from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.heads.ensemble import with_background_name
+from ov_seg.utils.semseg import label_map
 from ov_seg.utils.threads import set_num_threads
 
 logger = logging.getLogger("ov_seg.search_ensemble")
@@ -160,7 +161,7 @@ class GridScorer:
                         ensemble_weight=weight,
                         class_bias=bias,
                     )
-                    pred = out["sem_seg"].argmax(0).cpu().numpy().astype(np.int64)
+                    pred = label_map(out["sem_seg"]).cpu().numpy()
                     self.conf[part, t, g, w] += np.bincount(
                         n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n
                     ).reshape(n, n)

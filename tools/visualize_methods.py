@@ -28,6 +28,7 @@ import ov_seg  # noqa: E402,F401 (registration)
 from ov_seg.data import build_dataset_mapper  # noqa: E402
 from ov_seg.engine.methods import build_method, parse_method_spec  # noqa: E402
 from ov_seg.engine.setup import get_ov_seg_cfg  # noqa: E402
+from ov_seg.utils.semseg import label_map  # noqa: E402
 from ov_seg.utils.threads import set_num_threads  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def main(argv=None):
         with torch.inference_mode():
             for i in chosen:
                 inp = mapper(dicts[i])
-                pred = model([inp])[0]["sem_seg"].argmax(0).cpu().numpy()
+                pred = label_map(model([inp])[0]["sem_seg"]).cpu().numpy()
                 rows[i].append(colorize(pred, colors))
     tiles = []
     for i in chosen:

@@ -24,6 +24,7 @@ from detectron2.utils.comm import all_gather, is_main_process, synchronize
 from tabulate import tabulate
 
 from ov_seg.data.datasets.benchmark_utils import label_bit_depth, read_label_image
+from ov_seg.utils.semseg import label_map
 
 from .build import EVALUATOR_REGISTRY
 
@@ -202,7 +203,7 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
                     f"{file_name}: prediction has {sem_seg.shape[0]} channels, dataset "
                     f"{self._dataset_name!r} has {self._num_classes} classes"
                 )
-            sem_seg = sem_seg.argmax(dim=0)
+            sem_seg = label_map(sem_seg)
         elif sem_seg.dim() != 2 or sem_seg.is_floating_point():
             raise ValueError(
                 f"{file_name}: 'sem_seg' must be scores (C, H, W) or integer labels (H, W), got "

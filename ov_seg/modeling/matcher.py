@@ -5,7 +5,6 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 from detectron2.projects.point_rend.point_features import point_sample
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
@@ -76,6 +75,9 @@ def assign(cost: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if not finite.all():
         big = np.abs(c[finite]).max(initial=0.0) * 2 + 1e6
         c = np.where(finite, c, big)
+    # imported here: scipy.optimize costs ~0.6 s at import, and only training needs it
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(c)
     return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 

@@ -85,8 +85,9 @@ def _encode_png(array: np.ndarray) -> bytes:
 
 
 def _render_encoded(job) -> tuple:
-    """Worker: render image ``index`` and encode its three PNGs (image, semantic, panoptic)."""
-    spec, split, index = job
+    """Worker: render image ``index``, encode its three PNGs (image, semantic, panoptic) and write
+    them as ``<dirs[k]>/<name>`` (in the worker: the parent process only collects metadata)."""
+    spec, split, index, dirs, name = job
     out = render_image(spec, split, index)
     pan = out["pan"]
     pan_rgb = np.stack([pan % 256, (pan // 256) % 256, pan // 65536], -1).astype(np.uint8)
@@ -95,7 +96,9 @@ def _render_encoded(job) -> tuple:
         _encode_png(out["sem"]),
         _encode_png(pan_rgb[:, :, ::-1]),
     )
-    return index, pngs, out["segments"], out["captions"], out["hard_negatives"]
+    for folder, data in zip(dirs, pngs):
+        (folder / name).write_bytes(data)
+    return index, out["segments"], out["captions"], out["hard_negatives"]
 
 
 def render_image(spec: ToyWorldSpec, split: str, index: int) -> dict:
@@ -150,16 +153,15 @@ def generate_split(root: Path, spec: ToyWorldSpec, split: str, workers: int = 1)
         d.mkdir(parents=True, exist_ok=True)
     images, pan_anns, cap_anns = [], [], []
     start = time.perf_counter()
-    jobs = ((spec, split, i) for i in range(sspec.num_images))
+    folders = tuple(dirs[k] for k in ("images", "sem_seg", "panoptic"))
+    jobs = ((spec, split, i, folders, f"{i:06d}.png") for i in range(sspec.num_images))
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     results = pool.imap(_render_encoded, jobs, chunksize=64) if pool else map(_render_encoded, jobs)
     try:
-        for i, pngs, segments, captions, negs in tqdm(
+        for i, segments, captions, negs in tqdm(
             results, total=sspec.num_images, desc=f"toyworld {split}", unit="img", mininterval=2
         ):
             name = f"{i:06d}.png"
-            for sub, data in zip(("images", "sem_seg", "panoptic"), pngs):
-                (dirs[sub] / name).write_bytes(data)
             s = spec.image_size
             images.append({"id": i, "file_name": name, "height": s, "width": s})
             pan_anns.append({"image_id": i, "file_name": name, "segments_info": segments})

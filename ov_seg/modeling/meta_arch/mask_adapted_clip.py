@@ -14,7 +14,7 @@ Modes (``MODEL.MASK_ADAPTED_CLIP.MODE``): "mpt" trains only the mask prompts (ev
 ground-truth segments (``mask_category`` mapper, ``mask_classification`` evaluator).
 """
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -51,6 +51,10 @@ class MaskAdaptedCLIP(nn.Module):
         dataset_vocabulary: class names of the training dataset (for ``vocabulary="dataset"``).
         mask_jitter: training masks are dilated / eroded by up to this many pixels.
         max_crops: crops per step at most (random subset; 0 = all).
+        train_crop_sizes: side of the training crops, drawn per step from these (multiples of the
+            patch size; empty = the CLIP's input size). Training at several sizes adapts the CLIP
+            (FT) and the mask prompts (MPT) to the smaller crops of the fast inference mode
+            ``MODEL.TWO_STAGE.FAST.CROP_SIZE``; evaluation always uses the input size.
     """
 
     @configurable
@@ -64,6 +68,7 @@ class MaskAdaptedCLIP(nn.Module):
         dataset_vocabulary: Sequence[str] = (),
         mask_jitter: int = 0,
         max_crops: int = 0,
+        train_crop_sizes: Sequence[int] = (),
     ):
         super().__init__()
         if mode not in MODES:
@@ -91,6 +96,14 @@ class MaskAdaptedCLIP(nn.Module):
         self.dataset_vocabulary = list(dataset_vocabulary)
         self.mask_jitter = int(mask_jitter)
         self.max_crops = int(max_crops)
+        patch = crop_classifier.encoder.patch_size
+        for size in train_crop_sizes:
+            if size < patch[0] or size % patch[0] or size % patch[1]:
+                raise ValueError(
+                    f"MODEL.MASK_ADAPTED_CLIP.TRAIN_CROP_SIZES: {size} is not a multiple of the "
+                    f"CLIP patch size {tuple(patch)}"
+                )
+        self.train_crop_sizes = [int(s) for s in train_crop_sizes]
         for p in self.clip.parameters():
             p.requires_grad_(False)
         if train_image:
@@ -125,6 +138,7 @@ class MaskAdaptedCLIP(nn.Module):
             "dataset_vocabulary": vocab,
             "mask_jitter": mcfg.MASK_JITTER,
             "max_crops": mcfg.MAX_CROPS,
+            "train_crop_sizes": mcfg.TRAIN_CROP_SIZES,
         }
 
     @property
@@ -157,7 +171,7 @@ class MaskAdaptedCLIP(nn.Module):
             m = x["masks"].to(self.device)
             images.append(x["image"].to(self.device))
             masks.append(jitter_masks(m, self.mask_jitter) if self.mask_jitter > 0 else m)
-        crops, crop_masks, valid = self.crop_classifier.crop(images, masks)
+        crops, crop_masks, valid = self.crop_training_batch(images, masks)
         for x, v in zip(batched_inputs, valid):
             names.extend(n for n, k in zip(x["categories"], v.tolist()) if k)
         if self.max_crops > 0 and crops.shape[0] > self.max_crops:
@@ -177,6 +191,25 @@ class MaskAdaptedCLIP(nn.Module):
         loss = contrastive_classification(emb, text, labels, self.crop_classifier.logit_scale)
         get_event_storage().put_scalar("num_crops", float(len(names)), smoothing_hint=False)
         return {"loss_mask_cls": loss}
+
+    def crop_training_batch(
+        self, images: List[torch.Tensor], masks: List[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """Masked crops of one training step (``MaskedCropClassifier.crop``) at a crop size drawn
+        from ``train_crop_sizes`` (the classifier's own size when empty).
+
+        Returns:
+            crops (N, 3, S, S), crop masks (N, S, S), B valid flags (K_i,).
+        """
+        if not self.train_crop_sizes:
+            return self.crop_classifier.crop(images, masks)
+        native = self.crop_classifier.crop_size
+        pick = int(torch.randint(len(self.train_crop_sizes), ()))
+        self.crop_classifier.crop_size = self.train_crop_sizes[pick]
+        try:
+            return self.crop_classifier.crop(images, masks)
+        finally:
+            self.crop_classifier.crop_size = native
 
     def export_clip(self, path: str) -> None:
         """Write the adapted CLIP (+ its mask prompts) as a checkpoint ``build_clip`` /
