@@ -59,7 +59,7 @@ BUDGET: Dict[str, List[str]] = {
     "clip_mpt": ["SOLVER.MAX_ITER", "100"],  # config: 200
     "pacl": ["SOLVER.MAX_ITER", "140"],  # config: 300
     "mgca": ["SOLVER.MAX_ITER", "140"],  # config: 200
-    "mixreorg": ["SOLVER.MAX_ITER", "50", "SOLVER.IMS_PER_BATCH", "64"],  # config: 200 x 128
+    "mixreorg": ["SOLVER.MAX_ITER", "80", "SOLVER.IMS_PER_BATCH", "64"],  # config: 200 x 128
 }
 
 
