@@ -169,14 +169,30 @@ class MaskedCropClassifier(nn.Module):
     def device(self) -> torch.device:
         return self.clip.visual.conv1.weight.device
 
+    def check_crop_size(self, size: int, key: str) -> int:
+        """``size`` as an int if it can be a crop side (a positive multiple of the patch size: the
+        positional embedding and the mask prompts are interpolated to its grid).
+
+        Raises:
+            ValueError: naming the config ``key`` it came from.
+        """
+        patch = self.encoder.patch_size
+        if size < patch[0] or size % patch[0] or size % patch[1]:
+            raise ValueError(f"{key}: {size} is not a multiple of the CLIP patch size {patch}")
+        return int(size)
+
     def crop(
-        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+        self,
+        images: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        size: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """Masked crops of every image in one batched pass (see ``prepare_masked_crops_batch``).
 
         Args:
             images: B tensors (3, H_i, W_i), RGB 0-255.
             masks: B tensors (K_i, H_i, W_i), soft or bool.
+            size: crop side S (a ``check_crop_size`` value); None = ``crop_size``.
 
         Returns:
             crops (N, 3, S, S), crop masks (N, S, S) bool, and B valid flags (K_i,) (N = valid
@@ -190,7 +206,7 @@ class MaskedCropClassifier(nn.Module):
             [m.to(device) for m in masks],
             self.mask_thr,
             self.expand_ratio,
-            self.crop_size,
+            self.crop_size if size is None else size,
             self.square_crop,
             self.resampler,
         )

@@ -96,14 +96,10 @@ class MaskAdaptedCLIP(nn.Module):
         self.dataset_vocabulary = list(dataset_vocabulary)
         self.mask_jitter = int(mask_jitter)
         self.max_crops = int(max_crops)
-        patch = crop_classifier.encoder.patch_size
-        for size in train_crop_sizes:
-            if size < patch[0] or size % patch[0] or size % patch[1]:
-                raise ValueError(
-                    f"MODEL.MASK_ADAPTED_CLIP.TRAIN_CROP_SIZES: {size} is not a multiple of the "
-                    f"CLIP patch size {tuple(patch)}"
-                )
-        self.train_crop_sizes = [int(s) for s in train_crop_sizes]
+        self.train_crop_sizes = [
+            crop_classifier.check_crop_size(size, "MODEL.MASK_ADAPTED_CLIP.TRAIN_CROP_SIZES")
+            for size in train_crop_sizes
+        ]
         for p in self.clip.parameters():
             p.requires_grad_(False)
         if train_image:
@@ -201,15 +197,10 @@ class MaskAdaptedCLIP(nn.Module):
         Returns:
             crops (N, 3, S, S), crop masks (N, S, S), B valid flags (K_i,).
         """
-        if not self.train_crop_sizes:
-            return self.crop_classifier.crop(images, masks)
-        native = self.crop_classifier.crop_size
-        pick = int(torch.randint(len(self.train_crop_sizes), ()))
-        self.crop_classifier.crop_size = self.train_crop_sizes[pick]
-        try:
-            return self.crop_classifier.crop(images, masks)
-        finally:
-            self.crop_classifier.crop_size = native
+        size = None
+        if self.train_crop_sizes:
+            size = self.train_crop_sizes[int(torch.randint(len(self.train_crop_sizes), ()))]
+        return self.crop_classifier.crop(images, masks, size)
 
     def export_clip(self, path: str) -> None:
         """Write the adapted CLIP (+ its mask prompts) as a checkpoint ``build_clip`` /

@@ -214,13 +214,9 @@ class TwoStageOVSeg(nn.Module):
         self.quantize = quantize
         self._quantized = quantize == "none"
         if crop_size:
-            patch = crop_classifier.encoder.patch_size
-            if crop_size < patch[0] or crop_size % patch[0] or crop_size % patch[1]:
-                raise ValueError(
-                    f"MODEL.TWO_STAGE.FAST.CROP_SIZE {crop_size} must be a multiple of the CLIP "
-                    f"patch size {tuple(patch)}"
-                )
-            crop_classifier.crop_size = int(crop_size)
+            crop_classifier.crop_size = crop_classifier.check_crop_size(
+                crop_size, "MODEL.TWO_STAGE.FAST.CROP_SIZE"
+            )
         self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
