@@ -300,6 +300,23 @@ def test_fast_modes_keep_the_output_contract(model, inputs):
         model.min_objectness, model.duplicate_iou, model.clip_mode, model.single_pass = saved
 
 
+def test_channels_last_proposals_match_the_default_layout(model, inputs):
+    reference = model(inputs)
+    convs = [m for m in model.proposal_source.modules() if isinstance(m, torch.nn.Conv2d)]
+    model.channels_last, model._fast_prepared = True, False
+    try:
+        fast = model(inputs)
+        assert convs and all(
+            m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs
+        )
+    finally:
+        model.channels_last = False
+        for m in convs:
+            m.to(memory_format=torch.contiguous_format)
+    for a, b in zip(fast, reference):  # only float rounding differs
+        assert (a["sem_seg"] - b["sem_seg"]).abs().max() < 1e-4
+
+
 def test_fast_config_keys_build_a_working_model(toyworld_root, inputs, tmp_path):
     cfg = _cfg(
         "MODEL.TWO_STAGE.TEST.PANOPTIC_ON", "True",
@@ -310,6 +327,7 @@ def test_fast_config_keys_build_a_working_model(toyworld_root, inputs, tmp_path)
         "MODEL.TWO_STAGE.FAST.SINGLE_PASS_SIZE", "48",
         "MODEL.TWO_STAGE.FAST.QUANTIZE", "int8_dynamic",
         "MODEL.TWO_STAGE.FAST.CROP_SIZE", "32",
+        "MODEL.TWO_STAGE.FAST.CHANNELS_LAST", "True",
         "MODEL.CLIP.TEXT_CACHE_DIR", str(tmp_path),
     )  # fmt: skip
     torch.manual_seed(0)
@@ -325,7 +343,13 @@ def test_fast_config_keys_build_a_working_model(toyworld_root, inputs, tmp_path)
     for r, e in zip(reference, out):
         r["vocabulary"] = e["vocabulary"]
     _check_contract(out, reference, inputs)
-    assert model._quantized and list(tmp_path.rglob("*.pt"))
+    assert model._fast_prepared and list(tmp_path.rglob("*.pt"))
+    convs = [m.weight for m in model.proposal_source.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    visual_conv = model.crop_classifier.clip.visual.conv1.weight  # the CLIP is left alone
+    assert visual_conv.is_contiguous() and not visual_conv.is_contiguous(
+        memory_format=torch.channels_last
+    )
     with pytest.raises(KeyError, match="CLIP_MODE"):
         build_model(_cfg("MODEL.TWO_STAGE.FAST.CLIP_MODE", "nope"))
 

@@ -67,32 +67,74 @@ def test_search_matches_the_model_forward(toyworld_root, tmp_path):
     # λ = 0 ignores MASK_THR
     assert grid[(0.0, 0.4, 2.0)] == {**grid[(0.0, 0.6, 2.0)], "mask_thr": 0.4}
     # the cached re-scoring equals the model's own forward at one grid point (seen-calibrated)
+    expected, _ = _forward_metrics(OPTS, 0.5, 0.6, 2.0, slice(1, 4))
+    for key in ("mIoU", "mIoU-seen", "mIoU-unseen"):
+        assert np.isclose(grid[(0.5, 0.6, 2.0)][key], expected[key], equal_nan=True), key
+    # resume: the finished search is reloaded, not recomputed
+    best = load_tool("search_ensemble").main([*args, "--resume", *OPTS])
+    assert best == result["best"]
+
+
+def _forward_metrics(opts, weight, mask_thr, gamma, subset):
+    """sem_seg metrics of the model's own forward (seed 0) on ``subset`` of the toy val split, and
+    the (K, H, W) sem_seg scores of its first image."""
     torch.manual_seed(0)
     cfg = setup_config(
         CONFIG,
-        [*OPTS, "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT", "0.5", "MODEL.SEEN_CALIBRATION.GAMMA", "2.0"],
+        [
+            *opts,
+            "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
+            str(weight),
+            "MODEL.CLIP.MASK_THR",
+            str(mask_thr),
+            "MODEL.SEEN_CALIBRATION.GAMMA",
+            str(gamma),
+        ],
     )
-    cfg.defrost()
-    cfg.MODEL.CLIP.MASK_THR = 0.6
-    cfg.freeze()
     model = build_model(cfg).eval()
     name = "toyworld_sem_seg_val"
     mapper = build_dataset_mapper(cfg, is_train=False, dataset_name=name)
     classes = MetadataCatalog.get(name).stuff_classes
     n = len(classes) + 1
     conf = np.zeros((n, n), dtype=np.int64)
-    for d in DatasetCatalog.get(name)[1:4]:
-        pred = model([mapper(d)])[0]["sem_seg"].argmax(0).numpy()
+    scores = []
+    for d in DatasetCatalog.get(name)[subset]:
+        scores.append(model([mapper(d)])[0]["sem_seg"])
+        pred = scores[-1].argmax(0).numpy()
         gt = read_label_image(d["sem_seg_file_name"])
         gt[gt == 255] = n - 1
         conf += np.bincount(n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n).reshape(n, n)
     meta = MetadataCatalog.get(name)
-    expected = sem_seg_metrics(conf, classes, meta.seen_class_ids, meta.unseen_class_ids)
+    return sem_seg_metrics(conf, classes, meta.seen_class_ids, meta.unseen_class_ids), scores[0]
+
+
+FAST_OPTS = [
+    "MODEL.TWO_STAGE.FAST.MIN_OBJECTNESS",
+    "0.5",
+    "MODEL.TWO_STAGE.FAST.DUPLICATE_IOU",
+    "0.6",
+    "MODEL.TWO_STAGE.FAST.CROP_SIZE",
+    "32",
+    "MODEL.TWO_STAGE.FAST.QUANTIZE",
+    "int8_dynamic",
+]
+
+
+def test_search_runs_the_fast_modes_as_the_model_forward(toyworld_root, tmp_path):
+    """A fast mode's grid cell equals the forward of the model with that fast mode."""
+    out = tmp_path / "search"
+    args = ["--config-file", str(REPO / CONFIG), "--output", str(out), "--weights", "0,0.5"]
+    args += ["--mask-thrs", "0.5", "--gammas", "0,1", "--subset", "0:3"]
+    torch.manual_seed(0)
+    load_tool("search_ensemble").main([*args, *OPTS, *FAST_OPTS])
+    grid = json.loads((out / "search.json").read_text())["grid"]
+    cell = next(r for r in grid if (r["ensemble_weight"], r["gamma"]) == (0.5, 1.0))
+    expected, fast_scores = _forward_metrics([*OPTS, *FAST_OPTS], 0.5, 0.5, 1.0, slice(0, 3))
     for key in ("mIoU", "mIoU-seen", "mIoU-unseen"):
-        assert np.isclose(grid[(0.5, 0.6, 2.0)][key], expected[key], equal_nan=True), key
-    # resume: the finished search is reloaded, not recomputed
-    best = load_tool("search_ensemble").main([*args, "--resume", *OPTS])
-    assert best == result["best"]
+        assert np.isclose(cell[key], expected[key], equal_nan=True), key
+    # the fast mode is really on: its scores differ from the exact mode's
+    _, exact_scores = _forward_metrics(OPTS, 0.5, 0.5, 1.0, slice(0, 1))
+    assert not torch.allclose(fast_scores, exact_scores, atol=1e-4)
 
 
 def test_search_holdout_scores_the_held_out_images(toyworld_root, tmp_path):

@@ -12,7 +12,9 @@ held-out images, so the searched ensemble is evaluated on images it was not chos
 cross-validation (pick on one range, score on the other, both ways, pooled) gives held-out numbers
 for λ = 0, λ = 1 and the searched ensemble (0 < λ < 1) on every image of both ranges (search.json
 'cross_validated'), uncalibrated (γ = 0) and, when the γ grid has values > 0, with γ searched too
-(the '_calibrated' selections).
+(the '_calibrated' selections). The model's fast modes (``MODEL.TWO_STAGE.FAST``: proposal
+selection, near-duplicate sharing, smaller crops, single pass, int8) run as in its forward, so a
+fast mode's λ, MASK_THR and γ are searched and cross-validated the same way as the exact mode's.
 
     python tools/search_ensemble.py --config-file configs/toyworld/two_stage_R18.yaml \\
         --output /tmp/two_stage/search --weights 0:1:0.1 --mask-thrs 0.35,0.4,0.45 --subset 0:150 \\
@@ -116,7 +118,7 @@ class GridScorer:
             (2, len(self.mask_thrs), len(self.gammas), len(self.weights), n, n), dtype=np.int64
         )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def add_image(self, x: dict, gt: np.ndarray, part: int = 0) -> None:
         """Score one mapped input against its (H, W) ground truth for every grid point, into the
         confusion matrices of ``part`` (0: search images, 1: held-out images)."""
@@ -126,9 +128,10 @@ class GridScorer:
             raise ValueError(
                 f"vocabulary of {len(vocabulary)} names, dataset of {self.num_classes} classes"
             )
-        proposals = model.generate_proposals([x], vocabulary)[0]
+        # the model's own stages, fast modes (MODEL.TWO_STAGE.FAST) included
+        proposals = model.select_proposals(model.generate_proposals([x], vocabulary)[0])
         images = model.rgb_images([x])
-        text = model.text_embeddings(vocabulary) if max(self.weights) > 0 else None
+        use_clip = max(self.weights) > 0
         size = tuple(x["image"].shape[-2:])
         output_size = (int(x.get("height", size[0])), int(x.get("width", size[1])))
         if tuple(gt.shape) != output_size:
@@ -143,11 +146,10 @@ class GridScorer:
         ]
         for t, thr in enumerate(self.mask_thrs):
             clip_probs = valid = None
-            if text is not None:
+            if use_clip:
                 model.crop_classifier.mask_thr = float(thr)
-                crops, crop_masks, valids = model.prepare_crops(images, [proposals.masks])
-                embeds = model.encode_crops(crops, crop_masks)
-                clip_probs, valid = model.clip_probabilities(embeds, text, valids)[0], valids[0]
+                probs, valids = model.clip_branch(images, [proposals], vocabulary)
+                clip_probs, valid = probs[0], valids[0]
             for g, bias in enumerate(biases):
                 for w, weight in enumerate(self.weights):
                     if weight == 0.0 and t > 0:
@@ -269,6 +271,7 @@ def main(argv=None):
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     model.semantic_on, model.panoptic_on = True, False
+    model.prepare_fast_modes()  # e.g. int8 quantization, after every float weight is loaded
     if min(args.weights) < 1.0 and not model.proposal_source.has_class_scores:
         raise SystemExit(
             "this proposal source has no class scores: only λ = 1 is possible (--weights 1)"

@@ -138,6 +138,7 @@ class TwoStageOVSeg(nn.Module):
         single_pass: Optional[SinglePassMaskEmbedder] = None,
         quantize: str = "none",
         crop_size: int = 0,
+        channels_last: bool = False,
         seen_calibration: Optional[SeenCalibration] = None,
     ):
         """
@@ -166,6 +167,9 @@ class TwoStageOVSeg(nn.Module):
                 applied at the first forward, once every weight is loaded).
             crop_size: side of the masked crops in pixels, a multiple of the patch size (0 = the
                 CLIP's input size).
+            channels_last: run the proposal network's convolutions in the channels-last memory
+                format (oneDNN's preferred layout on CPUs; float rounding differs from the default
+                layout; applied at the first forward).
             seen_calibration: calibrated stacking of the fused scores (``calibrate_query_probs``
                 with −γ for the seen names); None = off.
         """
@@ -212,7 +216,8 @@ class TwoStageOVSeg(nn.Module):
             single_pass = SinglePassMaskEmbedder(crop_classifier.clip.visual)
         self.single_pass = single_pass
         self.quantize = quantize
-        self._quantized = quantize == "none"
+        self.channels_last = bool(channels_last)
+        self._fast_prepared = False
         if crop_size:
             crop_classifier.crop_size = crop_classifier.check_crop_size(
                 crop_size, "MODEL.TWO_STAGE.FAST.CROP_SIZE"
@@ -275,6 +280,7 @@ class TwoStageOVSeg(nn.Module):
             "single_pass": single_pass,
             "quantize": fcfg.QUANTIZE,
             "crop_size": fcfg.CROP_SIZE,
+            "channels_last": fcfg.CHANNELS_LAST,
             "seen_calibration": SeenCalibration(cfg),
         }
 
@@ -458,16 +464,22 @@ class TwoStageOVSeg(nn.Module):
         )
 
     def prepare_fast_modes(self) -> None:
-        """Apply the quantization of ``quantize`` once (at the first forward: quantized modules do
-        not load float checkpoints, so every weight must be loaded before)."""
-        if self._quantized:
+        """Apply the module transforms of the fast modes once, at the first forward (quantized
+        modules do not load float checkpoints, so every weight must be loaded before): the
+        quantization of ``quantize`` and the channels-last proposal network."""
+        if self._fast_prepared:
             return
-        if self.device.type != "cpu":
+        if self.quantize != "none" and self.device.type != "cpu":
             raise RuntimeError(
                 f"MODEL.TWO_STAGE.FAST.QUANTIZE {self.quantize!r} runs on the CPU only"
             )
         QUANTIZERS[self.quantize](self.crop_classifier.clip.visual)
-        self._quantized = True
+        if self.channels_last:  # the proposal network's convolutions, not the shared CLIP's
+            clip = {id(m) for m in self.crop_classifier.clip.modules()}
+            for m in self.proposal_source.modules():
+                if isinstance(m, nn.Conv2d) and id(m) not in clip:
+                    m.to(memory_format=torch.channels_last)
+        self._fast_prepared = True
 
     def fuse(
         self,
