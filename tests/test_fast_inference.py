@@ -157,6 +157,24 @@ def test_proposal_selection():
     assert objectness_keep(scores, 0.95).tolist() == [False, True, False, False, False]
 
 
+def test_identical_mask_groups_equal_brute_force():
+    """IoU 1.0 on the CPU (packed-bit dictionary) groups exactly the identical binarised masks."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(30, 17, 23, generator=g)
+    masks[[4, 9, 21]] = masks[2].clone()  # planted duplicates
+    masks[12] = masks[7] * 0.9 + 0.05  # other probabilities, (almost surely) the same binary mask
+    masks[[5, 6]] = 0.0  # two empty masks
+    scores = torch.rand(30, generator=g)
+    binary = masks > 0.5
+    unique, inverse = duplicate_representatives(masks, scores, 0.5, 1.0)
+    rep = unique[inverse]
+    for i in range(30):
+        same = [j for j in range(30) if torch.equal(binary[i], binary[j])]
+        assert rep[i] == max(same, key=lambda j: scores[j])  # the best-scoring identical mask
+    assert rep[9] == rep[2] and rep[6] == rep[5] and rep[12] == rep[7]
+    assert torch.equal(unique, unique.sort().values)
+
+
 # ---------------------------------------------------------------- image tower modes
 def test_linear_attention_and_int8(clip_model):
     visual = copy.deepcopy(clip_model.visual)
