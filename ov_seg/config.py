@@ -582,6 +582,9 @@ def add_two_stage_config(cfg):
     # fewer tokens (the positional embedding and mask prompts are interpolated); 0 = the CLIP's
     # native input size (OVSeg).
     cfg.MODEL.TWO_STAGE.FAST.CROP_SIZE = 0
+    # With a smaller CROP_SIZE: the masks with the largest areas (this many per image; stuff regions
+    # lose the most detail in small crops) keep crops of the CLIP's native input size. 0 = none.
+    cfg.MODEL.TWO_STAGE.FAST.FULL_SIZE_CROPS = 0
     # Run the proposal network's convolutions in the channels-last memory format (faster on CPUs;
     # float rounding differs, so it is not an exact mode).
     cfg.MODEL.TWO_STAGE.FAST.CHANNELS_LAST = False

@@ -25,6 +25,7 @@ from ov_seg.modeling.clip.text_cache import TextEmbeddingCache, text_tower_hash
 from ov_seg.modeling.clip.text_classifier import encode_tokens, token_lengths
 from ov_seg.modeling.heads.proposal_selection import (
     duplicate_representatives,
+    largest_masks,
     mask_iou,
     objectness_keep,
 )
@@ -155,6 +156,8 @@ def test_proposal_selection():
     assert torch.allclose(mask_iou(masks > 0.5)[0, 2], torch.tensor(7 / 8))
     assert objectness_keep(scores, 0.3).tolist() == [False, True, True, False, True]
     assert objectness_keep(scores, 0.95).tolist() == [False, True, False, False, False]
+    assert largest_masks(masks, 0.5, 2).tolist() == [True, True, False, False, False]  # ties: first
+    assert largest_masks(masks, 0.5, 9).all() and not largest_masks(masks, 0.5, 0).any()
 
 
 def test_identical_mask_groups_equal_brute_force():
@@ -316,6 +319,33 @@ def test_fast_modes_keep_the_output_contract(model, inputs):
             _check_contract(model(inputs), reference, inputs)
     finally:
         model.min_objectness, model.duplicate_iou, model.clip_mode, model.single_pass = saved
+
+
+def test_full_size_crops_for_the_largest_masks(model, inputs):
+    """FULL_SIZE_CROPS K: the K largest masks of an image get native-size crops, the others the
+    smaller CROP_SIZE; each embedding equals the one of its size's uniform mode."""
+    images = model.rgb_images(inputs)
+    proposals = model.generate_proposals(inputs, list(model.vocabulary))
+    masks = [p.masks for p in proposals]
+    classifier = model.crop_classifier
+    saved = (classifier.crop_size, model.full_size_crops)
+    try:
+        with torch.inference_mode():
+            full, full_valid = model.clip_embeddings(images, masks)
+            classifier.crop_size = 32
+            small, small_valid = model.clip_embeddings(images, masks)
+            model.full_size_crops = 2
+            mixed, mixed_valid = model.clip_embeddings(images, masks)
+    finally:
+        classifier.crop_size, model.full_size_crops = saved
+    large = [largest_masks(m, classifier.mask_thr, 2) for m in masks]
+    for flags in (small_valid, mixed_valid):
+        assert all(torch.equal(a, b) for a, b in zip(flags, full_valid))
+    assert mixed.shape == full.shape and not torch.allclose(full, small, atol=1e-4)
+    is_large = torch.cat([g[v] for g, v in zip(large, full_valid)])  # per valid mask, in order
+    assert 0 < int(is_large.sum()) < is_large.numel()
+    assert torch.allclose(mixed[is_large], full[is_large], atol=1e-5)
+    assert torch.allclose(mixed[~is_large], small[~is_large], atol=1e-5)
 
 
 def test_channels_last_proposals_match_the_default_layout(model, inputs):

@@ -269,11 +269,15 @@ def run_once(model, x, vocabulary, timer: Timer, synthetic: Optional[Proposals])
         )
         masks = [p.masks[unique]]
     images = model.rgb_images([x])
+    crops_by_size = {}
     if model.clip_mode == "crops":
         with timer("crop_prep"):
-            crops, crop_masks, valid = model.prepare_crops(images, masks)
+            groups = model.prepare_crop_groups(images, masks)
         with timer("clip"):
-            embeds = model.encode_crops(crops, crop_masks)
+            embeds, valid = model.encode_crop_groups(groups, masks)
+        for g in groups:
+            size = int(g.crops.shape[-1])
+            crops_by_size[size] = crops_by_size.get(size, 0) + int(g.crops.shape[0])
     else:
         timer.ms["crop_prep"].append(0.0)
         with timer("clip"):
@@ -289,6 +293,7 @@ def run_once(model, x, vocabulary, timer: Timer, synthetic: Optional[Proposals])
         "proposals_kept": int(p.masks.shape[0]),
         "masks_encoded": int(unique.numel()),
         "crops_encoded": int(valid[0].sum()),
+        "crops_by_size": crops_by_size,
     }
 
 
@@ -364,11 +369,12 @@ def main(argv=None):
             sum(p.numel() for p in model.crop_classifier.clip.parameters()) / 1e6, 2
         ),
     }
-    crop = model.crop_classifier.crop_size
-    flops_crop = clip_flops_per_crop(model, crop) if model.clip_mode == "crops" else None
-    executed_crop = (
-        clip_flops_per_crop(model, crop, executed=True) if model.clip_mode == "crops" else None
-    )
+    # per crop size (the full-size crops of FULL_SIZE_CROPS too): nominal and executed FLOPs
+    sizes = {model.crop_classifier.crop_size, model.full_crop_size}
+    flops_crop = executed_crop = None
+    if model.clip_mode == "crops":
+        flops_crop = {s: clip_flops_per_crop(model, s) for s in sizes}
+        executed_crop = {s: clip_flops_per_crop(model, s, executed=True) for s in sizes}
 
     # text: cold (empty caches), from the disk cache, from memory
     templates = model.crop_classifier.text_classifier.templates
@@ -422,7 +428,7 @@ def main(argv=None):
     )
     result["matmul_gflops_per_s"] = {"before": round(peak_before, 1), "after": round(peak_after, 1)}
     if flops_crop is not None:
-        gflop = flops_crop * counts["crops_encoded"] / 1e9
+        gflop = sum(flops_crop[s] * n for s, n in counts["crops_by_size"].items()) / 1e9
     elif single_pass_flops is not None:
         gflop = single_pass_flops / 1e9
     else:
@@ -433,7 +439,7 @@ def main(argv=None):
         result["clip_fraction_of_matmul"] = round(gflop / max(clip_s, 1e-9) / peak, 3)
     if executed_crop is not None:
         # the FLOPs that actually ran (nominal ones above: the whole tower, the convention)
-        executed = executed_crop * counts["crops_encoded"] / 1e9
+        executed = sum(executed_crop[s] * n for s, n in counts["crops_by_size"].items()) / 1e9
         result["clip_executed_gflop"] = round(executed, 2)
         result["clip_executed_fraction_of_matmul"] = round(executed / max(clip_s, 1e-9) / peak, 3)
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)

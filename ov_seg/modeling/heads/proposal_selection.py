@@ -7,7 +7,8 @@ functions).
 - ``duplicate_representatives``: a proposal whose binarised mask overlaps a higher-scoring one with
   IoU >= a threshold reuses that proposal's CLIP probabilities (MaskFormer's queries often
   duplicate). At threshold 1.0 only identical masks share, which is exact: identical binarised
-  masks give identical crops.
+  masks give identical crops;
+- ``largest_masks``: the proposals that keep full-size crops when the others get smaller ones.
 """
 
 from typing import Tuple
@@ -15,7 +16,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
-__all__ = ["objectness_keep", "duplicate_representatives", "mask_iou"]
+__all__ = ["objectness_keep", "duplicate_representatives", "mask_iou", "largest_masks"]
 
 
 def objectness_keep(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -25,6 +26,17 @@ def objectness_keep(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     if scores.numel() and not bool(keep.any()):
         keep[scores.argmax()] = True
     return keep
+
+
+def largest_masks(masks: torch.Tensor, mask_thr: float, k: int) -> torch.Tensor:
+    """(Q, H, W) mask probabilities (binarised with ``> mask_thr``) or bool -> (Q,) bool, True for
+    the ``k`` masks with the largest areas (ties: the lower index)."""
+    binary = masks if masks.dtype == torch.bool else masks > mask_thr
+    area = binary.flatten(1).sum(dim=1)
+    out = torch.zeros(masks.shape[0], dtype=torch.bool, device=masks.device)
+    order = area.argsort(descending=True, stable=True)
+    out[order[: max(0, int(k))]] = True
+    return out
 
 
 def mask_iou(binary: torch.Tensor) -> torch.Tensor:

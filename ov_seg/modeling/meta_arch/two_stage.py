@@ -23,7 +23,9 @@ dataset's ``stuff_classes``, or given explicitly, e.g. by the demo), else the cl
 
 Fast inference (``MODEL.TWO_STAGE.FAST``, notes/fast_inference.md): proposals below an objectness
 threshold are skipped, near-duplicate masks share one CLIP result, the image tower can be int8
-quantized, crops can be smaller than the CLIP's input size, and ``CLIP_MODE "single_pass"``
+quantized, crops can be smaller than the CLIP's input size (except for the few largest masks of an
+image, ``FULL_SIZE_CROPS``; ``prepare_crop_groups``), the proposal network can run channels-last,
+and ``CLIP_MODE "single_pass"``
 replaces the per-crop forwards by one forward on the whole image (``SinglePassMaskEmbedder``). Every
 mode keeps the output contract. The defaults are exact (only identical masks share a crop).
 
@@ -34,7 +36,7 @@ checkpoint (``tools/merge_checkpoints.py``) as ``MODEL.WEIGHTS``.
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -55,7 +57,11 @@ from ov_seg.modeling.heads.ensemble import (
     semantic_scores,
     with_background_name,
 )
-from ov_seg.modeling.heads.proposal_selection import duplicate_representatives, objectness_keep
+from ov_seg.modeling.heads.proposal_selection import (
+    duplicate_representatives,
+    largest_masks,
+    objectness_keep,
+)
 from ov_seg.modeling.meta_arch.proposal_maskformer import ProposalMaskFormer
 from ov_seg.modeling.proposal_sources import Proposals, build_proposal_source
 
@@ -103,6 +109,15 @@ def _dataset_thing_ids(dataset_name: str) -> Optional[List[int]]:
     return None if mapping is None else sorted(int(v) for v in mapping.values())
 
 
+class CropGroup(NamedTuple):
+    """Masked crops of one size, for the masks ``selected`` of each image (stage 2 of "crops")."""
+
+    selected: List[torch.Tensor]  # per image (Q_i,) bool: the masks cropped in this group
+    crops: torch.Tensor  # (N, 3, S, S) normalised crops of the valid selected masks
+    crop_masks: torch.Tensor  # (N, S, S) bool
+    valid: List[torch.Tensor]  # per image (number selected,) bool: non-empty selected masks
+
+
 @META_ARCH_REGISTRY.register()
 class TwoStageOVSeg(nn.Module):
     """Proposals → masked crops → mask-adapted CLIP, fused with the proposal head (inference only).
@@ -138,6 +153,7 @@ class TwoStageOVSeg(nn.Module):
         single_pass: Optional[SinglePassMaskEmbedder] = None,
         quantize: str = "none",
         crop_size: int = 0,
+        full_size_crops: int = 0,
         channels_last: bool = False,
         seen_calibration: Optional[SeenCalibration] = None,
     ):
@@ -167,6 +183,8 @@ class TwoStageOVSeg(nn.Module):
                 applied at the first forward, once every weight is loaded).
             crop_size: side of the masked crops in pixels, a multiple of the patch size (0 = the
                 CLIP's input size).
+            full_size_crops: with a smaller ``crop_size``, the masks with the largest areas (this
+                many per image) keep crops of the CLIP's input size.
             channels_last: run the proposal network's convolutions in the channels-last memory
                 format (oneDNN's preferred layout on CPUs; float rounding differs from the default
                 layout; applied at the first forward).
@@ -218,6 +236,12 @@ class TwoStageOVSeg(nn.Module):
         self.quantize = quantize
         self.channels_last = bool(channels_last)
         self._fast_prepared = False
+        self.full_crop_size = crop_classifier.crop_size  # the CLIP's input size
+        if full_size_crops < 0:
+            raise ValueError(
+                f"MODEL.TWO_STAGE.FAST.FULL_SIZE_CROPS must be >= 0, got {full_size_crops}"
+            )
+        self.full_size_crops = int(full_size_crops)
         if crop_size:
             crop_classifier.crop_size = crop_classifier.check_crop_size(
                 crop_size, "MODEL.TWO_STAGE.FAST.CROP_SIZE"
@@ -280,6 +304,7 @@ class TwoStageOVSeg(nn.Module):
             "single_pass": single_pass,
             "quantize": fcfg.QUANTIZE,
             "crop_size": fcfg.CROP_SIZE,
+            "full_size_crops": fcfg.FULL_SIZE_CROPS,
             "channels_last": fcfg.CHANNELS_LAST,
             "seen_calibration": SeenCalibration(cfg),
         }
@@ -362,6 +387,59 @@ class TwoStageOVSeg(nn.Module):
             valid).
         """
         return self.crop_classifier.crop(images, masks)
+
+    def prepare_crop_groups(
+        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+    ) -> List[CropGroup]:
+        """Stage 2 of "crops": the masked crops, one ``CropGroup`` per crop size. One group of
+        every mask, unless ``full_size_crops`` K > 0 with a smaller crop size: then the K largest
+        masks of each image are cropped at the CLIP's input size and the others at the smaller
+        size.
+
+        Args:
+            images: B tensors (3, H_i, W_i) RGB 0-255. masks: B tensors (Q_i, H_i, W_i).
+        """
+        classifier = self.crop_classifier
+        if self.full_size_crops == 0 or classifier.crop_size == self.full_crop_size:
+            crops, crop_masks, valid = self.prepare_crops(images, masks)
+            selected = [torch.ones(m.shape[0], dtype=torch.bool, device=m.device) for m in masks]
+            return [CropGroup(selected, crops, crop_masks, valid)]
+        large = [largest_masks(m, classifier.mask_thr, self.full_size_crops) for m in masks]
+        groups = []
+        for selected, size in (
+            (large, self.full_crop_size),
+            ([~g for g in large], classifier.crop_size),
+        ):
+            crops, crop_masks, valid = classifier.crop(
+                images, [m[s] for m, s in zip(masks, selected)], size=size
+            )
+            groups.append(CropGroup(selected, crops, crop_masks, valid))
+        return groups
+
+    def encode_crop_groups(
+        self, groups: Sequence[CropGroup], masks: Sequence[torch.Tensor]
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Stage 3 of "crops": the embeddings of every group, back in the order of ``masks``.
+
+        Returns:
+            as ``clip_embeddings``: (N, D) for the valid masks (image 0's first, each image in
+            mask order) and B valid flags (Q_i,).
+        """
+        encoded = [self.encode_crops(g.crops, g.crop_masks) for g in groups]
+        if len(groups) == 1:  # every mask in one group: already in order
+            return encoded[0], list(groups[0].valid)
+        embeds, valid_all, starts = [], [], [0] * len(groups)
+        for i, m in enumerate(masks):
+            rows = encoded[0].new_zeros((m.shape[0], encoded[0].shape[1]))
+            valid = torch.zeros(m.shape[0], dtype=torch.bool, device=m.device)
+            for j, (group, emb) in enumerate(zip(groups, encoded)):
+                idx = group.selected[i].nonzero()[:, 0][group.valid[i]]
+                rows[idx] = emb[starts[j] : starts[j] + idx.numel()]
+                valid[idx] = True
+                starts[j] += idx.numel()
+            embeds.append(rows[valid])
+            valid_all.append(valid)
+        return torch.cat(embeds), valid_all
 
     def encode_crops(self, crops: torch.Tensor, crop_masks: torch.Tensor) -> torch.Tensor:
         """Stage 3: (N, 3, S, S) crops (+ masks for the mask prompts) → (N, D) normalised
@@ -597,8 +675,8 @@ class TwoStageOVSeg(nn.Module):
 
 
 def _encode_crops(model: TwoStageOVSeg, images, masks):
-    crops, crop_masks, valid = model.prepare_crops(images, masks)
-    return model.encode_crops(crops, crop_masks), valid
+    """ "crops": one masked crop per mask (see ``clip_embeddings`` for the shapes)."""
+    return model.encode_crop_groups(model.prepare_crop_groups(images, masks), masks)
 
 
 # MODEL.TWO_STAGE.FAST.CLIP_MODE -> fn(model, images, masks) -> (embeds (N, D), valid flags)
