@@ -336,6 +336,8 @@ def test_full_size_crops_for_the_largest_masks(model, inputs):
             small, small_valid = model.clip_embeddings(images, masks)
             model.full_size_crops = 2
             mixed, mixed_valid = model.clip_embeddings(images, masks)
+            model.full_size_crops = 1000  # every mask is among the largest: no small crop at all
+            every, _ = model.clip_embeddings(images, masks)
     finally:
         classifier.crop_size, model.full_size_crops = saved
     large = [largest_masks(m, classifier.mask_thr, 2) for m in masks]
@@ -346,6 +348,7 @@ def test_full_size_crops_for_the_largest_masks(model, inputs):
     assert 0 < int(is_large.sum()) < is_large.numel()
     assert torch.allclose(mixed[is_large], full[is_large], atol=1e-5)
     assert torch.allclose(mixed[~is_large], small[~is_large], atol=1e-5)
+    assert torch.allclose(every, full, atol=1e-5)
 
 
 def test_channels_last_proposals_match_the_default_layout(model, inputs):

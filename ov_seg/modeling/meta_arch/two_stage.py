@@ -675,7 +675,7 @@ class TwoStageOVSeg(nn.Module):
 
 
 def _encode_crops(model: TwoStageOVSeg, images, masks):
-    """ "crops": one masked crop per mask (see ``clip_embeddings`` for the shapes)."""
+    """The "crops" CLIP mode: one masked crop per mask (shapes: ``clip_embeddings``)."""
     return model.encode_crop_groups(model.prepare_crop_groups(images, masks), masks)
 
 
