@@ -192,13 +192,12 @@ def test_mask_adapted_clip_runs_and_exports(pretrained, toyworld_root, tmp_path)
         "configs/toyworld/clip_mpt.yaml",
         ["MODEL.CLIP.PRETRAINED", str(export), "OUTPUT_DIR", str(tmp_path)],
     )
-    from detectron2.checkpoint import DetectionCheckpointer
-
+    from ov_seg.checkpoint import SafeCheckpointer
     from ov_seg.modeling.clip.export import export_clip
 
     model = Trainer.build_model(cfg)
     initial_prompts = model.crop_classifier.encoder.prompts.detach().clone()
-    DetectionCheckpointer(model).load(str(tmp_path / "model_final.pth"))
+    SafeCheckpointer(model).load(str(tmp_path / "model_final.pth"))
     path = export_clip(model, str(tmp_path / "clip_export.pth"))
     prompts = load_mask_prompts(path)
     assert prompts.shape == (3, 64, 64) and not torch.equal(prompts, initial_prompts)

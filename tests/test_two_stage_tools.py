@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from helpers import REPO, load_tool, setup_config
 
+from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.data import build_dataset_mapper
 from ov_seg.data.datasets.benchmark_utils import read_label_image
 from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
@@ -47,7 +47,7 @@ def test_merged_checkpoint_round_trip(toyworld_root, tmp_path):
     )
     opts = ["MODEL.WEIGHTS", str(merged), *OPTS]
     reloaded = build_model(setup_config(CONFIG, opts))
-    DetectionCheckpointer(reloaded).load(str(merged))
+    SafeCheckpointer(reloaded).load(str(merged))
     assert torch.equal(reloaded.crop_classifier.encoder.prompts, prompts)
     for key, value in model.proposal_source.model.state_dict().items():
         assert torch.equal(reloaded.proposal_source.model.state_dict()[key], value), key

@@ -46,11 +46,11 @@ from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from torch.utils.flop_counter import FlopCounterMode
 
 import ov_seg  # noqa: F401 (registration)
+from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.engine import Trainer
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.modeling.clip import MaskPromptVisionEncoder, normalize_clip
@@ -319,7 +319,7 @@ def build(args):
     t0 = time.perf_counter()
     model = Trainer.build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     model.semantic_on = model.panoptic_on = True
     return cfg, model, threads, time.perf_counter() - t0

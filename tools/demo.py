@@ -27,7 +27,6 @@ from typing import List
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -39,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import ov_seg  # noqa: F401 (registration)
+from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.engine import Trainer
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.modeling.heads.ensemble import with_background_name
@@ -137,7 +137,7 @@ class Demo:
         self.cfg = cfg
         self.model = Trainer.build_model(cfg)
         if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            SafeCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
         self.model.eval()
         self.model.semantic_on = self.model.panoptic_on = True
         self.vocabulary = list(vocabulary)

@@ -11,10 +11,10 @@ Other models then use ``MODEL.CLIP.PRETRAINED <OUTPUT_DIR>/clip_export.pth``.
 import os
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
 
 import ov_seg  # noqa: F401 (registration)
+from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.engine import Trainer
 from ov_seg.engine.setup import setup_cfg
 from ov_seg.modeling.clip.export import EXPORT_NAME, export_clip
@@ -26,7 +26,7 @@ def main(args):
     if not os.path.isfile(weights):
         sys.exit(f"no trained weights at {weights} (train first, or set MODEL.WEIGHTS)")
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
+    SafeCheckpointer(model).load(weights)
     path = args.output or os.path.join(cfg.OUTPUT_DIR, EXPORT_NAME)
     export_clip(model, path)
     print(path)

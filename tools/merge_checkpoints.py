@@ -20,10 +20,10 @@ import os
 from pathlib import Path
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.logger import setup_logger
 
 import ov_seg  # noqa: F401 (registration)
+from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.engine import Trainer
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.utils.threads import set_num_threads
@@ -60,7 +60,7 @@ def main(argv=None):
     cfg, model = build(args.config_file, args.opts)
     set_num_threads(cfg.RUNTIME.NUM_THREADS)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     if not (cfg.MODEL.TWO_STAGE.PROPOSAL_WEIGHTS or cfg.MODEL.WEIGHTS):
         logger.warning(
             "no proposal generator weights (MODEL.TWO_STAGE.PROPOSAL_WEIGHTS): it is random"
@@ -96,7 +96,7 @@ def main(argv=None):
         "",
     ]
     _, reloaded = build(args.config_file, opts)
-    DetectionCheckpointer(reloaded).load(str(out))
+    SafeCheckpointer(reloaded).load(str(out))
     again = reloaded.state_dict()
     bad = sorted(k for k in state if k not in again or not torch.equal(state[k], again[k].cpu()))
     if bad or set(again) != set(state):

@@ -29,13 +29,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 from tqdm import tqdm
 
 import ov_seg  # noqa: F401 (registration)
+from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.data import build_dataset_mapper
 from ov_seg.data.datasets.benchmark_utils import read_label_image
 from ov_seg.engine import Trainer
@@ -268,7 +268,7 @@ def main(argv=None):
 
     model = Trainer.build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
     model.semantic_on, model.panoptic_on = True, False
     model.prepare_fast_modes()  # e.g. int8 quantization, after every float weight is loaded

@@ -9,11 +9,11 @@ python tools/train_net.py --config-file ... --num-gpus 2   # 2 processes (gloo o
 import logging
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 
 import ov_seg  # noqa: F401 (registers datasets, mappers, evaluators, models)
+from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.engine import Trainer
 from ov_seg.engine.pipeline import atomic_write_json
 from ov_seg.engine.setup import setup_cfg
@@ -28,7 +28,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)

@@ -5,8 +5,7 @@ import argparse
 import shlex
 from typing import List, Tuple
 
-from detectron2.checkpoint import DetectionCheckpointer
-
+from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.engine.trainer import Trainer
 
 __all__ = ["parse_method_spec", "build_method"]
@@ -36,5 +35,5 @@ def build_method(base_cfg, config: str, weights: str, opts: List[str]):
     cfg.freeze()
     model = Trainer.build_model(cfg)
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        SafeCheckpointer(model).load(weights)
     return cfg, model.eval()
