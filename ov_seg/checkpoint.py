@@ -9,29 +9,46 @@ Detectron2's ``DetectionCheckpointer`` reads ``.pkl`` files (its model-zoo forma
 * ``.safetensors`` with ``safetensors.torch.load_file`` (when the package is installed);
 * everything else with ``torch.load(..., weights_only=True)``.
 
-A file that cannot be read is an error naming the file.
+A file that cannot be read is an error naming the file. Loading is strict: weights that miss
+parameters of the model, hold parameters the model does not have, or have other shapes raise
+:class:`IncompatibleCheckpointError` naming the file and the first keys of each kind, instead of
+leaving part of the model randomly initialised. ``partial=True`` (``MODEL.WEIGHTS_PARTIAL`` for a
+training run's ``MODEL.WEIGHTS``: an ImageNet backbone, fine-tuning from another head) loads what
+matches and logs the rest. ``--resume`` falls back to the newest readable ``model_*.pth`` of the
+output folder, with a warning, when the last checkpoint cannot be read; checkpoints are written
+atomically (temporary file + rename).
 """
 
+import glob
 import io
 import os
 import pickle
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
+from fvcore.common.checkpoint import _filter_reused_missing_keys, _IncompatibleKeys
 
 __all__ = [
     "SafeCheckpointer",
     "RestrictedUnpickler",
     "UnsafeCheckpointError",
+    "IncompatibleCheckpointError",
     "safe_load_pickle",
     "safe_torch_load",
 ]
 
+# keys shown per kind (missing / unexpected / shape) in an IncompatibleCheckpointError
+SHOWN_KEYS = 5
+
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A weights file asked to import a global outside :data:`RestrictedUnpickler.ALLOWED`."""
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    """Weights that do not fit the model (another architecture, another config)."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -97,13 +114,135 @@ def safe_torch_load(path: str, **kwargs) -> Any:
         ) from e
 
 
+def _incompatibility_message(path: str, incompatible: _IncompatibleKeys, missing: List[str]) -> str:
+    parts = []
+    for what, keys in (
+        ("missing from the file", missing),
+        ("not in the model", list(incompatible.unexpected_keys)),
+        (
+            "of another shape (key, file, model)",
+            [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in incompatible.incorrect_shapes],
+        ),
+    ):
+        if keys:
+            more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+            parts.append(f"{len(keys)} keys {what}: {', '.join(keys[:SHOWN_KEYS])}{more}")
+    return (
+        f"weights file {path} does not match the model (another architecture or config?): "
+        + "; ".join(parts)
+        + ". Pass the weights of this config, or set MODEL.WEIGHTS_PARTIAL True to load only "
+        "the matching keys (fine-tuning from partial weights)."
+    )
+
+
 class SafeCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that never runs code from a file (see the module docstring).
+    """``DetectionCheckpointer`` that never runs code from a file and loads strictly (see the
+    module docstring).
 
     Drop-in: same constructor, ``load`` / ``resume_or_load`` / ``save`` as Detectron2's.
+
+    Args:
+        partial: let ``resume_or_load(path, resume=False)`` / ``load`` load weights that match
+            the model only in part (the rest stays as initialised; logged). Resuming from the
+            output folder's own checkpoints is always strict.
     """
 
+    def __init__(self, model, save_dir: str = "", *, partial: bool = False, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.partial = bool(partial)
+        self._strict = not self.partial
+        self._path = ""
+        self._preloaded: Optional[tuple] = None  # (path, data) read by _resume
+
+    def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        """Detectron2's ``load``; a local file that does not exist is a ``FileNotFoundError``."""
+        if path and "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file not found: {path}")
+        self._path = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._path = ""
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """Resume from the output folder's last readable checkpoint (strict) when ``resume`` and
+        one exists, else load ``path`` (partial if the checkpointer was built so)."""
+        if resume and self.has_checkpoint():
+            return self._resume()
+        return self.load(path, checkpointables=[])
+
+    def _resume(self) -> Dict[str, Any]:
+        last = self.get_checkpoint_file()
+        others = sorted(
+            (p for p in glob.glob(os.path.join(self.save_dir, "model_*.pth")) if p != last),
+            key=lambda p: (os.path.getmtime(p), p),
+            reverse=True,
+        )
+        failures = []
+        for path in [last, *others]:
+            try:
+                data = self._load_file(path)
+            except UnsafeCheckpointError:
+                raise
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+                failures.append(f"{path}: {e}")
+                self.logger.warning(
+                    "cannot resume from %s (%s); trying an older checkpoint", path, e
+                )
+                continue
+            if failures:
+                self.logger.warning(
+                    "resuming from %s: %d newer checkpoint(s) unreadable", path, len(failures)
+                )
+            self._preloaded = (path, data)
+            self._strict = True
+            try:
+                return self.load(path)
+            finally:
+                self._preloaded = None
+                self._strict = not self.partial
+        raise RuntimeError(
+            f"--resume: no readable checkpoint in {self.save_dir}: " + "; ".join(failures)
+        )
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Detectron2's ``save``, written atomically: a run killed while saving leaves the
+        previous checkpoint and ``last_checkpoint`` intact."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(last_filename_basename)
+        os.replace(tmp, path)
+
+    def _load_model(self, checkpoint: Dict[str, Any]) -> _IncompatibleKeys:
+        incompatible = super()._load_model(checkpoint)
+        missing = _filter_reused_missing_keys(self.model, incompatible.missing_keys)
+        if self._strict and (
+            missing or incompatible.unexpected_keys or incompatible.incorrect_shapes
+        ):
+            raise IncompatibleCheckpointError(
+                _incompatibility_message(self._path, incompatible, sorted(missing))
+            )
+        return incompatible
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        if self._preloaded is not None and self._preloaded[0] == filename:
+            return self._preloaded[1]
         if not PathManager.exists(filename):
             raise FileNotFoundError(f"weights file not found: {filename}")
         ext = os.path.splitext(filename)[1].lower()

@@ -54,6 +54,15 @@ def add_runtime_config(cfg):
     cfg.RUNTIME.LOG_PERIOD = 20
 
 
+def add_weights_config(cfg):
+    """How ``MODEL.WEIGHTS`` is loaded."""
+    # Let a training run start from weights that fit the model only in part (an ImageNet
+    # backbone, another head): the matching keys load, the others keep their initialisation and
+    # are logged. False (default): any missing, unexpected or reshaped key is an error naming the
+    # file and the keys. Evaluation, the demo, the tools and --resume always load strictly.
+    cfg.MODEL.WEIGHTS_PARTIAL = False
+
+
 def add_swin_config(cfg):
     """Swin backbone taken from timm (``D2SwinTransformer``, BACKBONE.NAME
     "build_swin_backbone")."""
@@ -304,6 +313,11 @@ def add_clip_config(cfg):
     # dict, {"state_dict": ...} or an exported clip_export.pth, mask prompts included), or ""
     # = random init.
     cfg.MODEL.CLIP.PRETRAINED = "openai"
+    # MLP activation of both CLIP towers: "quick_gelu" (x·σ(1.702x), OpenAI's CLIP), "gelu", or
+    # "auto": what the pretrained tag was trained with (open_clip's record: QuickGELU for "openai"),
+    # else the activation a local checkpoint's meta records, else the model config's (GELU for
+    # ViT-B-16 / ViT-L-14). Wrong activation = silently wrong embeddings.
+    cfg.MODEL.CLIP.ACTIVATION = "auto"
     # Prompt template set of the text classifier (ov_seg.modeling.clip.TEMPLATE_SETS): "vild" (14
     # ViLD templates, OVSeg), "imagenet" (CLIP's 80), "single" ("a photo of a {}."), "toyworld".
     cfg.MODEL.CLIP.TEMPLATES = "vild"
@@ -591,6 +605,7 @@ def add_two_stage_config(cfg):
 
 
 _ADDERS = [
+    add_weights_config,
     add_deeplab_config,
     add_solver_config,
     add_input_config,

@@ -10,7 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from ov_seg.checkpoint import SafeCheckpointer, UnsafeCheckpointError, safe_torch_load
+from ov_seg.checkpoint import (
+    IncompatibleCheckpointError,
+    SafeCheckpointer,
+    UnsafeCheckpointError,
+    safe_torch_load,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +104,111 @@ def test_no_other_checkpointer_in_project():
             if "DetectionCheckpointer(" in text or re.search(r"pickle\.loads?\(", text):
                 offenders.append(os.path.relpath(path, ROOT))
     assert offenders == []
+
+
+# ---- strict loading (issue 23, cases 3, 14, 15) -------------------------------------------------
+def _save(model: nn.Module, path: Path) -> None:
+    torch.save({"model": model.state_dict()}, path)
+
+
+def test_weights_of_another_architecture_are_an_error_naming_file_and_keys(tmp_path):
+    """Case 3: another architecture used to load partly and leave the rest random, exit 0."""
+    weights = tmp_path / "other.pth"
+    _save(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), weights)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    before = model[0].weight.detach().clone()
+    with pytest.raises(IncompatibleCheckpointError) as err:
+        SafeCheckpointer(model).load(str(weights))
+    msg = str(err.value)
+    assert str(weights) in msg and "1.weight" in msg and "2.weight" in msg  # unexpected / missing
+    assert "0.weight (4, 3) vs (5, 3)" in msg and "MODEL.WEIGHTS_PARTIAL" in msg
+    assert torch.equal(model[0].weight, before)
+
+
+def test_partial_flag_loads_the_matching_keys(tmp_path):
+    weights = tmp_path / "backbone.pth"
+    src = nn.Sequential(nn.Linear(3, 5))
+    _save(src, weights)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    SafeCheckpointer(model, partial=True).resume_or_load(str(weights), resume=False)
+    assert torch.equal(model[0].weight, src[0].weight)
+
+
+def test_matching_weights_load_without_a_missing_key_warning(tmp_path, caplog):
+    weights = tmp_path / "same.pth"
+    src = nn.Linear(3, 2)
+    _save(src, weights)
+    model = nn.Linear(3, 2)
+    SafeCheckpointer(model).load(str(weights))
+    assert torch.equal(model.weight, src.weight)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_missing_weights_file_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.pth"))):
+        SafeCheckpointer(nn.Linear(2, 2)).load(str(tmp_path / "nope.pth"))
+
+
+def test_garbage_pth_is_an_error_naming_the_file(tmp_path):
+    """Case 14: random bytes used to raise IndexError without the file's name."""
+    weights = tmp_path / "garbage.pth"
+    weights.write_bytes(np.random.RandomState(0).bytes(4096))
+    with pytest.raises(RuntimeError, match=re.escape(str(weights))):
+        SafeCheckpointer(nn.Linear(2, 2)).load(str(weights))
+
+
+def _trained_checkpoints(folder: Path):
+    """model_0000001.pth, model_0000003.pth (last) with different weights, as a run writes them."""
+    ckpt = SafeCheckpointer(nn.Linear(2, 2), save_dir=str(folder))
+    states = []
+    for it in (1, 3):
+        with torch.no_grad():
+            ckpt.model.weight.fill_(float(it))
+        ckpt.save(f"model_{it:07d}", iteration=it)
+        os.utime(folder / f"model_{it:07d}.pth", (it, it))
+        states.append(ckpt.model.weight.detach().clone())
+    return states
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, caplog):
+    """Case 15: a corrupt last checkpoint used to stop --resume though an older one was fine."""
+    states = _trained_checkpoints(tmp_path)
+    (tmp_path / "model_0000003.pth").write_bytes(b"\x80\x02truncated")
+    model = nn.Linear(2, 2)
+    extra = SafeCheckpointer(model, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    assert extra["iteration"] == 1 and torch.equal(model.weight, states[0])
+    assert any("model_0000003.pth" in r.getMessage() for r in caplog.records)
+    (tmp_path / "model_0000001.pth").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="no readable checkpoint"):
+        SafeCheckpointer(nn.Linear(2, 2), save_dir=str(tmp_path)).resume_or_load("", resume=True)
+
+
+def test_resume_is_strict_even_with_the_partial_flag(tmp_path):
+    _trained_checkpoints(tmp_path)
+    with pytest.raises(IncompatibleCheckpointError, match="model_0000003.pth"):
+        SafeCheckpointer(nn.Linear(2, 3), save_dir=str(tmp_path), partial=True).resume_or_load(
+            "", resume=True
+        )
+
+
+def test_save_is_atomic(tmp_path):
+    _trained_checkpoints(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last_checkpoint",
+        "model_0000001.pth",
+        "model_0000003.pth",
+    ]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+
+
+def test_train_net_eval_only_refuses_weights_of_another_model(toyworld_root, tmp_path):
+    """The whole path: --eval-only with a checkpoint of another architecture fails before
+    evaluating, naming the file."""
+    from helpers import run_train_net
+
+    weights = tmp_path / "linear.pth"
+    _save(nn.Linear(3, 2), weights)
+    args = ["--config-file", str(ROOT / "configs/toyworld/semseg_R18.yaml"), "--eval-only"]
+    args += ["MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out")]
+    with pytest.raises(IncompatibleCheckpointError, match=re.escape(str(weights))):
+        run_train_net(args)
