@@ -13,7 +13,7 @@ from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.data import build_dataset_mapper
 from ov_seg.data.datasets.benchmark_utils import read_label_image
 from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
-from ov_seg.modeling.clip import save_clip_checkpoint
+from ov_seg.modeling.clip import clip_activation, save_clip_checkpoint
 
 CONFIG = "configs/toyworld/two_stage_R18.yaml"
 OPTS = ["MODEL.CLIP.PRETRAINED", "", "RUNTIME.NUM_THREADS", "1"]
@@ -21,7 +21,9 @@ OPTS = ["MODEL.CLIP.PRETRAINED", "", "RUNTIME.NUM_THREADS", "1"]
 
 def test_merged_checkpoint_round_trip(toyworld_root, tmp_path):
     torch.manual_seed(0)
-    model = build_model(setup_config(CONFIG, OPTS))
+    # a QuickGELU CLIP: the export records it, the merged checkpoint too, and the model rebuilt
+    # from the merged file alone (PRETRAINED "", ACTIVATION "auto") gets it back
+    model = build_model(setup_config(CONFIG, [*OPTS, "MODEL.CLIP.ACTIVATION", "quick_gelu"]))
     proposals = tmp_path / "proposals.pth"
     torch.save({"model": model.proposal_source.model.state_dict(), "iteration": 7}, proposals)
     clip = model.crop_classifier.clip
@@ -49,6 +51,7 @@ def test_merged_checkpoint_round_trip(toyworld_root, tmp_path):
     reloaded = build_model(setup_config(CONFIG, opts))
     SafeCheckpointer(reloaded).load(str(merged))
     assert torch.equal(reloaded.crop_classifier.encoder.prompts, prompts)
+    assert clip_activation(reloaded.crop_classifier.clip) == "quick_gelu"
     for key, value in model.proposal_source.model.state_dict().items():
         assert torch.equal(reloaded.proposal_source.model.state_dict()[key], value), key
     for key, value in clip.state_dict().items():

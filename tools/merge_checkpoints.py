@@ -26,6 +26,7 @@ import ov_seg  # noqa: F401 (registration)
 from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.engine import Trainer
 from ov_seg.engine.setup import get_ov_seg_cfg
+from ov_seg.modeling.clip import clip_activation
 from ov_seg.utils.threads import set_num_threads
 
 
@@ -73,6 +74,8 @@ def main(argv=None):
         "clip_pretrained": cfg.MODEL.CLIP.PRETRAINED,
         "clip_model_name": cfg.MODEL.CLIP.MODEL_NAME,
         "mask_prompt_depth": int(model.crop_classifier.encoder.depth),
+        # read back by TwoStageOVSeg (MODEL.CLIP.ACTIVATION "auto" with PRETRAINED "")
+        "clip_activation": clip_activation(model.crop_classifier.clip),
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,10 +83,11 @@ def main(argv=None):
     torch.save({"model": state, "meta": meta}, tmp)
     os.replace(tmp, out)
     logger.info(
-        "merged checkpoint written to %s (%d tensors, mask prompt depth %d)",
+        "merged checkpoint written to %s (%d tensors, mask prompt depth %d, CLIP %s)",
         out,
         len(state),
         meta["mask_prompt_depth"],
+        meta["clip_activation"],
     )
     if args.no_verify:
         return out
@@ -101,6 +105,8 @@ def main(argv=None):
     bad = sorted(k for k in state if k not in again or not torch.equal(state[k], again[k].cpu()))
     if bad or set(again) != set(state):
         raise SystemExit(f"verification failed: tensors differ after reloading: {bad[:10]}")
+    if clip_activation(reloaded.crop_classifier.clip) != meta["clip_activation"]:
+        raise SystemExit("verification failed: the reloaded CLIP has another activation")
     logger.info("verified: the model built from %s has identical weights", out)
     return out
 

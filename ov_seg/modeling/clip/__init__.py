@@ -5,14 +5,19 @@ Everything wraps the ``open_clip`` package; nothing here copies CLIP.
 """
 
 from .builder import (
+    ACTIVATIONS,
     CLIP_PIXEL_MEAN,
     CLIP_PIXEL_STD,
     CLIPSizes,
+    ResolvedCLIPConfig,
     build_clip,
+    build_clip_from_cfg,
+    clip_activation,
     clip_sizes,
     load_clip_checkpoint,
     load_clip_state_dict,
     load_mask_prompts,
+    resolve_clip_config,
     save_clip_checkpoint,
 )
 from .crop_classifier import MaskedCropClassifier, jitter_masks
@@ -42,12 +47,17 @@ from .tokenizer import (
 __all__ = [
     "CLIP_PIXEL_MEAN",
     "CLIP_PIXEL_STD",
+    "ACTIVATIONS",
     "CLIPSizes",
+    "ResolvedCLIPConfig",
     "build_clip",
+    "build_clip_from_cfg",
+    "clip_activation",
     "clip_sizes",
     "load_clip_checkpoint",
     "load_mask_prompts",
     "load_clip_state_dict",
+    "resolve_clip_config",
     "save_clip_checkpoint",
     "MaskedCropClassifier",
     "jitter_masks",

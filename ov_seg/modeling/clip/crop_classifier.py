@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from .builder import build_clip, clip_sizes, load_mask_prompts
+from .builder import build_clip_from_cfg, clip_sizes, load_mask_prompts
 from .mask_prompt import MaskPromptVisionEncoder
 from .masked_crops import prepare_masked_crops_batch
 from .text_classifier import TextClassifier
@@ -129,7 +129,7 @@ class MaskedCropClassifier(nn.Module):
         """
         ccfg = cfg.MODEL.CLIP
         if clip_model is None:
-            clip_model = build_clip(ccfg.MODEL_NAME, ccfg.PRETRAINED)
+            clip_model = build_clip_from_cfg(cfg)
         prompts = load_mask_prompts(ccfg.PRETRAINED)
         depth = ccfg.MASK_PROMPT_DEPTH
         if depth > 0 and prompts is None and not train_prompts:

@@ -131,7 +131,7 @@ class OpenVocabClassHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, clip_model: Optional[nn.Module] = None):
-        from ov_seg.modeling.clip import TextClassifier, build_clip
+        from ov_seg.modeling.clip import TextClassifier, build_clip_from_cfg
 
         if clip_model is None:
             if not cfg.MODEL.CLIP.PRETRAINED:
@@ -139,7 +139,7 @@ class OpenVocabClassHead(nn.Module):
                     "MODEL.CLIP.PRETRAINED is empty: the open-vocabulary class head embeds class "
                     "names with a randomly initialised CLIP text tower"
                 )
-            clip_model = build_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED or None)
+            clip_model = build_clip_from_cfg(cfg)
         head = cfg.MODEL.MASK_FORMER.CLASS_HEAD
         return {
             "hidden_dim": cfg.MODEL.MASK_FORMER.HIDDEN_DIM,

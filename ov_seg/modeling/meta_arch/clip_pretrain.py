@@ -28,7 +28,7 @@ from torch import nn
 
 from ov_seg.modeling.clip import (
     MaskedCropClassifier,
-    build_clip,
+    build_clip_from_cfg,
     build_tokenizer,
     clip_sizes,
     install_compact_vocabulary,
@@ -98,7 +98,7 @@ class CLIPPretrain(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         ccfg = cfg.MODEL.CLIP
-        clip_model = build_clip(ccfg.MODEL_NAME, ccfg.PRETRAINED or None)
+        clip_model = build_clip_from_cfg(cfg)
         tokenizer = build_tokenizer(clip_model, ccfg.MODEL_NAME)
         if ccfg.COMPACT_VOCAB:
             texts = caption_texts(cfg.DATASETS.TRAIN)

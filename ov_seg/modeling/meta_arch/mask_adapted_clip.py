@@ -25,7 +25,7 @@ from torch import nn
 
 from ov_seg.modeling.clip import (
     MaskedCropClassifier,
-    build_clip,
+    build_clip_from_cfg,
     jitter_masks,
     save_clip_checkpoint,
 )
@@ -112,9 +112,8 @@ class MaskAdaptedCLIP(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        ccfg = cfg.MODEL.CLIP
         mcfg = cfg.MODEL.MASK_ADAPTED_CLIP
-        clip_model = build_clip(ccfg.MODEL_NAME, ccfg.PRETRAINED or None)
+        clip_model = build_clip_from_cfg(cfg)
         _, train_prompts = MODES.get(mcfg.MODE, (False, False))
         clf = MaskedCropClassifier.from_config(
             cfg, clip_model=clip_model, train_prompts=train_prompts

@@ -50,7 +50,7 @@ from ov_seg.modeling.clip import (
     CLIP_PIXEL_MEAN,
     CLIP_PIXEL_STD,
     TextClassifier,
-    build_clip,
+    build_clip_from_cfg,
     clip_sizes,
     interpolate_grid_embedding,
 )
@@ -349,7 +349,7 @@ class MGCA(nn.Module):
         from ov_seg.mining import NounExtractor
 
         mc = cfg.MODEL.MGCA
-        clip_model = build_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED)
+        clip_model = build_clip_from_cfg(cfg)
         clip_model.requires_grad_(False)
         sizes = clip_sizes(clip_model)
         encoder = DenseCLIPEncoder(clip_model.visual, mc.FREEZE_AT, mc.VALUE_PATH)

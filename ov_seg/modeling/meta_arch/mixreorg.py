@@ -46,7 +46,7 @@ from ov_seg.modeling.clip import (
     CLIP_PIXEL_MEAN,
     CLIP_PIXEL_STD,
     TextClassifier,
-    build_clip,
+    build_clip_from_cfg,
     clip_sizes,
 )
 from ov_seg.modeling.heads.grouping import GroupingViT, token_to_segment
@@ -205,7 +205,7 @@ class MixReorg(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         mc = cfg.MODEL.MIXREORG
-        clip_model = build_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED)
+        clip_model = build_clip_from_cfg(cfg)
         sizes = clip_sizes(clip_model)
         visual = clip_model.visual
         clip_model.visual = None  # the encoder takes the image tower over

@@ -42,7 +42,7 @@ from ov_seg.modeling.clip import (
     CLIP_PIXEL_STD,
     MaskPromptVisionEncoder,
     TextClassifier,
-    build_clip,
+    build_clip_from_cfg,
     clip_sizes,
 )
 from ov_seg.modeling.heads.pacl import StridedPatchEncoder, build_pacl_embedder
@@ -211,7 +211,7 @@ class PACL(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         pacl = cfg.MODEL.PACL
-        clip_model = build_clip(cfg.MODEL.CLIP.MODEL_NAME, cfg.MODEL.CLIP.PRETRAINED or None)
+        clip_model = build_clip_from_cfg(cfg)
         embedder = build_pacl_embedder(pacl.EMBEDDER, clip_model, hidden_dim=pacl.EMBED_HIDDEN_DIM)
         noun_extractor, noun_datasets = None, ()
         if pacl.PROMPT_AUG.ENABLED and pacl.PROMPT_AUG.WEIGHT > 0:

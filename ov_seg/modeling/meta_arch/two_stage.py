@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ov_seg.modeling.calibration import SeenCalibration
-from ov_seg.modeling.clip import MaskedCropClassifier, build_clip, normalize_clip
+from ov_seg.modeling.clip import MaskedCropClassifier, build_clip_from_cfg, normalize_clip
 from ov_seg.modeling.clip.quantize import quantize_vision_linears
 from ov_seg.modeling.clip.single_pass import SinglePassMaskEmbedder
 from ov_seg.modeling.heads.ensemble import (
@@ -65,7 +65,7 @@ from ov_seg.modeling.heads.proposal_selection import (
 from ov_seg.modeling.meta_arch.proposal_maskformer import ProposalMaskFormer
 from ov_seg.modeling.proposal_sources import Proposals, build_proposal_source
 
-__all__ = ["TwoStageOVSeg", "merged_checkpoint_prompts_shape"]
+__all__ = ["TwoStageOVSeg", "merged_checkpoint_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,19 +73,31 @@ logger = logging.getLogger(__name__)
 PROMPTS_KEY = "crop_classifier.encoder.prompts"
 
 
-def merged_checkpoint_prompts_shape(path: str) -> Optional[Tuple[int, ...]]:
-    """Shape of the mask prompts stored in a merged two-stage checkpoint, or None (no such local
-    file, or a checkpoint without prompts). Read with ``torch.load(weights_only=True, mmap=True)``:
+class MergedCheckpointInfo(NamedTuple):
+    """What building a ``TwoStageOVSeg`` needs to know of a merged checkpoint before loading it."""
+
+    prompts_shape: Optional[Tuple[int, ...]]  # mask prompts (depth, grid², width), or None
+    clip_activation: Optional[str]  # meta["clip_activation"]: "quick_gelu" / "gelu", or None
+
+
+def merged_checkpoint_info(path: str) -> MergedCheckpointInfo:
+    """The mask-prompt shape and CLIP activation recorded in a merged two-stage checkpoint
+    (``tools/merge_checkpoints.py``, ``tools/convert_ovseg_checkpoint.py``); None fields for no
+    such local file or no such record. Read with ``torch.load(weights_only=True, mmap=True)``:
     no tensor data is loaded."""
     if not path or not os.path.isfile(path):
-        return None
+        return MergedCheckpointInfo(None, None)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
         obj = torch.load(path, map_location="cpu", weights_only=True)
     state = obj.get("model", obj) if isinstance(obj, dict) else {}
     prompts = state.get(PROMPTS_KEY) if isinstance(state, dict) else None
-    return tuple(prompts.shape) if isinstance(prompts, torch.Tensor) else None
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    activation = meta.get("clip_activation") if isinstance(meta, dict) else None
+    return MergedCheckpointInfo(
+        tuple(prompts.shape) if isinstance(prompts, torch.Tensor) else None, activation
+    )
 
 
 def _dataset_vocabulary(dataset_name: str) -> List[str]:
@@ -252,10 +264,15 @@ class TwoStageOVSeg(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         ccfg, tcfg = cfg.MODEL.CLIP, cfg.MODEL.TWO_STAGE
-        clip_model = build_clip(ccfg.MODEL_NAME, ccfg.PRETRAINED)
-        # a merged checkpoint (MODEL.WEIGHTS, loaded after building) may hold the mask prompts:
-        # create the parameter so that the checkpoint fills it
-        merged = merged_checkpoint_prompts_shape(cfg.MODEL.WEIGHTS)
+        # a merged checkpoint (MODEL.WEIGHTS, loaded after building) may hold the mask prompts
+        # (create the parameter so that the checkpoint fills it) and record the CLIP activation
+        # (used by ACTIVATION "auto" when the CLIP weights come from it, PRETRAINED "")
+        info = merged_checkpoint_info(cfg.MODEL.WEIGHTS)
+        activation = None
+        if ccfg.ACTIVATION == "auto" and not ccfg.PRETRAINED and info.clip_activation:
+            activation = info.clip_activation
+        clip_model = build_clip_from_cfg(cfg, activation=activation)
+        merged = info.prompts_shape
         if merged is not None and merged[0] != ccfg.MASK_PROMPT_DEPTH:
             raise ValueError(
                 f"MODEL.WEIGHTS holds mask prompts of depth {merged[0]}, but "
