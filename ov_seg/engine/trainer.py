@@ -4,7 +4,7 @@ import itertools
 import logging
 import os
 import weakref
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -25,6 +25,8 @@ from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.data import build_dataset_mapper
 from ov_seg.evaluation import build_evaluator
 from ov_seg.modeling.clip.export import ExportCLIPHook
+
+from .resume import capture_rng_state, preserved_rng, restore_rng_state, resume_train_loader
 
 __all__ = ["Trainer", "build_optimizer", "OPTIMIZERS"]
 
@@ -143,6 +145,9 @@ class Trainer(DefaultTrainer):
     Multi-process training also works on CPU (gloo): detectron2's ``DefaultTrainer`` gives DDP
     ``device_ids=[local_rank]``, which DDP rejects for CPU modules, so the constructor is
     re-stated here with ``device_ids`` chosen from the model's device.
+
+    Checkpoints also hold the RNG states; ``--resume`` restores them and the train loader's
+    position, so a resumed run continues like the uninterrupted one (``ov_seg.engine.resume``).
     """
 
     def __init__(self, cfg):
@@ -168,7 +173,42 @@ class Trainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        self._resumed_rng: Optional[Dict[str, Any]] = None
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True):
+        """detectron2's ``resume_or_load``; a resumed run also skips the data its checkpoint
+        consumed (``start_iter`` batches of this rank)."""
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            per_rank = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            skip = self.start_iter * per_rank
+            if not resume_train_loader(self._trainer.data_loader, skip, self.cfg.SEED):
+                logger.warning("resumed train loader has no sampler: its data order restarts")
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["rng"] = capture_rng_state()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # restored in before_train: after building everything that draws random numbers
+        self._resumed_rng = state_dict.get("rng") if comm.get_rank() == 0 else None
+
+    def before_train(self):
+        super().before_train()
+        if self._resumed_rng is not None:
+            self._trainer._data_loader_iter  # create the loader iterator first (as iteration 0 did)
+            restore_rng_state(self._resumed_rng)
+            self._resumed_rng = None
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's ``test``, leaving the global RNG states as they were (an evaluation
+        during training does not change the training that follows)."""
+        with preserved_rng():
+            return super().test(cfg, model, evaluators)
 
     def build_hooks(self):
         hooks = super().build_hooks()
