@@ -194,6 +194,9 @@ def add_evaluation_config(cfg):
     # Evaluator type for every test dataset, overriding the dataset's ``evaluator_type`` metadata
     # ("" = use the metadata), e.g. "proposal_recall" to score the proposals of a panoptic dataset.
     cfg.TEST.EVALUATOR_TYPE = ""
+    # An image (or ground-truth file) that cannot be read stops the evaluation (True) instead of
+    # being skipped with a warning naming it and counted at the end (False).
+    cfg.TEST.FAIL_ON_UNREADABLE_IMAGE = False
 
 
 def add_seen_calibration_config(cfg):

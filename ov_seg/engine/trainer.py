@@ -23,6 +23,7 @@ from detectron2.utils.logger import setup_logger
 
 from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.data import build_dataset_mapper
+from ov_seg.data.image_io import SkipUnreadableLoader, skip_unreadable
 from ov_seg.evaluation import build_evaluator
 from ov_seg.modeling.clip.export import ExportCLIPHook
 
@@ -232,8 +233,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader; unreadable images are skipped with a warning and counted
+        (``TEST.FAIL_ON_UNREADABLE_IMAGE`` makes the first one an error)."""
         mapper = build_dataset_mapper(cfg, is_train=False, dataset_name=dataset_name)
-        return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=skip_unreadable(mapper))
+        return SkipUnreadableLoader(loader, fatal=cfg.TEST.FAIL_ON_UNREADABLE_IMAGE)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

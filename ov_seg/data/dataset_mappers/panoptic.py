@@ -11,6 +11,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 
+from ..image_io import read_image
 from .build import DATASET_MAPPER_REGISTRY
 from .semantic import build_semantic_augmentations, read_sem_seg
 
@@ -41,7 +42,7 @@ def read_segments(dataset_dict: dict, ignore_label: int) -> Tuple[np.ndarray, Li
         KeyError: the dict has neither annotation; ValueError: more than 254 segments.
     """
     if "pan_seg_file_name" in dataset_dict:
-        pan = rgb2id(utils.read_image(dataset_dict["pan_seg_file_name"], "RGB"))
+        pan = rgb2id(read_image(dataset_dict["pan_seg_file_name"], "RGB"))
         segments = [s for s in dataset_dict["segments_info"] if not s.get("iscrowd", 0)]
         ids, classes = [s["id"] for s in segments], [int(s["category_id"]) for s in segments]
         labels = pan
@@ -135,7 +136,7 @@ class PanopticDatasetMapper:
 
     def __call__(self, dataset_dict: dict) -> dict:
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)
         index, classes = (
             (None, []) if not self.is_train else read_segments(dataset_dict, self.ignore_label)

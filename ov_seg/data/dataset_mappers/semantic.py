@@ -9,6 +9,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from ..image_io import read_image
 from .build import DATASET_MAPPER_REGISTRY
 
 __all__ = ["SemanticDatasetMapper", "build_semantic_augmentations", "read_sem_seg"]
@@ -53,7 +54,7 @@ def read_sem_seg(file_name: str, ignore_label: int, ignore_value: int) -> np.nda
     Raises:
         ValueError: when the file is not a single-channel label image.
     """
-    gt = utils.read_image(file_name)
+    gt = read_image(file_name)
     if gt.ndim != 2:
         raise ValueError(f"{file_name}: expected a single-channel label map, got shape {gt.shape}")
     gt = gt.astype(np.int64)
@@ -110,7 +111,7 @@ class SemanticDatasetMapper:
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        image = read_image(dataset_dict["file_name"], self.image_format)
         utils.check_image_size(dataset_dict, image)
         sem_seg = None
         if "sem_seg_file_name" in dataset_dict:
