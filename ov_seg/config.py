@@ -370,8 +370,8 @@ def add_mask_adapted_clip_config(cfg):
     # best is FT then MPT: a "ft" run, then an "mpt" run with MODEL.CLIP.PRETRAINED = the FT run's
     # clip_export.pth.
     cfg.MODEL.MASK_ADAPTED_CLIP.MODE = "mpt"
-    # Classes each crop is contrasted against: "batch" (the category names present in the batch) or
-    # "dataset" (the whole vocabulary of the training dataset).
+    # LOSS "classification": classes each crop is contrasted against: "batch" (the category names
+    # present in the batch) or "dataset" (the whole vocabulary of the training dataset).
     cfg.MODEL.MASK_ADAPTED_CLIP.VOCABULARY = "batch"
     # Training-time mask jitter: each mask is dilated or eroded by up to this many pixels (or kept),
     # so the CLIP sees masks as imperfect as proposals (0 = exact masks).
@@ -382,6 +382,14 @@ def add_mask_adapted_clip_config(cfg):
     # size; empty = the CLIP's input size). Several sizes adapt the CLIP and its mask prompts to
     # the smaller crops of MODEL.TWO_STAGE.FAST.CROP_SIZE; evaluation uses the input size.
     cfg.MODEL.MASK_ADAPTED_CLIP.TRAIN_CROP_SIZES = []
+    # Training loss: "ovseg" (OVSeg's open_clip fine-tuning: each pair's name in a random
+    # MODEL.CLIP.TEMPLATES template, CLIP's symmetric contrastive loss over the step's pairs, the
+    # CLIP's learnable logit scale, clamped to 100) or "classification" (cross-entropy against the
+    # prompt-ensembled names of VOCABULARY with the fixed MODEL.CLIP.LOGIT_SCALE).
+    cfg.MODEL.MASK_ADAPTED_CLIP.LOSS = "ovseg"
+    # Random-resized crop of each training crop: (min, max) area fraction, aspect 3/4-4/3, resized
+    # back to the crop size (OVSeg: (0.9, 1.0)); (1.0, 1.0) = off.
+    cfg.MODEL.MASK_ADAPTED_CLIP.RRC_SCALE = (0.9, 1.0)
 
 
 def add_mask_category_input_config(cfg):

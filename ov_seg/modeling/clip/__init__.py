@@ -34,6 +34,7 @@ from .masked_crops import (
     normalize_clip,
     prepare_masked_crops,
     prepare_masked_crops_batch,
+    random_resized_crop,
     resize_center_crop,
 )
 from .text_classifier import TEMPLATE_SETS, TextClassifier, resolve_templates
@@ -71,6 +72,7 @@ __all__ = [
     "normalize_clip",
     "prepare_masked_crops",
     "prepare_masked_crops_batch",
+    "random_resized_crop",
     "resize_center_crop",
     "TEMPLATE_SETS",
     "TextClassifier",

@@ -23,9 +23,11 @@ adaptive sampling: the mean of bilinear samples on a ceil(box / S) grid per outp
   round to either side.
 """
 
-from typing import Dict, List, NamedTuple, Sequence, Tuple, Union
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from .builder import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
@@ -38,6 +40,7 @@ __all__ = [
     "mask_boxes",
     "normalize_clip",
     "resize_center_crop",
+    "random_resized_crop",
     "roi_align_matrices",
     "CROP_RESAMPLERS",
 ]
@@ -89,6 +92,55 @@ def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     )[0]
     top, left = (nh - size) // 2, (nw - size) // 2
     return image[:, top : top + size, left : left + size]
+
+
+def random_resized_crop(
+    crops: torch.Tensor,
+    masks: torch.Tensor,
+    scale: Sequence[float] = (0.9, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A random-resized crop of every crop, back to its size (the augmentation of OVSeg's CLIP
+    training, torchvision's ``RandomResizedCrop`` sampling in one vectorised pass).
+
+    Per crop: an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``; a
+    side longer than the crop is clamped to it (torchvision re-draws instead); a uniform position.
+    Images are resampled bicubically, masks by nearest neighbour.
+
+    Args:
+        crops: (N, 3, S, S) normalised crops. masks: (N, S, S) bool crop masks.
+        scale: (min, max) area fraction; (1, 1) returns the inputs unchanged.
+        ratio: (min, max) width / height.
+
+    Returns:
+        crops (N, 3, S, S) and masks (N, S, S) bool.
+    """
+    n, _, h, w = crops.shape
+    if n == 0 or (scale[0] >= 1.0 and scale[1] >= 1.0):
+        return crops, masks
+
+    def uniform(low, high):
+        return torch.rand(n, generator=generator) * (high - low) + low
+
+    area = uniform(*scale) * (h * w)
+    aspect = uniform(math.log(ratio[0]), math.log(ratio[1])).exp()
+    cw = (area * aspect).sqrt().clamp(max=w)
+    ch = (area / aspect).sqrt().clamp(max=h)
+    x0 = uniform(0.0, 1.0) * (w - cw)
+    y0 = uniform(0.0, 1.0) * (h - ch)
+    # output pixel (u, v) in [-1, 1] (align_corners=False) -> input x = x0 + (u + 1) / 2 · cw
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = cw / w
+    theta[:, 0, 2] = (2 * x0 + cw) / w - 1
+    theta[:, 1, 1] = ch / h
+    theta[:, 1, 2] = (2 * y0 + ch) / h - 1
+    grid = F.affine_grid(theta.to(crops), (n, 1, h, w), align_corners=False)
+    out = F.grid_sample(crops, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    out_masks = F.grid_sample(
+        masks[:, None].to(crops.dtype), grid, mode="nearest", align_corners=False
+    )[:, 0]
+    return out, out_masks > 0.5
 
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,9 @@ __all__ = [
     "token_lengths",
 ]
 
-# The 14 ViLD templates (OVSeg's default prompt set; its released code uses 9 of them).
+# The 14 ViLD templates: OVSeg's default prompt set; its released code uses all 14 (VILD_PROMPT of
+# open_vocab_seg/modeling/clip_adapter/text_template.py, TEXT_TEMPLATES "vild" in both released
+# configs).
 VILD_TEMPLATES = (
     "a photo of a {}.",
     "This is a photo of a {}",

@@ -1,17 +1,28 @@
 """``MaskAdaptedCLIP``: adapt CLIP to masked crops on (mask, category name) pairs (OVSeg).
 
-Each pair's masked crop goes through the image tower (with mask prompts); its embedding is
-classified
-against the text embeddings of the batch's category names (or the whole training vocabulary)::
+Each pair's masked crop goes through the image tower (with mask prompts). Two training losses
+(``MODEL.MASK_ADAPTED_CLIP.LOSS``):
 
-    L = CE(s · cos(f_v(crop_i, mask_i), f_t(names)), name_i)      s = MODEL.CLIP.LOGIT_SCALE (fixed,
-    100)
+- "ovseg", OVSeg's recipe (its open_clip fine-tuning): each pair i has the text
+  t_i = a random template of ``MODEL.CLIP.TEMPLATES`` filled with its name, and CLIP's symmetric
+  contrastive loss over the N pairs of the step with the CLIP's own learnable logit scale
+  s = exp(logit_scale) (clamped to 100)::
+
+      L = ½ [ CE(s · V Tᵀ, i) + CE(s · T Vᵀ, i) ]      V, T: (N, D) L2-normalised
+
+  pairs of the same name are negatives of each other, as in OVSeg. Crops get a random-resized crop
+  (``RRC_SCALE``, OVSeg: area 0.9-1.0).
+- "classification": cross-entropy of each crop against the prompt-ensembled embeddings of the
+  batch's unique names (or the whole training vocabulary) with the fixed scale
+  s = ``MODEL.CLIP.LOGIT_SCALE``::
+
+      L = CE(s · cos(f_v(crop_i, mask_i), f_t(names)), name_i)
 
 Modes (``MODEL.MASK_ADAPTED_CLIP.MODE``): "mpt" trains only the mask prompts (every CLIP weight
-    frozen),
-"ft" the image tower (no prompts), "ft_mpt" both; the text tower is always frozen. FT then MPT is an
-"ft" run followed by an "mpt" run from its export. Evaluation: masked-crop classification of
-ground-truth segments (``mask_category`` mapper, ``mask_classification`` evaluator).
+frozen), "ft" the image tower (no prompts), "ft_mpt" both; the text tower is always frozen (the
+"ovseg" loss also trains the logit scale). FT then MPT is an "ft" run followed by an "mpt" run from
+its export. Evaluation: masked-crop classification of ground-truth segments (``mask_category``
+mapper, ``mask_classification`` evaluator).
 """
 
 from typing import Dict, List, Sequence, Tuple
@@ -27,14 +38,21 @@ from ov_seg.modeling.clip import (
     MaskedCropClassifier,
     build_clip_from_cfg,
     jitter_masks,
+    random_resized_crop,
     save_clip_checkpoint,
 )
-from ov_seg.modeling.losses.contrastive import contrastive_classification
+from ov_seg.modeling.losses.contrastive import (
+    clamped_logit_scale,
+    contrastive_classification,
+    info_nce,
+)
 
-__all__ = ["MaskAdaptedCLIP", "MODES"]
+__all__ = ["MaskAdaptedCLIP", "MODES", "LOSSES"]
 
 # mode -> (image tower trains, mask prompts train)
 MODES = {"mpt": (False, True), "ft": (True, False), "ft_mpt": (True, True)}
+# MODEL.MASK_ADAPTED_CLIP.LOSS values (see the module docstring)
+LOSSES = ("ovseg", "classification")
 
 
 @META_ARCH_REGISTRY.register()
@@ -55,6 +73,9 @@ class MaskAdaptedCLIP(nn.Module):
             patch size; empty = the CLIP's input size). Training at several sizes adapts the CLIP
             (FT) and the mask prompts (MPT) to the smaller crops of the fast inference mode
             ``MODEL.TWO_STAGE.FAST.CROP_SIZE``; evaluation always uses the input size.
+        loss: "ovseg" (symmetric contrastive loss over the step's pairs, templated names,
+            learnable logit scale) or "classification" (see the module docstring).
+        rrc_scale: area range of the random-resized crop of each training crop; (1, 1) = off.
     """
 
     @configurable
@@ -69,8 +90,16 @@ class MaskAdaptedCLIP(nn.Module):
         mask_jitter: int = 0,
         max_crops: int = 0,
         train_crop_sizes: Sequence[int] = (),
+        loss: str = "ovseg",
+        rrc_scale: Sequence[float] = (0.9, 1.0),
     ):
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"MODEL.MASK_ADAPTED_CLIP.LOSS must be one of {LOSSES}, got {loss!r}")
+        if len(rrc_scale) != 2 or not 0.0 < rrc_scale[0] <= rrc_scale[1] <= 1.0:
+            raise ValueError(
+                f"MODEL.MASK_ADAPTED_CLIP.RRC_SCALE must be (min, max) in (0, 1], got {rrc_scale}"
+            )
         if mode not in MODES:
             raise ValueError(
                 f"MODEL.MASK_ADAPTED_CLIP.MODE must be one of {sorted(MODES)}, got {mode!r}"
@@ -107,6 +136,10 @@ class MaskAdaptedCLIP(nn.Module):
                 p.requires_grad_(True)
         if crop_classifier.encoder.prompts is not None:
             crop_classifier.encoder.prompts.requires_grad_(train_prompts)
+        self.loss = loss
+        self.rrc_scale = (float(rrc_scale[0]), float(rrc_scale[1]))
+        if loss == "ovseg":
+            self.clip.logit_scale.requires_grad_(True)
         self._train_image = train_image
         self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
 
@@ -134,6 +167,8 @@ class MaskAdaptedCLIP(nn.Module):
             "mask_jitter": mcfg.MASK_JITTER,
             "max_crops": mcfg.MAX_CROPS,
             "train_crop_sizes": mcfg.TRAIN_CROP_SIZES,
+            "loss": mcfg.LOSS,
+            "rrc_scale": mcfg.RRC_SCALE,
         }
 
     @property
@@ -178,14 +213,30 @@ class MaskAdaptedCLIP(nn.Module):
         ):  # no pair in the batch: a zero loss that still reaches every trained parameter
             zero = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
             return {"loss_mask_cls": zero}
-        vocabulary = self._batch_vocabulary(names)
-        index = {n: i for i, n in enumerate(vocabulary)}
-        labels = torch.tensor([index[n] for n in names], dtype=torch.long, device=crops.device)
+        crops, crop_masks = random_resized_crop(crops, crop_masks, self.rrc_scale)
         emb = self.crop_classifier.encode_crops(crops, crop_masks)
-        text = self.crop_classifier.text_classifier(vocabulary).to(emb.dtype)
-        loss = contrastive_classification(emb, text, labels, self.crop_classifier.logit_scale)
-        get_event_storage().put_scalar("num_crops", float(len(names)), smoothing_hint=False)
+        storage = get_event_storage()
+        if self.loss == "ovseg":
+            texts = self.pair_texts(names)
+            text = self.crop_classifier.text_classifier.encode_texts(texts).to(emb.dtype)
+            scale = clamped_logit_scale(self.clip.logit_scale)
+            loss = info_nce(emb, text, scale, normalize=False)
+            storage.put_scalar("logit_scale", float(scale.detach()), smoothing_hint=False)
+        else:
+            vocabulary = self._batch_vocabulary(names)
+            index = {n: i for i, n in enumerate(vocabulary)}
+            labels = torch.tensor([index[n] for n in names], dtype=torch.long, device=emb.device)
+            text = self.crop_classifier.text_classifier(vocabulary).to(emb.dtype)
+            loss = contrastive_classification(emb, text, labels, self.crop_classifier.logit_scale)
+        storage.put_scalar("num_crops", float(len(names)), smoothing_hint=False)
         return {"loss_mask_cls": loss}
+
+    def pair_texts(self, names: Sequence[str]) -> List[str]:
+        """One text per pair: a template of the text classifier's set, drawn at random per pair,
+        filled with the pair's name (the "ovseg" loss)."""
+        templates = self.crop_classifier.text_classifier.templates
+        draws = torch.randint(len(templates), (len(names),)).tolist()
+        return [templates[k].format(name) for k, name in zip(draws, names)]
 
     def crop_training_batch(
         self, images: List[torch.Tensor], masks: List[torch.Tensor]
