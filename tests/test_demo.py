@@ -94,3 +94,119 @@ def test_demo_errors(images, tmp_path):
         demo.parse_vocabulary(" , ,")
     with pytest.raises(FileNotFoundError, match="matches no image"):
         demo.expand_inputs([str(tmp_path / "nothing*.jpg")])
+
+
+# ---- bad input (issue 23) ------------------------------------------------------------------------
+def _main(demo, folder, out, vocabulary, *extra):
+    return demo.main(
+        [
+            "--config-file",
+            CONFIG,
+            "--input",
+            str(folder),
+            "--vocabulary",
+            vocabulary,
+            "--output",
+            str(out),
+            "--labels",
+            *extra,
+            *OPTS,
+        ]
+    )
+
+
+def test_rerun_with_another_vocabulary_refuses_or_rewrites(images, tmp_path):
+    """Case 2: the old label PNGs stayed beside a new vocabulary.txt."""
+    folder, stems = images
+    demo, out = _demo(), tmp_path / "out"
+    first = _main(demo, folder, out, "red star,grass,sky")
+    assert first["written"] == 2
+    assert _main(demo, folder, out, "red star,grass,sky")["existing"] == 2  # same run: kept
+    with pytest.raises(demo.StaleOutputError, match="different vocabulary"):
+        _main(demo, folder, out, "blue circle,grass")
+    assert (out / "vocabulary.txt").read_text().startswith("0\tred star\n")  # untouched
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(folder / f"{stems[0]}.png", one)
+    second = _main(demo, one, out, "blue circle,grass", "--overwrite")
+    assert second["written"] == 1
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        f"{stems[0]}_{k}.png" for k in ("label", "pan", "sem")
+    ]  # the other image's outputs of the first run are gone
+    assert (out / "vocabulary.txt").read_text() == "0\tblue circle\n1\tgrass\n"
+
+
+def test_a_missing_vocabulary_file_is_an_error_not_a_class_name(images, tmp_path):
+    """Case 8: 'names.txt' (mistyped) became the single class "names.txt" + "others"."""
+    folder, _ = images
+    for arg in (str(tmp_path / "nmaes.txt"), "nmaes.txt", "./voc/names"):
+        with pytest.raises(FileNotFoundError, match="looks like a file path"):
+            _main(_demo(), folder, tmp_path / "out", arg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocabulary_names_are_normalised_and_near_duplicates_refused(images, tmp_path):
+    """Case 9: "Sky" and "sky " were two classes; a tab broke vocabulary.txt."""
+    folder, stems = images
+    demo = _demo()
+    with pytest.raises(ValueError, match="near-duplicate.*'sky'.*'sky'"):
+        _main(demo, folder, tmp_path / "a", "Sky,grass,sky ")
+    names = tmp_path / "names.txt"
+    names.write_text("red star\ngrass\tsky\n")
+    with pytest.raises(ValueError, match=f"{names}:2.*tab"):
+        _main(demo, folder, tmp_path / "b", str(names))
+    _main(demo, folder / f"{stems[0]}.png", tmp_path / "c", "  Red   Star , GRASS")
+    assert (tmp_path / "c" / "vocabulary.txt").read_text() == "0\tred star\n1\tgrass\n"
+
+
+def test_a_corrupt_image_is_skipped_with_a_warning_and_counted(images, tmp_path, caplog):
+    """Case 10 (demo): one corrupt image aborted the whole run without naming it."""
+    folder, stems = images
+    mixed = tmp_path / "in"
+    shutil.copytree(folder, mixed)
+    bad = mixed / "broken.jpg"
+    bad.write_bytes((mixed / f"{stems[0]}.png").read_bytes()[:64])
+    demo = _demo()
+    summary = _main(demo, mixed, tmp_path / "out", "red star,grass")
+    assert summary["written"] == 2 and len(summary["skipped"]) == 1
+    assert str(bad) in summary["skipped"][0]
+    assert any(r.getMessage().startswith("1 of 3 images skipped") for r in caplog.records)
+    assert not list((tmp_path / "out").glob("broken_*"))
+    with pytest.raises(OSError, match=str(bad)):
+        _main(demo, mixed, tmp_path / "strict", "red star,grass", "--strict")
+
+
+def test_no_surviving_proposal_is_reported_not_painted_class_0(images, tmp_path, caplog):
+    """Case 7: with no proposal left (CLIP only, every binarised mask empty), every pixel got
+    class 0 silently."""
+    folder, stems = images
+    out = tmp_path / "out"
+    summary = _main(
+        _demo(),
+        folder,
+        out,
+        "red star,grass",
+        "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
+        "1.0",
+        "MODEL.CLIP.MASK_THR",
+        "1.0",
+    )
+    assert len(summary["unlabelled"]) == 2
+    assert any("no proposal survived" in r.getMessage() for r in caplog.records)
+    labels = np.array(Image.open(out / f"{stems[0]}_label.png"))
+    assert (labels == 255).all()
+
+
+def test_an_image_too_large_for_memory_is_refused_with_the_numbers(images, tmp_path):
+    """Case 6: memory grows with names x pixels; an image that cannot fit is skipped with the
+    numbers (or stops the run with --strict) instead of killing the process."""
+    folder, stems = images
+    demo = _demo()
+    demo.available_memory_bytes = lambda: 100_000  # 100 kB free
+    summary = _main(demo, folder, tmp_path / "out", "red star,grass,sky")
+    assert summary["written"] == 0 and len(summary["skipped"]) == 2
+    msg = summary["skipped"][0]
+    assert "MP" in msg and "3 class names" in msg and "GiB" in msg and "free" in msg
+    with pytest.raises(MemoryError, match="fewer names or a smaller image"):
+        _main(demo, folder, tmp_path / "strict", "red star,grass,sky", "--strict")
+    assert demo.output_bytes(3000, 4000, 69, 16, 1.0) > 4 * 2**30  # 12 MP x 69 names: > 4 GiB

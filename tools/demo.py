@@ -7,10 +7,20 @@
 
 Per image it writes ``<stem>_sem.png`` (semantic segmentation drawn by detectron2's ``Visualizer``),
 ``<stem>_pan.png`` (panoptic segmentation) and, with ``--labels``, ``<stem>_label.png`` (class index
-per pixel: 8-bit up to 255 classes, else 16-bit); ``vocabulary.txt`` lists the class of each index.
-Images whose outputs exist are skipped (``--overwrite`` redoes them).
+per pixel: 8-bit up to 255 classes, else 16-bit; 255 / 65535 = unlabelled, when no proposal
+survived); ``vocabulary.txt`` lists the class of each index and ``demo_run.json`` what produced the
+folder (vocabulary, config, weights). Images whose outputs exist are skipped (``--overwrite`` redoes
+them). A folder written with another vocabulary, config or weights is refused; ``--overwrite``
+deletes its outputs first, so a folder never mixes two runs.
 
-``--vocabulary`` is a comma-separated list or a text file (one name per line, or comma-separated).
+An unreadable image, or one whose outputs would not fit in the free memory (about 4 bytes per
+pixel per class name and per proposal), is skipped with a warning naming it and counted at the end;
+``--strict`` stops at the first. An image where no proposal survives is written unlabelled, with a
+warning, instead of painted with class 0.
+
+``--vocabulary`` is a comma-separated list or a text file (one name per line, or comma-separated);
+names are normalised (``ov_seg.data.vocabulary``: lower case, one space; tabs and near-duplicates
+are errors), and an argument that looks like a path but is no file is an error, not a class name.
 A single class name gets the background name ``MODEL.TWO_STAGE.BACKGROUND_NAME`` ("others")
 appended, as in OVSeg: classification is a softmax over the vocabulary, so one name alone would win
 every pixel. The demo's vocabulary has no thing / stuff split: every panoptic segment is an
@@ -20,15 +30,17 @@ pass ``MODEL.TWO_STAGE.ENSEMBLE_WEIGHT 1.0`` (and ``MODEL.CLIP.MASK_THR 0.35``) 
 
 import argparse
 import glob
+import hashlib
+import json
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.utils.colormap import colormap
@@ -39,6 +51,8 @@ from tqdm import tqdm
 
 import ov_seg  # noqa: F401 (registration)
 from ov_seg.checkpoint import SafeCheckpointer
+from ov_seg.data.image_io import UnreadableImageError, UnreadableImages, read_image
+from ov_seg.data.vocabulary import parse_vocabulary
 from ov_seg.engine import Trainer
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.modeling.heads.ensemble import with_background_name
@@ -46,6 +60,19 @@ from ov_seg.utils.semseg import label_map
 from ov_seg.utils.threads import set_num_threads
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# the demo's own files in --output (deleted by --overwrite when the folder holds another run)
+OUTPUT_SUFFIXES = ("_sem.png", "_pan.png", "_label.png")
+RUN_RECORD = "demo_run.json"
+# bytes per output pixel: float32 scores per class name and per proposal mask at the image's size,
+# plus the image, label map and drawings (measured: 1.5 MP x 69 names peaks at 0.5 GB)
+BYTES_PER_PIXEL_MAP = 4
+BYTES_PER_PIXEL_FIXED = 32
+
+logger = logging.getLogger("ov_seg.demo")
+
+
+class DemoMemoryError(MemoryError):
+    """An image whose outputs would not fit in memory (the message gives the numbers)."""
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -64,24 +91,18 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scale", type=float, default=1.0, help="scale of the pictures (e.g. 6 for 64-px images)"
     )
-    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo images whose outputs exist; replace a folder written by another run",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable or too large image instead of skipping it",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return p
-
-
-def parse_vocabulary(text: str) -> List[str]:
-    """Class names from "a,b,c" or from a file (one name per line, or comma-separated).
-
-    Raises:
-        ValueError: no name.
-    """
-    if os.path.isfile(text):
-        text = Path(text).read_text()
-    names = [n.strip() for line in text.splitlines() for n in line.split(",")]
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError("--vocabulary gives no class name")
-    return names
 
 
 def expand_inputs(patterns: List[str]) -> List[str]:
@@ -130,6 +151,113 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def available_memory_bytes() -> int:
+    """Memory this process can still take: ``MemAvailable`` of /proc/meminfo, capped by the cgroup
+    limit when there is one (0 when unknown)."""
+    free = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            free = min(free, int(limit) - used) if free else int(limit) - used
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def output_bytes(height: int, width: int, num_names: int, num_proposals: int, scale: float) -> int:
+    """Estimated peak memory of one image's outputs: (K + Q) float maps at the image size, the
+    image, label map and drawings."""
+    pixels = height * width
+    drawn = int(pixels * scale * scale) * BYTES_PER_PIXEL_FIXED
+    return (
+        pixels * (BYTES_PER_PIXEL_MAP * (num_names + num_proposals) + BYTES_PER_PIXEL_FIXED) + drawn
+    )
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _file_identity(path: str) -> Dict[str, object]:
+    if not path or not os.path.isfile(path):
+        return {"path": path}
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def run_record(cfg, vocabulary: List[str], scale: float) -> dict:
+    """What decides the outputs of a demo folder: ``demo_run.json``."""
+    weights = {
+        "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS,
+        "MODEL.TWO_STAGE.PROPOSAL_WEIGHTS": cfg.MODEL.TWO_STAGE.PROPOSAL_WEIGHTS,
+        "MODEL.CLIP.PRETRAINED": cfg.MODEL.CLIP.PRETRAINED,
+    }
+    return {
+        "vocabulary": list(vocabulary),
+        "scale": float(scale),
+        "config_sha1": hashlib.sha1(cfg.dump().encode()).hexdigest(),
+        "weights": {k: _file_identity(v) for k, v in weights.items()},
+    }
+
+
+class StaleOutputError(RuntimeError):
+    """``--output`` holds the outputs of another run (vocabulary, config or weights)."""
+
+
+def prepare_output(out_dir: Path, record: dict, overwrite: bool) -> None:
+    """Make ``out_dir`` hold only outputs of ``record``'s run: a folder written by another run is
+    refused, or with ``overwrite`` emptied of the demo's files; then write the record and
+    ``vocabulary.txt`` (atomically).
+
+    Raises:
+        StaleOutputError: another run's outputs and no ``overwrite``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record_path = out_dir / RUN_RECORD
+    old = json.loads(record_path.read_text()) if record_path.is_file() else None
+    ours = [p for p in out_dir.iterdir() if p.name.endswith(OUTPUT_SUFFIXES)]
+    if old != record and (old is not None or ours or (out_dir / "vocabulary.txt").exists()):
+        if not overwrite:
+            what = "an older demo" if old is None else "another run"
+            if old is not None:
+                changed = [k for k in record if old.get(k) != record[k]]
+                what += f" (different {', '.join(changed)})"
+            raise StaleOutputError(
+                f"{out_dir} holds the outputs of {what}: {len(ours)} files. Use another --output, "
+                "or --overwrite to delete them and write this run's"
+            )
+        for p in ours:
+            p.unlink()
+        logger.warning("--overwrite: deleted %d outputs of another run in %s", len(ours), out_dir)
+    for name, text in (
+        (RUN_RECORD, json.dumps(record, indent=1) + "\n"),
+        ("vocabulary.txt", "".join(f"{i}\t{n}\n" for i, n in enumerate(record["vocabulary"]))),
+    ):
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
+
+
+def _check_stems(files: List[str]) -> None:
+    seen: Dict[str, str] = {}
+    for f in files:
+        stem = Path(f).stem
+        if stem in seen:
+            raise ValueError(
+                f"--input {seen[stem]} and {f} would write the same outputs ({stem}_*.png): "
+                "rename one or run them into separate --output folders"
+            )
+        seen[stem] = f
+
+
 class Demo:
     """Model + test-time resize + drawing for a list of images and one vocabulary."""
 
@@ -141,13 +269,33 @@ class Demo:
         self.model.eval()
         self.model.semantic_on = self.model.panoptic_on = True
         self.vocabulary = list(vocabulary)
+        self.final_vocabulary = with_background_name(self.vocabulary, self.model.background_name)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
 
-    def predict(self, path: str):
-        """(RGB image (H, W, 3) uint8, model output dict) of one image file."""
-        image = utils.read_image(path, format=self.input_format)
+    def check_memory(self, path: str, height: int, width: int, scale: float = 1.0) -> None:
+        """Raise ``DemoMemoryError`` (with the numbers) when the image's outputs would not fit."""
+        names = len(self.final_vocabulary)
+        queries = self.cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
+        need = output_bytes(height, width, names, queries, scale)
+        free = available_memory_bytes()
+        if free and need > free:
+            raise DemoMemoryError(
+                f"{path}: {width}x{height} ({height * width / 1e6:.1f} MP) with {names} class "
+                f"names and up to {queries} proposals needs about {_gib(need)}, {_gib(free)} "
+                "free: use fewer names or a smaller image"
+            )
+
+    def predict(self, path: str, scale: float = 1.0):
+        """(RGB image (H, W, 3) uint8, model output dict) of one image file.
+
+        Raises:
+            UnreadableImageError: the file cannot be decoded. DemoMemoryError: its outputs would
+            not fit in memory.
+        """
+        image = read_image(path, self.input_format)
         height, width = image.shape[:2]
+        self.check_memory(path, height, width, scale)
         resized = self.resize.get_transform(image).apply_image(image)
         x = {
             "image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
@@ -157,36 +305,90 @@ class Demo:
             "vocabulary": self.vocabulary,
         }
         rgb = image[:, :, ::-1] if self.input_format == "BGR" else image
-        return np.ascontiguousarray(rgb), self.model([x])[0]
+        try:
+            out = self.model([x])[0]
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            need = output_bytes(height, width, len(self.final_vocabulary), 0, scale)
+            raise DemoMemoryError(
+                f"{path}: out of memory at {width}x{height} with {len(self.final_vocabulary)} "
+                f"class names (outputs alone about {_gib(need)}): use fewer names or a smaller "
+                "image"
+            ) from e
+        return np.ascontiguousarray(rgb), out
 
     def run(
-        self, files: List[str], out_dir: Path, labels: bool, scale: float, overwrite: bool
-    ) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        self,
+        files: List[str],
+        out_dir: Path,
+        labels: bool,
+        scale: float,
+        overwrite: bool,
+        strict: bool = False,
+    ) -> dict:
+        """Write the outputs of ``files`` into ``out_dir`` (see the module docstring).
+
+        Returns:
+            ``{"written", "existing", "skipped": [messages], "unlabelled": [files]}``.
+        """
+        _check_stems(files)
+        prepare_output(out_dir, run_record(self.cfg, self.final_vocabulary, scale), overwrite)
         test_name = self.cfg.DATASETS.TEST[0] if self.cfg.DATASETS.TEST else ""
-        final = with_background_name(self.vocabulary, self.model.background_name)
-        tmp = out_dir / f".vocabulary.{os.getpid()}.tmp"
-        tmp.write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(final)))
-        os.replace(tmp, out_dir / "vocabulary.txt")
+        skipped = UnreadableImages(fatal=strict)
+        summary: Dict[str, object] = {"written": 0, "existing": 0, "unlabelled": []}
         for path in tqdm(files, desc="demo", file=sys.stdout):
             stem = Path(path).stem
             outputs = [out_dir / f"{stem}_sem.png", out_dir / f"{stem}_pan.png"]
             if labels:
                 outputs.append(out_dir / f"{stem}_label.png")
             if not overwrite and all(p.is_file() for p in outputs):
+                summary["existing"] += 1
                 continue
-            rgb, out = self.predict(path)
-            vocabulary = out["vocabulary"]
-            meta = demo_metadata(vocabulary, test_name)
-            sem = label_map(out["sem_seg"]).cpu()
+            try:
+                rgb, out = self.predict(path, scale)
+            except (UnreadableImageError, DemoMemoryError) as e:
+                skipped.skip(e)
+                continue
+            sem, unlabelled = self.labels(path, out)
+            if unlabelled:
+                summary["unlabelled"].append(path)
+            meta = demo_metadata(out["vocabulary"], test_name)
             vis = Visualizer(rgb, meta, scale=scale, instance_mode=ColorMode.IMAGE)
             _save_png(vis.draw_sem_seg(sem, alpha=0.5).get_image(), outputs[0])
             pan, segments = out["panoptic_seg"]
             vis = Visualizer(rgb, meta, scale=scale, instance_mode=ColorMode.IMAGE)
             _save_png(vis.draw_panoptic_seg(pan.cpu(), segments, alpha=0.5).get_image(), outputs[1])
             if labels:
-                dtype = np.uint8 if len(vocabulary) <= 255 else np.uint16
+                dtype = np.uint8 if len(out["vocabulary"]) <= 255 else np.uint16
                 _save_png(sem.numpy().astype(dtype), outputs[2])
+            summary["written"] += 1
+        skipped.report(len(files))
+        if summary["unlabelled"]:
+            logger.warning(
+                "%d of %d images had no surviving proposal (written unlabelled): %s",
+                len(summary["unlabelled"]),
+                len(files),
+                ", ".join(summary["unlabelled"][:10]),
+            )
+        summary["skipped"] = skipped.skipped
+        return summary
+
+    def labels(self, path: str, out: dict) -> Tuple[torch.Tensor, bool]:
+        """(H, W) class per pixel, and whether the image is unlabelled: when no proposal survived
+        (every score is 0), every pixel gets the unlabelled value (255 / 65535) and a warning,
+        not class 0."""
+        scores = out["sem_seg"]
+        if scores.numel() and float(scores.max()) > 0:
+            return label_map(scores).cpu(), False
+        unlabelled = 255 if len(out["vocabulary"]) <= 255 else 65535
+        logger.warning(
+            "%s: no proposal survived (MODEL.CLIP.MASK_THR %s, MODEL.TWO_STAGE.FAST.MIN_OBJECTNESS "
+            "%s): nothing labelled (label value %d)",
+            path,
+            self.cfg.MODEL.CLIP.MASK_THR,
+            self.cfg.MODEL.TWO_STAGE.FAST.MIN_OBJECTNESS,
+            unlabelled,
+        )
+        return torch.full(scores.shape[-2:], unlabelled, dtype=torch.int64), True
 
 
 def setup(args):
@@ -204,7 +406,9 @@ def main(argv=None):
     cfg = setup(args)
     vocabulary = parse_vocabulary(args.vocabulary)
     files = expand_inputs(args.input)
-    Demo(cfg, vocabulary).run(files, Path(args.output), args.labels, args.scale, args.overwrite)
+    return Demo(cfg, vocabulary).run(
+        files, Path(args.output), args.labels, args.scale, args.overwrite, args.strict
+    )
 
 
 if __name__ == "__main__":
