@@ -41,6 +41,7 @@ __all__ = [
     "save_precomputed_proposals",
     "load_precomputed_proposals",
     "precomputed_proposal_path",
+    "write_ground_truth_proposals",
 ]
 
 PROPOSAL_SOURCE_REGISTRY = NamedRegistry("PROPOSAL_SOURCE")
@@ -333,3 +334,30 @@ class PrecomputedProposalSource(nn.Module):
                 masks = masks.new_zeros((0, *size))
             out.append(Proposals(masks, p.scores, None))
         return out
+
+
+def write_ground_truth_proposals(dataset_name: str, out_dir: Union[str, Path]) -> int:
+    """Write the ground-truth segments of a registered panoptic dataset as precomputed proposals
+    (one ``<image stem>.npz`` per image, bool masks, scores 1): the oracle input of
+    ``MODEL.TWO_STAGE.PROPOSAL_SOURCE precomputed``, which measures classification alone.
+
+    Returns:
+        the number of images written.
+    """
+    from detectron2.data import DatasetCatalog
+    from PIL import Image
+
+    count = 0
+    for d in DatasetCatalog.get(dataset_name):
+        if "pan_seg_file_name" not in d:
+            raise KeyError(f"{dataset_name} is not a panoptic dataset (no pan_seg_file_name)")
+        rgb = np.asarray(Image.open(d["pan_seg_file_name"]).convert("RGB"), dtype=np.int64)
+        ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+        segs = d.get("segments_info") or []
+        masks = (
+            np.stack([ids == s["id"] for s in segs]) if segs else np.zeros((0, *ids.shape), bool)
+        )
+        stem = Path(d["file_name"]).stem
+        save_precomputed_proposals(Path(out_dir) / f"{stem}.npz", torch.from_numpy(masks))
+        count += 1
+    return count

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ov_seg.data.toyworld.categories import CATEGORIES, CLASS_NAMES
+from ov_seg.data.toyworld.categories import CATEGORIES, CLASS_NAMES, COLORS, SHAPES
 
 __all__ = ["register_toyworld", "TOYWORLD_VARIANTS", "toyworld_metadata", "datasets_root"]
 
@@ -47,6 +47,12 @@ def toyworld_metadata() -> dict:
         "seen_class_ids": [c.id - 1 for c in CATEGORIES if c.seen],
         "unseen_class_ids": [c.id - 1 for c in CATEGORIES if not c.seen],
         "ignore_label": 255,
+        # per contiguous id, the index of each attribute a name is made of (-1: none, stuff): the
+        # mask-classification evaluator's attribute probe (colour accuracy, shape within colour)
+        "class_attributes": {
+            "colour": [list(COLORS).index(c.colour_name) if c.isthing else -1 for c in CATEGORIES],
+            "shape": [SHAPES.index(c.shape) if c.isthing else -1 for c in CATEGORIES],
+        },
     }
 
 

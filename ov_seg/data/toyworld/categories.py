@@ -43,9 +43,16 @@ class Category:
     shape: str = ""
 
 
+def unseen_shapes(colour_index: int) -> Tuple[int, int]:
+    """The two shape indices held out for a colour: (3c + {0, 4}) mod 8 (the one definition of
+    the open-vocabulary split)."""
+    n = len(SHAPES)
+    return ((3 * colour_index) % n, (3 * colour_index + n // 2) % n)
+
+
 def is_unseen(colour_index: int, shape_index: int) -> bool:
     """Whether the (colour, shape) combination is held out of every training split."""
-    return shape_index in {(3 * colour_index) % 8, (3 * colour_index + 4) % 8}
+    return shape_index in unseen_shapes(colour_index)
 
 
 def _build() -> List[Category]:

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .categories import CATEGORIES
-from .render import render_object_centric, render_scene
+from .render import render_object_centric, render_object_crop, render_scene
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,13 @@ class SplitSpec:
     num_images: int
     allow_unseen: bool = False
     unseen_boost: float = 0.0  # probability that a sampled object is forced to an unseen category
-    object_centric_fraction: float = (
-        0.0  # fraction of object-centric images (one object, grey background)
-    )
+    # fraction of object-centric images (one object, captioned "a photo of a red star")
+    object_centric_fraction: float = 0.0
+    # how they look: "crop" (a scene object's masked crop made by the evaluation's crop function,
+    # render.render_object_crop) or "grey" (one large object drawn on plain grey)
+    object_centric: str = "crop"
+    # "crop": range of the box expansion ratio (1.0 = the tight box the classifiers see)
+    crop_expand_range: tuple = (1.0, 1.3)
     hard_negatives: bool = False
 
 
@@ -84,6 +88,14 @@ def _encode_png(array: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def _one_thread() -> None:
+    """Worker initialiser: one torch thread per worker process (object crops use torch; forked
+    workers inheriting the parent's thread pool oversubscribe the cores ~7×)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _render_encoded(job) -> tuple:
     """Worker: render image ``index``, encode its three PNGs (image, semantic, panoptic) and write
     them as ``<dirs[k]>/<name>`` (in the worker: the parent process only collects metadata)."""
@@ -106,6 +118,18 @@ def render_image(spec: ToyWorldSpec, split: str, index: int) -> dict:
     sspec = spec.splits[split]
     rng = np.random.default_rng([spec.seed, SPLIT_IDS[split], index])
     if rng.random() < sspec.object_centric_fraction:
+        if sspec.object_centric == "crop":
+            return render_object_crop(
+                rng,
+                spec.image_size,
+                radius_range=spec.radius_range,
+                expand_range=sspec.crop_expand_range,
+                hard_negatives=sspec.hard_negatives,
+            )
+        if sspec.object_centric != "grey":
+            raise ValueError(
+                f"object_centric must be 'crop' or 'grey', got {sspec.object_centric!r}"
+            )
         return render_object_centric(rng, spec.image_size, hard_negatives=sspec.hard_negatives)
     return render_scene(
         rng,
@@ -155,7 +179,11 @@ def generate_split(root: Path, spec: ToyWorldSpec, split: str, workers: int = 1)
     start = time.perf_counter()
     folders = tuple(dirs[k] for k in ("images", "sem_seg", "panoptic"))
     jobs = ((spec, split, i, folders, f"{i:06d}.png") for i in range(sspec.num_images))
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    pool = (
+        multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread)
+        if workers > 1
+        else None
+    )
     results = pool.imap(_render_encoded, jobs, chunksize=64) if pool else map(_render_encoded, jobs)
     try:
         for i, segments, captions, negs in tqdm(

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import cv2
 import numpy as np
 
-from .categories import COLORS, SHAPES, STUFF, is_unseen, thing_id
+from .categories import COLORS, SHAPES, STUFF, is_unseen, thing_id, unseen_shapes
 
 # ---------------------------------------------------------------------------------------------------------
 # Stuff textures: a small bank per (stuff, size) built once, then random crops + colour jitter per
@@ -360,6 +360,72 @@ def render_object_centric(rng, size: int, radius_range=(0.25, 0.38), hard_negati
     )
 
 
+def render_object_crop(
+    rng,
+    size: int,
+    radius_range=(0.12, 0.22),
+    expand_range=(1.0, 1.3),
+    hard_negatives: bool = False,
+):
+    """One seen object of a scene, cut out exactly as the classifiers see it at test time.
+
+    A scene (seen objects only) is rendered, one of its named objects is picked, and its masked crop
+    is made with :func:`ov_seg.modeling.clip.masked_crops.prepare_masked_crops`, the function that
+    builds the evaluation and proposal crops: the mask's box (× a ratio drawn from
+    ``expand_range``; 1.0 = the tight box of OVSeg's crops) resized to ``size`` × ``size``, the CLIP
+    pixel mean outside the mask. Captioned like an object-centric web photo ("a photo of a red
+    star"). Falls back to the scene itself when no object survived occlusion.
+
+    Returns:
+        the dict of :func:`render_scene`; the background is void (0) in ``pan`` and ignore (255) in
+        ``sem``.
+    """
+    import torch
+
+    from ov_seg.modeling.clip.builder import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+    from ov_seg.modeling.clip.masked_crops import prepare_masked_crops
+
+    scene = render_scene(rng, size, allow_unseen=False, radius_range=radius_range)
+    things = [s for s in scene["segments"] if s["category_id"] > len(STUFF)]
+    if not things:
+        return scene
+    seg = things[int(rng.integers(len(things)))]
+    image = torch.from_numpy(scene["image"]).permute(2, 0, 1)
+    mask = torch.from_numpy(scene["pan"] == seg["id"])[None]
+    ratio = float(rng.uniform(*expand_range))
+    with torch.no_grad():
+        crops = prepare_masked_crops(image, mask, expand_ratio=ratio, out_size=size)
+    mean = torch.tensor(CLIP_PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_PIXEL_STD).view(3, 1, 1)
+    crop = (crops.images[0] * std + mean).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    crop_mask = crops.masks[0].numpy()
+    cid = seg["category_id"]
+    sem = np.full((size, size), 255, np.uint8)
+    pan = np.zeros((size, size), np.int32)
+    sem[crop_mask] = cid - 1
+    pan[crop_mask] = 1
+    k = cid - len(STUFF) - 1
+    ci, si = divmod(k, len(SHAPES))
+    name = f"{list(COLORS)[ci]} {SHAPES[si]}"
+    captions = [
+        OBJECT_CENTRIC[rng.integers(len(OBJECT_CENTRIC))].format(L=f"{_article(name)} {name}")
+    ]
+    negs = []
+    if hard_negatives:
+        neg = hard_negative_names([(ci, si)], rng)
+        if neg is not None:
+            phrase = f"{_article(neg[0])} {neg[0]}"
+            negs = [OBJECT_CENTRIC[rng.integers(len(OBJECT_CENTRIC))].format(L=phrase)]
+    return dict(
+        image=np.ascontiguousarray(crop),
+        sem=sem,
+        pan=pan,
+        segments=[_segment(1, cid, True, crop_mask)],
+        captions=captions,
+        hard_negatives=negs,
+    )
+
+
 def _sample_category(rng, allow_unseen: bool, unseen_boost: float) -> Tuple[int, int]:
     """(colour index, shape index); seen only unless ``allow_unseen``; ``unseen_boost`` = P(force
     unseen)."""
@@ -367,7 +433,7 @@ def _sample_category(rng, allow_unseen: bool, unseen_boost: float) -> Tuple[int,
         ci, si = int(rng.integers(len(COLORS))), int(rng.integers(len(SHAPES)))
         unseen = is_unseen(ci, si)
         if allow_unseen and unseen_boost > 0 and rng.random() < unseen_boost:
-            si = int(rng.choice([(3 * ci) % 8, (3 * ci + 4) % 8]))
+            si = int(rng.choice(unseen_shapes(ci)))
             return ci, si
         if not unseen or allow_unseen:
             return ci, si
