@@ -1,4 +1,4 @@
-"""The attribute (shape) probe's arithmetic, and object-centric training crops = evaluation crops."""
+"""The attribute (shape) probe's arithmetic; object-centric training crops = evaluation crops."""
 
 import numpy as np
 import pytest

@@ -21,9 +21,9 @@ def attribute_only_miou(
     dataset_name: str, attribute: str = "colour", draws: int = 5, seed: int = 0
 ) -> Dict[str, float]:
     """mIoU (all / seen / unseen, in %) of an oracle that knows the ground-truth segments and only
-    ``attribute`` of their class: each segment of a class with that attribute gets a uniformly random
-    class sharing it (every name of the vocabulary may be drawn, seen or unseen); other segments
-    (stuff) keep their class. Mean over ``draws`` random draws.
+    ``attribute`` of their class: each segment of a class with that attribute gets a uniformly
+    random class sharing it (every name of the vocabulary may be drawn, seen or unseen); other
+    segments (stuff) keep their class. Mean over ``draws`` random draws.
 
     Args:
         dataset_name: a registered panoptic dataset whose metadata has ``class_attributes``
