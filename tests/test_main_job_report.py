@@ -80,3 +80,56 @@ def test_stages_and_report(toyworld_root, tmp_path):
     assert ts.command[ts.command.index("--gammas") + 1] == "0.0,1.0,2.0,4.0"
     assert "| MixReorg, seen-calibrated † | 3.0 | 1.5 |" in table
     assert "seen-calibrated" in (out / "report.md").read_text()
+
+
+def test_probe_table_oracle_row_and_seeded_stages(toyworld_root, tmp_path):
+    job = load_tool("run_main_job")
+    out = tmp_path / "out"
+    probe = {
+        "chance_top1": 1.45,
+        "chance_colour": 12.5,
+        "chance_shape_within_colour": 12.5,
+        **{
+            f"{k}_{s}": v for k, v in (("top1", 40.0), ("colour", 99.0)) for s in ("seen", "unseen")
+        },
+        "shape_within_colour_seen": 81.0,
+        "shape_within_colour_unseen": 55.5,
+    }
+    cal = {**probe, "top1_unseen": 70.0, "shape_within_colour_unseen": 71.0}
+    cal.update(gamma_fold0=2.0, gamma_fold1=3.0)
+    (out / "clip_mpt").mkdir(parents=True)
+    (out / "clip_mpt" / "eval_results.json").write_text(
+        json.dumps({"mask_cls": {}, "probe": probe, "probe_calibrated": cal})
+    )
+    lines = job.probe_report(out)
+    mpt = next(line for line in lines if line.startswith("| + FT + MPT"))
+    assert "81.0 / 55.5" in mpt and "70.0 / 71.0 (2/3)" in mpt
+    assert next(line for line in lines if line.startswith("| pre-trained")).count("n/a") == 4
+    assert lines[-1].startswith("| chance | 1.4 | 12.5 | 12.5")
+
+    (out / "oracle_masks").mkdir()
+    oracle = {"mIoU-seen": 60.0, "mIoU-unseen": 45.0, "hIoU": 51.4, "mIoU": 57.0}
+    (out / "oracle_masks" / "eval_results.json").write_text(json.dumps({"sem_seg": oracle}))
+    job.write_report(out, {"x": {"seconds": 1.0, "peak_rss_mib": 1.0, "skipped": False}}, 1.0)
+    report = json.loads((out / "report.json").read_text())
+    assert report["results"][job.ORACLE_ROW]["mIoU-unseen"] == 45.0
+    colour = report["colour_only"]["mIoU-unseen"]
+    assert report["chance"]["mIoU-unseen"] < colour < 50.0
+
+    stages = job.build_stages(out, toyworld_root.parent)
+    seeded = [job.with_seed(s, 3) for s in stages]
+    pre = next(s for s in seeded if s.name == "clip_pretrain")
+    assert pre.command[-2:] == ["SEED", "3"]
+    assert (
+        next(s for s in seeded if s.name == "generate_toyworld").command
+        == next(s for s in stages if s.name == "generate_toyworld").command
+    )
+    names = [s.name for s in stages]
+    assert names.index("oracle_masks") > names.index("two_stage_search")
+    claims = [s.name for s in job.claim_stages(out)]
+    assert claims == [
+        "two_stage_search_ft_only",
+        "clip_ft_gt_pairs",
+        "clip_mpt_gt_pairs",
+        "two_stage_search_gt_pairs",
+    ]
