@@ -110,3 +110,63 @@ def test_flickr8k_subset(shared_dir):
     cs = load_captions(str(shared_dir / "data" / "flickr8k_subset1000" / "captions.csv"))
     assert len(cs.images) == 1000 and cs.num_captions == 5000 and not cs.problems
     assert cs.images[0].file_name.endswith("images/1000268201_693b08cb0e.jpg")
+
+
+# ---- bad input (issue 23, cases 11-13) -----------------------------------------------------------
+def test_unhashable_image_keys_are_malformed_lines_not_a_crash(tmp_path):
+    """Case 11: {"image": [...]} raised TypeError: unhashable type."""
+    path = _write(
+        tmp_path / "c.jsonl",
+        '{"image": ["1.png"], "caption": "a dog"}\n'
+        '{"image": {"id": 2}, "caption": "a cat"}\n'
+        '{"image": "3.png", "caption": "a cow"}\n',
+    )
+    cs = load_captions(str(path))
+    assert [im.image_id for im in cs.images] == ["3.png"]
+    assert cs.problems == [
+        f"{path}:1: image key must be a string or an integer, got list",
+        f"{path}:2: image key must be a string or an integer, got dict",
+    ]
+    coco = {"images": [{"id": [7], "file_name": "7.jpg"}], "annotations": []}
+    cs = load_captions(str(_write(tmp_path / "coco.json", json.dumps(coco))))
+    assert cs.problems[0].endswith("images[0]: image key must be a string or an integer, got list")
+
+
+def test_latin1_csv_is_a_clear_error_or_read_with_the_encoding(tmp_path):
+    """Case 11: a latin-1 CSV crashed with UnicodeDecodeError (no file, no line)."""
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("image,caption\na.jpg,A dog in a café .\nb.jpg,A cat .\n".encode("latin-1"))
+    with pytest.raises(MalformedCaptionError, match=rf"{path}:2: not valid utf-8-sig.*latin-1"):
+        load_captions(str(path))
+    cs = load_captions(str(path), encoding="latin-1")
+    assert cs.images[0].captions == ["A dog in a café ."]
+
+
+def test_utf8_bom_before_the_header_is_read(tmp_path):
+    """Case 12: '\\ufeffimage' was not recognised as the image column."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffimage,caption\na.jpg,A dog .\n".encode("utf-8"))
+    cs = load_captions(str(path))
+    assert [im.image_id for im in cs.images] == ["a.jpg"] and not cs.problems
+
+
+def test_non_english_captions_are_skipped_with_a_reason(tmp_path):
+    """Case 13: non-English captions yielded garbage nouns without a warning."""
+    path = _write(
+        tmp_path / "mixed.csv",
+        "image,caption\n"
+        "a.jpg,A dog runs on the beach .\n"
+        "a.jpg,Un perro corre en la playa .\n"
+        "b.jpg,Zwei Kinder spielen im Park .\n"
+        "c.jpg,一只狗在草地上奔跑\n"
+        "d.jpg,A man at La Jolla beach .\n",
+    )
+    cs = load_captions(str(path), strict=True)  # strict is about malformed lines only
+    assert [(im.image_id, im.captions) for im in cs.images] == [
+        ("a.jpg", ["A dog runs on the beach ."]),
+        ("d.jpg", ["A man at La Jolla beach ."]),
+    ]
+    assert cs.skipped == {"language": 3}
+    assert [p.split(": ")[0] for p in cs.problems] == [f"{path}:{n}" for n in (3, 4, 5)]
+    assert "not English" in cs.problems[0]
+    assert load_captions(str(path), english_only=False).num_captions == 5

@@ -154,17 +154,9 @@ def crop_classifier():
 
 
 def _pairs(reference_nouns, proposals, clf, out, **kw):
+    kw = {"crops": True, "batch_size": 4, "chunk_size": 12, "progress": False, **kw}
     return run_pairs_job(
-        reference_nouns / "nouns.jsonl",
-        proposals,
-        clf,
-        out,
-        {"proposals": "gt"},
-        crops=True,
-        batch_size=4,
-        chunk_size=12,
-        progress=False,
-        **kw,
+        reference_nouns / "nouns.jsonl", proposals, clf, out, {"proposals": "gt"}, **kw
     )
 
 
@@ -270,3 +262,76 @@ def test_mask_adapted_clip_trains_on_mined_pairs_with_one_config_line(
     assert metrics and all(
         torch.isfinite(torch.tensor(m["total_loss"])) for m in metrics if "total_loss" in m
     )
+
+
+# ---- bad input and reruns (issue 23) -------------------------------------------------------------
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        "mine_captions", REPO / "tools" / "mine_captions.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_pairs_do_not_depend_on_the_chunk_size_or_the_shards(
+    mined_gt, reference_nouns, crop_classifier, tmp_path
+):
+    """Case 16: pairs differed between chunk sizes (a chunk boundary cut a CLIP batch; nouns new in
+    a call were encoded together)."""
+    gt = GroundTruthProposals("toyworld_panoptic_train")
+    _pairs(reference_nouns, gt, crop_classifier, tmp_path / "c5", chunk_size=5)  # batch 4
+    _same_files(tmp_path / "c5", mined_gt, ("pairs.json", "pairs_vocab.json"))
+    dirs = [tmp_path / f"s{i}" for i in range(3)]  # three processes, chunks of 3 images
+    for i, d in enumerate(dirs):
+        _pairs(reference_nouns, gt, crop_classifier, d, chunk_size=3, shard=(i, 3))
+    finalize_pairs(dirs, tmp_path / "merged")
+    _same_files(tmp_path / "merged", mined_gt, ("pairs.json", "pairs_vocab.json"))
+
+
+def test_nouns_do_not_depend_on_the_chunk_size_or_the_process_count(
+    captions, reference_nouns, tmp_path
+):
+    ex = NounExtractor(mode="chunk", n_process=2)
+    run_nouns_job(captions, ex, tmp_path, chunk_size=7, progress=False)
+    _same_files(tmp_path, reference_nouns, NOUN_OUTPUTS)
+
+
+def test_a_replaced_job_leaves_no_output_of_the_old_one(tmp_path):
+    """Rerun with other inputs (--overwrite): the old job's final outputs went only when the new
+    one finished, and nouns_problems.txt / crops stayed for good."""
+    table = tmp_path / "caps.csv"
+    table.write_text("image,caption\n1.jpg,A dog on a red sofa .\n2.jpg\n3.jpg,Two cats .\n")
+    out = tmp_path / "job"
+    args = ["nouns", "--captions", str(table), "--output-dir", str(out), "--no-progress"]
+    tool = _tool()
+    tool.main([*args, "--chunk-size", "1"])
+    assert (out / "nouns_problems.txt").is_file() and (out / "nouns.jsonl").is_file()
+    table.write_text("image,caption\n4.jpg,A horse in a field .\n5.jpg,A boat .\n")
+    with pytest.raises(JobMismatchError):
+        tool.main([*args, "--chunk-size", "1"])
+    partial = tool.main([*args, "--chunk-size", "1", "--overwrite", "--max-chunks", "1"])
+    assert not partial["complete"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["nouns_job.json"]
+    tool.main([*args, "--chunk-size", "1"])
+    lines = [json.loads(x) for x in (out / "nouns.jsonl").read_text().splitlines()]
+    assert [x["image_id"] for x in lines] == ["4.jpg", "5.jpg"]
+    assert not (out / "nouns_problems.txt").exists()
+
+
+def test_cli_summarises_skipped_captions_by_reason(tmp_path):
+    table = tmp_path / "caps.csv"
+    table.write_bytes(
+        "\ufeffimage,caption\n1.jpg,A dog on a red sofa .\n2.jpg\n"
+        "3.jpg,Un perro corre en la playa .\n4.jpg,Hello .\n".encode("utf-8")
+    )
+    out = tmp_path / "job"
+    summary = _tool().main(
+        ["nouns", "--captions", str(table), "--output-dir", str(out), "--no-progress"]
+    )
+    assert summary["num_images"] == 2
+    assert summary["skipped_captions"] == {"malformed": 1, "language": 1, "no_noun": 1}
+    saved = json.loads((out / "nouns_summary.json").read_text())
+    assert saved["skipped_captions"] == summary["skipped_captions"]
+    problems = (out / "nouns_problems.txt").read_text().splitlines()
+    assert [p.split(": ")[0] for p in problems] == [f"{table}:3", f"{table}:4"]

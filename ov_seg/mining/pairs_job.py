@@ -29,8 +29,9 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
-from detectron2.data import detection_utils as utils
 from tqdm import tqdm
+
+from ov_seg.data.image_io import read_image
 
 from .assign import assign_nouns, cosine_scores
 from .job import ChunkedJob, JobSpec, atomic_write_json, atomic_write_text, merge_parts
@@ -48,6 +49,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# what a finished job leaves in its folder (deleted when --overwrite replaces another job)
+PAIR_OUTPUTS = ("pairs.json", "pairs_vocab.json", "pairs_summary.json", "crops.tsv", "crops")
 
 
 def read_nouns_file(path) -> List[dict]:
@@ -177,7 +181,12 @@ class ModelProposals:
 
 
 class NounEmbeddings:
-    """Prompt-ensembled text embeddings of nouns, cached per noun (through a ``TextClassifier``)."""
+    """Prompt-ensembled text embeddings of nouns, cached per noun (through a ``TextClassifier``).
+
+    Each noun is encoded alone (its templates in one batch): batching nouns together made an
+    embedding depend, in its last bits, on which nouns were new in the same call, so on the chunk
+    size and the shard, and near-tied pairs flipped.
+    """
 
     def __init__(self, text_classifier):
         self.text_classifier = text_classifier
@@ -185,10 +194,9 @@ class NounEmbeddings:
 
     def __call__(self, nouns: Sequence[str]) -> torch.Tensor:
         """(N, D) L2-normalised embeddings of ``nouns``."""
-        missing = [n for n in dict.fromkeys(nouns) if n not in self._cache]
-        if missing:
-            emb = self.text_classifier.class_embeddings(tuple(missing)).cpu()
-            self._cache.update(zip(missing, emb))
+        for n in dict.fromkeys(nouns):
+            if n not in self._cache:
+                self._cache[n] = self.text_classifier.class_embeddings((n,))[0].cpu()
         return torch.stack([self._cache[n] for n in nouns])
 
 
@@ -342,8 +350,11 @@ def run_pairs_job(
         one_to_one: no two nouns of an image share a proposal.
         objectness_weight: β of ``mine_image_pairs`` (0: OVSeg's cosine-only choice).
         crops: also write PNG crops + ``crops.tsv``.
-        batch_size: images per CLIP forward.
-        chunk_size, shard, overwrite, progress, max_chunks: see ``run_nouns_job``.
+        batch_size: images per CLIP forward (the pairs may differ in near ties between batch
+            sizes: float rounding; it is part of the job's parameters).
+        chunk_size: images per part file, rounded up to a multiple of ``batch_size``; the pairs
+            do not depend on it, nor on the shards.
+        shard, overwrite, progress, max_chunks: see ``run_nouns_job``.
 
     Returns:
         the summary (written to ``pairs_summary.json`` when the job is complete).
@@ -362,8 +373,20 @@ def run_pairs_job(
         "batch_size": int(batch_size),
         "mask_thr": float(crop_classifier.mask_thr),
     }
+    if chunk_size % batch_size:
+        # batches on one grid of batch_size images whatever the chunking: a batched forward's
+        # rounding depends on its other images, so a batch cut by a chunk boundary changed pairs
+        aligned = -(-int(chunk_size) // int(batch_size)) * int(batch_size)
+        logger.info(
+            "chunk size %d rounded up to %d, a multiple of the batch size %d (the pairs do not "
+            "depend on the chunk size)",
+            chunk_size,
+            aligned,
+            batch_size,
+        )
+        chunk_size = aligned
     spec = JobSpec("pairs", params, _file_digest(nouns_file), len(records), int(chunk_size))
-    job = ChunkedJob(output_dir, spec, shard=shard, overwrite=overwrite)
+    job = ChunkedJob(output_dir, spec, shard=shard, overwrite=overwrite, outputs=PAIR_OUTPUTS)
     pending = job.pending()
     if max_chunks is not None:
         pending = pending[: max(0, int(max_chunks))]
@@ -383,7 +406,7 @@ def run_pairs_job(
         results = []
         for b in range(0, len(idx), batch_size):
             batch = [records[i] for i in idx[b : b + batch_size]]
-            images = [utils.read_image(r["file_name"], format="RGB") for r in batch]
+            images = [read_image(r["file_name"], "RGB") for r in batch]
             props = proposal_fn(batch, images)
             mined = mine_image_pairs(
                 batch,
