@@ -212,3 +212,15 @@ def test_train_net_eval_only_refuses_weights_of_another_model(toyworld_root, tmp
     args += ["MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(tmp_path / "out")]
     with pytest.raises(IncompatibleCheckpointError, match=re.escape(str(weights))):
         run_train_net(args)
+
+
+def test_no_initialized_randomly_warning_when_a_clip_checkpoint_is_loaded(tmp_path, caplog):
+    """Case 3: open_clip's "Model initialized randomly" printed on every correct run."""
+    from ov_seg.modeling.clip.builder import build_clip, save_clip_checkpoint
+
+    path = tmp_path / "clip.pth"
+    save_clip_checkpoint(str(path), build_clip("ovseg-tiny-vit8-64", ""))
+    assert any("initialized randomly" in r.getMessage() for r in caplog.records)  # really random
+    caplog.clear()
+    build_clip("ovseg-tiny-vit8-64", str(path))
+    assert not any("initialized randomly" in r.getMessage() for r in caplog.records)

@@ -303,12 +303,26 @@ def build_clip(
     elif default and not resolved.quick_gelu:
         kwargs["quick_gelu"] = False  # a model kwarg: overrides the config's QuickGELU
     logger.info("CLIP %s: %s (from the %s)", model_name, resolved.activation, resolved.source)
-    model = open_clip.create_model(
-        model_name, pretrained=resolved.pretrained_tag, device=device, **kwargs
-    )
+    quiet = _NotRandomInit()
+    if checkpoint is not None:  # the file's weights follow
+        logging.getLogger().addFilter(quiet)
+    try:
+        model = open_clip.create_model(
+            model_name, pretrained=resolved.pretrained_tag, device=device, **kwargs
+        )
+    finally:
+        logging.getLogger().removeFilter(quiet)
     if checkpoint is not None:
         load_clip_state_dict(model, pretrained, checkpoint=checkpoint)
     return model.eval()
+
+
+class _NotRandomInit(logging.Filter):
+    """Drops open_clip's "Model initialized randomly" warning when a local checkpoint is loaded
+    next (it printed on every correct run, so nobody read it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
 
 
 def build_clip_from_cfg(cfg, activation: Optional[str] = None) -> torch.nn.Module:
