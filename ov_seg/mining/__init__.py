@@ -12,6 +12,7 @@ from .assign import Assignment, assign_nouns, cosine_scores
 from .captions import CaptionImage, CaptionSet, MalformedCaptionError, load_captions
 from .nouns import (
     DEFAULT_STOPLIST,
+    PLURALIA_TANTUM,
     CaptionNounTable,
     NounExtractor,
     NounExtractorSettings,
@@ -29,6 +30,7 @@ __all__ = [
     "MalformedCaptionError",
     "load_captions",
     "DEFAULT_STOPLIST",
+    "PLURALIA_TANTUM",
     "NounExtractor",
     "NounExtractorSettings",
     "WordNetFilter",

@@ -5,9 +5,9 @@ Pipeline: spaCy's tokenizer, ``tok2vec``, ``tagger`` and (chunker "parser") ``pa
 attribute ruler, lemmatizer and NER are not run (they cost more than the parser on short captions).
 Universal POS tags are set from the tagger's fine tags with the model's own tag map (read from its
 attribute ruler) so that ``doc.noun_chunks`` works; the head lemma of plural nouns comes from the
-model's rule-lemmatizer tables (cached). Chunker "tagger" skips the parser and chunks
-runs of ``JJ* NN+`` tags (about 2x faster, slightly different chunks: see
-``tools/benchmark_mining.py``).
+model's rule-lemmatizer tables (cached), except for plural-only nouns (``PLURALIA_TANTUM``:
+"shorts", "sunglasses", "jeans", kept whole). Chunker "tagger" skips the parser and chunks runs of
+``JJ* NN+`` tags (about 2x faster, slightly different chunks: see ``tools/benchmark_mining.py``).
 
 Output is deterministic (a pure function of the text, the spaCy model and the settings); phrases are
 lower-case, unique per caption, in order of appearance. spaCy and NLTK are imported lazily.
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_STOPLIST",
+    "PLURALIA_TANTUM",
     "NounExtractor",
     "NounExtractorSettings",
     "CaptionNounTable",
@@ -43,6 +44,20 @@ DEFAULT_STOPLIST: FrozenSet[str] = frozenset("""
     camera
     lot kind type sort variety number amount group couple pair bunch set row series
     way time day thing something someone somebody anything nothing everything one other others air
+    """.split())
+
+# Plural-only nouns (pluralia tantum) of things seen in photos, kept whole instead of singularised
+# into another word ("shorts" is not a "short", "glasses" worn are not a "glass"). A lexicon:
+# WordNet lists some of them in the plural (shorts, tights, sunglasses, goggles, scissors, stairs)
+# but others only in the singular (trouser, jean, pajama, headphone), so it cannot tell them from
+# regular plurals. Ambiguous plurals whose singular is the usual reading in captions (trunks,
+# boxers, arms, steps, braces) are left out.
+PLURALIA_TANTUM: FrozenSet[str] = frozenset("""
+    shorts pants trousers jeans leggings tights slacks sweatpants sweats khakis overalls coveralls
+    pajamas pyjamas knickers capris dungarees jodhpurs suspenders scrubs clothes
+    glasses sunglasses eyeglasses spectacles goggles binoculars headphones earphones earmuffs
+    scissors pliers tongs tweezers shears handcuffs
+    stairs bleachers groceries outskirts surroundings
     """.split())
 
 _NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
@@ -77,13 +92,23 @@ class NounExtractorSettings:
         "parser"  # "parser": spaCy noun chunks (dependency parse); "tagger": JJ* NN+ runs
     )
     stoplist: Tuple[str, ...] = tuple(sorted(DEFAULT_STOPLIST))  # head lemmas dropped
+    plural_only: Tuple[str, ...] = tuple(sorted(PLURALIA_TANTUM))  # plurals kept whole
     wordnet: bool = (
         False  # keep only nouns under WordNet's physical_entity.n.01 (needs NLTK WordNet)
     )
     batch_size: int = 256  # texts per ``nlp.pipe`` batch
     n_process: int = 1  # worker processes (each runs the model on 1 thread)
     output_keys: Tuple[str, ...] = field(
-        default=("model_name", "mode", "compounds", "chunker", "stoplist", "wordnet"), repr=False
+        default=(
+            "model_name",
+            "mode",
+            "compounds",
+            "chunker",
+            "stoplist",
+            "plural_only",
+            "wordnet",
+        ),
+        repr=False,
     )
 
     def output_dict(self) -> dict:
@@ -392,8 +417,9 @@ class NounExtractor:
         batch_size: texts per ``nlp.pipe`` batch.
         n_process: worker processes; each parses a contiguous block of texts on one thread.
         cache_size: texts whose result is memoised in this extractor (0 disables); repeated captions
-        are
-            parsed once.
+            are parsed once.
+        plural_only: plural nouns kept as they are, not singularised (default ``PLURALIA_TANTUM``:
+            shorts, jeans, sunglasses, scissors, ...; empty: every plural is singularised).
 
     Raises:
         ValueError: unknown mode / chunker, bad sizes.
@@ -410,6 +436,7 @@ class NounExtractor:
         batch_size: int = 256,
         n_process: int = 1,
         cache_size: int = 1_000_000,
+        plural_only: Optional[Iterable[str]] = None,
     ):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -420,19 +447,22 @@ class NounExtractor:
                 f"batch_size and n_process must be >= 1, got {batch_size}, {n_process}"
             )
         stop = DEFAULT_STOPLIST if stoplist is None else stoplist
-        if isinstance(stop, str):
-            raise TypeError("stoplist must be an iterable of words, not a string")
+        plurals = PLURALIA_TANTUM if plural_only is None else plural_only
+        if isinstance(stop, str) or isinstance(plurals, str):
+            raise TypeError("stoplist and plural_only must be iterables of words, not strings")
         self.settings = NounExtractorSettings(
             model_name=model_name,
             mode=mode,
             compounds=bool(compounds),
             chunker=chunker,
             stoplist=tuple(sorted({w.lower() for w in stop})),
+            plural_only=tuple(sorted({w.lower() for w in plurals})),
             wordnet=bool(wordnet),
             batch_size=int(batch_size),
             n_process=int(n_process),
         )
         self._stop = frozenset(self.settings.stoplist)
+        self._plural_only = frozenset(self.settings.plural_only)
         self._nlp = None
         self._tag_to_pos: Dict[str, str] = {}
         self._disable: List[str] = []
@@ -489,7 +519,7 @@ class NounExtractor:
     # ------------------------------------------------------------------------------------------------
     def _lemma(self, token) -> str:
         text = token.text.lower()
-        if token.tag_ not in _PLURAL_TAGS:
+        if token.tag_ not in _PLURAL_TAGS or text in self._plural_only:
             return text
         lemma = self._lemmas.get(text)
         if lemma is None:
