@@ -19,7 +19,8 @@ from ov_seg.modeling.clip import (
 TINY = "ovseg-tiny-vit8-64"
 REAL_SCALE_CONFIGS = sorted(
     str(p.relative_to(REPO))
-    for folder in ("configs/two_stage", "configs/clip")
+    for folder in ("configs/two_stage", "configs/clip", "configs/proposal", "configs/pacl")
+    + ("configs/mgca", "configs/mixreorg")
     for p in (REPO / folder).glob("*.yaml")
     if not p.name.startswith("Base-")
 )
@@ -108,8 +109,8 @@ def test_checkpoint_meta_carries_the_activation(tmp_path, caplog):
 
 @pytest.mark.parametrize("config", REAL_SCALE_CONFIGS)
 def test_real_scale_configs_build_quick_gelu_for_openai(config, monkeypatch):
-    """Every real-scale CLIP / two-stage config with MODEL.CLIP.PRETRAINED openai builds QuickGELU
-    ViT-B/16 or ViT-L/14; the model is built on the meta device and nothing is downloaded."""
+    """Every real-scale config (two-stage, CLIP, proposals, single-stage) with MODEL.CLIP.PRETRAINED
+    openai builds a QuickGELU ViT-B/16 or ViT-L/14; built on the meta device, nothing downloaded."""
     cfg = setup_config(config, ["MODEL.CLIP.PRETRAINED", "openai"])
     name = cfg.MODEL.CLIP.MODEL_NAME
     assert name in ("ViT-B-16", "ViT-L-14")
