@@ -76,7 +76,7 @@ def mask_classification_metrics(
 
 # γ grid of the probe's seen-class calibration (logit units of the classifier: 100 · cos for the
 # CLIP crop classifiers), chosen by 2-fold cross-validation over the segments
-PROBE_GAMMAS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+PROBE_GAMMAS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 
 
 def attribute_probe_metrics(

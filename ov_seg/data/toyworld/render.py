@@ -364,7 +364,7 @@ def render_object_crop(
     rng,
     size: int,
     radius_range=(0.12, 0.22),
-    expand_range=(1.0, 1.3),
+    expand_range=(1.0, 1.0),
     hard_negatives: bool = False,
 ):
     """One seen object of a scene, cut out exactly as the classifiers see it at test time.
