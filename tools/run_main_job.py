@@ -55,7 +55,7 @@ def two_stage_weights(out: Path):
 # configs' own schedules are the standalone runs of the notes; the main job shortens some of them.
 BUDGET: Dict[str, List[str]] = {
     "clip_pretrain": ["SOLVER.MAX_ITER", "400"],  # config: 700
-    "proposals": ["SOLVER.MAX_ITER", "150"],  # config: 300
+    "proposals": ["SOLVER.MAX_ITER", "400"],  # config: 300
     "clip_ft": ["SOLVER.MAX_ITER", "60"],  # config: 200
     "clip_mpt": ["SOLVER.MAX_ITER", "100"],  # config: 200
     "pacl": ["SOLVER.MAX_ITER", "140"],  # config: 300
