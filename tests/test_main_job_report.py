@@ -133,3 +133,18 @@ def test_probe_table_oracle_row_and_seeded_stages(toyworld_root, tmp_path):
         "clip_mpt_gt_pairs",
         "two_stage_search_gt_pairs",
     ]
+
+
+def test_seed_summary_mean_and_std(tmp_path):
+    job = load_tool("run_main_job")
+    dirs = []
+    for seed, unseen in enumerate((20.0, 24.0, 28.0)):
+        d = tmp_path / f"s{seed}"
+        (d / "two_stage_search").mkdir(parents=True)
+        cv = {"searched": {"mIoU-seen": 30.0, "mIoU-unseen": unseen, "hIoU": 25.0}}
+        (d / "two_stage_search" / "search.json").write_text(json.dumps({"cross_validated": cv}))
+        dirs.append(d)
+    table = job.seed_summary(dirs)
+    line = next(x for x in table.splitlines() if "FT + MPT), searched, mIoU-unseen" in x)
+    assert "| 24.0 ± 4.0 | 20.0, 24.0, 28.0 |" in line
+    assert "(3 seeds)" in table.splitlines()[0]

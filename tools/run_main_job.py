@@ -664,6 +664,53 @@ def prediction_grid(out: Path) -> int:
     return subprocess.call(cmd)
 
 
+def seed_summary(dirs: List[Path]) -> str:
+    """Markdown table, mean ± std over the job folders ``dirs`` (one per seed, each run with
+    ``--until oracle_masks --claims``): the shape probe of each CLIP, the two-stage rows, the
+    oracle, proposal recall and the claim stages."""
+    import numpy as np
+
+    rows: Dict[str, List[float]] = {}
+
+    def add(name, value):
+        if isinstance(value, (int, float)):
+            rows.setdefault(name, []).append(float(value))
+
+    for d in dirs:
+        for label, rel in PROBED_CLIPS:
+            res = _read_json(d / rel / "eval_results.json") or {}
+            for key, sel in (("probe", "plain"), ("probe_calibrated", "calibrated")):
+                for split in ("seen", "unseen"):
+                    value = res.get(key, {}).get(f"shape_within_colour_{split}")
+                    add(f"probe {rel}, shape within colour {split}, {sel}", value)
+        for folder, tag in (
+            ("two_stage_search", "mined pairs, FT + MPT"),
+            ("two_stage_search_ft_only", "mined pairs, FT only"),
+            ("two_stage_search_gt_pairs", "ground-truth pairs, FT + MPT"),
+        ):
+            cv = (_read_json(d / folder / "search.json") or {}).get("cross_validated", {})
+            for sel in ("lambda_0", "lambda_1", "searched", "searched_calibrated"):
+                for k in ("mIoU-seen", "mIoU-unseen", "hIoU"):
+                    add(f"two-stage ({tag}), {sel}, {k}", cv.get(sel, {}).get(k))
+        oracle = (_read_json(d / "oracle_masks" / "eval_results.json") or {}).get("sem_seg", {})
+        for k in ("mIoU-seen", "mIoU-unseen", "hIoU"):
+            add(f"oracle (GT masks, λ 1), {k}", oracle.get(k))
+        rec = (_read_json(d / "proposals" / "eval_results.json") or {}).get("proposal_recall", {})
+        for k in ("AR@100_seen", "AR@100_unseen", "AR@100_things"):
+            add(f"proposal recall {k} (%)", 100 * rec[k] if k in rec else None)
+        mining = _read_json(d / "mining_precision.json") or {}
+        add("mining precision (%)", 100 * mining["precision"] if "precision" in mining else None)
+    lines = [f"| quantity ({len(dirs)} seeds) | mean ± std | values |", "|---|---|---|"]
+    for name, values in rows.items():
+        v = np.asarray(values)
+        lines.append(
+            f"| {name} | {v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f} | "
+            + ", ".join(f"{x:.1f}" for x in v)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def with_seed(stage: Stage, seed: int) -> Stage:
     """``stage`` with ``SEED seed`` appended to its detectron2 options (training / evaluation
     launches; other stages unchanged)."""
@@ -686,6 +733,13 @@ def main(argv=None):
     )
     p.add_argument("--until", default=None, help="stop after this stage (e.g. oracle_masks)")
     p.add_argument(
+        "--summarize",
+        nargs="+",
+        default=None,
+        metavar="OUT",
+        help="print mean ± std over job folders (one per --seed run) and exit",
+    )
+    p.add_argument(
         "--claims",
         action="store_true",
         help="after --until, also run the stages testing OVSeg's claims (FT-only CLIP, FT + MPT "
@@ -702,6 +756,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if args.grid:
         return prediction_grid(Path(args.grid))
+    if args.summarize:
+        print(seed_summary([Path(d) for d in args.summarize]))
+        return 0
     out = Path(args.output).resolve()
     data_root = Path(os.environ.get("DETECTRON2_DATASETS", REPO / "datasets")).resolve()
     os.environ["DETECTRON2_DATASETS"] = str(data_root)
