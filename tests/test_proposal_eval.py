@@ -14,10 +14,13 @@ from ov_seg.data.dataset_mappers.panoptic import VOID, PanopticDatasetMapper, re
 from ov_seg.evaluation import ProposalRecallEvaluator, build_evaluator
 
 CONFIG = "configs/toyworld/proposal_R18.yaml"
+# the mapper at the toy world's native 64 px (the proposal config upsamples to 128)
+NATIVE_SIZE = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64"]
+NATIVE_SIZE += ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
 
 
 def _mapper(is_train, dataset="toyworld_panoptic_train", opts=()):
-    cfg = setup_config(CONFIG, ["INPUT.RANDOM_FLIP", "none", *opts])
+    cfg = setup_config(CONFIG, ["INPUT.RANDOM_FLIP", "none", *NATIVE_SIZE, *opts])
     return build_dataset_mapper(cfg, is_train=is_train, dataset_name=dataset)
 
 

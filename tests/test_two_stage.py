@@ -185,8 +185,9 @@ def test_precomputed_source_feeds_the_model(model, val_inputs, tmp_path):
         sem = model([x])[0]["sem_seg"]
     finally:
         model.proposal_source, model.ensemble_weight = original, weight
-    assert (sem[:, :, w // 2 + 2 :] == 0).all()  # nothing outside the proposal
-    assert (sem[:, :, : w // 2 - 2].sum(0) > 0.99).all()  # CLIP probabilities sum to 1 inside
+    out_w = sem.shape[-1]  # the output is at the original image size (the input may be resized)
+    assert (sem[:, :, out_w // 2 + 2 :] == 0).all()  # nothing outside the proposal
+    assert (sem[:, :, : out_w // 2 - 2].sum(0) > 0.99).all()  # CLIP probabilities sum to 1 inside
     with pytest.raises(FileNotFoundError, match="no precomputed proposals"):
         source([{"image": x["image"], "file_name": "/nowhere/missing.png"}], ["a", "b"])
 

@@ -23,13 +23,14 @@ def test_merged_checkpoint_round_trip(toyworld_root, tmp_path):
     torch.manual_seed(0)
     # a QuickGELU CLIP: the export records it, the merged checkpoint too, and the model rebuilt
     # from the merged file alone (PRETRAINED "", ACTIVATION "auto") gets it back
-    model = build_model(setup_config(CONFIG, [*OPTS, "MODEL.CLIP.ACTIVATION", "quick_gelu"]))
+    cfg = setup_config(CONFIG, [*OPTS, "MODEL.CLIP.ACTIVATION", "quick_gelu"])
+    model = build_model(cfg)
     proposals = tmp_path / "proposals.pth"
     torch.save({"model": model.proposal_source.model.state_dict(), "iteration": 7}, proposals)
     clip = model.crop_classifier.clip
     visual = clip.visual
     grid = visual.grid_size[0] * visual.grid_size[1]
-    prompts = torch.randn(3, grid, visual.conv1.out_channels)
+    prompts = torch.randn(cfg.MODEL.CLIP.MASK_PROMPT_DEPTH, grid, visual.conv1.out_channels)
     clip_path = tmp_path / "clip_export.pth"
     save_clip_checkpoint(str(clip_path), clip, mask_prompts=prompts)
     merged = tmp_path / "merged.pth"
