@@ -55,7 +55,8 @@ def test_demo_writes_pictures_and_labels(images, tmp_path):
         size = Image.open(folder / f"{stem}.png").size
         for kind in ("sem", "pan"):
             pic = Image.open(out / f"{stem}_{kind}.png")
-            assert pic.mode == "RGB" and pic.size == (2 * size[0], 2 * size[1])
+            # the picture at twice the image's size, its legend under it
+            assert pic.mode == "RGB" and pic.size[0] == 2 * size[0] and pic.size[1] > 2 * size[1]
         labels = np.array(Image.open(out / f"{stem}_label.png"))
         assert labels.shape == size[::-1] and labels.max() < 4
     assert (out / "vocabulary.txt").read_text().split("\n")[:4] == [
@@ -210,3 +211,37 @@ def test_an_image_too_large_for_memory_is_refused_with_the_numbers(images, tmp_p
     with pytest.raises(MemoryError, match="fewer names or a smaller image"):
         _main(demo, folder, tmp_path / "strict", "red star,grass,sky", "--strict")
     assert demo.output_bytes(3000, 4000, 69, 16, 1.0) > 4 * 2**30  # 12 MP x 69 names: > 4 GiB
+
+
+# ---- readable pictures (issue 26) ----------------------------------------------------------------
+def test_side_by_side_pictures_and_a_summary_line_per_image(images, tmp_path, capsys):
+    folder, stems = images
+    demo, out = _demo(), tmp_path / "out"
+    _main(demo, folder, out, "Red Star,grass,sky", "--side-by-side", "--scale", "3")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "names)" in line]
+    assert len(lines) == 2  # one per image: the names found with their shares
+    for stem, line in zip(stems, lines):
+        assert line.startswith(str(folder / f"{stem}.png") + ": ") and "%" in line
+        assert line.endswith("of 3 names)")
+        image = np.array(Image.open(folder / f"{stem}.png").convert("RGB"))
+        h, w = image.shape[:2]
+        pic = np.array(Image.open(out / f"{stem}_sem.png"))
+        assert pic.shape[1] > 2 * 3 * w and pic.shape[0] > 3 * h  # image | segmentation, legend
+        assert (pic[: 3 * h : 3, : 3 * w : 3] == image).all()  # the plain image on the left
+    with pytest.raises(demo.StaleOutputError, match="different side_by_side"):
+        _main(demo, folder, out, "Red Star,grass,sky", "--scale", "3")
+
+
+def test_nothing_found_is_said_on_the_console_and_on_the_picture(images, tmp_path, capsys):
+    folder, stems = images
+    out = tmp_path / "out"
+    opts = ["MODEL.TWO_STAGE.ENSEMBLE_WEIGHT", "1.0", "MODEL.CLIP.MASK_THR", "1.0"]
+    _main(_demo(), folder / f"{stems[0]}.png", out, "red star,grass", *opts)
+    line = [x for x in capsys.readouterr().out.splitlines() if "NOTHING FOUND" in x]
+    assert len(line) == 1 and "no proposal survived (MODEL.CLIP.MASK_THR 1.0" in line[0]
+    image = np.array(Image.open(folder / f"{stems[0]}.png").convert("RGB"))
+    for kind in ("sem", "pan"):
+        pic = np.array(Image.open(out / f"{stems[0]}_{kind}.png"))
+        top = pic[: image.shape[0]]
+        # nothing blended over the image, but a dark banner across its top says so
+        assert (top[-1] == image[-1]).all() and (top[0] != image[0]).any()

@@ -5,13 +5,16 @@
         --vocabulary "red star,blue circle,grass,sky" --output /tmp/demo --labels \\
         MODEL.WEIGHTS merged.pth
 
-Per image it writes ``<stem>_sem.png`` (semantic segmentation drawn by detectron2's ``Visualizer``),
-``<stem>_pan.png`` (panoptic segmentation) and, with ``--labels``, ``<stem>_label.png`` (class index
-per pixel: 8-bit up to 255 classes, else 16-bit; 255 / 65535 = unlabelled, when no proposal
-survived); ``vocabulary.txt`` lists the class of each index and ``demo_run.json`` what produced the
-folder (vocabulary, config, weights). Images whose outputs exist are skipped (``--overwrite`` redoes
-them). A folder written with another vocabulary, config or weights is refused; ``--overwrite``
-deletes its outputs first, so a folder never mixes two runs.
+Per image it writes ``<stem>_sem.png`` (semantic segmentation) and ``<stem>_pan.png`` (panoptic
+segmentation), each the image with the segmentation blended over it, names on the regions and a
+legend (colour -> name, share of the image's pixels; ``ov_seg.utils.visualize``), with
+``--side-by-side`` beside the plain image; with ``--labels``, ``<stem>_label.png`` (class index per
+pixel: 8-bit up to 255 classes, else 16-bit; 255 / 65535 = unlabelled, when no proposal survived).
+A line per image on the console names what was found and the share of pixels of each name, or says
+that nothing was. ``vocabulary.txt`` lists the class of each index and ``demo_run.json`` what
+produced the folder (vocabulary, config, weights, drawing options). Images whose outputs exist are
+skipped (``--overwrite`` redoes them). A folder written with another vocabulary, config or weights
+is refused; ``--overwrite`` deletes its outputs first, so a folder never mixes two runs.
 
 An unreadable image, or one whose outputs would not fit in the free memory (about 4 bytes per
 pixel per class name and per proposal), is skipped with a warning naming it and counted at the end;
@@ -40,24 +43,18 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
-from detectron2.data.catalog import Metadata
-from detectron2.utils.colormap import colormap
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 from tqdm import tqdm
 
 import ov_seg  # noqa: F401 (registration)
-from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.data.image_io import UnreadableImageError, UnreadableImages, read_image
 from ov_seg.data.vocabulary import parse_vocabulary
-from ov_seg.engine import Trainer
+from ov_seg.engine.predictor import OVSegPredictor
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.modeling.heads.ensemble import with_background_name
-from ov_seg.utils.semseg import label_map
 from ov_seg.utils.threads import set_num_threads
+from ov_seg.utils.visualize import draw_panoptic, draw_semantic, semantic_summary
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 # the demo's own files in --output (deleted by --overwrite when the folder holds another run)
@@ -90,6 +87,11 @@ def get_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scale", type=float, default=1.0, help="scale of the pictures (e.g. 6 for 64-px images)"
+    )
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="draw the plain image beside the segmentation",
     )
     p.add_argument(
         "--overwrite",
@@ -125,24 +127,6 @@ def expand_inputs(patterns: List[str]) -> List[str]:
             raise FileNotFoundError(f"--input {pattern!r} matches no image")
         files.extend(found)
     return list(dict.fromkeys(files))
-
-
-def demo_metadata(vocabulary: List[str], dataset_name: str = "") -> Metadata:
-    """Visualizer metadata for ``vocabulary``: colours of the dataset ``dataset_name`` for names it
-    knows, detectron2's colour map for the others."""
-    palette = (colormap(rgb=True, maximum=255)).astype(int).tolist()
-    known = {}
-    if dataset_name:
-        meta = MetadataCatalog.get(dataset_name)
-        known = dict(zip(meta.get("stuff_classes", []) or [], meta.get("stuff_colors", []) or []))
-    colors = [list(known.get(n, palette[i % len(palette)])) for i, n in enumerate(vocabulary)]
-    return Metadata(
-        name="ov_seg_demo",
-        stuff_classes=list(vocabulary),
-        stuff_colors=colors,
-        thing_classes=list(vocabulary),
-        thing_colors=colors,
-    )
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -193,7 +177,7 @@ def _file_identity(path: str) -> Dict[str, object]:
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def run_record(cfg, vocabulary: List[str], scale: float) -> dict:
+def run_record(cfg, vocabulary: List[str], scale: float, side_by_side: bool = False) -> dict:
     """What decides the outputs of a demo folder: ``demo_run.json``."""
     weights = {
         "MODEL.WEIGHTS": cfg.MODEL.WEIGHTS,
@@ -203,6 +187,7 @@ def run_record(cfg, vocabulary: List[str], scale: float) -> dict:
     return {
         "vocabulary": list(vocabulary),
         "scale": float(scale),
+        "side_by_side": bool(side_by_side),
         "config_sha1": hashlib.sha1(cfg.dump().encode()).hexdigest(),
         "weights": {k: _file_identity(v) for k, v in weights.items()},
     }
@@ -259,19 +244,15 @@ def _check_stems(files: List[str]) -> None:
 
 
 class Demo:
-    """Model + test-time resize + drawing for a list of images and one vocabulary."""
+    """Predictor (``OVSegPredictor``) + drawing for a list of images and one vocabulary."""
 
-    def __init__(self, cfg, vocabulary: List[str]):
+    def __init__(self, cfg, vocabulary: List[str], side_by_side: bool = False):
         self.cfg = cfg
-        self.model = Trainer.build_model(cfg)
-        if cfg.MODEL.WEIGHTS:
-            SafeCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
-        self.model.eval()
-        self.model.semantic_on = self.model.panoptic_on = True
+        self.predictor = OVSegPredictor(cfg)
+        self.model = self.predictor.model
         self.vocabulary = list(vocabulary)
         self.final_vocabulary = with_background_name(self.vocabulary, self.model.background_name)
-        self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
-        self.input_format = cfg.INPUT.FORMAT
+        self.side_by_side = side_by_side
 
     def check_memory(self, path: str, height: int, width: int, scale: float = 1.0) -> None:
         """Raise ``DemoMemoryError`` (with the numbers) when the image's outputs would not fit."""
@@ -293,20 +274,11 @@ class Demo:
             UnreadableImageError: the file cannot be decoded. DemoMemoryError: its outputs would
             not fit in memory.
         """
-        image = read_image(path, self.input_format)
+        image = read_image(path, self.predictor.input_format)
         height, width = image.shape[:2]
         self.check_memory(path, height, width, scale)
-        resized = self.resize.get_transform(image).apply_image(image)
-        x = {
-            "image": torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))),
-            "height": height,
-            "width": width,
-            "file_name": path,
-            "vocabulary": self.vocabulary,
-        }
-        rgb = image[:, :, ::-1] if self.input_format == "BGR" else image
         try:
-            out = self.model([x])[0]
+            out = self.predictor(image, self.vocabulary, path)
         except (MemoryError, torch.OutOfMemoryError) as e:
             need = output_bytes(height, width, len(self.final_vocabulary), 0, scale)
             raise DemoMemoryError(
@@ -314,7 +286,7 @@ class Demo:
                 f"class names (outputs alone about {_gib(need)}): use fewer names or a smaller "
                 "image"
             ) from e
-        return np.ascontiguousarray(rgb), out
+        return self.predictor.to_rgb(image), out
 
     def run(
         self,
@@ -331,8 +303,8 @@ class Demo:
             ``{"written", "existing", "skipped": [messages], "unlabelled": [files]}``.
         """
         _check_stems(files)
-        prepare_output(out_dir, run_record(self.cfg, self.final_vocabulary, scale), overwrite)
-        test_name = self.cfg.DATASETS.TEST[0] if self.cfg.DATASETS.TEST else ""
+        record = run_record(self.cfg, self.final_vocabulary, scale, self.side_by_side)
+        prepare_output(out_dir, record, overwrite)
         skipped = UnreadableImages(fatal=strict)
         summary: Dict[str, object] = {"written": 0, "existing": 0, "unlabelled": []}
         for path in tqdm(files, desc="demo", file=sys.stdout):
@@ -351,15 +323,19 @@ class Demo:
             sem, unlabelled = self.labels(path, out)
             if unlabelled:
                 summary["unlabelled"].append(path)
-            meta = demo_metadata(out["vocabulary"], test_name)
-            vis = Visualizer(rgb, meta, scale=scale, instance_mode=ColorMode.IMAGE)
-            _save_png(vis.draw_sem_seg(sem, alpha=0.5).get_image(), outputs[0])
+            sem, vocabulary = sem.numpy(), out["vocabulary"]
+            tqdm.write(semantic_summary(sem, vocabulary).line(path, self.notice()), file=sys.stdout)
+            draw = {"scale": scale, "side_by_side": self.side_by_side}
+            _save_png(draw_semantic(rgb, sem, vocabulary, notice=self.notice(), **draw), outputs[0])
             pan, segments = out["panoptic_seg"]
-            vis = Visualizer(rgb, meta, scale=scale, instance_mode=ColorMode.IMAGE)
-            _save_png(vis.draw_panoptic_seg(pan.cpu(), segments, alpha=0.5).get_image(), outputs[1])
+            pan_notice = self.predictor.notice(panoptic=True)
+            pan = draw_panoptic(
+                rgb, pan.cpu().numpy(), segments, vocabulary, notice=pan_notice, **draw
+            )
+            _save_png(pan, outputs[1])
             if labels:
                 dtype = np.uint8 if len(out["vocabulary"]) <= 255 else np.uint16
-                _save_png(sem.numpy().astype(dtype), outputs[2])
+                _save_png(sem.astype(dtype), outputs[2])
             summary["written"] += 1
         skipped.report(len(files))
         if summary["unlabelled"]:
@@ -372,23 +348,20 @@ class Demo:
         summary["skipped"] = skipped.skipped
         return summary
 
+    def notice(self) -> str:
+        """Why an image has no label (``OVSegPredictor.notice``)."""
+        return self.predictor.notice()
+
     def labels(self, path: str, out: dict) -> Tuple[torch.Tensor, bool]:
         """(H, W) class per pixel, and whether the image is unlabelled: when no proposal survived
         (every score is 0), every pixel gets the unlabelled value (255 / 65535) and a warning,
         not class 0."""
-        scores = out["sem_seg"]
-        if scores.numel() and float(scores.max()) > 0:
-            return label_map(scores).cpu(), False
-        unlabelled = 255 if len(out["vocabulary"]) <= 255 else 65535
-        logger.warning(
-            "%s: no proposal survived (MODEL.CLIP.MASK_THR %s, MODEL.TWO_STAGE.FAST.MIN_OBJECTNESS "
-            "%s): nothing labelled (label value %d)",
-            path,
-            self.cfg.MODEL.CLIP.MASK_THR,
-            self.cfg.MODEL.TWO_STAGE.FAST.MIN_OBJECTNESS,
-            unlabelled,
-        )
-        return torch.full(scores.shape[-2:], unlabelled, dtype=torch.int64), True
+        sem, unlabelled = OVSegPredictor.labels(out)
+        if unlabelled:
+            logger.warning(
+                "%s: %s: nothing labelled (label value %d)", path, self.notice(), int(sem[0, 0])
+            )
+        return sem, unlabelled
 
 
 def setup(args):
@@ -406,7 +379,7 @@ def main(argv=None):
     cfg = setup(args)
     vocabulary = parse_vocabulary(args.vocabulary)
     files = expand_inputs(args.input)
-    return Demo(cfg, vocabulary).run(
+    return Demo(cfg, vocabulary, args.side_by_side).run(
         files, Path(args.output), args.labels, args.scale, args.overwrite, args.strict
     )
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""A PNG grid comparing methods on a few images: image, ground truth, then each method's prediction.
+"""A PNG grid comparing methods on a few images: image, ground truth, then each method's prediction
+and its errors.
 
     python tools/visualize_methods.py --dataset toyworld_sem_seg_val --num-images 6 \\
         --output grid.png \\
@@ -9,6 +10,12 @@
 ``--method NAME=CONFIG:WEIGHTS:OPTS`` (WEIGHTS may be empty; OPTS are config overrides split like a
 shell command line). Images are picked from those containing unseen classes first, so unseen names
 are shown.
+
+Every tile names its regions and lists its names with their shares of the image under it, one
+colour per name (not the object's colour: a wrong shape of the right colour must look wrong);
+unseen names are starred. Each method's errors column shows the pixels it gets wrong against the
+ground truth, its wrong share and its largest confusions
+(``ov_seg.utils.visualize.comparison_row``).
 """
 
 import argparse
@@ -30,14 +37,7 @@ from ov_seg.engine.methods import build_method, parse_method_spec  # noqa: E402
 from ov_seg.engine.setup import get_ov_seg_cfg  # noqa: E402
 from ov_seg.utils.semseg import label_map  # noqa: E402
 from ov_seg.utils.threads import set_num_threads  # noqa: E402
-
-
-def colorize(labels: np.ndarray, colors: np.ndarray, ignore: int = 255) -> np.ndarray:
-    """(H, W) int labels -> (H, W, 3) uint8 RGB; ignore pixels black."""
-    out = np.zeros((*labels.shape, 3), np.uint8)
-    valid = (labels != ignore) & (labels < len(colors))
-    out[valid] = colors[labels[valid]]
-    return out
+from ov_seg.utils.visualize import comparison_grid, comparison_row  # noqa: E402
 
 
 def pick_images(dicts, unseen_ids, n):
@@ -53,56 +53,44 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="toyworld_sem_seg_val")
     p.add_argument("--num-images", type=int, default=6)
-    p.add_argument("--scale", type=int, default=2, help="upscaling of each tile (nearest)")
+    p.add_argument("--scale", type=int, default=3, help="upscaling of each tile (nearest)")
     p.add_argument("--method", action="append", required=True, help="NAME=CONFIG:WEIGHTS:OPTS")
     p.add_argument("--output", required=True, help="PNG path")
     args = p.parse_args(argv)
     set_num_threads(0)
     meta = MetadataCatalog.get(args.dataset)
-    colors = np.asarray(meta.stuff_colors, np.uint8)
+    unseen = set(meta.get("unseen_class_ids", []))
+    names = [f"{n}*" if k in unseen else n for k, n in enumerate(meta.stuff_classes)]
+    ignore = meta.get("ignore_label", 255)
     dicts = DatasetCatalog.get(args.dataset)
-    chosen = pick_images(dicts, set(meta.get("unseen_class_ids", [])), args.num_images)
-    columns = [("image", None), ("ground truth", None)]
-    rows = {i: [] for i in chosen}
+    chosen = pick_images(dicts, unseen, args.num_images)
+    columns = ["image", "ground truth"]
+    predictions = {i: [] for i in chosen}
     base_cfg = get_ov_seg_cfg()
-    mapper = None
     for spec in args.method:
         name, config, weights, opts = parse_method_spec(spec)
         config = str(REPO / config) if not os.path.isabs(config) else config
         cfg, model = build_method(base_cfg, config, weights, opts + ["MODEL.DEVICE", "cpu"])
         mapper = build_dataset_mapper(cfg, is_train=False, dataset_name=args.dataset)
-        columns.append((name, None))
+        columns += [name, f"{name}: errors"]
         with torch.inference_mode():
             for i in chosen:
                 inp = mapper(dicts[i])
-                pred = label_map(model([inp])[0]["sem_seg"]).cpu().numpy()
-                rows[i].append(colorize(pred, colors))
-    tiles = []
+                predictions[i].append(label_map(model([inp])[0]["sem_seg"]).cpu().numpy())
+    rows = []
     for i in chosen:
         d = dicts[i]
         image = cv2.imread(d["file_name"])[:, :, ::-1]
         gt = cv2.imread(d["sem_seg_file_name"], cv2.IMREAD_UNCHANGED).astype(np.int64)
-        row = [image, colorize(gt, colors)] + rows[i]
-        row = [
-            cv2.resize(t, None, fx=args.scale, fy=args.scale, interpolation=cv2.INTER_NEAREST)
-            for t in row
-        ]
-        tiles.append(np.concatenate(row, 1))
-    grid = np.concatenate(tiles, 0)
-    header = np.full((18, grid.shape[1], 3), 255, np.uint8)
-    tile_w = grid.shape[1] // len(columns)
-    for k, (name, _) in enumerate(columns):
-        cv2.putText(
-            header,
-            name[: max(4, tile_w // 7)],
-            (k * tile_w + 2, 13),
-            cv2.FONT_HERSHEY_SIMPLEX,
-            0.4,
-            (0, 0, 0),
-            1,
-            cv2.LINE_AA,
+        rows.append(
+            comparison_row(image, gt, predictions[i], names, scale=args.scale, ignore_label=ignore)
         )
-    grid = np.concatenate([header, grid], 0)
+    note = (
+        f"{args.dataset}: names on the regions and under each tile with their share of the "
+        "image; * unseen in training; errors: wrong pixels in red, the largest confusions "
+        "(true → predicted)"
+    )
+    grid = comparison_grid(rows, columns, note)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     tmp = str(args.output) + ".tmp.png"
     cv2.imwrite(tmp, grid[:, :, ::-1])
