@@ -145,9 +145,18 @@ def test_mask_adapted_clip_mpt_only_prompts_train(pretrained, toyworld_root, tmp
         "configs/toyworld/clip_mpt.yaml",
         ["MODEL.CLIP.PRETRAINED", export, "OUTPUT_DIR", str(tmp_path), *SMALL],
     )
+    # the classification loss trains the prompts only; OVSeg's loss (the toy config's) also the
+    # CLIP's logit scale of its symmetric contrastive loss
+    plain = setup_config(
+        "configs/toyworld/clip_mpt.yaml",
+        ["MODEL.CLIP.PRETRAINED", export, "MODEL.MASK_ADAPTED_CLIP.LOSS", "classification", *SMALL],
+    )
+    trainable = {n for n, p in Trainer.build_model(plain).named_parameters() if p.requires_grad}
+    assert trainable == {"crop_classifier.encoder.prompts"}
+    assert cfg.MODEL.MASK_ADAPTED_CLIP.LOSS == "ovseg"
     model = Trainer.build_model(cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"crop_classifier.encoder.prompts"}
+    assert trainable == {"crop_classifier.encoder.prompts", "clip.logit_scale"}
     mapper = build_dataset_mapper(cfg, True, "toyworld_panoptic_train")
     inputs = [mapper(d) for d in DatasetCatalog.get("toyworld_panoptic_train")[:4]]
     model.train()
@@ -155,11 +164,9 @@ def test_mask_adapted_clip_mpt_only_prompts_train(pretrained, toyworld_root, tmp
         losses = model(inputs)
     losses["loss_mask_cls"].backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert (
-        set(grads) == {"crop_classifier.encoder.prompts"}
-        and grads[next(iter(grads))].abs().sum() > 0
-    )
-    assert all(p.grad is None for p in model.clip.parameters())
+    assert set(grads) == {"crop_classifier.encoder.prompts", "clip.logit_scale"}
+    assert grads["crop_classifier.encoder.prompts"].abs().sum() > 0
+    assert all(p.grad is None for n, p in model.clip.named_parameters() if n != "logit_scale")
     # eval mode gives one row of logits per ground-truth segment
     model.eval()
     eval_mapper = build_dataset_mapper(cfg, False, "toyworld_panoptic_val")
@@ -200,11 +207,12 @@ def test_mask_adapted_clip_runs_and_exports(pretrained, toyworld_root, tmp_path)
     SafeCheckpointer(model).load(str(tmp_path / "model_final.pth"))
     path = export_clip(model, str(tmp_path / "clip_export.pth"))
     prompts = load_mask_prompts(path)
-    assert prompts.shape == (3, 64, 64) and not torch.equal(prompts, initial_prompts)
-    # MPT leaves every CLIP weight as it was
+    depth = cfg.MODEL.CLIP.MASK_PROMPT_DEPTH
+    assert prompts.shape == (depth, 64, 64) and not torch.equal(prompts, initial_prompts)
+    # MPT leaves every CLIP weight as it was (OVSeg's loss trains the logit scale only)
     before = build_clip("ovseg-tiny-vit8-64", str(export)).state_dict()
     after = build_clip("ovseg-tiny-vit8-64", path).state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "logit_scale")
     # a model built from the adapted export picks up its prompts
     cfg2 = setup_config("configs/toyworld/clip_mpt.yaml", ["MODEL.CLIP.PRETRAINED", path])
     assert torch.equal(Trainer.build_model(cfg2).crop_classifier.encoder.prompts.detach(), prompts)
@@ -238,6 +246,8 @@ def test_mask_adapted_clip_modes(mode, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     visual = {f"clip.{n}" for n, _ in model.clip.visual.named_parameters(prefix="visual")}
     expected = visual | ({"crop_classifier.encoder.prompts"} if mode == "ft_mpt" else set())
+    # OVSeg's loss (the toy config's) trains the CLIP's logit scale too
+    expected |= {"clip.logit_scale"} if cfg.MODEL.MASK_ADAPTED_CLIP.LOSS == "ovseg" else set()
     assert trainable == expected
     assert (model.crop_classifier.encoder.depth == 0) == (mode == "ft")
 
