@@ -33,3 +33,14 @@ def setup_config(path, opts=()):
 def run_train_net(args):
     """Run ``tools/train_net.py main`` in-process with command-line ``args``; returns its result."""
     return load_train_net().main(default_argument_parser().parse_args(list(args)))
+
+
+def tiny_demo_method(config: str, fast_opts=()):
+    """A ``DemoMethod`` of ``configs/...`` with random weights (no CLIP checkpoint, no download)."""
+    from ov_seg.engine.demo_service import DemoMethod
+    from ov_seg.engine.methods import build_method
+    from ov_seg.engine.setup import get_ov_seg_cfg
+
+    opts = ["MODEL.CLIP.PRETRAINED", "", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
+    cfg, model = build_method(get_ov_seg_cfg(), str(REPO / config), "", opts)
+    return DemoMethod(cfg, model, fast_opts)
