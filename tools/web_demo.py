@@ -35,6 +35,8 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
 import ov_seg  # noqa: E402,F401 (registration)
 from ov_seg.engine.demo_service import (  # noqa: E402
     DemoInputError,
@@ -239,7 +241,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None):
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logger(name="ov_seg")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     set_num_threads(args.threads)
     specs = args.method or main_job_methods(Path(args.output_dir).resolve())
