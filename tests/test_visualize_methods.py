@@ -10,7 +10,7 @@ from ov_seg.utils.visualize import ERROR_COLOR, TILE_GAP
 
 def test_grid_has_an_errors_column_per_method(toyworld_root, tmp_path):
     out = tmp_path / "grid.png"
-    spec = "tiny=configs/toyworld/two_stage_R18.yaml::MODEL.CLIP.PRETRAINED '' RUNTIME.NUM_THREADS 1"
+    spec = "tiny=configs/toyworld/two_stage_R18.yaml::MODEL.CLIP.PRETRAINED ''"
     args = ["--num-images", "2", "--scale", "2", "--output", str(out), "--method", spec]
     load_tool("visualize_methods").main(args)
     grid = np.asarray(Image.open(out).convert("RGB"))
