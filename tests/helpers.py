@@ -35,12 +35,13 @@ def run_train_net(args):
     return load_train_net().main(default_argument_parser().parse_args(list(args)))
 
 
-def tiny_demo_method(config: str, fast_opts=()):
-    """A ``DemoMethod`` of ``configs/...`` with random weights (no CLIP checkpoint, no download)."""
+def tiny_demo_method(config: str, fast_opts=(), opts=()):
+    """A ``DemoMethod`` of ``configs/...`` (+ ``opts``) with random weights (no CLIP checkpoint, no
+    download)."""
     from ov_seg.engine.demo_service import DemoMethod
     from ov_seg.engine.methods import build_method
     from ov_seg.engine.setup import get_ov_seg_cfg
 
-    opts = ["MODEL.CLIP.PRETRAINED", "", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
-    cfg, model = build_method(get_ov_seg_cfg(), str(REPO / config), "", opts)
+    tiny = ["MODEL.CLIP.PRETRAINED", "", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts]
+    cfg, model = build_method(get_ov_seg_cfg(), str(REPO / config), "", tiny)
     return DemoMethod(cfg, model, fast_opts)

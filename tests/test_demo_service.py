@@ -146,3 +146,16 @@ def test_requests_run_one_at_a_time(service, toy_image, monkeypatch):
     for t in threads:
         t.join()
     assert overlaps == [1, 1, 1]
+
+
+def test_nothing_found_is_said(toyworld_root, toy_image):
+    """No proposal survives (CLIP only, every binarised mask empty): the line and the picture say
+    so, the table lists every name at 0%."""
+    opts = ["MODEL.TWO_STAGE.ENSEMBLE_WEIGHT", "1.0", "MODEL.CLIP.MASK_THR", "1.0"]
+    method = tiny_demo_method("configs/toyworld/two_stage_R18.yaml", opts=opts)
+    result = DemoService({"strict": method}).segment(toy_image, "red star, grass")
+    assert "NOTHING FOUND (no proposal survived (MODEL.CLIP.MASK_THR 1.0" in result.message
+    assert result.table == [("red star", "0%"), ("grass", "0%")]
+    image = np.asarray(Image.open(toy_image).convert("RGB"))
+    top = result.picture[: 7 * 64]
+    assert top[:10].mean() < np.kron(image, np.ones((7, 7, 1), np.uint8))[:10].mean()  # banner
