@@ -54,8 +54,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(toyworld_root):
-    _browser()
+def browser_paths():
+    return _browser()
+
+
+@pytest.fixture(scope="module")
+def app_url(browser_paths, toyworld_root):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     web_demo = load_tool("web_demo")
     service = DemoService(
@@ -73,11 +77,11 @@ def app_url(toyworld_root):
 
 
 @pytest.fixture
-def browser(app_url):
+def browser(browser_paths, app_url):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    chromium, driver_path = _browser()
+    chromium, driver_path = browser_paths
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
