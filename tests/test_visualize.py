@@ -1,7 +1,6 @@
 """ov_seg.utils.visualize: legends with shares, names on regions, nothing-found notices, error
 tiles of the comparison grid."""
 
-
 import numpy as np
 import pytest
 
