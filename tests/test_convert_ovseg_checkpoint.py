@@ -159,7 +159,8 @@ def test_convert_load_strictly_and_run(tool, resnet_source, toyworld_root, tmp_p
     written = yaml.safe_load(configs[0].read_text())
     assert written["MODEL"]["CLIP"]["MASK_PROMPT_DEPTH"] == 3
     assert written["MODEL"]["CLIP"]["ACTIVATION"] == "quick_gelu"
-    assert written["MODEL"]["TWO_STAGE"]["ENSEMBLE_WEIGHT"] == 0.3  # the toy config's λ
+    toy_lambda = setup_config(CONFIG).MODEL.TWO_STAGE.ENSEMBLE_WEIGHT
+    assert written["MODEL"]["TWO_STAGE"]["ENSEMBLE_WEIGHT"] == toy_lambda  # the config's λ
     # the written config alone builds the model, which loads the converted weights strictly
     model = build_model(setup_config(configs[0]))
     SafeCheckpointer(model).load(str(out))
