@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 from detectron2.engine import default_argument_parser
+from pytest import approx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,3 +46,26 @@ def tiny_demo_method(config: str, fast_opts=(), opts=()):
     tiny = ["MODEL.CLIP.PRETRAINED", "", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts]
     cfg, model = build_method(get_ov_seg_cfg(), str(REPO / config), "", tiny)
     return DemoMethod(cfg, model, fast_opts)
+
+
+def assert_sem_seg_consistent(res: dict, dataset: str) -> None:
+    """The evaluator's summary numbers follow from its own per-class IoUs: mIoU (all / seen /
+    unseen) is the mean of the reported ``IoU-<name>`` of the classes present in ``dataset``'s
+    split, and hIoU their harmonic mean."""
+    import math
+
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(dataset)
+    iou = [res[f"IoU-{n}"] for n in meta.stuff_classes]
+
+    def mean(ids):
+        vals = [iou[i] for i in ids if not math.isnan(iou[i])]
+        return sum(vals) / len(vals)
+
+    assert res["mIoU"] == approx(mean(range(len(iou))), abs=1e-6)
+    seen, unseen = mean(meta.seen_class_ids), mean(meta.unseen_class_ids)
+    assert res["mIoU-seen"] == approx(seen, abs=1e-6)
+    assert res["mIoU-unseen"] == approx(unseen, abs=1e-6)
+    h = 0.0 if seen + unseen == 0 else 2 * seen * unseen / (seen + unseen)
+    assert res["hIoU"] == approx(h, abs=1e-6)

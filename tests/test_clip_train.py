@@ -105,7 +105,11 @@ def test_register_caption_csv(tmp_path):
 def test_clip_pretrain_train_eval_export(pretrained, toyworld_root):
     out, results = pretrained
     metrics = results["mask_cls"]  # one test dataset: detectron2 returns its results directly
-    assert metrics["num_segments"] > 0 and 0 <= metrics["acc"] <= 100
+    assert metrics["num_segments"] > 0
+    # every unseen class is a thing: the probe's top-1 on unseen objects is the same number
+    assert results["probe"]["top1_unseen"] == pytest.approx(metrics["acc_unseen"])
+    s, u = metrics["acc_seen"], metrics["acc_unseen"]
+    assert metrics["harmonic"] == pytest.approx(2 * s * u / (s + u) if s + u else 0.0)
     assert metrics["chance"] == pytest.approx(100 / 69)
     # model_final.pth is itself loadable as a plain CLIP; the export tool writes clip_export.pth
     final = build_clip("ovseg-tiny-vit8-64", str(out / "model_final.pth"))
