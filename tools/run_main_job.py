@@ -89,31 +89,31 @@ def single_stage_spec(out: Path, method: str, *opts: str) -> str:
     return f"{config}:{weights}:{shlex.join(['MODEL.CLIP.PRETRAINED', str(clip), *opts])}"
 
 
+def two_stage_search_stage(out: Path, name: str, clip_export: Path) -> Stage:
+    """The cross-validated λ × MASK_THR × γ search of the two-stage model with the trained proposals
+    and the CLIP export ``clip_export``, written to ``out / name``."""
+    return Stage(
+        name,
+        [str(REPO / "tools" / "search_ensemble.py"), "--config-file", str(REPO / TWO_STAGE_CONFIG)]
+        + ["--output", str(out / name)]
+        + ["--weights", _csv(TWO_STAGE_WEIGHTS), "--mask-thrs", _csv(TWO_STAGE_MASK_THRS)]
+        + ["--gammas", _csv(TWO_STAGE_GAMMAS), *CROSS_VALIDATION]
+        + ["MODEL.TWO_STAGE.PROPOSAL_WEIGHTS", str(out / "proposals" / "model_final.pth")]
+        + ["MODEL.CLIP.PRETRAINED", str(clip_export)],
+        outputs=[str(out / name / "search.json")],
+        estimate_s=90,
+    )
+
+
 def claim_stages(out: Path, budget: Dict[str, List[str]] = BUDGET) -> List[Stage]:
     """Extra stages that test OVSeg's claims at toy scale (run by ``--claims``, outside the main
     job): the two-stage model with the FT-only CLIP (does MPT add?), and FT + MPT trained on the
     ground-truth mask-category pairs instead of the mined ones (how close do mined pairs come?)."""
     clip = out / "clip_pretrain" / "clip_export.pth"
-    search = [
-        str(REPO / "tools" / "search_ensemble.py"),
-        "--config-file",
-        str(REPO / TWO_STAGE_CONFIG),
-    ]
-    grid = ["--weights", _csv(TWO_STAGE_WEIGHTS), "--mask-thrs", _csv(TWO_STAGE_MASK_THRS)]
-    grid += ["--gammas", _csv(TWO_STAGE_GAMMAS), *CROSS_VALIDATION]
-    proposals = ["MODEL.TWO_STAGE.PROPOSAL_WEIGHTS", str(out / "proposals" / "model_final.pth")]
-
-    def two_stage(name, clip_export):
-        return Stage(
-            name,
-            [*search, "--output", str(out / name), *grid, *proposals]
-            + ["MODEL.CLIP.PRETRAINED", str(clip_export)],
-            outputs=[str(out / name / "search.json")],
-            estimate_s=90,
-        )
-
     return [
-        two_stage("two_stage_search_ft_only", out / "clip_ft" / "clip_export.pth"),
+        two_stage_search_stage(
+            out, "two_stage_search_ft_only", out / "clip_ft" / "clip_export.pth"
+        ),
         _train(
             "clip_ft_gt_pairs",
             "configs/toyworld/clip_ft.yaml",
@@ -134,7 +134,9 @@ def claim_stages(out: Path, budget: Dict[str, List[str]] = BUDGET) -> List[Stage
             estimate_s=60,
             outputs=("clip_export.pth", "eval_results.json"),
         ),
-        two_stage("two_stage_search_gt_pairs", out / "clip_mpt_gt_pairs" / "clip_export.pth"),
+        two_stage_search_stage(
+            out, "two_stage_search_gt_pairs", out / "clip_mpt_gt_pairs" / "clip_export.pth"
+        ),
     ]
 
 
@@ -146,7 +148,6 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
     mined = tw / "mined_train"
     ft = out / "clip_ft" / "clip_export.pth"
     two_stage = TWO_STAGE_CONFIG
-    ts_weights = two_stage_weights(out)
     stages = [
         Stage(
             "generate_toyworld",
@@ -255,26 +256,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
             estimate_s=60,
             outputs=("clip_export.pth", "eval_results.json"),
         ),
-        Stage(
-            "two_stage_search",
-            [
-                str(REPO / "tools" / "search_ensemble.py"),
-                "--config-file",
-                str(REPO / two_stage),
-                "--output",
-                str(out / "two_stage_search"),
-                "--weights",
-                _csv(TWO_STAGE_WEIGHTS),
-                "--mask-thrs",
-                _csv(TWO_STAGE_MASK_THRS),
-                "--gammas",
-                _csv(TWO_STAGE_GAMMAS),
-                *CROSS_VALIDATION,
-                *ts_weights,
-            ],
-            outputs=[str(out / "two_stage_search" / "search.json")],
-            estimate_s=90,
-        ),
+        two_stage_search_stage(out, "two_stage_search", out / "clip_mpt" / "clip_export.pth"),
     ]
     gt_val = out / "gt_proposals_val"
     stages += [
