@@ -197,6 +197,11 @@ def add_evaluation_config(cfg):
     # An image (or ground-truth file) that cannot be read stops the evaluation (True) instead of
     # being skipped with a warning naming it and counted at the end (False).
     cfg.TEST.FAIL_ON_UNREADABLE_IMAGE = False
+    # Memory budget (MiB) for one image's full-resolution outputs: the (K, H, W) class scores (and
+    # the two-stage panoptic masks) are returned dense only when they fit; else ``sem_seg`` is the
+    # (H, W) int64 label map (the same argmax), made from the model-resolution scores a chunk of
+    # names at a time (``ov_seg.modeling.postprocess``). 0 = unbounded (always dense).
+    cfg.TEST.MEMORY_BUDGET_MB = 512
 
 
 def add_seen_calibration_config(cfg):

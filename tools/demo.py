@@ -53,6 +53,7 @@ from ov_seg.data.vocabulary import parse_vocabulary
 from ov_seg.engine.predictor import OVSegPredictor
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.modeling.heads.ensemble import with_background_name
+from ov_seg.modeling.postprocess import budget_bytes
 from ov_seg.utils.threads import set_num_threads
 from ov_seg.utils.visualize import draw_panoptic, draw_semantic, semantic_summary
 
@@ -156,14 +157,18 @@ def available_memory_bytes() -> int:
     return free
 
 
-def output_bytes(height: int, width: int, num_names: int, num_proposals: int, scale: float) -> int:
-    """Estimated peak memory of one image's outputs: (K + Q) float maps at the image size, the
-    image, label map and drawings."""
+def output_bytes(
+    height: int, width: int, num_names: int, num_proposals: int, scale: float, budget: int = 0
+) -> int:
+    """Estimated peak memory of one image's outputs: (K + Q) float maps at the image size (at most
+    ``budget`` bytes of them when > 0: ``TEST.MEMORY_BUDGET_MB``, the model streams larger ones),
+    the image, label map and drawings."""
     pixels = height * width
     drawn = int(pixels * scale * scale) * BYTES_PER_PIXEL_FIXED
-    return (
-        pixels * (BYTES_PER_PIXEL_MAP * (num_names + num_proposals) + BYTES_PER_PIXEL_FIXED) + drawn
-    )
+    maps = pixels * BYTES_PER_PIXEL_MAP * (num_names + num_proposals)
+    if budget > 0:
+        maps = min(maps, budget)
+    return maps + pixels * BYTES_PER_PIXEL_FIXED + drawn
 
 
 def _gib(n: float) -> str:
@@ -258,7 +263,8 @@ class Demo:
         """Raise ``DemoMemoryError`` (with the numbers) when the image's outputs would not fit."""
         names = len(self.final_vocabulary)
         queries = self.cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
-        need = output_bytes(height, width, names, queries, scale)
+        budget = budget_bytes(self.cfg.TEST.MEMORY_BUDGET_MB)
+        need = output_bytes(height, width, names, queries, scale, budget)
         free = available_memory_bytes()
         if free and need > free:
             raise DemoMemoryError(
@@ -280,7 +286,8 @@ class Demo:
         try:
             out = self.predictor(image, self.vocabulary, path)
         except (MemoryError, torch.OutOfMemoryError) as e:
-            need = output_bytes(height, width, len(self.final_vocabulary), 0, scale)
+            budget = budget_bytes(self.cfg.TEST.MEMORY_BUDGET_MB)
+            need = output_bytes(height, width, len(self.final_vocabulary), 0, scale, budget)
             raise DemoMemoryError(
                 f"{path}: out of memory at {width}x{height} with {len(self.final_vocabulary)} "
                 f"class names (outputs alone about {_gib(need)}): use fewer names or a smaller "

@@ -59,8 +59,9 @@ class OVSegPredictor:
             file_name: recorded in the input (models may name it in messages).
 
         Returns:
-            The model's output (``sem_seg`` (K, H, W) scores, and ``panoptic_seg`` for the two-stage
-            model) with ``vocabulary``: the K names the channels refer to.
+            The model's output (``sem_seg`` (K, H, W) scores, or (H, W) labels past
+            ``TEST.MEMORY_BUDGET_MB``, and ``panoptic_seg`` for the two-stage model) with
+            ``vocabulary``: the K names the channels refer to.
         """
         height, width = image.shape[:2]
         resized = self.resize.get_transform(image).apply_image(image)
@@ -98,9 +99,13 @@ class OVSegPredictor:
     def labels(out: dict) -> Tuple[torch.Tensor, bool]:
         """((H, W) int64 name index per pixel, whether nothing is labelled): when every score is
         0 (no proposal survived), every pixel gets ``NO_LABEL`` (255, or 65535 past 255 names)
-        instead of name 0."""
+        instead of name 0. ``sem_seg`` is (K, H, W) scores, or (H, W) labels with
+        ``sem_seg_empty`` (outputs past ``TEST.MEMORY_BUDGET_MB``)."""
         scores = out["sem_seg"]
-        if scores.numel() and float(scores.max()) > 0:
+        if scores.dim() == 2:
+            if not out.get("sem_seg_empty", False):
+                return scores.cpu(), False
+        elif scores.numel() and float(scores.max()) > 0:
             return label_map(scores).cpu(), False
         value = NO_LABEL[len(out["vocabulary"]) <= 255]
         return torch.full(scores.shape[-2:], value, dtype=torch.int64), True

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -67,6 +66,7 @@ from ov_seg.modeling.losses.mgca import (
     pixel_level_loss,
     region_level_loss,
 )
+from ov_seg.modeling.postprocess import budget_bytes, semantic_postprocess
 
 __all__ = ["MGCA", "MGCADecoder", "DenseCLIPEncoder"]
 
@@ -245,6 +245,7 @@ class MGCA(nn.Module):
         default_vocabulary: Sequence[str] = (),
         text_cache_size: int = 65536,
         seen_calibration: Optional[SeenCalibration] = None,
+        memory_budget_mb: float = 0.0,
     ):
         """
         Args:
@@ -282,8 +283,12 @@ class MGCA(nn.Module):
             text_cache_size: caption / entity embeddings kept in memory (the text tower is frozen).
             seen_calibration: calibrated stacking of the seen names' logits at inference; None =
                 off.
+            memory_budget_mb: MiB of full-resolution output maps per image
+                (``TEST.MEMORY_BUDGET_MB``; 0 = unbounded): larger ``sem_seg`` outputs become label
+                maps (``ov_seg.modeling.postprocess.semantic_postprocess``).
         """
         super().__init__()
+        self.output_budget = budget_bytes(memory_budget_mb)
         if unit_mode not in UNIT_PREDICTORS:
             raise KeyError(
                 f"Unknown MODEL.MGCA.TEST.UNIT_MODE {unit_mode!r}; "
@@ -389,6 +394,7 @@ class MGCA(nn.Module):
             "slide_stride": mc.TEST.SLIDE_STRIDE,
             "default_vocabulary": vocabulary,
             "seen_calibration": SeenCalibration(cfg),
+            "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
         }
 
     @property
@@ -639,7 +645,9 @@ class MGCA(nn.Module):
             image_size = images.image_sizes[i]
             height = x.get("height", image_size[0])
             width = x.get("width", image_size[1])
-            results.append({"sem_seg": sem_seg_postprocess(scores, image_size, height, width)})
+            results.append(
+                semantic_postprocess(scores, image_size, (height, width), self.output_budget)
+            )
         return results
 
     def extra_repr(self) -> str:

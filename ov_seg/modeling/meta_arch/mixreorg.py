@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
@@ -59,6 +58,7 @@ from ov_seg.modeling.losses.mixing import (
     restore_tokens,
     tuple_mean,
 )
+from ov_seg.modeling.postprocess import budget_bytes, semantic_postprocess
 
 __all__ = ["MixReorg"]
 
@@ -114,6 +114,7 @@ class MixReorg(nn.Module):
         noun_pool_temp: float = 0.1,
         soft_inference: bool = False,
         seen_calibration: Optional[SeenCalibration] = None,
+        memory_budget_mb: float = 0.0,
     ):
         """
         Args:
@@ -151,8 +152,12 @@ class MixReorg(nn.Module):
                 instead of their argmax group's.
             seen_calibration: calibrated stacking of the seen names' logits at inference (the
                 group logits and the image-level top-k ranking); None = off.
+            memory_budget_mb: MiB of full-resolution output maps per image
+                (``TEST.MEMORY_BUDGET_MB``; 0 = unbounded): larger ``sem_seg`` outputs become label
+                maps (``ov_seg.modeling.postprocess.semantic_postprocess``).
         """
         super().__init__()
+        self.output_budget = budget_bytes(memory_budget_mb)
         if num_mix_images < 1:
             raise ValueError(f"NUM_MIX_IMAGES must be >= 1, got {num_mix_images}")
         if restore_group_tokens not in _RESTORE_GROUP_TOKENS:
@@ -262,6 +267,7 @@ class MixReorg(nn.Module):
             "noun_weight": mc.NOUN_PROMPTS.WEIGHT,
             "noun_pool_temp": mc.NOUN_PROMPTS.POOL_TEMP,
             "soft_inference": mc.TEST.SOFT_ASSIGNMENT,
+            "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
         }
 
     @property
@@ -617,5 +623,7 @@ class MixReorg(nn.Module):
             image_size = images.image_sizes[i]
             height = x.get("height", image_size[0])
             width = x.get("width", image_size[1])
-            results.append({"sem_seg": sem_seg_postprocess(scores, image_size, height, width)})
+            results.append(
+                semantic_postprocess(scores, image_size, (height, width), self.output_budget)
+            )
         return results

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from torch import nn
 
 from ov_seg.modeling.calibration import SeenCalibration
@@ -48,6 +47,7 @@ from ov_seg.modeling.clip import (
 from ov_seg.modeling.heads.pacl import StridedPatchEncoder, build_pacl_embedder
 from ov_seg.modeling.losses.contrastive import clamped_logit_scale
 from ov_seg.modeling.losses.pacl import pacl_info_nce, patch_text_cosine
+from ov_seg.modeling.postprocess import budget_bytes, semantic_postprocess
 
 __all__ = ["PACL"]
 
@@ -119,6 +119,7 @@ class PACL(nn.Module):
         bg_class_names: Sequence[str] = ("background",),
         seen_calibration: Optional[SeenCalibration] = None,
         default_vocabulary: Sequence[str] = (),
+        memory_budget_mb: float = 0.0,
     ):
         """
         Args:
@@ -148,8 +149,12 @@ class PACL(nn.Module):
             seen_calibration: calibrated stacking of the seen names' logits at inference; None =
                 off.
             default_vocabulary: vocabulary of test inputs that carry none.
+            memory_budget_mb: MiB of full-resolution output maps per image
+                (``TEST.MEMORY_BUDGET_MB``; 0 = unbounded): larger ``sem_seg`` outputs become label
+                maps (``ov_seg.modeling.postprocess.semantic_postprocess``).
         """
         super().__init__()
+        self.output_budget = budget_bytes(memory_budget_mb)
         if stride_mode not in STRIDE_MODES:
             raise ValueError(
                 f"Unknown STRIDE_MODE {stride_mode!r}; known: {', '.join(STRIDE_MODES)}"
@@ -244,6 +249,7 @@ class PACL(nn.Module):
             "bg_class_names": tuple(pacl.BG_CLASS_NAMES),
             "default_vocabulary": tuple(vocabulary),
             "seen_calibration": SeenCalibration(cfg),
+            "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
         }
 
     @property
@@ -474,8 +480,9 @@ class PACL(nn.Module):
             image = x["image"]
             scores = self.segment(image, self._vocabulary(x))
             height, width = x.get("height", image.shape[-2]), x.get("width", image.shape[-1])
-            sem_seg = sem_seg_postprocess(scores, image.shape[-2:], height, width)
-            results.append({"sem_seg": sem_seg})
+            results.append(
+                semantic_postprocess(scores, image.shape[-2:], (height, width), self.output_budget)
+            )
         return results
 
     def forward(self, batched_inputs: List[dict]):

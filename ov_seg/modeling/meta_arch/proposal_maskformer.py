@@ -15,6 +15,7 @@ from ov_seg.modeling.criterion import SetCriterion
 from ov_seg.modeling.heads.class_heads import build_class_head
 from ov_seg.modeling.matcher import HungarianMatcher
 from ov_seg.modeling.pixel_decoder import build_pixel_decoder
+from ov_seg.modeling.postprocess import panoptic_segments
 from ov_seg.modeling.transformer_decoder import build_transformer_decoder
 
 __all__ = ["ProposalMaskFormer", "PROPOSAL_SCORES"]
@@ -383,21 +384,14 @@ class ProposalMaskFormer(nn.Module):
         if masks.shape[0] == 0:
             return panoptic_seg, segments_info
         owner = (scores[:, None, None] * masks).argmax(0)
-        stuff_segment_ids: Dict[int, int] = {}
-        for k in range(masks.shape[0]):
-            category = int(labels[k])
-            isthing = category in self.thing_ids
-            own = masks[k] >= 0.5
-            segment = (owner == k) & own
-            original_area, area = int(own.sum()), int(segment.sum())
-            if original_area == 0 or area == 0 or area / original_area < self.overlap_threshold:
-                continue
-            if not isthing and category in stuff_segment_ids:
-                panoptic_seg[segment] = stuff_segment_ids[category]
-                continue
-            segment_id = len(segments_info) + 1
-            if not isthing:
-                stuff_segment_ids[category] = segment_id
-            panoptic_seg[segment] = segment_id
-            segments_info.append({"id": segment_id, "isthing": isthing, "category_id": category})
+        own = masks >= 0.5
+        owned = own.gather(0, owner[None])[0]  # the owner's own mask covers the pixel
+        segment_of, segments_info = panoptic_segments(
+            labels,
+            own.flatten(1).sum(1),
+            torch.bincount(owner[owned], minlength=masks.shape[0]),
+            self.thing_ids,
+            self.overlap_threshold,
+        )
+        panoptic_seg = torch.where(owned, segment_of[owner], panoptic_seg)
         return panoptic_seg, segments_info

@@ -63,6 +63,12 @@ from ov_seg.modeling.heads.proposal_selection import (
     objectness_keep,
 )
 from ov_seg.modeling.meta_arch.proposal_maskformer import ProposalMaskFormer
+from ov_seg.modeling.postprocess import (
+    budget_bytes,
+    dense_fits,
+    resized_panoptic,
+    semantic_output,
+)
 from ov_seg.modeling.proposal_sources import Proposals, build_proposal_source
 
 __all__ = ["TwoStageOVSeg", "merged_checkpoint_info"]
@@ -138,7 +144,9 @@ class TwoStageOVSeg(nn.Module):
     ``height``/``width`` (output size; default the input size), ``vocabulary`` (class names),
     ``dataset_name``, ``file_name`` (needed by the precomputed proposal source).
 
-    Output per image: ``sem_seg`` (K, height, width) class scores (SEMANTIC_ON), ``panoptic_seg``
+    Output per image: ``sem_seg`` (K, height, width) class scores (SEMANTIC_ON; (height, width)
+    int64 labels and ``sem_seg_empty`` when the scores exceed ``TEST.MEMORY_BUDGET_MB``, see
+    ``ov_seg.modeling.postprocess.semantic_output``), ``panoptic_seg``
     ((height, width) int32 segment ids, 0 = void, and ``segments_info``) (PANOPTIC_ON), and
     ``vocabulary``, the K names the channels / category ids refer to (the input vocabulary, plus the
     background name for a single class).
@@ -159,6 +167,7 @@ class TwoStageOVSeg(nn.Module):
         panoptic_on: bool = False,
         object_mask_threshold: float = 0.8,
         overlap_threshold: float = 0.8,
+        memory_budget_mb: float = 0.0,
         min_objectness: float = 0.0,
         duplicate_iou: float = 1.0,
         clip_mode: str = "crops",
@@ -202,6 +211,9 @@ class TwoStageOVSeg(nn.Module):
                 layout; applied at the first forward).
             seen_calibration: calibrated stacking of the fused scores (``calibrate_query_probs``
                 with −γ for the seen names); None = off.
+            memory_budget_mb: MiB of full-resolution output maps per image
+                (``TEST.MEMORY_BUDGET_MB``; 0 = unbounded): larger outputs are made a chunk of
+                names / masks at a time and ``sem_seg`` becomes the label map.
         """
         super().__init__()
         if not 0.0 <= ensemble_weight <= 1.0:
@@ -259,6 +271,8 @@ class TwoStageOVSeg(nn.Module):
                 crop_size, "MODEL.TWO_STAGE.FAST.CROP_SIZE"
             )
         self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
+        # bytes of full-resolution maps per image (0 = unbounded): ov_seg.modeling.postprocess
+        self.output_budget = budget_bytes(memory_budget_mb)
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
     @classmethod
@@ -324,6 +338,7 @@ class TwoStageOVSeg(nn.Module):
             "full_size_crops": fcfg.FULL_SIZE_CROPS,
             "channels_last": fcfg.CHANNELS_LAST,
             "seen_calibration": SeenCalibration(cfg),
+            "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
         }
 
     @property
@@ -604,15 +619,21 @@ class TwoStageOVSeg(nn.Module):
         probs = calibrate_query_probs(probs, class_bias)
         masks = proposals.masks
         out: Dict[str, object] = {}
+        budget = self.output_budget
         resize = tuple(masks.shape[-2:]) != tuple(output_size)
         if self.semantic_on:
-            sem = semantic_scores(probs, masks, keep)
-            if resize:
-                sem = F.interpolate(
-                    sem[None], size=output_size, mode="bilinear", align_corners=False
-                )[0]
-            out["sem_seg"] = sem
-        if self.panoptic_on:
+            out.update(semantic_output(semantic_scores(probs, masks, keep), output_size, budget))
+        if self.panoptic_on and not dense_fits(masks.shape[0], output_size, budget):
+            out["panoptic_seg"] = resized_panoptic(
+                panoptic_class_logits(probs, proposals.scores, keep),
+                masks,
+                output_size,
+                thing_ids,
+                self.object_mask_threshold,
+                self.overlap_threshold,
+                budget,
+            )
+        elif self.panoptic_on:
             if resize and masks.shape[0]:
                 masks = F.interpolate(
                     masks[None], size=output_size, mode="bilinear", align_corners=False
