@@ -156,3 +156,17 @@ def test_resized_maps_do_not_grow_with_names(monkeypatch):
         resized_label_map(scores, size, budget)
         peaks.append(max(largest))
     assert peaks[0] == peaks[1] == peaks[2] == 3 * 64 * 48
+
+
+def test_random_cases():
+    """Random sizes (up and down, one row / column), names and score shapes, a small budget."""
+    g = torch.Generator().manual_seed(7)
+    for _ in range(40):
+        k = int(torch.randint(1, 60, (1,), generator=g))
+        h, w, out_h, out_w = (int(v) for v in torch.randint(1, 40, (4,), generator=g))
+        scores = torch.randn(k, h, w, generator=g) * float(torch.rand(1, generator=g) * 10)
+        if torch.rand(1, generator=g) < 0.5:
+            scores = scores.softmax(0)
+        budget = 4 * out_h * out_w * int(torch.randint(1, 5, (1,), generator=g))
+        ref = _dense_labels(scores, (out_h, out_w))
+        assert torch.equal(resized_label_map(scores, (out_h, out_w), budget), ref)

@@ -45,13 +45,16 @@ from collections import OrderedDict, defaultdict
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from torch.utils.flop_counter import FlopCounterMode
 
 import ov_seg  # noqa: F401 (registration)
 from ov_seg.checkpoint import SafeCheckpointer
+from ov_seg.data.datasets.register_ade20k_full import ADE20K_847_CLASSES
 from ov_seg.engine import Trainer
+from ov_seg.engine.predictor import OVSegPredictor
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.modeling.clip import MaskPromptVisionEncoder, normalize_clip
 from ov_seg.modeling.clip.quantize import replace_self_attention
@@ -94,6 +97,14 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="disable the exact speed-ups (context 77, unshared text caches, roi_align crops, no "
         "duplicate sharing, no_grad): the reference path",
+    )
+    p.add_argument(
+        "--memory",
+        default="",
+        metavar="WxH[,WxH...]",
+        help="instead of the stage timings: photos of these sizes through the demo's predictor "
+        "(test resize, full-resolution labels and panoptic output within TEST.MEMORY_BUDGET_MB): "
+        "seconds per photo and peak RSS; names from ADE20K-847 (--vocabulary-size of them)",
     )
     p.add_argument("--label", default="", help="free text stored in the JSON")
     p.add_argument("--json", default="", help="write the result to this file")
@@ -325,9 +336,53 @@ def build(args):
     return cfg, model, threads, time.perf_counter() - t0
 
 
+def memory_benchmark(args, cfg, model, threads: int) -> Dict[str, object]:
+    """Photos of the ``--memory`` sizes through ``OVSegPredictor`` + its label map, as the demo
+    runs them (drawing left out): median seconds per photo (after ``--warmup`` runs, which also
+    encode the names) and the process's peak RSS."""
+    count = args.vocabulary_size or len(ADE20K_847_CLASSES)
+    names = list(ADE20K_847_CLASSES[:count])
+    names += [f"class {i}" for i in range(len(names), count)]
+    predictor = OVSegPredictor(cfg, model)
+    gen = np.random.default_rng(0)
+    result: Dict[str, object] = {
+        "label": args.label,
+        "config": args.config_file,
+        "opts": args.opts,
+        "threads": threads,
+        "names": len(names),
+        "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
+        "photos": {},
+    }
+    for size in args.memory.split(","):
+        width, height = (int(v) for v in size.lower().split("x"))
+        image = gen.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        times, kind = [], ""
+        for i in range(args.warmup + args.iters):
+            t0 = time.perf_counter()
+            out = predictor(image, names)
+            labels, _ = OVSegPredictor.labels(out)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+            kind = "labels" if out["sem_seg"].dim() == 2 else "dense scores"
+            del out, labels
+        result["photos"][size] = {
+            "megapixels": round(width * height / 1e6, 2),
+            "s_per_photo": round(statistics.median(times), 3),
+            "runs_s": [round(t, 3) for t in times],
+            "sem_seg": kind,
+        }
+        print(f"{size}: {statistics.median(times):.3f} s/photo ({kind})", flush=True)
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     cfg, model, threads, build_s = build(args)
+    if args.memory:
+        return memory_benchmark(args, cfg, model, threads)
     device = model.device
     if args.plain:
         make_plain(model)

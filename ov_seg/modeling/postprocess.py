@@ -71,25 +71,40 @@ def _resize(x: torch.Tensor, output_size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x[None], size=output_size, mode="bilinear", align_corners=False)[0]
 
 
-def _cell_bounds(s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(largest, smallest) of each 2 x 2 cell of adjacent source pixels of (C, h, w) maps →
-    (C, max(h - 1, 1), max(w - 1, 1)) each. Every bilinear output value lies in the bounds of one
-    such cell (a single row / column counts as a cell of its own)."""
-    hi = lo = s
-    if s.shape[-2] > 1:
-        hi, lo = torch.maximum(hi[:, :-1], hi[:, 1:]), torch.minimum(lo[:, :-1], lo[:, 1:])
-    if s.shape[-1] > 1:
-        hi = torch.maximum(hi[..., :-1], hi[..., 1:])
-        lo = torch.minimum(lo[..., :-1], lo[..., 1:])
-    return hi, lo
+def _cell_floor(scores: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """A lower bound of the largest output value in each 2 x 2 cell of adjacent source pixels:
+    the largest smallest corner among the classes that win a corner.
+
+    Args:
+        scores: (K, h, w). best: (h, w) class of largest score per pixel.
+
+    Returns:
+        (max(h - 1, 1), max(w - 1, 1)).
+    """
+    h, w = scores.shape[-2:]
+    ch, cw = max(h - 1, 1), max(w - 1, 1)
+    offsets = [(dy, dx) for dy in {0, min(1, h - 1)} for dx in {0, min(1, w - 1)}]
+    floor = None
+    for ay, ax in offsets:  # the class winning this corner
+        k = best[ay : ay + ch, ax : ax + cw]
+        low = None
+        for dy, dx in offsets:  # its smallest value over the cell's corners
+            rows = torch.arange(dy, dy + ch, device=scores.device)[:, None]
+            cols = torch.arange(dx, dx + cw, device=scores.device)[None, :]
+            value = scores[k, rows, cols]
+            low = value if low is None else torch.minimum(low, value)
+        floor = low if floor is None else torch.maximum(floor, low)
+    return floor
 
 
 def candidate_classes(scores: torch.Tensor, budget: int = 0) -> torch.Tensor:
     """Classes that can be the per-pixel maximum of a bilinear resize of ``scores``.
 
-    Class k is dropped when, in every 2 x 2 source cell, its largest value is below the largest
-    smallest value of any class there (minus a rounding margin): a bilinear value is a convex
-    combination of its cell's values, so k loses to that class at every output pixel.
+    A bilinear output value is a convex combination of one 2 x 2 cell of adjacent source values (a
+    single row / column at the borders lies in a cell too). In a cell, the winner's value is at
+    least the floor F(c) = the largest smallest corner of the classes winning a corner, so class k
+    can only win there if one of its corners reaches F(c). Class k is kept when some source pixel
+    p has S_k(p) >= min over the cells c holding p of F(c), minus a rounding margin.
 
     Args:
         scores: (K, h, w) finite scores.
@@ -98,18 +113,17 @@ def candidate_classes(scores: torch.Tensor, budget: int = 0) -> torch.Tensor:
     Returns:
         (K,) bool.
     """
-    k = scores.shape[0]
-    per_class = max(1, scores.shape[-2] * scores.shape[-1] * _FLOAT * 4)
-    step = max(1, budget // per_class) if budget > 0 else k
-    floor = None  # (h', w') best smallest corner
-    for i in range(0, k, step):
-        lo = _cell_bounds(scores[i : i + step])[1].amax(0)
-        floor = lo if floor is None else torch.maximum(floor, lo)
-    slack = _SLACK * float(scores.abs().max()) if scores.numel() else 0.0
+    k, (h, w) = scores.shape[0], scores.shape[-2:]
+    floor = _cell_floor(scores, label_map(scores))
+    # per pixel: the smallest floor of its cells (a min-pool of the +inf-padded floors)
+    pad = (int(w > 1), int(w > 1), int(h > 1), int(h > 1))
+    padded = F.pad(-floor[None], pad, value=float("-inf"))
+    need = -F.max_pool2d(padded, (1 + int(h > 1), 1 + int(w > 1)), stride=1)[0]
+    need = need - _SLACK * float(scores.abs().max())
+    step = max(1, budget // max(1, h * w * 2)) if budget > 0 else k
     keep = torch.zeros(k, dtype=torch.bool, device=scores.device)
     for i in range(0, k, step):
-        hi = _cell_bounds(scores[i : i + step])[0]
-        keep[i : i + step] = (hi >= floor - slack).flatten(1).any(1)
+        keep[i : i + step] = (scores[i : i + step] >= need).flatten(1).any(1)
     return keep
 
 
@@ -135,18 +149,23 @@ def resized_label_map(
     if budget <= 0:
         return label_map(_resize(scores, output_size))
     ids = candidate_classes(scores, budget).nonzero()[:, 0]  # ascending: ties keep the first
+    if ids.numel() == 1:  # one class wins everywhere
+        return torch.full(output_size, int(ids[0]), dtype=torch.int64, device=scores.device)
     step = _chunk(output_size, budget)
     best = labels = None
     for i in range(0, ids.numel(), step):
-        chunk = ids[i : i + step]
-        value, index = _resize(scores[chunk], output_size).max(dim=0)
-        index = chunk[index]
-        if best is None:
-            best, labels = value, index
-            continue
-        better = value > best  # strict: an earlier class keeps a tie
-        best = torch.where(better, value, best)
-        labels = torch.where(better, index, labels)
+        chunk = ids[i : i + step].tolist()
+        resized = _resize(scores[chunk], output_size)
+        for j, k in enumerate(chunk):  # a running maximum, class by class in ascending order
+            value = resized[j]
+            if best is None:
+                best = value.clone()
+                labels = torch.full(output_size, k, dtype=torch.int64, device=scores.device)
+                continue
+            better = value > best  # strict: an earlier class keeps a tie
+            torch.maximum(best, value, out=best)
+            labels.masked_fill_(better, k)
+        del resized
     return labels
 
 
@@ -267,28 +286,40 @@ def resized_panoptic(
     segments_info: List[dict] = []
     if masks.shape[0] == 0:
         return panoptic_seg, segments_info
+    # a query that owns no pixel is dropped whatever its mask area: resize the possible owners
+    # only (score · σ(m) is bilinear in σ(m) up to rounding, so ``candidate_classes`` applies)
+    ids = candidate_classes(scores[:, None, None] * masks, budget).nonzero()[:, 0]
     step = _chunk(output_size, budget, copies=3)
+    num = masks.shape[0]
+    original_areas = torch.zeros(num, dtype=torch.int64, device=masks.device)
     best: Optional[torch.Tensor] = None
-    owner = own = None
-    areas = []
-    for i in range(0, masks.shape[0], step):
-        m = _resize(masks[i : i + step], output_size)
-        mine = m >= 0.5
-        areas.append(mine.flatten(1).sum(1))
-        value, index = (scores[i : i + step, None, None] * m).max(dim=0)
-        own_here = mine.gather(0, index[None])[0]
-        index = index + i
-        if best is None:
-            best, owner, own = value, index, own_here
-            continue
-        better = value > best
-        best = torch.where(better, value, best)
-        owner = torch.where(better, index, owner)
-        own = torch.where(better, own_here, own)
-        del m, mine
+    owner = own = None  # (H, W) owning query, whether its own mask covers the pixel
+    for i in range(0, ids.numel(), step):
+        chunk = ids[i : i + step].tolist()
+        resized = _resize(masks[chunk], output_size)
+        for j, k in enumerate(chunk):  # a running maximum, query by query in ascending order
+            mine = resized[j] >= 0.5
+            original_areas[k] = torch.count_nonzero(mine)
+            value = resized[j].mul_(scores[k])  # in place: score_q · m_q, as the dense rule
+            if best is None:
+                best, own = value, mine
+                owner = torch.full(output_size, k, dtype=torch.int32, device=masks.device)
+                continue
+            better = value > best  # strict: an earlier query keeps a tie
+            torch.maximum(best, value, out=best)
+            owner.masked_fill_(better, k)
+            own = torch.where(better, mine, own)
+        del resized
+    del best
+    owner.masked_fill_(~own, num)  # num: not covered by its owner's mask (void)
+    areas = torch.bincount(owner.flatten(), minlength=num + 1)[:num]
     segment_of, segments_info = panoptic_segments(
-        labels, torch.cat(areas), torch.bincount(owner[own], minlength=masks.shape[0]),
-        thing_ids, overlap_threshold,
-    )  # fmt: skip
-    panoptic_seg = torch.where(own, segment_of[owner], panoptic_seg)
+        labels, original_areas, areas, thing_ids, overlap_threshold
+    )
+    if ids.numel() <= 16:  # a few owners: fill their pixels (faster than a gather)
+        for k in ids.tolist():
+            if int(segment_of[k]):
+                panoptic_seg.masked_fill_(owner == k, int(segment_of[k]))
+    else:
+        panoptic_seg = torch.cat([segment_of, segment_of.new_zeros(1)])[owner.long()]
     return panoptic_seg, segments_info
