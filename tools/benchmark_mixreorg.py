@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""MixReorg cost: fvcore FLOPs of inference (mixed vs unmixed model) and of the training branches,
-and the wall time of a training step and of inference, with and without mixing. Prints one JSON
+"""MixReorg cost: fvcore FLOPs (multiply-adds, attention included: ``ov_seg.utils.flops``) of
+inference (mixed vs unmixed model) and of the training branches, and the wall time of a training step and of inference, with and without mixing. Prints one JSON
 line.
 
     python tools/benchmark_mixreorg.py --config-file configs/toyworld/mixreorg.yaml --batch-size 128
@@ -13,11 +13,11 @@ import time
 
 import torch
 from detectron2.engine import default_argument_parser
-from fvcore.nn import FlopCountAnalysis
 
 from ov_seg.engine.setup import setup_cfg
 from ov_seg.modeling.losses.mixing import make_mix_plan
 from ov_seg.modeling.meta_arch.mixreorg import MixReorg
+from ov_seg.utils.flops import count_flops
 
 
 class _Inference(torch.nn.Module):
@@ -42,9 +42,8 @@ class _Branches(torch.nn.Module):
 
 
 def _flops(module, inputs) -> int:
-    analysis = FlopCountAnalysis(module, inputs)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return int(analysis.total())
+    """fvcore multiply-adds, attention included (``ov_seg.utils.flops``)."""
+    return count_flops(module, inputs)
 
 
 def _time(fn, iters: int) -> float:
