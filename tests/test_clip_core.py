@@ -347,13 +347,16 @@ def test_text_classifier_cache_and_errors(clip_model, monkeypatch):
 
     tc = TextClassifier(clip_model, templates="single")
     calls = []
-    original = text_module.encode_tokens
 
-    def counting(model, tokens, *a, **k):
-        calls.append(tokens.shape[0])
-        return original(model, tokens, *a, **k)
+    def counting(original):
+        def encode(model, tokens, *a, **k):
+            calls.append(tokens.shape[0])
+            return original(model, tokens, *a, **k)
 
-    monkeypatch.setattr(text_module, "encode_tokens", counting)
+        return encode
+
+    for name in ("encode_tokens", "encode_shared_prefix"):  # whichever path the tower takes
+        monkeypatch.setattr(text_module, name, counting(getattr(text_module, name)))
     try:
         vocab = ["red star", "blue circle", "grass"]
         first = tc(vocab)

@@ -13,6 +13,10 @@ rounding):
   before it) and pools the end-of-text token, so the padding after it never reaches the output
   (``encode_tokens``; towers that are not causal or pool otherwise fall back to ``encode_text``);
 - prompts are sorted by length and batched, so each batch runs at its own longest prompt;
+- the prompts of one template share their first tokens ("<start> a photo of a"): the causal tower
+  computes those positions once per template and runs only the rest of each prompt, attending to
+  the shared keys and values (``encode_shared_prefix``; about half of the positions of the ViLD
+  prompts);
 - classifiers built on the same CLIP share their caches (``share_cache``), and an optional
   ``TextEmbeddingCache`` keeps vocabularies on disk across processes.
 """
@@ -35,7 +39,9 @@ __all__ = [
     "resolve_templates",
     "text_tower_modules",
     "text_tower_parameters",
+    "encode_shared_prefix",
     "encode_tokens",
+    "shared_prefix_length",
     "token_lengths",
 ]
 
@@ -170,6 +176,142 @@ def encode_tokens(clip_model: nn.Module, tokens: torch.Tensor, trim: bool = True
     return x
 
 
+def _prefix_sharable(clip_model: nn.Module) -> bool:
+    """Whether ``encode_shared_prefix`` reproduces the tower: a trimmable tower (causal, pooling
+    the end token) of plain open_clip residual blocks with packed, batch-first self-attention."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    if not _trimmable(clip_model) or not getattr(clip_model.transformer, "batch_first", False):
+        return False
+    for block in clip_model.transformer.resblocks:
+        attn = getattr(block, "attn", None)
+        if (
+            type(block) is not ResidualAttentionBlock
+            or hasattr(block, "ln_1_kv")
+            or type(attn) is not nn.MultiheadAttention
+            or not (attn.batch_first and attn._qkv_same_embed_dim)
+            or attn.in_proj_bias is None
+        ):
+            return False
+    return True
+
+
+def shared_prefix_length(tokens: torch.Tensor) -> int:
+    """Leading positions that every row of (N, L) tokens shares, leaving at least the last used
+    position of the shortest row out (so every row keeps its end token)."""
+    if tokens.shape[0] == 0:
+        return 0
+    same = (tokens == tokens[:1]).all(dim=0)
+    shared = int(same.long().cumprod(0).sum())
+    return max(0, min(shared, int(token_lengths(tokens).min()) - 1))
+
+
+def _block_step(
+    block: nn.Module, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, mask
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One residual block on the next s positions of each row, given the keys / values of the
+    positions before them.
+
+    Args:
+        block: an open_clip ``ResidualAttentionBlock``. x: (B, s, D). past_k, past_v: (B or 1, H,
+            P, D / H). mask: bool (B or 1, 1, s, P + s), True = attends.
+
+    Returns:
+        (B, s, D) outputs, and the block's keys and values of these positions (B, H, s, D / H).
+    """
+    attn = block.attn
+    b, s, d = x.shape
+    heads = attn.num_heads
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, s, heads, d // heads).transpose(1, 2) for t in (q, k, v))
+    keys = torch.cat([past_k.expand(b, -1, -1, -1), k], dim=2)
+    values = torch.cat([past_v.expand(b, -1, -1, -1), v], dim=2)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(b, s, d)))
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, k, v
+
+
+def _ends_pooled(clip_model: nn.Module, tokens: torch.Tensor) -> bool:
+    """Whether the tower pools the last used position of every row (the end token)."""
+    last = tokens.gather(1, token_lengths(tokens)[:, None] - 1)[:, 0]
+    if clip_model.text_pool_type == "argmax":
+        return bool((last == tokens.max(dim=1).values).all()) and bool(
+            ((tokens == last[:, None]).sum(1) == 1).all()
+        )
+    return bool((last == getattr(clip_model, "text_eos_id", None)).all())
+
+
+def encode_shared_prefix(
+    clip_model: nn.Module, tokens: torch.Tensor, prefix, batch_size: int = 256
+) -> torch.Tensor:
+    """``encode_tokens`` of prompts that share first tokens with others: each distinct prefix runs
+    once (batch 1); the remaining positions of every prompt run with the keys and values of its
+    prefix (the tower is causal, so a position depends on the positions before it only), in
+    batches of prompts with the same number of remaining positions (no padding). Same embeddings
+    within float rounding.
+
+    Args:
+        clip_model: an open_clip model the path reproduces (``_prefix_sharable``), pooling the end
+            token (the last used position).
+        tokens: (N, L) token ids.
+        prefix: (N,) or an int: the leading positions of each row run as a shared prefix (rows with
+            the same prefix ids share it), fewer than its used length.
+        batch_size: prompts a forward.
+
+    Returns:
+        (N, D) embeddings, not normalised.
+    """
+    n = tokens.shape[0]
+    lengths = token_lengths(tokens)
+    prefix = torch.as_tensor(prefix, dtype=torch.int64).expand(n).to(lengths.device)
+    if bool((prefix >= lengths).any()) or not _ends_pooled(clip_model, tokens):
+        raise ValueError("every prompt needs its end token after the prefix, pooled")
+    cast_dtype = clip_model.transformer.get_cast_dtype()
+    pos = clip_model.positional_embedding.to(cast_dtype)
+    blocks = clip_model.transformer.resblocks
+    d, heads = pos.shape[-1], blocks[0].attn.num_heads
+    # the distinct prefixes, run once each: keys / values per block, (n_prefix, H, P, D / H)
+    width = int(prefix.max())
+    names: Dict[Tuple[int, ...], int] = {}
+    which = torch.tensor(
+        [names.setdefault(tuple(t[:p].tolist()), len(names)) for t, p in zip(tokens, prefix)]
+    )
+    past = [pos.new_zeros((2, len(names), heads, width, d // heads)) for _ in blocks]
+    for ids, i in names.items():
+        if not ids:
+            continue
+        x = clip_model.token_embedding(torch.tensor([ids], device=tokens.device)).to(cast_dtype)
+        x = x + pos[: len(ids)]
+        causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=x.device).tril()
+        for block, kv in zip(blocks, past):
+            x, k, v = _block_step(block, x, kv[0, :1, :, :0], kv[1, :1, :, :0], causal)
+            kv[0, i, :, : len(ids)], kv[1, i, :, : len(ids)] = k[0], v[0]
+    out = None
+    rest = lengths - prefix
+    for size in rest.unique().tolist():
+        rows = (rest == size).nonzero()[:, 0]
+        for j in range(0, rows.numel(), batch_size):
+            r = rows[j : j + batch_size]
+            index = prefix[r, None] + torch.arange(size, device=tokens.device)  # (B, s)
+            x = clip_model.token_embedding(tokens[r].gather(1, index)).to(cast_dtype) + pos[index]
+            # position p_r + i sees its own prefix (p_r of the P columns) and suffix 0 .. i
+            cols = torch.arange(width + size, device=x.device)
+            own = cols[None, None, :] < prefix[r, None, None]
+            causal = (cols[None, :] - width) <= torch.arange(size, device=x.device)[:, None]
+            mask = (own | ((cols >= width)[None, None, :] & causal[None]))[:, None]
+            for block, kv in zip(blocks, past):
+                x = _block_step(block, x, kv[0, which[r]], kv[1, which[r]], mask)[0]
+            emb = clip_model.ln_final(x[:, -1])
+            projection = clip_model.text_projection
+            if projection is not None:
+                emb = projection(emb) if isinstance(projection, nn.Linear) else emb @ projection
+            if out is None:
+                out = emb.new_empty((n, emb.shape[-1]))
+            out[r] = emb
+    return out
+
+
 @contextmanager
 def _eval_mode(modules: Sequence[nn.Module]):
     modes = [m.training for m in modules]
@@ -202,6 +344,8 @@ class TextClassifier(nn.Module):
         name_cache_size: single-name embeddings kept (the name cache is emptied when full).
         trim_context: encode at the longest prompt's length (exact, see ``encode_tokens``); False
             = the model's full context (the reference path).
+        share_prefix: with ``trim_context``, run the first tokens that the prompts of a template
+            share once (``encode_shared_prefix``; where the tower allows it).
         cache_dir: directory of a ``TextEmbeddingCache`` ("" = no disk cache): vocabularies are
             read from / written to disk, keyed by (text-tower weights hash, templates, names).
     """
@@ -218,6 +362,7 @@ class TextClassifier(nn.Module):
         name_cache_size: int = 100000,
         trim_context: bool = True,
         cache_dir: str = "",
+        share_prefix: bool = True,
     ):
         super().__init__()
         object.__setattr__(self, "_clip", clip_model)  # referenced, not a submodule
@@ -227,6 +372,7 @@ class TextClassifier(nn.Module):
         self.cache_size = int(cache_size)
         self.name_cache_size = int(name_cache_size)
         self.trim_context = bool(trim_context)
+        self.share_prefix = bool(share_prefix)
         self._cache: "OrderedDict[Tuple, torch.Tensor]" = OrderedDict()
         self._name_cache: Dict[str, torch.Tensor] = {}
         self.disk_cache = TextEmbeddingCache(cache_dir) if cache_dir else None
@@ -316,6 +462,35 @@ class TextClassifier(nn.Module):
                 out[idx] = emb
         return out
 
+    @torch.no_grad()
+    def encode_prompts(self, names: Sequence[str]) -> torch.Tensor:
+        """Every template of every name, each template's shared first tokens run once when the
+        tower allows it (``encode_shared_prefix``), else ``encode_texts``.
+
+        Returns:
+            (len(names), T, D) L2-normalised embeddings of the T templates.
+        """
+        prompts = [t.format(name) for name in names for t in self.templates]
+        tokens = self.tokenizer(prompts)
+        if not (
+            self.trim_context
+            and self.share_prefix
+            and _prefix_sharable(self._clip)
+            and _ends_pooled(self._clip, tokens)
+        ):
+            return self.encode_texts(prompts).view(len(names), len(self.templates), -1)
+        # each template's shared first tokens (the names follow them)
+        per_template = tokens.view(len(names), len(self.templates), -1)
+        prefix = torch.tensor(
+            [shared_prefix_length(per_template[:, j]) for j in range(len(self.templates))]
+        ).repeat(len(names))
+        with _eval_mode(text_tower_modules(self._clip)):
+            out = encode_shared_prefix(
+                self._clip, tokens.to(self.device), prefix.to(self.device), self.batch_size
+            )
+        out = F.normalize(out.float(), dim=-1).view(len(names), len(self.templates), -1)
+        return out
+
     def _check_vocabulary(self, vocabulary: Sequence[str]) -> Tuple[str, ...]:
         if isinstance(vocabulary, str):
             raise TypeError("vocabulary must be a sequence of class names, not a string")
@@ -356,8 +531,7 @@ class TextClassifier(nn.Module):
                 known.update(zip(vocabulary, from_disk.to(self.device)))
                 missing = []
         if missing:
-            prompts = [t.format(name) for name in missing for t in self.templates]
-            emb = self.encode_texts(prompts).view(len(missing), len(self.templates), -1)
+            emb = self.encode_prompts(missing)
             known.update(zip(missing, F.normalize(emb.mean(dim=1), dim=-1)))
         new = [name for name in vocabulary if name not in self._name_cache]
         if len(self._name_cache) + len(new) > self.name_cache_size:
