@@ -106,6 +106,17 @@ def get_parser() -> argparse.ArgumentParser:
         "(test resize, full-resolution labels and panoptic output within TEST.MEMORY_BUDGET_MB): "
         "seconds per photo and peak RSS; names from ADE20K-847 (--vocabulary-size of them)",
     )
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="only the text timings (cold / disk / memory), no stage runs",
+    )
+    p.add_argument(
+        "--no-shared-prefix",
+        action="store_true",
+        help="encode every prompt whole (TextClassifier share_prefix off): the text path before "
+        "the shared-prefix speed-up",
+    )
     p.add_argument("--label", default="", help="free text stored in the JSON")
     p.add_argument("--json", default="", help="write the result to this file")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
@@ -386,6 +397,8 @@ def main(argv=None):
     device = model.device
     if args.plain:
         make_plain(model)
+    for tc in text_classifiers(model):
+        tc.share_prefix = not args.no_shared_prefix
     grad_mode = torch.no_grad if args.plain else torch.inference_mode
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.vocabulary_size > 0:
@@ -451,6 +464,10 @@ def main(argv=None):
     else:
         encode_vocabulary(model, vocabulary, grad_mode)
     result["text_memory_ms"] = round(1e3 * encode_vocabulary(model, vocabulary, grad_mode), 3)
+    result["text_shared_prefix"] = not args.no_shared_prefix
+    if args.text_only:
+        print(json.dumps(result, indent=2))
+        return result
 
     model.prepare_fast_modes()  # quantization (after every weight is loaded)
     timer = Timer(device)
