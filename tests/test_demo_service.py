@@ -87,13 +87,13 @@ def test_a_request_draws_the_typed_names_and_lists_every_share(service, toy_imag
 
 def test_text_embeddings_are_cached_across_requests(service, toy_image, monkeypatch):
     encoded = []
-    original = TextClassifier.encode_texts
+    original = TextClassifier.encode_prompts  # every class name's prompts go through it
 
-    def counting(self, texts):
-        encoded.extend(texts)
-        return original(self, texts)
+    def counting(self, names):
+        encoded.extend(names)
+        return original(self, names)
 
-    monkeypatch.setattr(TextClassifier, "encode_texts", counting)
+    monkeypatch.setattr(TextClassifier, "encode_prompts", counting)
     service.segment(toy_image, "zebra, giraffe")
     first = len(encoded)
     assert first > 0

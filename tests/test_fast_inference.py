@@ -116,6 +116,7 @@ def test_shared_text_cache_encodes_once(clip_model):
     assert not TextClassifier(clip_model, templates="vild").share_cache(a)
     first = a(NAMES)
     b.encode_texts = lambda texts: pytest.fail("shared cache: nothing to encode")
+    b.encode_prompts = lambda names: pytest.fail("shared cache: nothing to encode")
     out = b(NAMES)
     assert out.shape == (len(NAMES) + 1, first.shape[1]) and torch.equal(out[:-1], first)
 
