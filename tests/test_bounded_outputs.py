@@ -2,14 +2,18 @@
 with a budget too small for its dense outputs as without a budget; the demo's predictor and the
 evaluator take the label maps."""
 
+import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
 from helpers import setup_config
+from test_evaluation_open_vocab_sem_seg import make_dataset, run
 
 from ov_seg.engine import Trainer
 from ov_seg.engine.predictor import NO_LABEL, OVSegPredictor
+from ov_seg.evaluation import OpenVocabSemSegEvaluator
 from ov_seg.modeling.meta_arch.mixreorg import MixReorg
+from ov_seg.modeling.postprocess import semantic_output
 from ov_seg.utils.semseg import label_map
 
 CPU = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.CLIP.PRETRAINED", ""]
@@ -92,3 +96,15 @@ def test_predictor_labels_of_a_label_map():
     sem, empty = OVSegPredictor.labels({**out, "sem_seg_empty": True})
     assert empty and torch.equal(sem, torch.full((2, 2), NO_LABEL[True]))
     assert torch.equal(label_map(labels), labels)
+
+
+def test_evaluator_gives_the_same_metrics_from_label_maps(tmp_path):
+    rng = np.random.default_rng(0)
+    gts = [rng.integers(0, 6, (37, 29)).astype(np.uint8) for _ in range(3)]
+    files = make_dataset(tmp_path, "ovseg_test_bounded_outputs", gts, 6, 255)
+    scores = [torch.rand(6, 9, 7, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    dense = [semantic_output(s, g.shape, 0)["sem_seg"] for s, g in zip(scores, gts)]
+    labels = [semantic_output(s, g.shape, 4 * 37 * 29)["sem_seg"] for s, g in zip(scores, gts)]
+    assert all(d.dim() == 3 for d in dense) and all(x.dim() == 2 for x in labels)
+    evaluator = OpenVocabSemSegEvaluator("ovseg_test_bounded_outputs", output_dir=str(tmp_path))
+    assert run(evaluator, files, dense) == run(evaluator, files, labels)

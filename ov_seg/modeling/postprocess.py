@@ -119,7 +119,7 @@ def candidate_classes(scores: torch.Tensor, budget: int = 0) -> torch.Tensor:
     pad = (int(w > 1), int(w > 1), int(h > 1), int(h > 1))
     padded = F.pad(-floor[None], pad, value=float("-inf"))
     need = -F.max_pool2d(padded, (1 + int(h > 1), 1 + int(w > 1)), stride=1)[0]
-    need = need - _SLACK * float(scores.abs().max())
+    need = need - _SLACK * max(float(scores.max()), -float(scores.min()))  # no |scores| copy
     step = max(1, budget // max(1, h * w * 2)) if budget > 0 else k
     keep = torch.zeros(k, dtype=torch.bool, device=scores.device)
     for i in range(0, k, step):
