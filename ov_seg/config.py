@@ -47,8 +47,8 @@ def add_input_config(cfg):
 def add_runtime_config(cfg):
     """Process-level keys."""
     cfg.RUNTIME = CN()
-    # torch intra-op threads per process; 0 = the CPU cores free for this process (cores
-    # / processes).
+    # torch intra-op threads per process; 0 = the CPU cores free for this process (the affinity
+    # mask, capped by OMP_NUM_THREADS when set, / processes).
     cfg.RUNTIME.NUM_THREADS = 0
     # Iterations between metric writes (console, metrics.json) in training.
     cfg.RUNTIME.LOG_PERIOD = 20
