@@ -76,6 +76,26 @@ TWO_STAGE_MASK_THRS = (0.35, 0.45)
 TWO_STAGE_GAMMAS = (0.0, 1.0, 2.0, 4.0)
 
 
+def parse_budget(specs: List[str], base: Dict[str, List[str]] = BUDGET) -> Dict[str, List[str]]:
+    """``BUDGET`` with the stages named in ``specs`` ("stage=KEY VALUE [KEY VALUE ...]") replaced.
+
+    Raises:
+        ValueError: an unknown stage, or a list of overrides that is not KEY VALUE pairs.
+    """
+    budget = dict(base)
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        opts = rest.split()
+        if not sep or name not in base:
+            raise ValueError(
+                f"--budget {spec!r}: expected STAGE=KEY VALUE ..., STAGE in {sorted(base)}"
+            )
+        if len(opts) % 2:
+            raise ValueError(f"--budget {spec!r}: overrides must be KEY VALUE pairs")
+        budget[name] = opts
+    return budget
+
+
 def _csv(values) -> str:
     return ",".join(str(v) for v in values)
 
@@ -728,6 +748,15 @@ def main(argv=None):
         "on ground-truth pairs; see claim_stages)",
     )
     p.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="STAGE=KEY VALUE ...",
+        help="replace a stage's budget overrides (BUDGET), e.g. --budget "
+        "'clip_pretrain=SOLVER.MAX_ITER 800'; for experiments outside the main job (give them "
+        "their own --output)",
+    )
+    p.add_argument(
         "--grid",
         default=None,
         metavar="OUT",
@@ -745,14 +774,18 @@ def main(argv=None):
     data_root = Path(os.environ.get("DETECTRON2_DATASETS", REPO / "datasets")).resolve()
     os.environ["DETECTRON2_DATASETS"] = str(data_root)
     start = time.perf_counter()
-    stages = build_stages(out, data_root)
+    try:
+        budget = parse_budget(args.budget)
+    except ValueError as e:
+        p.error(str(e))
+    stages = build_stages(out, data_root, budget)
     if args.until:
         names = [st.name for st in stages]
         if args.until not in names:
             p.error(f"--until {args.until!r}: not a stage ({', '.join(names)})")
         stages = stages[: names.index(args.until) + 1]
     if args.claims:
-        stages += claim_stages(out)
+        stages += claim_stages(out, budget)
     if args.seed is not None:
         stages = [with_seed(st, args.seed) for st in stages]
     try:
