@@ -3,10 +3,12 @@ mIoU."""
 
 import json
 
+import pytest
 from helpers import REPO, assert_sem_seg_consistent
 from helpers import run_train_net as _run
 
 
+@pytest.mark.slow
 def test_semseg_train_then_eval(toyworld_root, tmp_path):
     out = tmp_path / "run"
     cfg_file = str(REPO / "configs/toyworld/semseg_R18.yaml")
