@@ -12,14 +12,14 @@ from helpers import run_train_net as _run
 def test_semseg_train_then_eval(toyworld_root, tmp_path):
     out = tmp_path / "run"
     cfg_file = str(REPO / "configs/toyworld/semseg_R18.yaml")
-    common = ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATCH", "8"]
+    common = ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATCH", "4"]
     _run(
         [
             "--config-file",
             cfg_file,
             *common,
             "SOLVER.MAX_ITER",
-            "40",
+            "20",
             "SOLVER.WARMUP_ITERS",
             "5",
             "SOLVER.BASE_LR",
