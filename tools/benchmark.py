@@ -50,6 +50,16 @@ from detectron2.data import MetadataCatalog
 from torch.utils.flop_counter import FlopCounterMode
 
 import ov_seg  # noqa: F401 (registration)
+from ov_seg.benchmark.stats import (
+    busy_cpu_s_from_proc_stat,
+    foreign_cpu_cores,
+    fraction_of_peak,
+    gflops_per_s,
+    matmul_gflops,
+    rate,
+    share,
+    weighted_flops,
+)
 from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.engine import Trainer
 from ov_seg.engine.setup import get_ov_seg_cfg
@@ -115,11 +125,9 @@ def machine_busy_s() -> Optional[float]:
     """CPU seconds all processes of the machine spent busy (/proc/stat), or None."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
+            return busy_cpu_s_from_proc_stat(f.readline(), os.sysconf("SC_CLK_TCK"))
     except OSError:
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class LoadMonitor:
@@ -141,20 +149,8 @@ class LoadMonitor:
             "loadavg_after": [round(v, 2) for v in os.getloadavg()],
         }
         if busy is not None and self.busy0 is not None:
-            out["foreign_cpu_cores"] = round(max(0.0, (busy - self.busy0) - own) / wall, 2)
+            out["foreign_cpu_cores"] = round(foreign_cpu_cores(busy - self.busy0, own, wall), 2)
         return out
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 (n x n) @ (n x n) GFLOP/s with the current threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 class Timer:
@@ -422,26 +418,28 @@ def main(argv=None):
     result["ms_per_image"] = {k: round(med[k], 1) for k in STAGES}
     result["end_to_end_ms"] = round(statistics.median(totals), 1)
     result["end_to_end_runs_ms"] = [round(t, 1) for t in totals]
-    result["crop_prep_fraction_of_clip"] = round(med["crop_prep"] / max(med["clip"], 1e-9), 4)
-    result["crops_per_s"] = round(
-        counts["crops_encoded"] / max(clip_s + med["crop_prep"] / 1e3, 1e-9), 2
-    )
+    result["crop_prep_fraction_of_clip"] = round(share(med["crop_prep"], med["clip"]), 4)
+    result["crops_per_s"] = round(rate(counts["crops_encoded"], clip_s + med["crop_prep"] / 1e3), 2)
     result["matmul_gflops_per_s"] = {"before": round(peak_before, 1), "after": round(peak_after, 1)}
     if flops_crop is not None:
-        gflop = sum(flops_crop[s] * n for s, n in counts["crops_by_size"].items()) / 1e9
+        gflop = weighted_flops(flops_crop, counts["crops_by_size"]) / 1e9
     elif single_pass_flops is not None:
         gflop = single_pass_flops / 1e9
     else:
         gflop = None
     if gflop is not None:
         result["clip_gflop"] = round(gflop, 2)
-        result["clip_gflops_per_s"] = round(gflop / max(clip_s, 1e-9), 1)
-        result["clip_fraction_of_matmul"] = round(gflop / max(clip_s, 1e-9) / peak, 3)
+        result["clip_gflops_per_s"] = round(gflops_per_s(gflop * 1e9, clip_s), 1)
+        result["clip_fraction_of_matmul"] = round(
+            fraction_of_peak(gflops_per_s(gflop * 1e9, clip_s), peak), 3
+        )
     if executed_crop is not None:
         # the FLOPs that actually ran (nominal ones above: the whole tower, the issue's convention)
-        executed = sum(executed_crop[s] * n for s, n in counts["crops_by_size"].items()) / 1e9
+        executed = weighted_flops(executed_crop, counts["crops_by_size"]) / 1e9
         result["clip_executed_gflop"] = round(executed, 2)
-        result["clip_executed_fraction_of_matmul"] = round(executed / max(clip_s, 1e-9) / peak, 3)
+        result["clip_executed_fraction_of_matmul"] = round(
+            fraction_of_peak(gflops_per_s(executed * 1e9, clip_s), peak), 3
+        )
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)
     if device.type == "cuda":
         result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from .builder import build_clip_from_cfg, clip_sizes, load_mask_prompts
+from .builder import CLIP_PIXEL_MEAN, build_clip_from_cfg, clip_sizes, load_mask_prompts
 from .mask_prompt import MaskPromptVisionEncoder
 from .masked_crops import prepare_masked_crops_batch
 from .text_classifier import TextClassifier
@@ -76,6 +76,9 @@ class MaskedCropClassifier(nn.Module):
         resampler: crop resampler of ``prepare_masked_crops`` ("separable"; "roi_align" is the
             reference).
     """
+
+    # RGB 0-255 mean of CLIP's normalisation: the value masked-out pixels of a crop take
+    pixel_mean: Tuple[float, float, float] = CLIP_PIXEL_MEAN
 
     @configurable
     def __init__(

@@ -367,7 +367,7 @@ class MGCA(nn.Module):
             "entity_template": mc.ENTITY_TEMPLATE,
             "grounding_init": tuple(mc.GROUNDING_INIT),
             "logit_scale_init": mc.LOGIT_SCALE_INIT,
-            "max_logit_scale": mc.MAX_LOGIT_SCALE,
+            "max_logit_scale": mc.LOGIT_SCALE_MAX,
             "loss_weights": tuple(mc.LOSS_WEIGHTS),
             "k_neg": mc.K_NEG,
             "k_pix": mc.K_PIX,

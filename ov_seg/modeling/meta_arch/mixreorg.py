@@ -248,7 +248,7 @@ class MixReorg(nn.Module):
             "rest_weight": mc.REST_WEIGHT,
             "seg_weight": mc.SEG_WEIGHT,
             "logit_scale_init": mc.LOGIT_SCALE_INIT,
-            "max_logit_scale": mc.MAX_LOGIT_SCALE,
+            "max_logit_scale": mc.LOGIT_SCALE_MAX,
             "topk_classes": mc.TEST.TOPK_CLASSES,
             "bg_thresh": mc.TEST.BG_THRESH,
             "background_name": mc.TEST.BACKGROUND_NAME,

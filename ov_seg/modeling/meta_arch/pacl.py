@@ -210,6 +210,8 @@ class PACL(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        from ov_seg.modeling.clip import resolve_templates
+
         pacl = cfg.MODEL.PACL
         clip_model = build_clip_from_cfg(cfg)
         embedder = build_pacl_embedder(pacl.EMBEDDER, clip_model, hidden_dim=pacl.EMBED_HIDDEN_DIM)
@@ -227,7 +229,7 @@ class PACL(nn.Module):
         return {
             "clip_model": clip_model,
             "embedder": embedder,
-            "templates": tuple(pacl.TEMPLATES),
+            "templates": resolve_templates(cfg.MODEL.CLIP.TEMPLATES),
             "patch_softmax_temp": pacl.PATCH_SOFTMAX_TEMP,
             "logit_scale_init": pacl.LOGIT_SCALE_INIT,
             "logit_scale_max": pacl.LOGIT_SCALE_MAX,
@@ -236,12 +238,12 @@ class PACL(nn.Module):
             "noun_extractor": noun_extractor,
             "noun_datasets": noun_datasets,
             "prompt_weight": pacl.PROMPT_AUG.WEIGHT,
-            "infer_stride": pacl.INFER_STRIDE,
-            "stride_mode": pacl.STRIDE_MODE,
-            "bg_mode": pacl.BG_MODE,
-            "bg_entropy": pacl.BG_ENTROPY,
-            "bg_score": pacl.BG_SCORE,
-            "bg_class_names": tuple(pacl.BG_CLASS_NAMES),
+            "infer_stride": pacl.TEST.INFER_STRIDE,
+            "stride_mode": pacl.TEST.STRIDE_MODE,
+            "bg_mode": pacl.TEST.BG_MODE,
+            "bg_entropy": pacl.TEST.BG_ENTROPY,
+            "bg_score": pacl.TEST.BG_SCORE,
+            "bg_class_names": tuple(pacl.TEST.BG_CLASS_NAMES),
             "default_vocabulary": tuple(vocabulary),
             "seen_calibration": SeenCalibration(cfg),
         }
