@@ -30,8 +30,8 @@ scored by the threshold ``TEST.BG_THRESH`` on the maximum class probability (TCL
 
 import logging
 import random
-from dataclasses import dataclass
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
