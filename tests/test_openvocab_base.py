@@ -13,6 +13,7 @@ from helpers import setup_config
 from ov_seg.data import build_dataset_mapper
 from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.meta_arch.base import (
+    FastModes,
     InferenceOptions,
     OpenVocabSegmentor,
     SlidingWindow,
@@ -57,6 +58,9 @@ def test_options_are_validated_immutable_values():
     for bad in ({"ensemble_weight": 1.5}, {"seen_gamma": -1.0}, {"vocabulary": []}):
         with pytest.raises(ValueError):
             InferenceOptions(**bad)
+    for bad in ({"min_objectness": -0.1}, {"duplicate_iou": 0.0}):
+        with pytest.raises(ValueError):
+            FastModes(**bad)
     with pytest.raises(TypeError):
         InferenceOptions(vocabulary="sky")
 
@@ -106,10 +110,17 @@ def test_single_stage_options_equal_the_config_path(name, toyworld_root):
 
 
 def test_two_stage_options_equal_the_config_path(val_inputs):
+    fast = [
+        "MODEL.TWO_STAGE.FAST.MIN_OBJECTNESS",
+        "0.2",
+        "MODEL.TWO_STAGE.FAST.DUPLICATE_IOU",
+        "0.9",
+    ]
     changed = ["MODEL.TWO_STAGE.ENSEMBLE_WEIGHT", "0.4", "MODEL.CLIP.MASK_THR", "0.3", *CALIBRATED]
-    plain, configured = _pair(TWO_STAGE, [], changed)
+    plain, configured = _pair(TWO_STAGE, [], [*changed, *fast])
     options = configured.default_options
     assert (options.ensemble_weight, options.mask_thr, options.seen_gamma) == (0.4, 0.3, 0.7)
+    assert options.fast == FastModes(min_objectness=0.2, duplicate_iou=0.9)
     assert plain.default_options != options
     plain.seen_calibration = SeenCalibration(gamma=0.0, seen_names=SEEN)
     reference = configured(val_inputs)

@@ -46,6 +46,7 @@ from ov_seg.modeling.clip import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 
 __all__ = [
     "EncodedInput",
+    "FastModes",
     "InferenceOptions",
     "OpenVocabSegmentor",
     "SlidingWindow",
@@ -53,6 +54,31 @@ __all__ = [
     "dataset_vocabulary",
     "default_test_vocabulary",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class FastModes:
+    """The per-call fast modes of the two-stage model (``MODEL.TWO_STAGE.FAST``; the module
+    transforms, int8 quantization and channels-last, and the crop sizes are fixed at build time).
+
+    Attributes:
+        min_objectness: skip proposals with a lower objectness (0 = keep all).
+        duplicate_iou: proposals whose binarised masks overlap a higher-scoring one with IoU >=
+            this share its CLIP result (1.0 = identical masks only, exact; > 1 = off).
+    """
+
+    min_objectness: float = 0.0
+    duplicate_iou: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_objectness <= 1.0:
+            raise ValueError(f"min_objectness must lie in [0, 1], got {self.min_objectness}")
+        if self.duplicate_iou <= 0.0:
+            raise ValueError(f"duplicate_iou must be > 0, got {self.duplicate_iou}")
+
+    def replace(self, **changes) -> "FastModes":
+        """A copy with ``changes`` (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +91,7 @@ class InferenceOptions:
         mask_thr: binarisation threshold of the two-stage proposals before cropping
             (``MODEL.CLIP.MASK_THR``); the single-stage models ignore it.
         seen_gamma: γ of the seen-class calibration (``MODEL.SEEN_CALIBRATION.GAMMA``; 0 = off).
+        fast: the two-stage fast modes that can change per call (``FastModes``).
         vocabulary: class names of every input of the call; None = each input's own (its
             ``vocabulary`` / ``dataset_name``, else the model's default).
     """
@@ -72,6 +99,7 @@ class InferenceOptions:
     ensemble_weight: float = 0.7
     mask_thr: float = 0.5
     seen_gamma: float = 0.0
+    fast: FastModes = FastModes()
     vocabulary: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self):
@@ -346,6 +374,28 @@ class OpenVocabSegmentor(nn.Module):
         """``preprocess_image`` of every input, zero-padded to a common size (training batches)."""
         images = [self.preprocess_image(x)[0] for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
+
+    def draw_caption(self, x: dict, index: int = 0) -> Tuple[int, List[str]]:
+        """One caption of a caption-supervised training input, drawn uniformly with torch's RNG.
+
+        Args:
+            x: the input (its ``captions``: a list of str, or one str).
+            index: its position in the batch (for the message).
+
+        Returns:
+            (k, captions): the drawn index and the input's captions as a list.
+
+        Raises:
+            ValueError: the input has no captions.
+        """
+        captions = x.get("captions")
+        if not captions:
+            raise ValueError(
+                f"training input {index} (image_id {x.get('image_id')}) has no 'captions': train "
+                f"{type(self).__name__} on a caption dataset with INPUT.DATASET_MAPPER_NAME caption"
+            )
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        return int(torch.randint(len(captions), ())), captions
 
     def postprocess(
         self,

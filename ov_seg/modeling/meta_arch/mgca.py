@@ -488,15 +488,8 @@ class MGCA(OpenVocabSegmentor):
         """
         captions, entity_texts, image_index = [], [], []
         for i, x in enumerate(batched_inputs):
-            caps = x.get("captions")
-            if not caps:
-                raise ValueError(
-                    f"training input {i} (image_id {x.get('image_id')}) has no 'captions': train "
-                    "MGCA on a caption dataset with INPUT.DATASET_MAPPER_NAME caption"
-                )
-            caps = [caps] if isinstance(caps, str) else list(caps)
-            caption = caps[int(torch.randint(len(caps), ()))]
-            captions.append(caption)
+            k, caps = self.draw_caption(x, i)
+            captions.append(caps[k])
         for i, ents in enumerate(self.entities(captions)):
             entity_texts.extend(ents)
             image_index.extend([i] * len(ents))

@@ -325,14 +325,7 @@ class MixReorg(OpenVocabSegmentor):
         hard-negative caption aligned with it (a random one when they are not aligned)."""
         texts, negatives = [], []
         for i, x in enumerate(batched_inputs):
-            caps = x.get("captions")
-            if not caps:
-                raise ValueError(
-                    f"training input {i} (image_id {x.get('image_id')}) has no 'captions': train "
-                    "MixReorg on a caption dataset with INPUT.DATASET_MAPPER_NAME caption"
-                )
-            caps = [caps] if isinstance(caps, str) else list(caps)
-            k = int(torch.randint(len(caps), ()))
+            k, caps = self.draw_caption(x, i)
             texts.append(caps[k])
             negs = list(x.get("hard_negatives") or [])
             if self.hard_negatives and negs:

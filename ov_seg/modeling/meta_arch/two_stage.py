@@ -63,6 +63,7 @@ from ov_seg.modeling.heads.proposal_selection import (
     objectness_keep,
 )
 from ov_seg.modeling.meta_arch.base import (
+    FastModes,
     InferenceOptions,
     OpenVocabSegmentor,
     StageTimer,
@@ -333,11 +334,12 @@ class TwoStageOVSeg(OpenVocabSegmentor):
 
     @property
     def default_options(self) -> InferenceOptions:
-        """The config's λ, MASK_THR and γ."""
+        """The config's λ, MASK_THR, γ and per-call fast modes."""
         return InferenceOptions(
             ensemble_weight=self.ensemble_weight,
             mask_thr=self.crop_classifier.mask_thr,
             seen_gamma=self.seen_calibration.gamma,
+            fast=FastModes(min_objectness=self.min_objectness, duplicate_iou=self.duplicate_iou),
         )
 
     # ------------------------------------------------------------------ vocabulary
@@ -489,12 +491,15 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             out.append(clip_class_probs(full, v))
         return out
 
-    def select_proposals(self, proposals: Proposals) -> Proposals:
+    def select_proposals(
+        self, proposals: Proposals, min_objectness: Optional[float] = None
+    ) -> Proposals:
         """Fast mode: drop the proposals of one image whose objectness is below
-        ``min_objectness`` (the best one is kept)."""
-        if self.min_objectness <= 0.0:
+        ``min_objectness`` (None = the model's; the best one is kept)."""
+        thr = self.min_objectness if min_objectness is None else float(min_objectness)
+        if thr <= 0.0:
             return proposals
-        keep = objectness_keep(proposals.scores, self.min_objectness)
+        keep = objectness_keep(proposals.scores, thr)
         return Proposals(
             proposals.masks[keep],
             proposals.scores[keep],
@@ -557,20 +562,19 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         proposals: Sequence[Proposals],
         mask_thr: Optional[float] = None,
         timer: Optional[StageTimer] = None,
+        duplicate_iou: Optional[float] = None,
     ) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Stages 2-3 for the proposals of B images: duplicate masks (``duplicate_iou``) are
-        encoded once (stage ``select`` of ``timer``: the grouping).
+        """Stages 2-3 for the proposals of B images: duplicate masks (``duplicate_iou``, None =
+        the model's) are encoded once (stage ``select`` of ``timer``: the grouping).
 
         Returns:
             per image: (N_i, D) embeddings of its valid distinct masks, (Q_u,) valid flags of the
             distinct masks, (Q,) index of each proposal's distinct mask.
         """
         thr = self.crop_classifier.mask_thr if mask_thr is None else float(mask_thr)
+        iou = self.duplicate_iou if duplicate_iou is None else float(duplicate_iou)
         with stage(timer, "select"):
-            groups = [
-                duplicate_representatives(p.masks, p.scores, thr, self.duplicate_iou)
-                for p in proposals
-            ]
+            groups = [duplicate_representatives(p.masks, p.scores, thr, iou) for p in proposals]
         masks = [p.masks[unique] for p, (unique, _) in zip(proposals, groups)]
         embeds, valid = self.clip_embeddings(images, masks, thr, timer)
         if timer is not None:
@@ -724,7 +728,9 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             with stage(timer, "proposals"):
                 proposals = self.generate_proposals(inputs, list(vocabulary))
             with stage(timer, "select"):
-                proposals = [self.select_proposals(p) for p in proposals]
+                proposals = [
+                    self.select_proposals(p, options.fast.min_objectness) for p in proposals
+                ]
             for i, p in zip(idx, proposals):
                 out[i] = TwoStageEncoding(batched_inputs[i], vocabulary, p, options.mask_thr)
         if timer is not None:
@@ -740,7 +746,10 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         """Stages 2-3 on proposal encodings, with MASK_THR of ``options``."""
         options = self.resolve_options(options)
         images = self.rgb_images([e.input for e in encoded])
-        clip = self.encode_clip(images, [e.proposals for e in encoded], options.mask_thr, timer)
+        proposals = [e.proposals for e in encoded]
+        clip = self.encode_clip(
+            images, proposals, options.mask_thr, timer, options.fast.duplicate_iou
+        )
         return [
             e._replace(mask_thr=options.mask_thr, clip_embeds=c, valid=v, inverse=inv)
             for e, (c, v, inv) in zip(encoded, clip)
