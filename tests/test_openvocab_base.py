@@ -140,6 +140,8 @@ def test_two_stage_options_equal_the_config_path(val_inputs):
             plain.predict(encoded, options.replace(mask_thr=0.5))
         with pytest.raises(ValueError, match="CLIP embeddings"):
             plain.predict(proposals, options)
+        with pytest.raises(ValueError, match="vocabulary differs"):
+            plain.predict(encoded, options.replace(vocabulary=("sky", "grass")))
     assert all(torch.equal(a["sem_seg"], r["sem_seg"]) for a, r in zip(again, reference))
     direct = plain(val_inputs, options=options.replace(ensemble_weight=0.0))
     assert all(torch.equal(a["sem_seg"], r["sem_seg"]) for a, r in zip(head_only, direct))

@@ -20,7 +20,8 @@ encodes Q distinct crops.
 Stages (median of ``--iters`` runs after ``--warmup``): ``proposals`` (the proposal source),
 ``select`` (objectness skip + duplicate grouping), ``crop_prep`` (masked crops; 0 in single-pass
 mode), ``clip`` (image tower), ``text`` (the vocabulary from the memory cache), ``fusion``
-(ensemble, semantic + panoptic outputs). ``end_to_end`` is the median over runs of their sum.
+(ensemble, semantic + panoptic outputs), each recorded by the model's own ``inference`` into a
+``StageTimer`` (no copy of the forward here). ``end_to_end`` is the median over runs of their sum.
 
 Text (once, before the stage runs): ``text_cold_s`` encodes the vocabulary with empty caches (in
 every text classifier of the model: the CLIP branch's and the proposal head's, which share their

@@ -29,6 +29,12 @@ and ``CLIP_MODE "single_pass"``
 replaces the per-crop forwards by one forward on the whole image (``SinglePassMaskEmbedder``). Every
 mode keeps the output contract. The defaults are exact (only identical masks share a crop).
 
+Per call, ``InferenceOptions`` (``model(inputs, options=...)``) set λ, MASK_THR, γ, the vocabulary
+and the per-call fast modes (MIN_OBJECTNESS, DUPLICATE_IOU); ``model.default_options`` holds the
+config's. Searches split the stages through public methods: ``encode_proposals`` (stage 1, bound
+to the vocabulary), ``encode_clip_inputs`` (stages 2-3, bound to MASK_THR) and ``predict``
+(stages 4-5, any λ and γ); a ``StageTimer`` passed to ``inference`` records each stage's time.
+
 Weights: the proposal generator from ``MODEL.TWO_STAGE.PROPOSAL_WEIGHTS`` and the adapted CLIP from
 ``MODEL.CLIP.PRETRAINED`` (its exported checkpoint carries the mask prompts), or one merged
 checkpoint (``tools/merge_checkpoints.py``) as ``MODEL.WEIGHTS``.
@@ -795,14 +801,17 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         results = []
         for e in encoded:
             vocabulary = list(e.vocabulary)
-            if options.vocabulary is not None and tuple(self.vocabulary({}, options)) != (
-                e.vocabulary
+            if options.vocabulary is not None and (
+                tuple(self.vocabulary(e.input, options)) != e.vocabulary
             ):
                 raise ValueError("the options' vocabulary differs from the encoded one")
             text = None
             if options.ensemble_weight > 0.0:
                 if e.clip_embeds is None:
-                    raise ValueError("λ > 0 needs an encoding with CLIP embeddings (λ > 0)")
+                    raise ValueError(
+                        "λ > 0 needs an encoding with CLIP embeddings (encode_inputs or "
+                        "encode_clip_inputs)"
+                    )
                 if options.mask_thr != e.mask_thr:
                     raise ValueError(
                         f"MASK_THR {options.mask_thr} of the options, {e.mask_thr} of the encoding"
