@@ -325,7 +325,7 @@ def test_full_size_crops_for_the_largest_masks(model, inputs):
     """FULL_SIZE_CROPS K: the K largest masks of an image get native-size crops, the others the
     smaller CROP_SIZE; each embedding equals the one of its size's uniform mode."""
     images = model.rgb_images(inputs)
-    proposals = model.generate_proposals(inputs, list(model.vocabulary))
+    proposals = model.generate_proposals(inputs, list(model.default_vocabulary))
     masks = [p.masks for p in proposals]
     classifier = model.crop_classifier
     saved = (classifier.crop_size, model.full_size_crops)

@@ -99,7 +99,7 @@ def main(argv=None):
         m.train()
 
         def step(m=m):
-            losses = m.losses(images, texts)
+            losses = m.branch_losses(images, texts)
             sum(losses.values()).backward()
             for p in m.parameters():
                 p.grad = None

@@ -189,6 +189,7 @@ class MaskedCropClassifier(nn.Module):
         images: Sequence[torch.Tensor],
         masks: Sequence[torch.Tensor],
         size: Optional[int] = None,
+        mask_thr: Optional[float] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """Masked crops of every image in one batched pass (see ``prepare_masked_crops_batch``).
 
@@ -196,6 +197,7 @@ class MaskedCropClassifier(nn.Module):
             images: B tensors (3, H_i, W_i), RGB 0-255.
             masks: B tensors (K_i, H_i, W_i), soft or bool.
             size: crop side S (a ``check_crop_size`` value); None = ``crop_size``.
+            mask_thr: binarisation threshold of soft masks; None = ``mask_thr``.
 
         Returns:
             crops (N, 3, S, S), crop masks (N, S, S) bool, and B valid flags (K_i,) (N = valid
@@ -207,7 +209,7 @@ class MaskedCropClassifier(nn.Module):
         out = prepare_masked_crops_batch(
             [img.to(device) for img in images],
             [m.to(device) for m in masks],
-            self.mask_thr,
+            self.mask_thr if mask_thr is None else float(mask_thr),
             self.expand_ratio,
             self.crop_size if size is None else size,
             self.square_crop,
