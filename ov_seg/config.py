@@ -4,10 +4,12 @@ One ``add_*_config`` function per config node, every key commented. ``add_ov_seg
 all of them; later modules add their node here and append the adder to ``_ADDERS``.
 """
 
+import warnings
+
 from detectron2.config import CfgNode as CN
 from detectron2.projects.deeplab import add_deeplab_config
 
-__all__ = ["add_ov_seg_config"]
+__all__ = ["add_ov_seg_config", "OVSegCfgNode", "DEPRECATED_KEYS", "upgrade_deprecated_keys"]
 
 
 def add_solver_config(cfg):
@@ -47,8 +49,8 @@ def add_input_config(cfg):
 def add_runtime_config(cfg):
     """Process-level keys."""
     cfg.RUNTIME = CN()
-    # torch intra-op threads per process; 0 = the CPU cores free for this process (cores
-    # / processes).
+    # torch intra-op threads per process; 0 = the CPU cores free for this process (the affinity
+    # mask, capped by OMP_NUM_THREADS when set, / processes).
     cfg.RUNTIME.NUM_THREADS = 0
     # Iterations between metric writes (console, metrics.json) in training.
     cfg.RUNTIME.LOG_PERIOD = 20
@@ -272,7 +274,7 @@ def add_mixreorg_config(cfg):
     cfg.MODEL.MIXREORG.HARD_NEGATIVES = False
     # Initial 1/τ of the learnable contrastive logit scale (GroupViT / CLIP: 1/0.07) and its clamp.
     cfg.MODEL.MIXREORG.LOGIT_SCALE_INIT = 1.0 / 0.07
-    cfg.MODEL.MIXREORG.MAX_LOGIT_SCALE = 100.0
+    cfg.MODEL.MIXREORG.LOGIT_SCALE_MAX = 100.0
     # Captions L_seg classifies every mixed token among: "tuple" (those of its mixing tuple, the
     # paper) or "batch" (all captions of the batch, a harder, more text-aligning task).
     cfg.MODEL.MIXREORG.SEG_NEGATIVES = "tuple"
@@ -326,8 +328,10 @@ def add_clip_config(cfg):
     # else the activation a local checkpoint's meta records, else the model config's (GELU for
     # ViT-B-16 / ViT-L-14). Wrong activation = silently wrong embeddings.
     cfg.MODEL.CLIP.ACTIVATION = "auto"
-    # Prompt template set of the text classifier (ov_seg.modeling.clip.TEMPLATE_SETS): "vild" (14
-    # ViLD templates, OVSeg), "imagenet" (CLIP's 80), "single" ("a photo of a {}."), "toyworld".
+    # Prompt template set of the text classifier (ov_seg.modeling.clip.TEMPLATE_SETS), for every
+    # method's class embeddings and prompt augmentation: "vild" (14 ViLD templates, OVSeg),
+    # "imagenet" (CLIP's 80), "clip7" (CLIP's 7-template ensemble, as quoted for PACL), "single"
+    # ("a photo of a {}."), "toyworld".
     cfg.MODEL.CLIP.TEMPLATES = "vild"
     # Mask prompt depth (OVSeg: 3; 0 = no mask prompts): prompts replace the tokens of fully
     # masked-out patches at the input and after transformer blocks 1 .. depth-1.
@@ -431,17 +435,6 @@ def add_pacl_config(cfg):
     # Recompute each chunk of Φ in the backward pass (activation checkpointing): memory stays
     # bounded as B grows, at the cost of a second forward of Φ.
     cfg.MODEL.PACL.CHECKPOINT_CHUNKS = True
-    # Prompt templates ("{}" = a name): the class embeddings at test and the noun prompts of prompt
-    # augmentation (CLIP's 7-template ensemble, as quoted for PACL).
-    cfg.MODEL.PACL.TEMPLATES = [
-        "itap of a {}.",
-        "a bad photo of the {}.",
-        "a origami {}.",
-        "a photo of the large {}.",
-        "{} in a video game.",
-        "art of the {}.",
-        "a photo of the small {}.",
-    ]
     cfg.MODEL.PACL.PROMPT_AUG = CN()
     # Prompt augmentation: each image also pairs with one noun of its caption in a random template.
     cfg.MODEL.PACL.PROMPT_AUG.ENABLED = True
@@ -455,19 +448,20 @@ def add_pacl_config(cfg):
     # Parse the nouns of every DATASETS.TRAIN caption once before training (ov_seg.mining's disk
     # cache, shared with other users of the same extractor settings); False: parse per batch.
     cfg.MODEL.PACL.PROMPT_AUG.DATASET_CACHE = True
+    cfg.MODEL.PACL.TEST = CN()
     # Stride of the test-time score map in pixels (stride trick: 4); the patch size or 0 = off.
-    cfg.MODEL.PACL.INFER_STRIDE = 4
+    cfg.MODEL.PACL.TEST.INFER_STRIDE = 4
     # Stride trick: "shift" ((p / stride)^2 passes on shifted inputs, interleaved; the stride must
     # divide p) or "conv" (one pass, patch embedding at the stride, positional embedding resized
     # bicubically).
-    cfg.MODEL.PACL.STRIDE_MODE = "shift"
+    cfg.MODEL.PACL.TEST.STRIDE_MODE = "shift"
     # Vocabulary names scored as background (datasets with a background class); otherwise argmax.
-    cfg.MODEL.PACL.BG_CLASS_NAMES = ["background"]
+    cfg.MODEL.PACL.TEST.BG_CLASS_NAMES = ["background"]
     # Background rule: "entropy" (entropy of softmax_k(cos * logit scale) > BG_ENTROPY) or "score"
     # (max cosine < BG_SCORE).
-    cfg.MODEL.PACL.BG_MODE = "entropy"
-    cfg.MODEL.PACL.BG_ENTROPY = 1.5
-    cfg.MODEL.PACL.BG_SCORE = 0.7
+    cfg.MODEL.PACL.TEST.BG_MODE = "entropy"
+    cfg.MODEL.PACL.TEST.BG_ENTROPY = 1.5
+    cfg.MODEL.PACL.TEST.BG_SCORE = 0.7
 
 
 def add_mgca_config(cfg):
@@ -503,7 +497,7 @@ def add_mgca_config(cfg):
     # Initial 1/τ of the learnable logit scale shared by every L_hn and L_nce (τ = 0.07), and its
     # clamp.
     cfg.MODEL.MGCA.LOGIT_SCALE_INIT = 1.0 / 0.07
-    cfg.MODEL.MGCA.MAX_LOGIT_SCALE = 100.0
+    cfg.MODEL.MGCA.LOGIT_SCALE_MAX = 100.0
     # (λ_obj, λ_reg, λ_pix): L = λ_obj L_obj + λ_reg L_reg + λ_pix L_pix; a zero weight skips the
     # level (the obj -> +reg -> +pix ablation).
     cfg.MODEL.MGCA.LOSS_WEIGHTS = (1.0, 1.0, 1.0)
@@ -651,3 +645,115 @@ def add_ov_seg_config(cfg):
     for adder in _ADDERS:
         adder(cfg)
     return cfg
+
+
+def _template_set_name(templates) -> str:
+    """The ``TEMPLATE_SETS`` name of a list of templates (an old ``MODEL.PACL.TEMPLATES`` value)."""
+    from ov_seg.modeling.clip.text_classifier import TEMPLATE_SETS
+
+    templates = tuple(templates)
+    for name, members in TEMPLATE_SETS.items():
+        if tuple(members) == templates:
+            return name
+    raise ValueError(
+        f"MODEL.PACL.TEMPLATES {list(templates)} is no template set of "
+        "ov_seg.modeling.clip.TEMPLATE_SETS: add it there under a name and set "
+        "MODEL.CLIP.TEMPLATES to that name"
+    )
+
+
+# Renamed keys, kept working for one release: old full key -> (new full key, converter of the old
+# value or None). Loading a YAML or an option list that sets an old key sets the new one instead,
+# with a FutureWarning. Remove an entry one release after its rename.
+DEPRECATED_KEYS = {
+    # one name for the clamp of every learnable logit scale (beside LOGIT_SCALE_INIT)
+    "MODEL.MGCA.MAX_LOGIT_SCALE": ("MODEL.MGCA.LOGIT_SCALE_MAX", None),
+    "MODEL.MIXREORG.MAX_LOGIT_SCALE": ("MODEL.MIXREORG.LOGIT_SCALE_MAX", None),
+    # every method's prompts come from MODEL.CLIP.TEMPLATES (PACL had a list of its own)
+    "MODEL.PACL.TEMPLATES": ("MODEL.CLIP.TEMPLATES", _template_set_name),
+    # inference keys live under <METHOD>.TEST, as for MGCA, MixReorg and the two-stage model
+    **{
+        f"MODEL.PACL.{key}": (f"MODEL.PACL.TEST.{key}", None)
+        for key in (
+            "INFER_STRIDE",
+            "STRIDE_MODE",
+            "BG_CLASS_NAMES",
+            "BG_MODE",
+            "BG_ENTROPY",
+            "BG_SCORE",
+        )
+    },
+}
+
+
+def _pop(node, key: str):
+    """Remove the dotted ``key`` from a nested dict; ``(True, value)`` or ``(False, None)``."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return False, None
+    if not isinstance(node, dict) or leaf not in node:
+        return False, None
+    return True, node.pop(leaf)
+
+
+def _deprecation(old: str, new: str) -> None:
+    warnings.warn(
+        f"Config key {old} is deprecated and will be removed in the next release: use {new}",
+        FutureWarning,
+        stacklevel=4,
+    )
+
+
+def upgrade_deprecated_keys(loaded) -> None:
+    """Move every ``DEPRECATED_KEYS`` entry of ``loaded`` (a CfgNode / nested dict being merged) to
+    its new key, converting the value, with a FutureWarning. An old key overrides its new key: in a
+    file loaded with its ``_BASE_`` files (upgraded first), an old key was written in the file
+    itself.
+    """
+    for old, (new, convert) in DEPRECATED_KEYS.items():
+        found, value = _pop(loaded, old)
+        if not found:
+            continue
+        _deprecation(old, new)
+        value = convert(value) if convert else value
+        *parents, leaf = new.split(".")
+        node = loaded
+        for part in parents:
+            if part not in node:
+                node[part] = type(node)()
+            node = node[part]
+        node[leaf] = value
+
+
+class OVSegCfgNode(CN):
+    """detectron2's ``CfgNode`` that accepts the renamed keys of ``DEPRECATED_KEYS`` for one release
+    (YAML files and their ``_BASE_`` files, other configs, ``merge_from_list`` options), with a
+    FutureWarning for each use."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename: str, allow_unsafe: bool = False):
+        """detectron2's loader; each file's deprecated keys are upgraded after its bases merge."""
+        loaded = super().load_yaml_with_base(filename, allow_unsafe=allow_unsafe)
+        upgrade_deprecated_keys(loaded)
+        return loaded
+
+    def merge_from_other_cfg(self, cfg_other):
+        """Merge ``cfg_other`` (e.g. a loaded YAML) after upgrading its deprecated keys."""
+        cfg_other = type(self)(cfg_other)
+        upgrade_deprecated_keys(cfg_other)
+        return super().merge_from_other_cfg(cfg_other)
+
+    def merge_from_list(self, cfg_list):
+        """Merge ``[key, value, ...]`` options, deprecated keys replaced by their new names (and
+        their values converted)."""
+        cfg_list = list(cfg_list)
+        for i in range(0, len(cfg_list) - 1, 2):
+            if cfg_list[i] in DEPRECATED_KEYS:
+                new, convert = DEPRECATED_KEYS[cfg_list[i]]
+                _deprecation(cfg_list[i], new)
+                if convert:
+                    cfg_list[i + 1] = convert(CN._decode_cfg_value(cfg_list[i + 1]))
+                cfg_list[i] = new
+        return super().merge_from_list(cfg_list)

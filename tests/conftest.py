@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, len(os.sched_getaffinity(0)))))
+# One torch thread: the test models are tiny (64 px), where a second thread buys little on an idle
+# machine and costs 3-30x on cores shared with other jobs (OpenMP threads waiting for each other).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

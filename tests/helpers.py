@@ -7,6 +7,10 @@ from detectron2.engine import default_argument_parser
 from pytest import approx
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests run the tiny models on one torch thread (conftest.py): a config's RUNTIME.NUM_THREADS 0
+# (= every free core) would raise it again, and a second thread on the shared cores made a 64-px
+# forward 3-30x slower. Explicit options still override it.
+ONE_THREAD = ["RUNTIME.NUM_THREADS", "1"]
 
 
 def load_tool(name: str):
@@ -27,13 +31,17 @@ def setup_config(path, opts=()):
     logging)."""
     from ov_seg.engine.setup import setup_cfg
 
-    args = default_argument_parser().parse_args(["--config-file", str(REPO / path), *opts])
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(REPO / path), *ONE_THREAD, *opts]
+    )
     return setup_cfg(args, default_setup_enabled=False)
 
 
 def run_train_net(args):
     """Run ``tools/train_net.py main`` in-process with command-line ``args``; returns its result."""
-    return load_train_net().main(default_argument_parser().parse_args(list(args)))
+    args = default_argument_parser().parse_args(list(args))
+    args.opts = [*ONE_THREAD, *args.opts]
+    return load_train_net().main(args)
 
 
 def tiny_demo_method(config: str, fast_opts=(), opts=()):

@@ -119,7 +119,7 @@ def test_search_tool_cross_validates_and_reuses_the_invariant_parts(toyworld_roo
     tool = load_tool("search_calibration")
     config = str(REPO / CONFIGS["pacl"][0])
     calls = {"n": 0}
-    original = PACL.dense_cosines
+    original = PACL.encode
 
     def counting(self, *args, **kwargs):
         calls["n"] += 1
@@ -135,11 +135,11 @@ def test_search_tool_cross_validates_and_reuses_the_invariant_parts(toyworld_roo
         "--output", str(tmp_path), "--gammas", "0,0.5,4", "--subset", "0:12", "--holdout", "12:24",
         "--method", f"vanilla={config}:{weights}:{shlex.join(TINY)}",
     ]  # fmt: skip
-    PACL.dense_cosines = counting
+    PACL.encode = counting
     try:
         summary = tool.main(args)["vanilla"]
     finally:
-        PACL.dense_cosines = original
+        PACL.encode = original
     assert calls["n"] == 24  # once per image, not once per (image, γ)
 
     # γ = 0 pooled over both folds = the plain model scored directly on the 24 images

@@ -386,7 +386,7 @@ def test_text_classifier_templates_average(clip_model):
     raw = tc.encode_texts([t.format("sky") for t in TEMPLATE_SETS["vild"]])
     assert torch.allclose(emb[1], F.normalize(raw.mean(0), dim=-1), atol=1e-6)
     emb[-1].sum().backward()
-    assert tc.void_embedding.grad is not None
+    assert tc.void_embedding.grad.abs().sum() > 0
     with pytest.raises(KeyError, match="template set"):
         TextClassifier(clip_model, templates="nope")
     for p in clip_model.parameters():

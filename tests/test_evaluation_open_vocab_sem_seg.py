@@ -11,7 +11,12 @@ from ov_seg.data.datasets.benchmark_utils import register_sem_seg
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.engine.trainer import Trainer
 from ov_seg.evaluation import OpenVocabSemSegEvaluator
-from ov_seg.evaluation.open_vocab_sem_seg import harmonic_mean, sem_seg_metrics
+from ov_seg.evaluation.open_vocab_sem_seg import (
+    binary_boundary,
+    boundary_intersection_union,
+    harmonic_mean,
+    sem_seg_metrics,
+)
 
 
 def make_dataset(tmp_path, name, gts, num_classes, ignore, bit_depth=None, **meta):
@@ -77,11 +82,44 @@ def test_agrees_with_detectron2_and_splits_from_metadata(tmp_path):
     )
     theirs = run(SemSegEvaluator("ovseg_test_agree"), files, preds)
     for key in theirs:
+        if "B-Iou" in key or key.startswith("BoundaryIoU"):
+            continue  # per-class Boundary IoU: detectron2 erodes the label map (test below)
         assert ours[key] == pytest.approx(theirs[key], nan_ok=True), key
     assert {"mIoU-seen", "mIoU-unseen", "hIoU"} <= set(ours)
     assert (tmp_path / "o" / "sem_seg_predictions.json").is_file()
     rows = (tmp_path / "o" / "per_class_iou.csv").read_text().splitlines()
     assert rows[4].startswith("3,class 3,unseen,")
+
+
+def test_boundary_iou_per_class(tmp_path):
+    # class 3: a 10 x 10 square on class 2 (50 x 50 image: band width d = round(.02 * 70.7) = 1)
+    gt = np.full((50, 50), 2, np.uint8)
+    gt[20:30, 20:30] = 3
+    band = binary_boundary(gt == 3)
+    assert band.sum() == 36 and not band[21:29, 21:29].any()  # the square's 1-px outline
+    assert binary_boundary(np.ones((50, 50), bool)).sum() == 4 * 49  # the image border is outside
+    shifted = np.full_like(gt, 2)
+    shifted[20:30, 22:32] = 3  # the square moved 2 px right
+    inter, union = boundary_intersection_union(shifted, gt, 5, ignore=255)
+    assert inter[3] == 2 * 8 and union[3] == 2 * 36 - 16  # top and bottom rows overlap on 8 px
+    assert inter[[0, 1, 4]].sum() == 0 and union[[0, 1, 4]].sum() == 0  # absent classes
+    ignored = gt.copy()
+    ignored[20:30, 20:25] = 255
+    inter_i, union_i = boundary_intersection_union(gt, ignored, 5, ignore=255)
+    # the predicted outline loses its ignored left half (18 px left); the ground truth's right
+    # half is a 10 x 5 region whose outline (26 px) includes its edge at the ignored pixels
+    assert inter_i[3] == 18 and union_i[3] == 26
+
+    files = make_dataset(tmp_path, "ovseg_test_boundary", [gt], 5, 255)
+    ours = run(OpenVocabSemSegEvaluator("ovseg_test_boundary"), files, [gt.astype(np.int64)])
+    assert ours["BoundaryIoU-class 3"] == pytest.approx(100.0)
+    assert ours["BoundaryIoU-class 2"] == pytest.approx(100.0)
+    # detectron2 subtracts eroded class ids: the square's band is counted as class 3 - 2 = 1
+    scores = torch.nn.functional.one_hot(torch.as_tensor(gt).long(), 5).permute(2, 0, 1).float()
+    theirs = run(SemSegEvaluator("ovseg_test_boundary"), files, [scores])
+    assert not theirs["BoundaryIoU-class 3"] == pytest.approx(100.0)
+    moved = run(OpenVocabSemSegEvaluator("ovseg_test_boundary"), files, [shifted.astype(np.int64)])
+    assert moved["BoundaryIoU-class 3"] == pytest.approx(100.0 * 16 / 56)
 
 
 def test_sixteen_bit_ground_truth(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from helpers import load_tool
 
 
@@ -148,3 +149,17 @@ def test_seed_summary_mean_and_std(tmp_path):
     line = next(x for x in table.splitlines() if "FT + MPT), searched, mIoU-unseen" in x)
     assert "| 24.0 ± 4.0 | 20.0, 24.0, 28.0 |" in line
     assert "(3 seeds)" in table.splitlines()[0]
+
+
+def test_budget_overrides_replace_one_stage(tmp_path):
+    job = load_tool("run_main_job")
+    budget = job.parse_budget(["clip_pretrain=SOLVER.MAX_ITER 800"])
+    assert budget["clip_pretrain"] == ["SOLVER.MAX_ITER", "800"]
+    assert budget["proposals"] == job.BUDGET["proposals"]  # the others untouched
+    assert job.BUDGET["clip_pretrain"] != budget["clip_pretrain"]  # BUDGET itself unchanged
+    stage = {st.name: st for st in job.build_stages(tmp_path, tmp_path, budget)}["clip_pretrain"]
+    i = stage.command.index("SOLVER.MAX_ITER")
+    assert stage.command[i + 1] == "800" and stage.command.count("SOLVER.MAX_ITER") == 1
+    for bad in ("nosuchstage=SOLVER.MAX_ITER 1", "clip_pretrain", "clip_ft=SOLVER.MAX_ITER"):
+        with pytest.raises(ValueError):
+            job.parse_budget([bad])

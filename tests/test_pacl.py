@@ -179,7 +179,7 @@ def test_vanilla_baseline_is_clip_projection(tiny_clip):
     model = _model(tiny_clip, embedder="clip_projection", noun_extractor=None)
     assert isinstance(model.embedder, CLIPProjectionEmbedder)
     assert not any(p.requires_grad for p in model.parameters())
-    images = model._normalize(torch.stack([_image(64, 64, 3), _image(64, 64, 4)]).float())
+    images = model.normalize(torch.stack([_image(64, 64, 3), _image(64, 64, 4)]).float())
     patches, grid = model.patch_embeddings(images)
     assert grid == (8, 8)
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_conv_trick_matches_strided_patch_embedding(tiny_clip):
     """The conv variant's tokens come from conv1 applied at the inference stride."""
     model = _model(tiny_clip, stride_mode="conv", infer_stride=4).eval()
     enc = model._strided_encoder
-    image = model._normalize(_image(24, 32).float())[None]
+    image = model.normalize(_image(24, 32).float())[None]
     captured = {}
     handle = tiny_clip.visual.conv1.register_forward_hook(
         lambda m, i, o: captured.setdefault("o", o)

@@ -4,8 +4,11 @@ log."""
 import sys
 
 import pytest
+from helpers import REPO
 
 from ov_seg.engine.pipeline import Stage, run_stages
+
+PIPELINE = REPO / "ov_seg" / "engine" / "pipeline.py"
 
 
 def _writer(path, text):
@@ -84,7 +87,12 @@ def test_interrupting_the_driver_stops_the_running_stage(tmp_path):
         import signal
         # a background shell starts its children with SIGINT ignored: restore Ctrl-C's handler
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        from ov_seg.engine.pipeline import Stage, run_stages
+        # the module alone (standard library only), not the ov_seg package: seconds of imports
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("pipeline", {str(PIPELINE)!r})
+        pipeline = sys.modules["pipeline"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(pipeline)
+        Stage, run_stages = pipeline.Stage, pipeline.run_stages
         run_stages([Stage("sleep", {stage!r})], {str(tmp_path / "job")!r})
         """)
     proc = subprocess.Popen([sys.executable, "-c", driver])

@@ -74,6 +74,12 @@ def test_proposal_train_then_eval(toyworld_root, tmp_path, one_thread):
         assert 0.0 <= recall[key] <= 1.0, key
     assert recall["num_gt_unseen"] > 0
     assert recall["AR@10"] <= recall["AR@50"] <= recall["AR@100"]
+    # the overall recall is the segment-weighted mean of the seen / unseen and things / stuff groups
+    for a_group, b_group in (("_seen", "_unseen"), ("_things", "_stuff")):
+        n_a, n_b = recall[f"num_gt{a_group}"], recall[f"num_gt{b_group}"]
+        assert n_a + n_b == recall["num_gt"]
+        mixed = (recall[f"AR@100{a_group}"] * n_a + recall[f"AR@100{b_group}"] * n_b) / (n_a + n_b)
+        assert recall["AR@100"] == pytest.approx(mixed, abs=1e-9)
     saved = json.loads(
         (out / "inference" / "toyworld_panoptic_val" / "proposal_recall.json").read_text()
     )

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from helpers import REPO
 from helpers import run_train_net as _run
@@ -64,6 +65,7 @@ def _last_logged_iteration(out):
     return max(r["iteration"] for r in rows if "total_loss" in r)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_result(toyworld_root, tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 

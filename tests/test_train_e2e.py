@@ -3,21 +3,23 @@ mIoU."""
 
 import json
 
-from helpers import REPO
+import pytest
+from helpers import REPO, assert_sem_seg_consistent
 from helpers import run_train_net as _run
 
 
+@pytest.mark.slow
 def test_semseg_train_then_eval(toyworld_root, tmp_path):
     out = tmp_path / "run"
     cfg_file = str(REPO / "configs/toyworld/semseg_R18.yaml")
-    common = ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATCH", "8"]
+    common = ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out), "SOLVER.IMS_PER_BATCH", "4"]
     _run(
         [
             "--config-file",
             cfg_file,
             *common,
             "SOLVER.MAX_ITER",
-            "40",
+            "20",
             "SOLVER.WARMUP_ITERS",
             "5",
             "SOLVER.BASE_LR",
@@ -40,5 +42,6 @@ def test_semseg_train_then_eval(toyworld_root, tmp_path):
             str(out / "model_final.pth"),
         ]
     )
-    assert 0.0 <= results["sem_seg"]["mIoU"] <= 100.0
+    # the summary follows from the per-class IoUs of the run (seen / unseen split included)
+    assert_sem_seg_consistent(results["sem_seg"], "toyworld_sem_seg_val")
     assert "fwIoU" in results["sem_seg"]

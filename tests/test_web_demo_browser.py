@@ -121,6 +121,7 @@ def _type_vocabulary(driver, text: str) -> None:
     box.send_keys(text)
 
 
+@pytest.mark.slow
 def test_upload_type_submit_and_read_the_result(app_url, browser, toyworld_root, tmp_path):
     from selenium.webdriver.common.by import By
 

@@ -20,7 +20,8 @@ encodes Q distinct crops.
 Stages (median of ``--iters`` runs after ``--warmup``): ``proposals`` (the proposal source),
 ``select`` (objectness skip + duplicate grouping), ``crop_prep`` (masked crops; 0 in single-pass
 mode), ``clip`` (image tower), ``text`` (the vocabulary from the memory cache), ``fusion``
-(ensemble, semantic + panoptic outputs). ``end_to_end`` is the median over runs of their sum.
+(ensemble, semantic + panoptic outputs), each recorded by the model's own ``inference`` into a
+``StageTimer`` (no copy of the forward here). ``end_to_end`` is the median over runs of their sum.
 
 Text (once, before the stage runs): ``text_cold_s`` encodes the vocabulary with empty caches (in
 every text classifier of the model: the CLIP branch's and the proposal head's, which share their
@@ -41,9 +42,8 @@ import resource
 import statistics
 import tempfile
 import time
-from collections import OrderedDict, defaultdict
-from contextlib import contextmanager
-from typing import Dict, List, Optional
+from collections import OrderedDict
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -51,6 +51,16 @@ from detectron2.data import MetadataCatalog
 from torch.utils.flop_counter import FlopCounterMode
 
 import ov_seg  # noqa: F401 (registration)
+from ov_seg.benchmark.stats import (
+    busy_cpu_s_from_proc_stat,
+    foreign_cpu_cores,
+    fraction_of_peak,
+    gflops_per_s,
+    matmul_gflops,
+    rate,
+    share,
+    weighted_flops,
+)
 from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.data.datasets.register_ade20k_full import ADE20K_847_CLASSES
 from ov_seg.engine import Trainer
@@ -59,7 +69,7 @@ from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.modeling.clip import MaskPromptVisionEncoder, normalize_clip
 from ov_seg.modeling.clip.quantize import replace_self_attention
 from ov_seg.modeling.heads.ensemble import with_background_name
-from ov_seg.modeling.heads.proposal_selection import duplicate_representatives
+from ov_seg.modeling.meta_arch.base import StageTimer
 from ov_seg.modeling.proposal_sources import Proposals
 from ov_seg.utils.threads import set_num_threads
 
@@ -137,11 +147,9 @@ def machine_busy_s() -> Optional[float]:
     """CPU seconds all processes of the machine spent busy (/proc/stat), or None."""
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
+            return busy_cpu_s_from_proc_stat(f.readline(), os.sysconf("SC_CLK_TCK"))
     except OSError:
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 class LoadMonitor:
@@ -163,36 +171,8 @@ class LoadMonitor:
             "loadavg_after": [round(v, 2) for v in os.getloadavg()],
         }
         if busy is not None and self.busy0 is not None:
-            out["foreign_cpu_cores"] = round(max(0.0, (busy - self.busy0) - own) / wall, 2)
+            out["foreign_cpu_cores"] = round(foreign_cpu_cores(busy - self.busy0, own, wall), 2)
         return out
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 (n x n) @ (n x n) GFLOP/s with the current threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
-class Timer:
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.ms: Dict[str, List[float]] = defaultdict(list)
-
-    @contextmanager
-    def __call__(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.ms[name].append(1000.0 * (time.perf_counter() - t0))
 
 
 # ---------------------------------------------------------------------------- model
@@ -277,50 +257,33 @@ def single_pass_flops_of(model, x, vocabulary, synthetic: Optional[Proposals]) -
     return counter.get_total_flops()
 
 
-def run_once(model, x, vocabulary, timer: Timer, synthetic: Optional[Proposals]) -> Dict[str, int]:
-    """One image through every stage of ``model.inference``, each stage timed."""
-    with timer("proposals"):
-        proposals = model.generate_proposals([x], vocabulary)
+def run_once(model, x, options, synthetic: Optional[Proposals]) -> Tuple[dict, dict]:
+    """One image through ``model.inference`` with a ``StageTimer`` that the model's own stages
+    record into; ``synthetic`` proposals replace the proposal source's output (a forward hook: the
+    source still runs and is timed).
+
+    Returns:
+        ({stage: ms}, the stage counts: proposals kept, masks and crops encoded, crops per size).
+    """
+    timer = StageTimer(model.device)
+    hook = None
     if synthetic is not None:
-        proposals = [synthetic._replace(class_probs=proposals[0].class_probs)]
-    with timer("select"):
-        proposals = [model.select_proposals(p) for p in proposals]
-        p = proposals[0]
-        unique, inverse = duplicate_representatives(
-            p.masks, p.scores, model.crop_classifier.mask_thr, model.duplicate_iou
+        hook = model.proposal_source.register_forward_hook(
+            lambda module, args, out: [synthetic._replace(class_probs=out[0].class_probs)]
         )
-        masks = [p.masks[unique]]
-    images = model.rgb_images([x])
-    crops_by_size = {}
-    if model.clip_mode == "crops":
-        with timer("crop_prep"):
-            groups = model.prepare_crop_groups(images, masks)
-        with timer("clip"):
-            embeds, valid = model.encode_crop_groups(groups, masks)
-        for g in groups:
-            size = int(g.crops.shape[-1])
-            crops_by_size[size] = crops_by_size.get(size, 0) + int(g.crops.shape[0])
-    else:
-        timer.ms["crop_prep"].append(0.0)
-        with timer("clip"):
-            embeds, valid = model.encode_single_pass(images, masks)
-    with timer("text"):
-        text = model.text_embeddings(vocabulary)
-    with timer("fusion"):
-        probs = model.clip_probabilities(embeds, text, valid)[0][inverse]
-        v = valid[0][inverse]
-        size = tuple(x["image"].shape[-2:])
-        model.fuse(p, probs, v, size, list(range(len(vocabulary))))
-    return {
-        "proposals_kept": int(p.masks.shape[0]),
-        "masks_encoded": int(unique.numel()),
-        "crops_encoded": int(valid[0].sum()),
-        "crops_by_size": crops_by_size,
-    }
+    try:
+        model.inference([x], options, timer)
+    finally:
+        if hook is not None:
+            hook.remove()
+    ms = {k: sum(timer.ms.get(k, [])) for k in STAGES}  # a stage may run in several parts
+    keys = ("proposals_kept", "masks_encoded", "crops_encoded", "crops_by_size")
+    return ms, {k: timer.counts.get(k, 0) for k in keys}
 
 
 def make_plain(model) -> None:
-    """Turn off every exact speed-up of ``model`` (the reference path of the benchmark)."""
+    """Turn off every exact speed-up of ``model`` (the reference path of the benchmark); the
+    duplicate sharing is turned off in the run's options (``main``)."""
     classifiers = text_classifiers(model)
     for tc in classifiers:
         tc.trim_context = False
@@ -328,7 +291,6 @@ def make_plain(model) -> None:
     for tc in classifiers[1:]:  # own caches again: the vocabulary is encoded by each classifier
         tc._cache, tc._name_cache, tc._weights_hash = OrderedDict(), {}, {"value": None}
     model.crop_classifier.resampler = "roi_align"
-    model.duplicate_iou = 1.01
 
 
 def build(args):
@@ -470,50 +432,54 @@ def main(argv=None):
         return result
 
     model.prepare_fast_modes()  # quantization (after every weight is loaded)
-    timer = Timer(device)
+    options = model.default_options.replace(vocabulary=tuple(vocabulary))
+    if args.plain:  # no duplicate sharing either
+        options = options.replace(fast=options.fast.replace(duplicate_iou=1.01))
     with grad_mode():
         single_pass_flops = None
         if model.clip_mode == "single_pass" and model.quantize == "none":
             single_pass_flops = single_pass_flops_of(model, x, vocabulary, synthetic)
         for _ in range(args.warmup):
-            run_once(model, x, vocabulary, Timer(device), synthetic)
+            run_once(model, x, options, synthetic)
         monitor = LoadMonitor().start()
-        counts = []
+        runs = []
         for i in range(args.iters):
-            counts.append(run_once(model, x, vocabulary, timer, synthetic))
-            stages = ", ".join(f"{k} {timer.ms[k][-1]:.0f}" for k in STAGES)
+            ms, counts = run_once(model, x, options, synthetic)
+            runs.append(ms)
+            stages = ", ".join(f"{k} {ms[k]:.0f}" for k in STAGES)
             print(f"run {i + 1}/{args.iters} (ms): {stages}", flush=True)
         load = monitor.stop()
     peak_after = matmul_gflops()
-    med = {k: statistics.median(timer.ms[k]) for k in STAGES}
-    totals = [sum(timer.ms[k][i] for k in STAGES) for i in range(args.iters)]
-    counts = counts[-1]
+    med = {k: statistics.median(r[k] for r in runs) for k in STAGES}
+    totals = [sum(r[k] for k in STAGES) for r in runs]
     clip_s = med["clip"] / 1e3
     peak = max(peak_before, peak_after)
     result.update(counts)
     result["ms_per_image"] = {k: round(med[k], 1) for k in STAGES}
     result["end_to_end_ms"] = round(statistics.median(totals), 1)
     result["end_to_end_runs_ms"] = [round(t, 1) for t in totals]
-    result["crop_prep_fraction_of_clip"] = round(med["crop_prep"] / max(med["clip"], 1e-9), 4)
-    result["crops_per_s"] = round(
-        counts["crops_encoded"] / max(clip_s + med["crop_prep"] / 1e3, 1e-9), 2
-    )
+    result["crop_prep_fraction_of_clip"] = round(share(med["crop_prep"], med["clip"]), 4)
+    result["crops_per_s"] = round(rate(counts["crops_encoded"], clip_s + med["crop_prep"] / 1e3), 2)
     result["matmul_gflops_per_s"] = {"before": round(peak_before, 1), "after": round(peak_after, 1)}
     if flops_crop is not None:
-        gflop = sum(flops_crop[s] * n for s, n in counts["crops_by_size"].items()) / 1e9
+        gflop = weighted_flops(flops_crop, counts["crops_by_size"]) / 1e9
     elif single_pass_flops is not None:
         gflop = single_pass_flops / 1e9
     else:
         gflop = None
     if gflop is not None:
         result["clip_gflop"] = round(gflop, 2)
-        result["clip_gflops_per_s"] = round(gflop / max(clip_s, 1e-9), 1)
-        result["clip_fraction_of_matmul"] = round(gflop / max(clip_s, 1e-9) / peak, 3)
+        result["clip_gflops_per_s"] = round(gflops_per_s(gflop * 1e9, clip_s), 1)
+        result["clip_fraction_of_matmul"] = round(
+            fraction_of_peak(gflops_per_s(gflop * 1e9, clip_s), peak), 3
+        )
     if executed_crop is not None:
         # the FLOPs that actually ran (nominal ones above: the whole tower, the issue's convention)
-        executed = sum(executed_crop[s] * n for s, n in counts["crops_by_size"].items()) / 1e9
+        executed = weighted_flops(executed_crop, counts["crops_by_size"]) / 1e9
         result["clip_executed_gflop"] = round(executed, 2)
-        result["clip_executed_fraction_of_matmul"] = round(executed / max(clip_s, 1e-9) / peak, 3)
+        result["clip_executed_fraction_of_matmul"] = round(
+            fraction_of_peak(gflops_per_s(executed * 1e9, clip_s), peak), 3
+        )
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)
     if device.type == "cuda":
         result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

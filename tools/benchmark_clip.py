@@ -19,6 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ov_seg.benchmark.stats import fraction_of_peak, gflops_per_s, matmul_gflops, rate, share
 from ov_seg.modeling.clip import (
     MaskPromptVisionEncoder,
     build_clip,
@@ -35,12 +36,6 @@ def _timeit(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """GFLOP/s of an fp32 (n x n) @ (n x n) matmul (2 n^3 FLOPs)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / _timeit(lambda: a @ b, repeats) / 1e9
 
 
 def random_masks(k: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -79,10 +74,10 @@ def bench_model(name: str, crops: int, repeats: int, image_size: int, depth: int
         "crops": n,
         "prep_s": t_prep,
         "clip_s": t_clip,
-        "crops_per_s": n / (t_prep + t_clip),
-        "prep_fraction": t_prep / (t_prep + t_clip),
+        "crops_per_s": rate(n, t_prep + t_clip),
+        "prep_fraction": share(t_prep, t_prep + t_clip),
         "clip_gflop": flops / 1e9,
-        "clip_gflops_per_s": flops / t_clip / 1e9,
+        "clip_gflops_per_s": gflops_per_s(flops, t_clip),
     }
 
 
@@ -106,7 +101,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    mm = matmul_gflops()
+    mm = matmul_gflops(1024)
     summary = {
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg()[0],
@@ -125,7 +120,7 @@ def main(argv=None):
     for name, image_size in zip(args.models, image_sizes):
         r = bench_model(name, args.crops, args.repeats, image_size, args.depth)
         r["image_size"] = image_size
-        r["fraction_of_matmul"] = r["clip_gflops_per_s"] / mm
+        r["fraction_of_matmul"] = fraction_of_peak(r["clip_gflops_per_s"], mm)
         summary["models"].append(r)
         print(
             f"{name:>20}: {r['crops']} crops of {r['crop_size']} px from a {image_size} px image: "

@@ -22,15 +22,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ov_seg.benchmark.stats import fraction_of_peak, gflops_per_s, matmul_gflops, rate
 from ov_seg.modeling.clip import MaskPromptVisionEncoder, build_clip, clip_sizes
 from ov_seg.modeling.clip.quantize import quantize_vision_linears, replace_self_attention
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_time(lambda: a @ b) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
 
 
 def _time(fn) -> float:
@@ -142,15 +136,15 @@ def main(argv=None):
         run(encoder, x[: min(batch, x.shape[0])], masks, batch, mode)  # warm-up
         times = [_time(lambda: run(encoder, x, masks, batch, mode)) for _ in range(args.repeats)]
         sec = statistics.median(times)
-        gflops = flop_per_crop * args.crops / sec / 1e9
+        gflops = gflops_per_s(flop_per_crop * args.crops, sec)
         r = {
             "variant": name,
             "threads": threads,
             "s_per_crop": sec / args.crops,
-            "crops_per_s": args.crops / sec,
+            "crops_per_s": rate(args.crops, sec),
             "gflops_per_s": gflops,
             "matmul_gflops_per_s": peak,
-            "fraction_of_matmul": gflops / peak,
+            "fraction_of_matmul": fraction_of_peak(gflops, peak),
             "loadavg": load,
         }
         out["variants"].append(r)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ov_seg.benchmark.stats import median_run, process_cpu_s_from_proc_pid_stat, rate, speedup
 from ov_seg.mining.captions import load_captions
 from ov_seg.mining.nouns import NounExtractor, noun_vocabulary
 
@@ -49,8 +50,8 @@ class Timer:
         t = os.times()
         total = t.user + t.system + t.children_user + t.children_system
         for pid in self.pids:  # utime + stime of a running worker, in clock ticks
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            total += process_cpu_s_from_proc_pid_stat(stat, os.sysconf("SC_CLK_TCK"))
         return total
 
     def __exit__(self, *exc):
@@ -98,12 +99,12 @@ def stage1(args) -> dict:
                     out = ex.extract(texts)
                 runs.append((t.wall, t.cpu))
             ex.close()
-            wall, cpu = sorted(runs)[len(runs) // 2]
+            wall, cpu = median_run(runs)
             outputs[chunker] = out
             results[f"{chunker}_x{n_process}"] = {
                 "captions": len(texts),
-                "wall_per_s": len(texts) / wall,
-                "cpu_per_s": len(texts) / cpu,
+                "wall_per_s": rate(len(texts), wall),
+                "cpu_per_s": rate(len(texts), cpu),
                 "startup_s": t0.wall,
                 "repeats": args.repeats,
             }
@@ -112,8 +113,9 @@ def stage1(args) -> dict:
         wall, cpu = r["wall_per_s"], r["cpu_per_s"]
         start = f"  (start-up {r['startup_s']:.1f} s)" if "startup_s" in r else ""
         print(
-            f"  {name:12s} {wall:8.0f} captions/s wall ({wall / base['wall_per_s']:5.1f}x naive) "
-            f"{cpu:8.0f} captions per CPU-s ({cpu / base['cpu_per_s']:5.1f}x){start}"
+            f"  {name:12s} {wall:8.0f} captions/s wall "
+            f"({speedup(wall, base['wall_per_s']):5.1f}x naive) "
+            f"{cpu:8.0f} captions per CPU-s ({speedup(cpu, base['cpu_per_s']):5.1f}x){start}"
         )
     same = sum(set(a) == set(b) for a, b in zip(outputs["parser"], outputs["tagger"]))
     vocab = noun_vocabulary(outputs["parser"])
@@ -141,6 +143,7 @@ def stage2(args) -> dict:
     from ov_seg.mining.nouns_job import run_nouns_job
     from ov_seg.mining.pairs_job import GroundTruthProposals, ModelProposals, run_pairs_job
     from ov_seg.modeling.clip import MaskedCropClassifier
+    from ov_seg.modeling.proposal_sources import build_proposal_source
 
     cfg = get_ov_seg_cfg()
     if args.config_file:
@@ -153,7 +156,7 @@ def stage2(args) -> dict:
     clf = MaskedCropClassifier(cfg).eval()
     proposals = GroundTruthProposals(args.gt_dataset) if args.proposals == "gt" else None
     if proposals is None:
-        proposals = ModelProposals(cfg)
+        proposals = ModelProposals(cfg, build_proposal_source(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         run_nouns_job(caps, NounExtractor(mode="chunk"), tmp, progress=False)
         with Timer() as t:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """MixReorg cost: fvcore FLOPs (multiply-adds, attention included: ``ov_seg.utils.flops``) of
-inference (mixed vs unmixed model) and of the training branches, and the wall time of a training step and of inference, with and without mixing. Prints one JSON
-line.
+inference (mixed vs unmixed model) and of the training branches, and the wall time of a training
+step and of inference, with and without mixing. Prints one JSON line.
 
     python tools/benchmark_mixreorg.py --config-file configs/toyworld/mixreorg.yaml --batch-size 128
     python tools/benchmark_mixreorg.py --config-file configs/mixreorg/mixreorg_vit_b16_coco.yaml \
@@ -98,7 +98,7 @@ def main(argv=None):
         m.train()
 
         def step(m=m):
-            losses = m.losses(images, texts)
+            losses = m.branch_losses(images, texts)
             sum(losses.values()).backward()
             for p in m.parameters():
                 p.grad = None

@@ -52,7 +52,6 @@ from ov_seg.data.image_io import UnreadableImageError, UnreadableImages, read_im
 from ov_seg.data.vocabulary import parse_vocabulary
 from ov_seg.engine.predictor import OVSegPredictor
 from ov_seg.engine.setup import get_ov_seg_cfg
-from ov_seg.modeling.heads.ensemble import with_background_name
 from ov_seg.modeling.postprocess import budget_bytes
 from ov_seg.utils.threads import set_num_threads
 from ov_seg.utils.visualize import draw_panoptic, draw_semantic, semantic_summary
@@ -256,7 +255,7 @@ class Demo:
         self.predictor = OVSegPredictor(cfg)
         self.model = self.predictor.model
         self.vocabulary = list(vocabulary)
-        self.final_vocabulary = with_background_name(self.vocabulary, self.model.background_name)
+        self.final_vocabulary = self.predictor.final_vocabulary(self.vocabulary)
         self.side_by_side = side_by_side
 
     def check_memory(self, path: str, height: int, width: int, scale: float = 1.0) -> None:

@@ -214,7 +214,9 @@ def _gt_proposals(cfg, args):
 
 
 def _model_proposals(cfg, args):
-    return ModelProposals(cfg, max_proposals=args.max_proposals)
+    from ov_seg.modeling.proposal_sources import build_proposal_source
+
+    return ModelProposals(cfg, build_proposal_source(cfg), max_proposals=args.max_proposals)
 
 
 # --proposals value -> (MODEL.TWO_STAGE.PROPOSAL_SOURCE or None, builder(cfg, args))

@@ -3,9 +3,9 @@
 ov_seg.modeling.calibration) of single-stage models (PACL, MGCA, MixReorg) on held-out images.
 
 For every ``--method NAME=CONFIG:WEIGHTS:OPTS`` (WEIGHTS may be empty; OPTS are config overrides,
-split like a shell command line), each image is segmented once per γ of the grid and scored into one
-confusion matrix per (image set, γ); the parts of the model that do not depend on γ (the methods its
-class lists in ``CALIBRATION_INVARIANT``) are computed once per image. With ``--holdout``, a 2-fold
+split like a shell command line), each image is encoded once (``model.encode_inputs``) and scored
+once per γ of the grid (``model.predict`` with ``InferenceOptions(seen_gamma=γ)``) into one
+confusion matrix per (image set, γ). With ``--holdout``, a 2-fold
 cross-validation picks γ on one image set and scores it on the other, both ways, pooled: every image
 is scored by a γ that was not chosen on it ('calibrated'); 'uncalibrated' is γ = 0 on the same
 images (the plain model). Writes ``OUTPUT/NAME/search.json``; progress is saved every ``--save-
@@ -45,6 +45,7 @@ from ov_seg.evaluation.grid_search import (
     search_key,
 )
 from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
+from ov_seg.modeling.meta_arch.base import OpenVocabSegmentor
 from ov_seg.utils.semseg import label_map
 from ov_seg.utils.threads import set_num_threads
 
@@ -77,61 +78,10 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _same(a, b) -> bool:
-    """Equal call arguments: tensors by value (and dtype / shape), containers element-wise."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.shape == b.shape
-            and a.dtype == b.dtype
-            and torch.equal(a, b)
-        )
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return type(a) is type(b) and a == b
-
-
-class InputMemo:
-    """Wraps a model method: a call whose arguments equal those of an earlier call since the last
-    ``clear()`` returns that call's output (the method must not depend on anything else that
-    changes in between, here: the calibration γ)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.entries: List = []
-        self.hits = 0
-
-    def clear(self) -> None:
-        self.entries = []
-
-    def __call__(self, *args, **kwargs):
-        for a, k, out in self.entries:
-            if _same(a, args) and _same(k, kwargs):
-                self.hits += 1
-                return out
-        out = self.fn(*args, **kwargs)
-        self.entries.append((args, kwargs, out))
-        return out
-
-
-def memoize_invariants(model) -> List[InputMemo]:
-    """Replace the model's ``CALIBRATION_INVARIANT`` methods by ``InputMemo`` wrappers (instance
-    attributes); returns the wrappers."""
-    memos = []
-    for name in getattr(type(model), "CALIBRATION_INVARIANT", ()):
-        memo = InputMemo(getattr(model, name))
-        setattr(model, name, memo)
-        memos.append(memo)
-    return memos
-
-
 def search_method(name: str, config: str, weights: str, opts: List[str], args) -> Dict:
     """Run the γ search of one method; write and return its summary."""
     cfg, model = build_method(get_ov_seg_cfg(), config, weights, opts)
-    if not hasattr(model, "seen_calibration"):
+    if not isinstance(model, OpenVocabSegmentor) or not hasattr(model, "encode_inputs"):
         raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} has no seen-class calibration")
     set_num_threads(cfg.RUNTIME.NUM_THREADS)
     calibration = model.seen_calibration
@@ -166,24 +116,22 @@ def search_method(name: str, config: str, weights: str, opts: List[str], args) -
     state_path = out_dir / "search_state.npz"
     key = search_key(cfg, [args.gammas], args, dataset, len(dicts))
     start, conf = load_state(state_path, key, conf, args.resume)
-    memos = memoize_invariants(model)
+    options = [model.default_options.replace(seen_gamma=float(g)) for g in args.gammas]
     with torch.inference_mode():
         for i in tqdm(range(start, len(dicts)), initial=start, total=len(dicts), desc=name):
             d = dicts[i]
             x = mapper(d)
             gt = read_label_image(d["sem_seg_file_name"]).astype(np.int64)
             gt[gt == ignore] = n - 1
-            for g, gamma in enumerate(args.gammas):
-                calibration.gamma = float(gamma)
-                sem_seg = model([x])[0]["sem_seg"]
+            encoded = model.encode_inputs([x])  # γ changes only the scoring
+            for g, opts in enumerate(options):
+                sem_seg = model.predict(encoded, opts)[0]["sem_seg"]
                 if tuple(sem_seg.shape[-2:]) != gt.shape:
                     raise SystemExit(f"{d['file_name']}: output {sem_seg.shape}, truth {gt.shape}")
                 pred = label_map(sem_seg).cpu().numpy()
                 conf[parts[i], g] += np.bincount(
                     n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n
                 ).reshape(n, n)
-            for memo in memos:
-                memo.clear()
             if (i + 1) % args.save_every == 0 and i + 1 < len(dicts):
                 save_state(state_path, key, i + 1, conf)
     save_state(state_path, key, len(dicts), conf)

@@ -51,8 +51,6 @@ from ov_seg.evaluation.grid_search import (
     search_key,
 )
 from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
-from ov_seg.modeling.calibration import SeenCalibration
-from ov_seg.modeling.heads.ensemble import with_background_name
 from ov_seg.utils.semseg import label_map
 from ov_seg.utils.threads import set_num_threads
 
@@ -109,9 +107,18 @@ class GridScorer:
         self.gammas = list(gammas)
         self.num_classes = num_classes
         self.ignore_label = ignore_label
-        # one calibration per γ, with the model's seen names (γ > 0 without them: a clear error)
-        seen = model.seen_calibration.seen_names
-        self.calibrations = [SeenCalibration(gamma=g, seen_names=seen) for g in self.gammas]
+        # the options of every grid point (validated here: γ > 0 without seen names fails)
+        base = model.default_options
+        self.options = [
+            [
+                [base.replace(mask_thr=float(t), seen_gamma=float(g), ensemble_weight=float(w))
+                 for w in self.weights]
+                for g in self.gammas
+            ]
+            for t in self.mask_thrs
+        ]  # fmt: skip
+        for g in self.gammas:
+            model.calibration(base.replace(seen_gamma=float(g)))
         n = num_classes + 1
         # (part, MASK_THR, γ, λ, prediction, ground truth); part 0 = search images, 1 = held-out
         self.conf = np.zeros(
@@ -123,15 +130,11 @@ class GridScorer:
         """Score one mapped input against its (H, W) ground truth for every grid point, into the
         confusion matrices of ``part`` (0: search images, 1: held-out images)."""
         model = self.model
-        vocabulary = with_background_name(model.input_vocabulary(x), model.background_name)
+        vocabulary = model.vocabulary(x)
         if len(vocabulary) != self.num_classes:
             raise ValueError(
                 f"vocabulary of {len(vocabulary)} names, dataset of {self.num_classes} classes"
             )
-        # the model's own stages, fast modes (MODEL.TWO_STAGE.FAST) included
-        proposals = model.select_proposals(model.generate_proposals([x], vocabulary)[0])
-        images = model.rgb_images([x])
-        use_clip = max(self.weights) > 0
         size = tuple(x["image"].shape[-2:])
         output_size = (int(x.get("height", size[0])), int(x.get("width", size[1])))
         if tuple(gt.shape) != output_size:
@@ -141,28 +144,19 @@ class GridScorer:
         gt = gt.astype(np.int64).copy()
         gt[gt == self.ignore_label] = self.num_classes
         n = self.num_classes + 1
-        biases = [
-            c.bias(vocabulary, model.device) if c.enabled else None for c in self.calibrations
-        ]
-        for t, thr in enumerate(self.mask_thrs):
-            clip_probs = valid = None
+        # the model's own stages, fast modes (MODEL.TWO_STAGE.FAST) included: the proposals once,
+        # the CLIP branch once per MASK_THR, the fusion once per (λ, γ)
+        proposals = model.encode_proposals([x], model.default_options)
+        use_clip = max(self.weights) > 0
+        for t, per_gamma in enumerate(self.options):
+            encoded = proposals
             if use_clip:
-                model.crop_classifier.mask_thr = float(thr)
-                probs, valids = model.clip_branch(images, [proposals], vocabulary)
-                clip_probs, valid = probs[0], valids[0]
-            for g, bias in enumerate(biases):
-                for w, weight in enumerate(self.weights):
-                    if weight == 0.0 and t > 0:
+                encoded = model.encode_clip_inputs(proposals, per_gamma[0][0])
+            for g, per_weight in enumerate(per_gamma):
+                for w, options in enumerate(per_weight):
+                    if options.ensemble_weight == 0.0 and t > 0:
                         continue  # λ = 0 does not depend on MASK_THR (see fix_zero_weight)
-                    out = model.fuse(
-                        proposals,
-                        clip_probs,
-                        valid,
-                        output_size,
-                        [],
-                        ensemble_weight=weight,
-                        class_bias=bias,
-                    )
+                    out = model.predict(encoded, options)[0]
                     pred = label_map(out["sem_seg"]).cpu().numpy()
                     self.conf[part, t, g, w] += np.bincount(
                         n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n

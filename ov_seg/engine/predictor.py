@@ -1,13 +1,13 @@
 """``OVSegPredictor``: one trained model segmenting single images with any vocabulary (the demo's
 and the web demo's predictor; detectron2's ``DefaultPredictor`` with a vocabulary).
 
-Works with every model of the project whose test forward takes detectron2 inputs with a
-``vocabulary`` field: ``TwoStageOVSeg`` (semantic and panoptic output, a background name appended
+Works with every ``OpenVocabSegmentor`` (the vocabulary goes in the call's ``InferenceOptions``):
+``TwoStageOVSeg`` (semantic and panoptic output, a background name appended
 to a single class name), ``PACL``, ``MGCA`` and ``MixReorg`` (semantic output only; a single class
 name labels every pixel).
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from ov_seg.checkpoint import SafeCheckpointer
 from ov_seg.engine.trainer import Trainer
+from ov_seg.modeling.meta_arch.base import InferenceOptions
 from ov_seg.utils.semseg import label_map
 
 __all__ = ["OVSegPredictor", "NO_LABEL"]
@@ -50,13 +51,29 @@ class OVSegPredictor:
         """An image in the model's input format as contiguous RGB."""
         return np.ascontiguousarray(image[:, :, ::-1] if self.input_format == "BGR" else image)
 
-    def __call__(self, image: np.ndarray, vocabulary: Sequence[str], file_name: str = "") -> dict:
+    def options(self, vocabulary: Sequence[str]) -> InferenceOptions:
+        """The model's default options with ``vocabulary``."""
+        return self.model.default_options.replace(vocabulary=tuple(vocabulary))
+
+    def final_vocabulary(self, vocabulary: Sequence[str]) -> List[str]:
+        """The names the output channels refer to (the two-stage model appends a background name
+        to a single class)."""
+        return self.model.vocabulary({}, self.options(vocabulary))
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        vocabulary: Sequence[str],
+        file_name: str = "",
+        options: Optional[InferenceOptions] = None,
+    ) -> dict:
         """Segment one image.
 
         Args:
             image: (H, W, 3) uint8 in the model's input format (``cfg.INPUT.FORMAT``).
             vocabulary: the class names.
             file_name: recorded in the input (models may name it in messages).
+            options: the other inference options (default: the config's).
 
         Returns:
             The model's output (``sem_seg`` (K, H, W) scores, or (H, W) labels past
@@ -70,10 +87,10 @@ class OVSegPredictor:
             "height": height,
             "width": width,
             "file_name": file_name,
-            "vocabulary": list(vocabulary),
         }
+        options = (options or self.model.default_options).replace(vocabulary=tuple(vocabulary))
         with torch.no_grad():
-            out = dict(self.model([x])[0])
+            out = dict(self.model([x], options=options)[0])
         out.setdefault("vocabulary", list(vocabulary))
         return out
 

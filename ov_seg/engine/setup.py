@@ -4,17 +4,18 @@ from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 
-from ov_seg.config import add_ov_seg_config
+from ov_seg.config import OVSegCfgNode, add_ov_seg_config
 from ov_seg.utils.threads import set_num_threads
 
 __all__ = ["get_ov_seg_cfg", "setup_cfg"]
 
 
 def get_ov_seg_cfg():
-    """detectron2's default config + every ov_seg node."""
+    """detectron2's default config + every ov_seg node, as an ``OVSegCfgNode`` (renamed keys of
+    ``ov_seg.config.DEPRECATED_KEYS`` still merge, with a warning)."""
     cfg = get_cfg()
     add_ov_seg_config(cfg)
-    return cfg
+    return OVSegCfgNode(cfg)  # every node of one type: yacs merges a node only into its own type
 
 
 def setup_cfg(args, default_setup_enabled: bool = True):

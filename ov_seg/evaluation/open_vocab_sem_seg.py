@@ -16,6 +16,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+import cv2
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
@@ -103,6 +104,55 @@ def sem_seg_metrics(
     return res
 
 
+def binary_boundary(mask: np.ndarray, dilation_ratio: float = 0.02) -> np.ndarray:
+    """The inner boundary band of a binary mask (Boundary IoU, Cheng et al. 2021): the mask pixels
+    within ``d = max(1, round(dilation_ratio * image diagonal))`` pixels of its outside (the image
+    border counts as outside).
+
+    Args:
+        mask: (H, W) bool.
+
+    Returns:
+        (H, W) bool.
+    """
+    h, w = mask.shape
+    d = max(1, int(round(dilation_ratio * np.sqrt(h * h + w * w))))
+    padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1:-1, 1:-1]
+    return mask & (eroded == 0)
+
+
+def boundary_intersection_union(
+    pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int, dilation_ratio: float = 0.02
+):
+    """Per-class Boundary IoU counts of one image: for each class c, the boundary bands of
+    ``pred == c`` and ``gt == c`` (``binary_boundary``), pixels labelled ``ignore`` in ``gt``
+    left out; intersection and union pixel counts.
+
+    detectron2's ``SemSegEvaluator`` erodes the whole label map at once, which mixes classes (a
+    pixel's "boundary label" becomes a difference of class ids); Boundary IoU is defined per class.
+
+    Args:
+        pred, gt: (H, W) integer labels; ``gt`` may hold ``ignore``.
+        num_classes: C.
+
+    Returns:
+        ``(intersection, union)``, each (C,) int64.
+    """
+    inter = np.zeros(num_classes, dtype=np.int64)
+    union = np.zeros(num_classes, dtype=np.int64)
+    valid = gt != ignore
+    for c in np.union1d(np.unique(pred[valid]), np.unique(gt[valid])):
+        c = int(c)
+        if not 0 <= c < num_classes:
+            continue
+        b_pred = binary_boundary(pred == c, dilation_ratio) & valid
+        b_gt = binary_boundary(gt == c, dilation_ratio) & valid
+        inter[c] = np.count_nonzero(b_pred & b_gt)
+        union[c] = np.count_nonzero(b_pred | b_gt)
+    return inter, union
+
+
 class OpenVocabSemSegEvaluator(SemSegEvaluator):
     """detectron2's ``SemSegEvaluator`` for 8/16-bit ground truth, with seen/unseen mIoU and hIoU.
 
@@ -112,7 +162,7 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
     complement), ``prepare_cmd`` (named in errors about the ground truth).
 
     Results under ``"sem_seg"``: ``mIoU``, ``fwIoU``, ``mACC``, ``pACC``, per-class ``IoU-*`` /
-    ``ACC-*`` (and ``BoundaryIoU-*`` below 255 classes, as detectron2), plus ``mIoU-seen``,
+    ``ACC-*`` (and per-class ``BoundaryIoU-*`` below 255 classes), plus ``mIoU-seen``,
     ``mIoU-unseen``, ``hIoU`` with a split. ``output_dir`` receives ``per_class_iou.csv``,
     ``sem_seg_evaluation.pth`` and (``save_predictions``) detectron2's ``sem_seg_predictions.json``.
     """
@@ -153,6 +203,11 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
             if seen_class_ids is None:
                 seen_class_ids = meta.get("seen_class_ids", None)
         self._seen, self._unseen = self._check_split(seen_class_ids, unseen_class_ids)
+
+    def reset(self):
+        super().reset()
+        self._b_inter = np.zeros(self._num_classes, dtype=np.int64)
+        self._b_union = np.zeros(self._num_classes, dtype=np.int64)
 
     def _check_split(self, seen, unseen):
         if unseen is None:
@@ -237,12 +292,9 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
                 (n + 1) * pred.reshape(-1) + gt.reshape(-1), minlength=self._conf_matrix.size
             ).reshape(self._conf_matrix.shape)
             if self._compute_boundary_iou:
-                b_gt = self._mask_to_boundary(gt.astype(np.uint8))
-                b_pred = self._mask_to_boundary(pred.astype(np.uint8))
-                self._b_conf_matrix += np.bincount(
-                    (n + 1) * b_pred.reshape(-1) + b_gt.reshape(-1),
-                    minlength=self._conf_matrix.size,
-                ).reshape(self._conf_matrix.shape)
+                inter, union = boundary_intersection_union(pred, gt, n, ignore=n)
+                self._b_inter += inter
+                self._b_union += union
             if self._save_predictions:
                 self._predictions.extend(self.encode_json_sem_seg(pred, file_name))
 
@@ -251,12 +303,14 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
         if self._distributed:
             synchronize()
             conf_list = all_gather(self._conf_matrix)
-            b_conf_list = all_gather(self._b_conf_matrix)
+            b_inter_list = all_gather(self._b_inter)
+            b_union_list = all_gather(self._b_union)
             predictions = all_gather(self._predictions)
             if not is_main_process():
                 return None
             self._conf_matrix = np.sum(conf_list, axis=0)
-            self._b_conf_matrix = np.sum(b_conf_list, axis=0)
+            self._b_inter = np.sum(b_inter_list, axis=0)
+            self._b_union = np.sum(b_union_list, axis=0)
             self._predictions = list(itertools.chain(*predictions))
         res = sem_seg_metrics(self._conf_matrix, self._class_names, self._seen, self._unseen)
         if self._compute_boundary_iou:
@@ -273,11 +327,9 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
         return OrderedDict({"sem_seg": res})
 
     def _add_boundary_iou(self, res: Dict[str, float]) -> None:
-        conf = self._b_conf_matrix[:-1, :-1].astype(np.float64)
-        tp = np.diagonal(conf)
-        union = conf.sum(axis=0) + conf.sum(axis=1) - tp
         for i, name in enumerate(self._class_names):
-            b_iou = 100 * tp[i] / union[i] if union[i] > 0 else float("nan")
+            union = self._b_union[i]
+            b_iou = 100.0 * self._b_inter[i] / union if union > 0 else float("nan")
             res[f"BoundaryIoU-{name}"] = float(b_iou)
             res[f"min(IoU, B-Iou)-{name}"] = float(min(res[f"IoU-{name}"], b_iou))
 

@@ -137,17 +137,19 @@ class ModelProposals:
     Images are resized as at test time (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``); the mask
     probabilities are resized back to the original image.
 
+    The source is built by the caller (``ov_seg.modeling.proposal_sources.build_proposal_source``):
+    mining does not import the models.
+
     Args:
         cfg: a config with the proposal generator (e.g. ``configs/toyworld/two_stage_R18.yaml``).
+        source: the proposal source built from ``cfg``; moved to ``MODEL.DEVICE``, eval mode.
         max_proposals: keep the proposals with the highest objectness (0 = all).
     """
 
-    def __init__(self, cfg, max_proposals: int = 0):
+    def __init__(self, cfg, source, max_proposals: int = 0):
         from detectron2.data import transforms as T
 
-        from ov_seg.modeling.proposal_sources import build_proposal_source
-
-        self.source = build_proposal_source(cfg).to(cfg.MODEL.DEVICE).eval()
+        self.source = source.to(cfg.MODEL.DEVICE).eval()
         self.input_format = cfg.INPUT.FORMAT
         self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         self.max_proposals = int(max_proposals)
@@ -359,8 +361,6 @@ def run_pairs_job(
     Returns:
         the summary (written to ``pairs_summary.json`` when the job is complete).
     """
-    from ov_seg.modeling.clip import CLIP_PIXEL_MEAN
-
     start_t = time.perf_counter()
     records = read_nouns_file(nouns_file)
     params = {
@@ -391,7 +391,7 @@ def run_pairs_job(
     if max_chunks is not None:
         pending = pending[: max(0, int(max_chunks))]
     embeddings = NounEmbeddings(crop_classifier.text_classifier)
-    fill = tuple(int(round(c)) for c in CLIP_PIXEL_MEAN)
+    fill = tuple(int(round(c)) for c in crop_classifier.pixel_mean)
     bar = tqdm(
         total=sum(len(job.chunk_range(k)) for k in pending),
         unit="img",

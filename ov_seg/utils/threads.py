@@ -7,11 +7,16 @@ import torch
 
 
 def free_cores() -> int:
-    """CPU cores this process may use (affinity mask when available)."""
+    """CPU cores this process may use: the affinity mask, capped by ``OMP_NUM_THREADS`` when the
+    environment sets it (the usual way to leave cores to other jobs on a shared machine)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        cores = min(cores, int(env))
+    return max(1, cores)
 
 
 def set_num_threads(num_threads: int = 0, num_processes: int = 1) -> int:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from .builder import build_clip_from_cfg, clip_sizes, load_mask_prompts
+from .builder import CLIP_PIXEL_MEAN, build_clip_from_cfg, clip_sizes, load_mask_prompts
 from .mask_prompt import MaskPromptVisionEncoder
 from .masked_crops import prepare_masked_crops_batch
 from .text_classifier import TextClassifier
@@ -76,6 +76,9 @@ class MaskedCropClassifier(nn.Module):
         resampler: crop resampler of ``prepare_masked_crops`` ("separable"; "roi_align" is the
             reference).
     """
+
+    # RGB 0-255 mean of CLIP's normalisation: the value masked-out pixels of a crop take
+    pixel_mean: Tuple[float, float, float] = CLIP_PIXEL_MEAN
 
     @configurable
     def __init__(
@@ -186,6 +189,7 @@ class MaskedCropClassifier(nn.Module):
         images: Sequence[torch.Tensor],
         masks: Sequence[torch.Tensor],
         size: Optional[int] = None,
+        mask_thr: Optional[float] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """Masked crops of every image in one batched pass (see ``prepare_masked_crops_batch``).
 
@@ -193,6 +197,7 @@ class MaskedCropClassifier(nn.Module):
             images: B tensors (3, H_i, W_i), RGB 0-255.
             masks: B tensors (K_i, H_i, W_i), soft or bool.
             size: crop side S (a ``check_crop_size`` value); None = ``crop_size``.
+            mask_thr: binarisation threshold of soft masks; None = ``mask_thr``.
 
         Returns:
             crops (N, 3, S, S), crop masks (N, S, S) bool, and B valid flags (K_i,) (N = valid
@@ -204,7 +209,7 @@ class MaskedCropClassifier(nn.Module):
         out = prepare_masked_crops_batch(
             [img.to(device) for img in images],
             [m.to(device) for m in masks],
-            self.mask_thr,
+            self.mask_thr if mask_thr is None else float(mask_thr),
             self.expand_ratio,
             self.crop_size if size is None else size,
             self.square_crop,

@@ -21,6 +21,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .text_tower import text_tower_modules
+
 __all__ = ["TextEmbeddingCache", "text_tower_hash", "text_tower_tensors"]
 
 logger = logging.getLogger(__name__)
@@ -31,8 +33,6 @@ CACHE_VERSION = 1
 
 def text_tower_tensors(clip_model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, tensor) of everything the text embedding of an open_clip model depends on."""
-    from .text_classifier import text_tower_modules
-
     for i, module in enumerate(text_tower_modules(clip_model)):
         for key, value in module.state_dict(keep_vars=False).items():
             yield f"m{i}.{key}", value

@@ -23,7 +23,7 @@ rounding):
 
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import nn
 
 from .text_cache import TextEmbeddingCache, text_tower_hash
+from .text_tower import text_tower_modules, text_tower_parameters
 from .tokenizer import CLIPTokenizer, build_tokenizer
 
 __all__ = [
@@ -69,6 +70,16 @@ VILD_TEMPLATES = (
 TEMPLATE_SETS: Dict[str, Tuple[str, ...]] = {
     "vild": VILD_TEMPLATES,
     "imagenet": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
+    # CLIP's 7-template ensemble as quoted for PACL (its class embeddings and prompt augmentation)
+    "clip7": (
+        "itap of a {}.",
+        "a bad photo of the {}.",
+        "a origami {}.",
+        "a photo of the large {}.",
+        "{} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+    ),
     "single": ("a photo of a {}.",),
     # the toy world's caption style (object-centric captions: "a photo of a red star"); every token
     # of these templates occurs in the toy world's training captions
@@ -95,26 +106,6 @@ def resolve_templates(templates: Union[str, Sequence[str]]) -> Tuple[str, ...]:
             f"templates must be a non-empty sequence of strings containing '{{}}': {templates}"
         )
     return templates
-
-
-def text_tower_modules(clip_model: nn.Module) -> List[nn.Module]:
-    """The modules of an open_clip model's text tower (``CLIP`` or ``CustomTextCLIP``)."""
-    text = getattr(clip_model, "text", None)
-    if isinstance(text, nn.Module):
-        return [text]
-    return [clip_model.token_embedding, clip_model.transformer, clip_model.ln_final]
-
-
-def text_tower_parameters(clip_model: nn.Module) -> List[nn.Parameter]:
-    """Parameters of an open_clip model's text tower (modules, positional embedding, projection)."""
-    params = [p for m in text_tower_modules(clip_model) for p in m.parameters()]
-    for name in ("positional_embedding", "text_projection"):
-        value = getattr(clip_model, name, None)
-        if isinstance(value, nn.Parameter):
-            params.append(value)
-        elif isinstance(value, nn.Module):
-            params.extend(value.parameters())
-    return params
 
 
 def token_lengths(tokens: torch.Tensor) -> torch.Tensor:

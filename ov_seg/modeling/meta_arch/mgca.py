@@ -31,14 +31,13 @@ scored by the threshold ``TEST.BG_THRESH`` on the maximum class probability (TCL
 import logging
 import random
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from timm.layers import LayerNorm2d
@@ -46,8 +45,6 @@ from torch import nn
 
 from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.clip import (
-    CLIP_PIXEL_MEAN,
-    CLIP_PIXEL_STD,
     TextClassifier,
     build_clip_from_cfg,
     clip_sizes,
@@ -66,9 +63,14 @@ from ov_seg.modeling.losses.mgca import (
     pixel_level_loss,
     region_level_loss,
 )
-from ov_seg.modeling.postprocess import budget_bytes, semantic_postprocess
+from ov_seg.modeling.meta_arch.base import (
+    InferenceOptions,
+    OpenVocabSegmentor,
+    SlidingWindow,
+    default_test_vocabulary,
+)
 
-__all__ = ["MGCA", "MGCADecoder", "DenseCLIPEncoder"]
+__all__ = ["MGCA", "MGCADecoder", "MGCALossConfig", "MGCATestConfig", "DenseCLIPEncoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,18 +198,110 @@ class MGCADecoder(nn.Module):
         return x + self.layers(x)
 
 
+@dataclass(frozen=True)
+class MGCALossConfig:
+    """Training settings of MGCA's three levels (``MODEL.MGCA``).
+
+    Attributes:
+        grounding_init: initial (w, β) of the grounding m = σ(w·cos + β).
+        logit_scale_init, max_logit_scale: initial 1/τ of the learnable logit scale, its clamp.
+        loss_weights: (λ_obj, λ_reg, λ_pix); a zero weight skips that level.
+        k_neg: k_n hardest negatives per L_hn (<= 0: all valid negatives).
+        k_pix: k_pix positive / hard-negative pixels per entity (<= 0: all qualifying).
+        num_meta_points: N_meta, meta-points per image; meta_iters / meta_temperature: soft
+            k-means (also the adaptive unit's at inference).
+        pos_thresh, neg_thresh: θ_pos, θ_neg.
+        filter_cross_image_units: drop other images' meta-points that would be positive units of
+            the entity from its negatives.
+    """
+
+    grounding_init: Tuple[float, float] = (10.0, -2.5)
+    logit_scale_init: float = 1.0 / 0.07
+    max_logit_scale: float = 100.0
+    loss_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    k_neg: int = 16
+    k_pix: int = 32
+    num_meta_points: int = 16
+    meta_iters: int = 3
+    meta_temperature: float = 0.1
+    pos_thresh: float = 0.5
+    neg_thresh: float = 0.2
+    filter_cross_image_units: bool = True
+
+    @classmethod
+    def from_config(cls, mc) -> "MGCALossConfig":
+        """From the ``MODEL.MGCA`` node."""
+        return cls(
+            grounding_init=tuple(mc.GROUNDING_INIT),
+            logit_scale_init=mc.LOGIT_SCALE_INIT,
+            max_logit_scale=mc.LOGIT_SCALE_MAX,
+            loss_weights=tuple(mc.LOSS_WEIGHTS),
+            k_neg=mc.K_NEG,
+            k_pix=mc.K_PIX,
+            num_meta_points=mc.NUM_META_POINTS,
+            meta_iters=mc.META_ITERS,
+            meta_temperature=mc.META_TEMPERATURE,
+            pos_thresh=mc.POS_THRESH,
+            neg_thresh=mc.NEG_THRESH,
+            filter_cross_image_units=mc.FILTER_CROSS_IMAGE_UNITS,
+        )
+
+
+@dataclass(frozen=True)
+class MGCATestConfig:
+    """Inference settings of MGCA (``MODEL.MGCA.TEST``).
+
+    Attributes:
+        unit_mode: "adaptive", "group" or "pixel" (``UNIT_PREDICTORS``).
+        unit_num: initial units of the adaptive semantic unit; group_num: groups of the "group"
+            mode.
+        unit_purity, unit_max_splits: ρ threshold and split depth of the adaptive unit.
+        unit_impure_leaf: "pixel" (the pixels of a still impure leaf keep their scores) or "unit"
+            (they take the leaf's scores).
+        background_name, bg_thresh: a vocabulary entry with this name gets the constant
+            probability ``bg_thresh`` instead of a text score (``bg_thresh`` 0 with such an entry:
+            never chosen).
+        slide_window, slide_stride: sliding-window inference in pixels (0 = whole image);
+            multiples of the patch size.
+    """
+
+    unit_mode: str = "adaptive"
+    unit_num: int = 32
+    group_num: int = 8
+    unit_purity: float = 0.6
+    unit_max_splits: int = 2
+    unit_impure_leaf: str = "pixel"
+    background_name: str = "background"
+    bg_thresh: float = 0.0
+    slide_window: int = 0
+    slide_stride: int = 0
+
+    @classmethod
+    def from_config(cls, mc) -> "MGCATestConfig":
+        """From the ``MODEL.MGCA`` node (its ``TEST`` sub-node; UNIT_NUM 0 = 2 N_meta)."""
+        t = mc.TEST
+        return cls(
+            unit_mode=t.UNIT_MODE,
+            unit_num=t.UNIT_NUM or 2 * mc.NUM_META_POINTS,
+            group_num=t.GROUP_NUM,
+            unit_purity=t.UNIT_PURITY,
+            unit_max_splits=t.UNIT_MAX_SPLITS,
+            unit_impure_leaf=t.UNIT_IMPURE_LEAF,
+            background_name=t.BACKGROUND_NAME,
+            bg_thresh=t.BG_THRESH,
+            slide_window=t.SLIDE_WINDOW,
+            slide_stride=t.SLIDE_STRIDE,
+        )
+
+
 @META_ARCH_REGISTRY.register()
-class MGCA(nn.Module):
+class MGCA(OpenVocabSegmentor):
     """MGCA meta-architecture (see the module doc).
 
     Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry
     ``captions`` (list of str, one drawn per step), test inputs a ``vocabulary`` (class names;
     default: the first test dataset's ``stuff_classes``).
     """
-
-    # methods whose outputs do not depend on ``seen_calibration``: a calibration search may
-    # reuse them for the same inputs (tools/search_calibration.py)
-    CALIBRATION_INVARIANT = ("dense_features", "class_cosines")
 
     @configurable
     def __init__(
@@ -220,28 +314,8 @@ class MGCA(nn.Module):
         noun_extractor: Callable[[Sequence[str]], Sequence[Sequence[str]]],
         max_entities: int = 3,
         entity_template: str = "a photo of a {}.",
-        grounding_init: Tuple[float, float] = (10.0, -2.5),
-        logit_scale_init: float = 1.0 / 0.07,
-        max_logit_scale: float = 100.0,
-        loss_weights: Tuple[float, float, float] = (1.0, 1.0, 1.0),
-        k_neg: int = 16,
-        k_pix: int = 32,
-        num_meta_points: int = 16,
-        meta_iters: int = 3,
-        meta_temperature: float = 0.1,
-        pos_thresh: float = 0.5,
-        neg_thresh: float = 0.2,
-        filter_cross_image_units: bool = True,
-        unit_mode: str = "adaptive",
-        unit_num: int = 32,
-        group_num: int = 8,
-        unit_purity: float = 0.6,
-        unit_max_splits: int = 2,
-        unit_impure_leaf: str = "pixel",
-        background_name: str = "background",
-        bg_thresh: float = 0.0,
-        slide_window: int = 0,
-        slide_stride: int = 0,
+        loss_config: MGCALossConfig = MGCALossConfig(),
+        test_config: MGCATestConfig = MGCATestConfig(),
         default_vocabulary: Sequence[str] = (),
         text_cache_size: int = 65536,
         seen_calibration: Optional[SeenCalibration] = None,
@@ -258,27 +332,8 @@ class MGCA(nn.Module):
             max_entities: J_max, entities per image (a random subset in training when the caption
                 has more).
             entity_template: prompt of an entity, "{}" = the chunk without its determiner.
-            grounding_init: initial (w, β) of the grounding m = σ(w·cos + β).
-            logit_scale_init, max_logit_scale: initial 1/τ of the learnable logit scale, its clamp.
-            loss_weights: (λ_obj, λ_reg, λ_pix); a zero weight skips that level.
-            k_neg: k_n hardest negatives per L_hn (<= 0: all valid negatives).
-            k_pix: k_pix positive / hard-negative pixels per entity (<= 0: all qualifying).
-            num_meta_points: N_meta, meta-points per image; meta_iters / meta_temperature: soft
-                k-means.
-            pos_thresh, neg_thresh: θ_pos, θ_neg.
-            filter_cross_image_units: drop other images' meta-points that would be positive units of
-                the entity from its negatives.
-            unit_mode: "adaptive", "group" or "pixel" (``UNIT_PREDICTORS``).
-            unit_num: initial units of the adaptive semantic unit; group_num: groups of the "group"
-                mode.
-            unit_purity, unit_max_splits: ρ threshold and split depth of the adaptive unit.
-            unit_impure_leaf: "pixel" (the pixels of a still impure leaf keep their scores) or
-                "unit" (they take the leaf's scores).
-            background_name, bg_thresh: a vocabulary entry with this name gets the constant
-                probability ``bg_thresh`` instead of a text score (``bg_thresh`` 0 with such an
-                entry: never chosen).
-            slide_window, slide_stride: sliding-window inference in pixels (0 = whole image);
-                multiples of the patch size.
+            loss_config: the training settings (``MGCALossConfig``).
+            test_config: the inference settings (``MGCATestConfig``).
             default_vocabulary: class names for test inputs without a ``vocabulary`` field.
             text_cache_size: caption / entity embeddings kept in memory (the text tower is frozen).
             seen_calibration: calibrated stacking of the seen names' logits at inference; None =
@@ -287,8 +342,9 @@ class MGCA(nn.Module):
                 (``TEST.MEMORY_BUDGET_MB``; 0 = unbounded): larger ``sem_seg`` outputs become label
                 maps (``ov_seg.modeling.postprocess.semantic_postprocess``).
         """
-        super().__init__()
-        self.output_budget = budget_bytes(memory_budget_mb)
+        unit_mode, unit_impure_leaf = test_config.unit_mode, test_config.unit_impure_leaf
+        loss_weights = loss_config.loss_weights
+        slide_window, slide_stride = test_config.slide_window, test_config.slide_stride
         if unit_mode not in UNIT_PREDICTORS:
             raise KeyError(
                 f"Unknown MODEL.MGCA.TEST.UNIT_MODE {unit_mode!r}; "
@@ -310,6 +366,13 @@ class MGCA(nn.Module):
                 f"SLIDE_WINDOW ({slide_window}) and SLIDE_STRIDE ({slide_stride}) must be "
                 f"multiples of the patch size {patch} with 0 < stride <= window"
             )
+        super().__init__(
+            seen_calibration=seen_calibration,
+            default_vocabulary=default_vocabulary,
+            memory_budget_mb=memory_budget_mb,
+            background_names=(test_config.background_name,),
+            size_divisibility=patch,
+        )
         self.clip = clip_model
         self.text_classifier = TextClassifier(clip_model, templates)
         self.encoder = encoder
@@ -317,37 +380,36 @@ class MGCA(nn.Module):
         self.noun_extractor = noun_extractor
         self.max_entities = int(max_entities)
         self.entity_template = entity_template
-        self.grounding_w = nn.Parameter(torch.tensor(float(grounding_init[0])))
-        self.grounding_b = nn.Parameter(torch.tensor(float(grounding_init[1])))
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)).log())
-        self.max_logit_scale = max_logit_scale
+        self.grounding_w = nn.Parameter(torch.tensor(float(loss_config.grounding_init[0])))
+        self.grounding_b = nn.Parameter(torch.tensor(float(loss_config.grounding_init[1])))
+        self.logit_scale = nn.Parameter(torch.tensor(float(loss_config.logit_scale_init)).log())
+        self.max_logit_scale = loss_config.max_logit_scale
         self.loss_weights = tuple(float(w) for w in loss_weights)
-        self.k_neg, self.k_pix = int(k_neg), int(k_pix)
-        self.num_meta_points = int(num_meta_points)
-        self.meta_iters, self.meta_temperature = int(meta_iters), float(meta_temperature)
-        self.pos_thresh, self.neg_thresh = float(pos_thresh), float(neg_thresh)
-        self.filter_cross_image_units = bool(filter_cross_image_units)
+        self.k_neg, self.k_pix = int(loss_config.k_neg), int(loss_config.k_pix)
+        self.num_meta_points = int(loss_config.num_meta_points)
+        self.meta_iters = int(loss_config.meta_iters)
+        self.meta_temperature = float(loss_config.meta_temperature)
+        self.pos_thresh, self.neg_thresh = float(loss_config.pos_thresh), float(
+            loss_config.neg_thresh
+        )
+        self.filter_cross_image_units = bool(loss_config.filter_cross_image_units)
         self.unit_mode = unit_mode
         self.unit_settings = {
-            "num_units": int(unit_num),
-            "num_groups": int(group_num),
-            "purity": float(unit_purity),
-            "max_splits": int(unit_max_splits),
+            "num_units": int(test_config.unit_num),
+            "num_groups": int(test_config.group_num),
+            "purity": float(test_config.unit_purity),
+            "max_splits": int(test_config.unit_max_splits),
             "impure_leaf": unit_impure_leaf,
-            "iters": int(meta_iters),
-            "temperature": float(meta_temperature),
+            "iters": self.meta_iters,
+            "temperature": self.meta_temperature,
         }
-        self.background_name = background_name
-        self.bg_thresh = float(bg_thresh)
-        self.slide_window, self.slide_stride = int(slide_window), int(slide_stride)
-        self.default_vocabulary = list(default_vocabulary)
+        self.background_name = test_config.background_name
+        self.bg_thresh = float(test_config.bg_thresh)
+        self.slide = SlidingWindow(slide_window, slide_stride)
         self.text_cache_size = int(text_cache_size)
-        self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
         self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         # new weights (MODEL.WEIGHTS, resume) invalidate the cached text embeddings
         self.register_load_state_dict_post_hook(lambda module, keys: module._text_cache.clear())
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
 
     @classmethod
     def from_config(cls, cfg):
@@ -359,9 +421,6 @@ class MGCA(nn.Module):
         sizes = clip_sizes(clip_model)
         encoder = DenseCLIPEncoder(clip_model.visual, mc.FREEZE_AT, mc.VALUE_PATH)
         decoder = MGCADecoder(sizes.embed_dim, mc.DECODER_LAYERS, mc.DECODER_UPSAMPLE)
-        vocabulary = []
-        if cfg.DATASETS.TEST:
-            vocabulary = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes", None) or []
         return {
             "clip_model": clip_model,
             "templates": cfg.MODEL.CLIP.TEMPLATES,
@@ -370,36 +429,12 @@ class MGCA(nn.Module):
             "noun_extractor": NounExtractor(mode=mc.ENTITY_MODE, chunker=mc.ENTITY_CHUNKER),
             "max_entities": mc.MAX_ENTITIES,
             "entity_template": mc.ENTITY_TEMPLATE,
-            "grounding_init": tuple(mc.GROUNDING_INIT),
-            "logit_scale_init": mc.LOGIT_SCALE_INIT,
-            "max_logit_scale": mc.MAX_LOGIT_SCALE,
-            "loss_weights": tuple(mc.LOSS_WEIGHTS),
-            "k_neg": mc.K_NEG,
-            "k_pix": mc.K_PIX,
-            "num_meta_points": mc.NUM_META_POINTS,
-            "meta_iters": mc.META_ITERS,
-            "meta_temperature": mc.META_TEMPERATURE,
-            "pos_thresh": mc.POS_THRESH,
-            "neg_thresh": mc.NEG_THRESH,
-            "filter_cross_image_units": mc.FILTER_CROSS_IMAGE_UNITS,
-            "unit_mode": mc.TEST.UNIT_MODE,
-            "unit_num": mc.TEST.UNIT_NUM or 2 * mc.NUM_META_POINTS,
-            "group_num": mc.TEST.GROUP_NUM,
-            "unit_purity": mc.TEST.UNIT_PURITY,
-            "unit_max_splits": mc.TEST.UNIT_MAX_SPLITS,
-            "unit_impure_leaf": mc.TEST.UNIT_IMPURE_LEAF,
-            "background_name": mc.TEST.BACKGROUND_NAME,
-            "bg_thresh": mc.TEST.BG_THRESH,
-            "slide_window": mc.TEST.SLIDE_WINDOW,
-            "slide_stride": mc.TEST.SLIDE_STRIDE,
-            "default_vocabulary": vocabulary,
+            "loss_config": MGCALossConfig.from_config(mc),
+            "test_config": MGCATestConfig.from_config(mc),
+            "default_vocabulary": default_test_vocabulary(cfg),
             "seen_calibration": SeenCalibration(cfg),
             "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
         }
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
 
     def _apply(self, fn, *args, **kwargs):
         self._text_cache.clear()  # cached embeddings live on the old device / dtype
@@ -416,16 +451,6 @@ class MGCA(nn.Module):
         return clamped_logit_scale(self.logit_scale, self.max_logit_scale)
 
     # ------------------------------------------------------------------ inputs
-    def preprocess_images(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalise with CLIP's statistics and pad to a multiple of the patch size."""
-        images = []
-        for x in batched_inputs:
-            image = x["image"].to(self.device).float()
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"expected an image (3, H, W), got {tuple(image.shape)}")
-            images.append((image - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, self.encoder.patch_size)
-
     def pixel_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Z = g(f_v(images)): (B, 3, H, W) normalised -> (B, D, up·H/p, up·W/p)."""
         return self.decoder(self.encoder(images))
@@ -469,15 +494,8 @@ class MGCA(nn.Module):
         """
         captions, entity_texts, image_index = [], [], []
         for i, x in enumerate(batched_inputs):
-            caps = x.get("captions")
-            if not caps:
-                raise ValueError(
-                    f"training input {i} (image_id {x.get('image_id')}) has no 'captions': train "
-                    "MGCA on a caption dataset with INPUT.DATASET_MAPPER_NAME caption"
-                )
-            caps = [caps] if isinstance(caps, str) else list(caps)
-            caption = caps[int(torch.randint(len(caps), ()))]
-            captions.append(caption)
+            k, caps = self.draw_caption(x, i)
+            captions.append(caps[k])
         for i, ents in enumerate(self.entities(captions)):
             entity_texts.extend(ents)
             image_index.extend([i] * len(ents))
@@ -487,15 +505,14 @@ class MGCA(nn.Module):
         return emb[:b], emb[b:], index, entity_texts
 
     # ------------------------------------------------------------------ training
-    def forward(self, batched_inputs: List[Dict]):
+    def losses(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        """The level losses of a caption batch (``level_losses``)."""
         images = self.preprocess_images(batched_inputs)
-        if not self.training:
-            return self.inference(batched_inputs, images)
         caption_emb, entity_emb, image_index, entity_texts = self.texts(batched_inputs)
         z = self.pixel_embeddings(images.tensor)
-        return self.losses(z, caption_emb, entity_emb, image_index, entity_texts)
+        return self.level_losses(z, caption_emb, entity_emb, image_index, entity_texts)
 
-    def losses(
+    def level_losses(
         self,
         z: torch.Tensor,
         caption_emb: torch.Tensor,
@@ -581,74 +598,47 @@ class MGCA(nn.Module):
         storage.put_scalar("mgca/pos_pixels", float(corr.pos_pixels_valid.sum(1).float().mean()))
 
     # ------------------------------------------------------------------ inference
-    def _window_starts(self, size: int) -> List[int]:
-        win, stride = self.slide_window, self.slide_stride
-        if size <= win:
-            return [0]
-        return sorted(set(list(range(0, size - win, stride)) + [size - win]))
-
     def dense_features(self, image: torch.Tensor) -> torch.Tensor:
         """Z of one normalised image (3, H, W) (H, W multiples of the patch size): (D, h', w'),
-        averaged over sliding windows when ``slide_window`` is set and the image is larger."""
-        h, w = image.shape[-2:]
-        if self.slide_window <= 0 or max(h, w) <= self.slide_window:
+        averaged over sliding windows when ``slide`` is on and the image is larger."""
+        if not self.slide.active(*image.shape[-2:]):
             return self.pixel_embeddings(image[None])[0]
         stride = self.encoder.patch_size // self.decoder.upsample  # feature stride in pixels
-        win = self.slide_window
-        out, count = None, None
-        for y in self._window_starts(h):
-            for x in self._window_starts(w):
-                z = self.pixel_embeddings(image[None, :, y : y + win, x : x + win])[0]
-                if out is None:
-                    out = z.new_zeros(z.shape[0], h // stride, w // stride)
-                    count = z.new_zeros(1, h // stride, w // stride)
-                fy, fx = y // stride, x // stride
-                out[:, fy : fy + z.shape[1], fx : fx + z.shape[2]] += z
-                count[:, fy : fy + z.shape[1], fx : fx + z.shape[2]] += 1
-        return out / count.clamp_min(1)
+        return self.slide.average(image, lambda crop: self.pixel_embeddings(crop[None])[0], stride)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """``dense_features``: (D, h', w'), independent of the vocabulary and of the options."""
+        return self.dense_features(image)
 
     def class_cosines(self, features: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """(K, h', w') unit-text cosines of one feature map (D, h', w') for K class names (no
         background entry), with the configured unit."""
-        class_emb = self.text_classifier(list(names)).to(features.device)
+        class_emb = self.text_embeddings(names).to(features.device)
         return UNIT_PREDICTORS[self.unit_mode](features, class_emb, **self.unit_settings)
 
-    def class_scores(self, features: torch.Tensor, vocabulary: Sequence[str]) -> torch.Tensor:
-        """Class probabilities (K, h', w') of one feature map, with the configured unit."""
-        text_ids = [k for k, name in enumerate(vocabulary) if name != self.background_name]
-        if not text_ids:
-            raise ValueError(f"the vocabulary holds only the background name: {list(vocabulary)}")
-        names = [vocabulary[k] for k in text_ids]
+    def class_scores(
+        self,
+        features: torch.Tensor,
+        vocabulary: Sequence[str],
+        options: Optional[InferenceOptions] = None,
+    ) -> torch.Tensor:
+        """Class probabilities (K, h', w') of one feature map, with the configured unit; a
+        background entry gets the constant ``bg_thresh``."""
+        text_ids, names = self.split_background(vocabulary)
         cosines = self.class_cosines(features, names)
-        probs = self.seen_calibration.apply(cosines * self.scale(), names).softmax(dim=0)
+        calibration = self.calibration(self.resolve_options(options))
+        probs = calibration.apply(cosines * self.scale(), names).softmax(dim=0)
         if len(text_ids) == len(vocabulary):
             return probs
         full = probs.new_full((len(vocabulary), *probs.shape[1:]), self.bg_thresh)
         full[text_ids] = probs
         return full
 
-    def inference(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        """``sem_seg`` (K, height, width) class probabilities per input (K = its vocabulary)."""
-        results = []
-        for i, x in enumerate(batched_inputs):
-            vocabulary = list(x.get("vocabulary") or self.default_vocabulary)
-            if not vocabulary:
-                raise ValueError(
-                    "MGCA inference needs a vocabulary: a 'vocabulary' field in the input (the "
-                    "semantic mapper adds it) or DATASETS.TEST metadata with stuff_classes"
-                )
-            image = images.tensor[i]
-            scores = self.class_scores(self.dense_features(image), vocabulary)
-            scores = F.interpolate(
-                scores[None], size=image.shape[-2:], mode="bilinear", align_corners=False
-            )[0]
-            image_size = images.image_sizes[i]
-            height = x.get("height", image_size[0])
-            width = x.get("width", image_size[1])
-            results.append(
-                semantic_postprocess(scores, image_size, (height, width), self.output_budget)
-            )
-        return results
+    def score(
+        self, encoded: torch.Tensor, vocabulary: Sequence[str], options: InferenceOptions
+    ) -> torch.Tensor:
+        """``class_scores`` at the feature resolution (K, h', w') (``postprocess`` upsamples)."""
+        return self.class_scores(encoded, vocabulary, options)
 
     def extra_repr(self) -> str:
         return (

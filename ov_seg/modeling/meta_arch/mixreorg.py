@@ -30,24 +30,17 @@ the built CLIP model.
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
-from detectron2.structures import ImageList
 from torch import nn
 
 from ov_seg.modeling.calibration import SeenCalibration
-from ov_seg.modeling.clip import (
-    CLIP_PIXEL_MEAN,
-    CLIP_PIXEL_STD,
-    TextClassifier,
-    build_clip_from_cfg,
-    clip_sizes,
-)
+from ov_seg.modeling.clip import TextClassifier, build_clip_from_cfg, clip_sizes
 from ov_seg.modeling.heads.grouping import GroupingViT, token_to_segment
 from ov_seg.modeling.losses.contrastive import clamped_logit_scale, info_nce
 from ov_seg.modeling.losses.mixing import (
@@ -58,9 +51,14 @@ from ov_seg.modeling.losses.mixing import (
     restore_tokens,
     tuple_mean,
 )
-from ov_seg.modeling.postprocess import budget_bytes, semantic_postprocess
+from ov_seg.modeling.meta_arch.base import (
+    InferenceOptions,
+    OpenVocabSegmentor,
+    SlidingWindow,
+    default_test_vocabulary,
+)
 
-__all__ = ["MixReorg"]
+__all__ = ["MixReorg", "MixingConfig", "MixReorgLossConfig", "MixReorgTestConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +70,118 @@ _RESTORE_GROUP_TOKENS = {
 }
 
 
+@dataclass(frozen=True)
+class MixingConfig:
+    """How MixReorg mixes a training batch (``MODEL.MIXREORG``).
+
+    Attributes:
+        mixing: train with mixing (False: the original branch and L_orig only).
+        num_mix_images: M, images per mixing tuple.
+        mix_cell: c, mixing cell side in tokens.
+        mix_shares: share of cells per tuple member; empty = uniform.
+        restore_group_tokens: group tokens of the restored sequences, "tuple_mean" or "original".
+        seg_negatives: captions L_seg classifies a mixed token among: "tuple" (its mixing tuple's,
+            the paper) or "batch" (every caption of the batch).
+    """
+
+    mixing: bool = True
+    num_mix_images: int = 2
+    mix_cell: int = 1
+    mix_shares: Tuple[float, ...] = ()
+    restore_group_tokens: str = "tuple_mean"
+    seg_negatives: str = "tuple"
+
+    @classmethod
+    def from_config(cls, mc) -> "MixingConfig":
+        """From the ``MODEL.MIXREORG`` node."""
+        return cls(
+            mixing=mc.MIXING,
+            num_mix_images=mc.NUM_MIX_IMAGES,
+            mix_cell=mc.MIX_CELL,
+            mix_shares=tuple(mc.MIX_SHARES),
+            restore_group_tokens=mc.RESTORE_GROUP_TOKENS,
+            seg_negatives=mc.SEG_NEGATIVES,
+        )
+
+
+@dataclass(frozen=True)
+class MixReorgLossConfig:
+    """MixReorg's loss settings (``MODEL.MIXREORG``).
+
+    Attributes:
+        hard_negatives: add the inputs' ``hard_negatives`` captions as extra text negatives of
+            L_orig and L_rest.
+        orig_weight, rest_weight, seg_weight: W_ORIG, W_REST, W_SEG.
+        logit_scale_init: initial 1/τ of the learnable logit scale; max_logit_scale: its clamp.
+        noun_weight: weight of the group-level multi-label noun-prompt loss (0 = off).
+        noun_pool_temp: temperature of the softmax pooling of group-prompt similarities over the
+            groups (0 = max).
+    """
+
+    hard_negatives: bool = False
+    orig_weight: float = 1.0
+    rest_weight: float = 1.0
+    seg_weight: float = 1.0
+    logit_scale_init: float = 1.0 / 0.07
+    max_logit_scale: float = 100.0
+    noun_weight: float = 0.0
+    noun_pool_temp: float = 0.1
+
+    @classmethod
+    def from_config(cls, mc) -> "MixReorgLossConfig":
+        """From the ``MODEL.MIXREORG`` node."""
+        return cls(
+            hard_negatives=mc.HARD_NEGATIVES,
+            orig_weight=mc.ORIG_WEIGHT,
+            rest_weight=mc.REST_WEIGHT,
+            seg_weight=mc.SEG_WEIGHT,
+            logit_scale_init=mc.LOGIT_SCALE_INIT,
+            max_logit_scale=mc.LOGIT_SCALE_MAX,
+            noun_weight=mc.NOUN_PROMPTS.WEIGHT,
+            noun_pool_temp=mc.NOUN_PROMPTS.POOL_TEMP,
+        )
+
+
+@dataclass(frozen=True)
+class MixReorgTestConfig:
+    """MixReorg's inference settings (``MODEL.MIXREORG.TEST``).
+
+    Attributes:
+        topk_classes: group classification is restricted to the image's top-k classes (0 = off).
+        bg_thresh: background threshold for a vocabulary entry named ``background_name``.
+        background_name: the vocabulary name scored by the threshold instead of by text.
+        slide_window, slide_stride: sliding windows in pixels (0 = whole image).
+        soft_inference: pixels take the assignment-weighted mix of the groups' class scores
+            instead of their argmax group's.
+    """
+
+    topk_classes: int = 5
+    bg_thresh: float = 0.95
+    background_name: str = "background"
+    slide_window: int = 0
+    slide_stride: int = 0
+    soft_inference: bool = False
+
+    @classmethod
+    def from_config(cls, mc) -> "MixReorgTestConfig":
+        """From the ``MODEL.MIXREORG`` node (its ``TEST`` sub-node)."""
+        t = mc.TEST
+        return cls(
+            topk_classes=t.TOPK_CLASSES,
+            bg_thresh=t.BG_THRESH,
+            background_name=t.BACKGROUND_NAME,
+            slide_window=t.SLIDE_WINDOW,
+            slide_stride=t.SLIDE_STRIDE,
+            soft_inference=t.SOFT_ASSIGNMENT,
+        )
+
+
 @META_ARCH_REGISTRY.register()
-class MixReorg(nn.Module):
+class MixReorg(OpenVocabSegmentor):
     """MixReorg meta-architecture (see module doc). Inputs are detectron2 dicts with ``image``
     (3, H, W) uint8 RGB; training inputs carry ``captions`` (list of str, one drawn per step), test
     inputs a ``vocabulary`` (list of class names; default: the first test dataset's
     ``stuff_classes``)."""
-
-    # methods whose outputs do not depend on ``seen_calibration``: a calibration search may
-    # reuse them for the same inputs (tools/search_calibration.py)
-    CALIBRATION_INVARIANT = ("encode_image",)
 
     @configurable
     def __init__(
@@ -90,29 +190,12 @@ class MixReorg(nn.Module):
         clip_model: nn.Module,
         templates: Union[str, Sequence[str]],
         encoder: GroupingViT,
-        mixing: bool = True,
-        num_mix_images: int = 2,
-        mix_cell: int = 1,
-        mix_shares: Sequence[float] = (),
-        restore_group_tokens: str = "tuple_mean",
-        hard_negatives: bool = False,
-        orig_weight: float = 1.0,
-        rest_weight: float = 1.0,
-        seg_weight: float = 1.0,
-        logit_scale_init: float = 1.0 / 0.07,
-        max_logit_scale: float = 100.0,
-        topk_classes: int = 5,
-        bg_thresh: float = 0.95,
-        background_name: str = "background",
-        slide_window: int = 0,
-        slide_stride: int = 0,
+        mixing_config: MixingConfig = MixingConfig(),
+        loss_config: MixReorgLossConfig = MixReorgLossConfig(),
+        test_config: MixReorgTestConfig = MixReorgTestConfig(),
         default_vocabulary: Sequence[str] = (),
-        seg_negatives: str = "tuple",
         noun_extractor: Optional[Callable[[Sequence[str]], List[List[str]]]] = None,
         noun_datasets: Sequence[str] = (),
-        noun_weight: float = 0.0,
-        noun_pool_temp: float = 0.1,
-        soft_inference: bool = False,
         seen_calibration: Optional[SeenCalibration] = None,
         memory_budget_mb: float = 0.0,
     ):
@@ -122,42 +205,23 @@ class MixReorg(nn.Module):
                 removed); the text tower encodes captions and class names, frozen.
             templates: prompt templates for class names, a set name or a list (``TextClassifier``).
             encoder: the ``GroupingViT`` image encoder.
-            mixing: train with mixing (False: the original branch and L_orig only).
-            num_mix_images: M, images per mixing tuple.
-            mix_cell: c, mixing cell side in tokens.
-            mix_shares: share of cells per tuple member; empty = uniform.
-            restore_group_tokens: group tokens of the restored sequences, "tuple_mean" or
-                "original".
-            hard_negatives: add the inputs' ``hard_negatives`` captions as extra text negatives of
-                L_orig and L_rest.
-            orig_weight, rest_weight, seg_weight: W_ORIG, W_REST, W_SEG.
-            logit_scale_init: initial 1/τ of the learnable logit scale.
-            max_logit_scale: clamp of the logit scale.
-            topk_classes: inference restricts group classification to the image's top-k classes
-                (0 = off).
-            bg_thresh: background threshold for a vocabulary entry named ``background_name``.
-            background_name: the vocabulary name scored by the threshold instead of by text.
-            slide_window: sliding-window side in pixels at inference (0 = whole image).
-            slide_stride: sliding-window stride in pixels.
+            mixing_config: how training batches are mixed (``MixingConfig``).
+            loss_config: the loss settings (``MixReorgLossConfig``).
+            test_config: the inference settings (``MixReorgTestConfig``).
             default_vocabulary: class names for test inputs without a ``vocabulary`` field.
-            seg_negatives: captions L_seg classifies a mixed token among: "tuple" (its mixing
-                tuple's, the paper) or "batch" (every caption of the batch).
             noun_extractor: captions → nouns of each (``ov_seg.mining.NounExtractor``); None = no
                 noun-prompt loss.
             noun_datasets: caption datasets whose nouns are parsed once before training.
-            noun_weight: weight of the group-level multi-label noun-prompt loss (0 = off).
-            noun_pool_temp: temperature of the softmax pooling of group-prompt similarities over
-                the groups (0 = max).
-            soft_inference: pixels take the assignment-weighted mix of the groups' class scores
-                instead of their argmax group's.
             seen_calibration: calibrated stacking of the seen names' logits at inference (the
                 group logits and the image-level top-k ranking); None = off.
             memory_budget_mb: MiB of full-resolution output maps per image
                 (``TEST.MEMORY_BUDGET_MB``; 0 = unbounded): larger ``sem_seg`` outputs become label
                 maps (``ov_seg.modeling.postprocess.semantic_postprocess``).
         """
-        super().__init__()
-        self.output_budget = budget_bytes(memory_budget_mb)
+        num_mix_images = mixing_config.num_mix_images
+        restore_group_tokens = mixing_config.restore_group_tokens
+        seg_negatives = mixing_config.seg_negatives
+        noun_weight = loss_config.noun_weight
         if num_mix_images < 1:
             raise ValueError(f"NUM_MIX_IMAGES must be >= 1, got {num_mix_images}")
         if restore_group_tokens not in _RESTORE_GROUP_TOKENS:
@@ -169,31 +233,41 @@ class MixReorg(nn.Module):
             raise ValueError(f"SEG_NEGATIVES must be 'tuple' or 'batch', got {seg_negatives!r}")
         if noun_weight > 0 and noun_extractor is None:
             raise ValueError("NOUN_PROMPTS.WEIGHT > 0 needs a noun extractor")
-        if slide_window > 0 and not 0 < slide_stride <= slide_window:
-            raise ValueError(f"SLIDE_STRIDE must lie in (0, SLIDE_WINDOW], got {slide_stride}")
+        super().__init__(
+            seen_calibration=seen_calibration,
+            default_vocabulary=default_vocabulary,
+            memory_budget_mb=memory_budget_mb,
+            background_names=(test_config.background_name,),
+            size_divisibility=encoder.patch_size,
+        )
+        self.slide = SlidingWindow(test_config.slide_window, test_config.slide_stride)
         self.clip = clip_model
         self.clip.requires_grad_(False)
         self.text_classifier = TextClassifier(clip_model, templates)
         self.encoder = encoder
-        self.mixing = mixing
+        self.mixing = mixing_config.mixing
         self.num_mix_images = num_mix_images
-        self.mix_cell = mix_cell
-        self.mix_shares = list(mix_shares)
+        self.mix_cell = mixing_config.mix_cell
+        self.mix_shares = list(mixing_config.mix_shares)
         self.restore_group_tokens = restore_group_tokens
-        self.hard_negatives = hard_negatives
-        self.orig_weight, self.rest_weight, self.seg_weight = orig_weight, rest_weight, seg_weight
-        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)).log())
-        self.max_logit_scale = max_logit_scale
-        self.topk_classes = topk_classes
-        self.bg_thresh = bg_thresh
-        self.background_name = background_name
-        self.slide_window, self.slide_stride = slide_window, slide_stride
-        self.default_vocabulary = list(default_vocabulary)
         self.seg_negatives = seg_negatives
+        lc = loss_config
+        self.hard_negatives = lc.hard_negatives
+        self.orig_weight, self.rest_weight, self.seg_weight = (
+            lc.orig_weight,
+            lc.rest_weight,
+            lc.seg_weight,
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(float(lc.logit_scale_init)).log())
+        self.max_logit_scale = lc.max_logit_scale
+        self.noun_weight = noun_weight
+        self.noun_pool_temp = lc.noun_pool_temp
+        self.topk_classes = test_config.topk_classes
+        self.bg_thresh = test_config.bg_thresh
+        self.background_name = test_config.background_name
+        self.soft_inference = test_config.soft_inference
         self.noun_extractor = noun_extractor
         self.noun_datasets = tuple(noun_datasets)
-        self.noun_weight = noun_weight
-        self.noun_pool_temp = noun_pool_temp
         from ov_seg.mining.nouns import CaptionNounTable  # spaCy and the datasets: at first use
 
         # caption -> nouns (the datasets are parsed at the first call)
@@ -202,10 +276,6 @@ class MixReorg(nn.Module):
             if noun_extractor is not None
             else None
         )
-        self.soft_inference = soft_inference
-        self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
 
     @classmethod
     def from_config(cls, cfg):
@@ -236,43 +306,19 @@ class MixReorg(nn.Module):
                 mode=mc.NOUN_PROMPTS.NOUN_MODE, chunker=mc.NOUN_PROMPTS.CHUNKER
             )
             noun_datasets = tuple(cfg.DATASETS.TRAIN) if mc.NOUN_PROMPTS.DATASET_CACHE else ()
-        vocabulary = []
-        if cfg.DATASETS.TEST:
-            vocabulary = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes", None) or []
         return {
             "clip_model": clip_model,
             "templates": cfg.MODEL.CLIP.TEMPLATES,
             "encoder": encoder,
-            "mixing": mc.MIXING,
-            "num_mix_images": mc.NUM_MIX_IMAGES,
-            "mix_cell": mc.MIX_CELL,
-            "mix_shares": mc.MIX_SHARES,
-            "restore_group_tokens": mc.RESTORE_GROUP_TOKENS,
-            "hard_negatives": mc.HARD_NEGATIVES,
-            "orig_weight": mc.ORIG_WEIGHT,
-            "rest_weight": mc.REST_WEIGHT,
-            "seg_weight": mc.SEG_WEIGHT,
-            "logit_scale_init": mc.LOGIT_SCALE_INIT,
-            "max_logit_scale": mc.MAX_LOGIT_SCALE,
-            "topk_classes": mc.TEST.TOPK_CLASSES,
-            "bg_thresh": mc.TEST.BG_THRESH,
-            "background_name": mc.TEST.BACKGROUND_NAME,
-            "slide_window": mc.TEST.SLIDE_WINDOW,
-            "slide_stride": mc.TEST.SLIDE_STRIDE,
-            "default_vocabulary": vocabulary,
+            "mixing_config": MixingConfig.from_config(mc),
+            "loss_config": MixReorgLossConfig.from_config(mc),
+            "test_config": MixReorgTestConfig.from_config(mc),
+            "default_vocabulary": default_test_vocabulary(cfg),
             "seen_calibration": SeenCalibration(cfg),
-            "seg_negatives": mc.SEG_NEGATIVES,
+            "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
             "noun_extractor": noun_extractor,
             "noun_datasets": noun_datasets,
-            "noun_weight": mc.NOUN_PROMPTS.WEIGHT,
-            "noun_pool_temp": mc.NOUN_PROMPTS.POOL_TEMP,
-            "soft_inference": mc.TEST.SOFT_ASSIGNMENT,
-            "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
         }
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -280,29 +326,12 @@ class MixReorg(nn.Module):
         return self
 
     # ------------------------------------------------------------------ inputs
-    def preprocess_images(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalise with CLIP's statistics and pad to a multiple of the patch size."""
-        images = []
-        for x in batched_inputs:
-            image = x["image"].to(self.device).float()
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"expected an image (3, H, W), got {tuple(image.shape)}")
-            images.append((image - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, self.encoder.patch_size)
-
     def pick_captions(self, batched_inputs: List[Dict]) -> Tuple[List[str], List[str]]:
         """One caption per image, drawn at random among its own, and (with ``hard_negatives``) the
         hard-negative caption aligned with it (a random one when they are not aligned)."""
         texts, negatives = [], []
         for i, x in enumerate(batched_inputs):
-            caps = x.get("captions")
-            if not caps:
-                raise ValueError(
-                    f"training input {i} (image_id {x.get('image_id')}) has no 'captions': train "
-                    "MixReorg on a caption dataset with INPUT.DATASET_MAPPER_NAME caption"
-                )
-            caps = [caps] if isinstance(caps, str) else list(caps)
-            k = int(torch.randint(len(caps), ()))
+            k, caps = self.draw_caption(x, i)
             texts.append(caps[k])
             negs = list(x.get("hard_negatives") or [])
             if self.hard_negatives and negs:
@@ -362,14 +391,13 @@ class MixReorg(nn.Module):
         return clamped_logit_scale(self.logit_scale, self.max_logit_scale)
 
     # ------------------------------------------------------------------ training
-    def forward(self, batched_inputs: List[Dict]):
+    def losses(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
+        """The loss dict of a caption batch (``branch_losses``)."""
         images = self.preprocess_images(batched_inputs)
-        if not self.training:
-            return self.inference(batched_inputs, images)
         captions, negatives = self.pick_captions(batched_inputs)
         texts, negatives = self.encode_captions(captions, negatives)
         nouns = self.noun_prompts(captions) if self.noun_weight > 0 else None
-        return self.losses(images.tensor, texts, negatives, nouns)
+        return self.branch_losses(images.tensor, texts, negatives, nouns)
 
     def make_plan(self, batch_size: int, grid) -> MixPlan:
         """A random mixing of the batch (``make_mix_plan`` with the configured M, c, shares)."""
@@ -462,7 +490,7 @@ class MixReorg(nn.Module):
         t2i = torch.logsumexp(logits.masked_fill(~targets, neg), 0) - torch.logsumexp(logits, 0)
         return -(i2t.mean() + t2i.mean()) / 2
 
-    def losses(
+    def branch_losses(
         self,
         images: torch.Tensor,
         texts: torch.Tensor,
@@ -513,23 +541,43 @@ class MixReorg(nn.Module):
     # ------------------------------------------------------------------ inference
     def class_embeddings(self, vocabulary: Sequence[str]) -> torch.Tensor:
         """(K, D) normalised text embeddings of ``vocabulary`` (cached per vocabulary)."""
-        return self.text_classifier(list(vocabulary)).to(self.device)
+        return self.text_embeddings(vocabulary)
 
     def encode_image(self, image: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The grouping encoder's outputs (``segments``, ``assignments``, ``grid``) of one
         normalised image (3, H, W); independent of the vocabulary and of the calibration."""
         return self.encoder(image[None])
 
-    def segment_scores(
+    def encode(self, image: torch.Tensor) -> List[Tuple[Tuple[int, int, int, int], Dict]]:
+        """``encode_image`` of one normalised image (3, H, W), or of each of its sliding windows.
+
+        Returns:
+            [((top, left, height, width) of the window, the encoder's outputs on the window padded
+            to a multiple of the patch size)]; one entry covering the image without windows.
+        """
+        h, w = image.shape[-2:]
+        if not self.slide.active(h, w):
+            return [((0, 0, h, w), self.encode_image(image))]
+        out = []
+        for y, x in self.slide.boxes(h, w):
+            crop = image[:, y : y + self.slide.window, x : x + self.slide.window]
+            ch, cw = crop.shape[-2:]
+            pad_h, pad_w = -ch % self.encoder.patch_size, -cw % self.encoder.patch_size
+            out.append(((y, x, ch, cw), self.encode_image(F.pad(crop, (0, pad_w, 0, pad_h)))))
+        return out
+
+    def encoded_scores(
         self,
-        image: torch.Tensor,
+        out: Dict[str, torch.Tensor],
+        size: Tuple[int, int],
         class_embeds: torch.Tensor,
         class_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Pixel class scores of one normalised image (3, H, W) (H, W multiples of the patch size).
+        """Pixel class scores of one encoded (padded) image or window.
 
         Args:
-            image: (3, H, W).
+            out: ``encode_image``'s output.
+            size: (H, W) of the encoded image, multiples of the patch size.
             class_embeds: (K, D) normalised class embeddings.
             class_bias: (K,) added to the group logits and to the image-level logits that rank
                 the top-k classes (seen-class calibration); None = 0.
@@ -537,16 +585,17 @@ class MixReorg(nn.Module):
         Returns:
             (K, H, W) scores: every pixel holds the class scores of its argmax group.
         """
-        out = self.encode_image(image)
         h, w = out["grid"]
         assign = token_to_segment(out["assignments"])[0]  # (N, G)
         assign = assign.t().reshape(1, -1, h, w)
-        assign = F.interpolate(assign, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        assign = F.interpolate(assign, size=tuple(size), mode="bilinear", align_corners=False)
         if self.soft_inference:
             one_hot = assign[0]
         else:
             one_hot = (
-                F.one_hot(assign[0].argmax(dim=0), assign.shape[1]).permute(2, 0, 1).to(image.dtype)
+                F.one_hot(assign[0].argmax(dim=0), assign.shape[1])
+                .permute(2, 0, 1)
+                .to(assign.dtype)
             )
         segments = out["segments"][0]
         group_embeds = F.normalize(self.encoder.project(segments), dim=-1)  # (G, D)
@@ -565,65 +614,54 @@ class MixReorg(nn.Module):
             affinity = group_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1) * affinity
         return torch.einsum("gk,ghw->khw", affinity, one_hot)
 
-    def _window_starts(self, size: int) -> List[int]:
-        win, stride = self.slide_window, self.slide_stride
-        if size <= win:
-            return [0]
-        starts = list(range(0, size - win, stride)) + [size - win]
-        return sorted(set(starts))
-
-    def image_scores(
+    def segment_scores(
         self,
         image: torch.Tensor,
         class_embeds: torch.Tensor,
         class_bias: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``segment_scores`` of the whole image, or averaged over sliding windows."""
-        h, w = image.shape[-2:]
-        if self.slide_window <= 0 or max(h, w) <= self.slide_window:
-            return self.segment_scores(image, class_embeds, class_bias)
-        win = self.slide_window
-        scores = image.new_zeros(class_embeds.shape[0], h, w)
-        count = image.new_zeros(1, h, w)
-        for y in self._window_starts(h):
-            for x in self._window_starts(w):
-                crop = image[:, y : y + win, x : x + win]
-                pad_h = -crop.shape[-2] % self.encoder.patch_size
-                pad_w = -crop.shape[-1] % self.encoder.patch_size
-                s = self.segment_scores(F.pad(crop, (0, pad_w, 0, pad_h)), class_embeds, class_bias)
-                ch, cw = crop.shape[-2:]
-                scores[:, y : y + ch, x : x + cw] += s[:, :ch, :cw]
-                count[:, y : y + ch, x : x + cw] += 1
+        """``encoded_scores`` of one normalised image (3, H, W) (H, W multiples of the patch size),
+        encoded whole: (K, H, W)."""
+        return self.encoded_scores(
+            self.encode_image(image), image.shape[-2:], class_embeds, class_bias
+        )
+
+    def window_scores(
+        self,
+        encoded: List[Tuple[Tuple[int, int, int, int], Dict]],
+        class_embeds: torch.Tensor,
+        class_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Scores of an ``encode`` output: its one window's, or the windows' averaged where they
+        overlap. Returns (K, H, W)."""
+        if len(encoded) == 1 and encoded[0][0][:2] == (0, 0):
+            (_, _, h, w), out = encoded[0]
+            return self.encoded_scores(out, (h, w), class_embeds, class_bias)
+        h = max(y + ch for (y, _, ch, _), _ in encoded)
+        w = max(x + cw for (_, x, _, cw), _ in encoded)
+        scores = class_embeds.new_zeros(class_embeds.shape[0], h, w)
+        count = class_embeds.new_zeros(1, h, w)
+        p = self.encoder.patch_size
+        for (y, x, ch, cw), out in encoded:
+            padded = (ch + (-ch % p), cw + (-cw % p))
+            s = self.encoded_scores(out, padded, class_embeds, class_bias)
+            scores[:, y : y + ch, x : x + cw] += s[:, :ch, :cw]
+            count[:, y : y + ch, x : x + cw] += 1
         return scores / count
 
-    def inference(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        """``sem_seg`` (K, height, width) class scores per input (K = its vocabulary)."""
-        results = []
-        for i, x in enumerate(batched_inputs):
-            vocabulary = list(x.get("vocabulary") or self.default_vocabulary)
-            if not vocabulary:
-                raise ValueError(
-                    "MixReorg inference needs a vocabulary: a 'vocabulary' field in the input (the "
-                    "semantic mapper adds it) or DATASETS.TEST metadata with stuff_classes"
-                )
-            text_ids = [k for k, name in enumerate(vocabulary) if name != self.background_name]
-            if not text_ids:
-                raise ValueError(f"the vocabulary holds only the background name: {vocabulary}")
-            names = [vocabulary[k] for k in text_ids]
-            bias = None
-            if self.seen_calibration.enabled:
-                bias = self.seen_calibration.bias(names, self.device)
-            scores = self.image_scores(images.tensor[i], self.class_embeddings(names), bias)
-            if len(text_ids) < len(vocabulary):
-                full = scores.new_zeros(len(vocabulary), *scores.shape[-2:])
-                full[text_ids] = scores
-                bg = [k for k in range(len(vocabulary)) if k not in set(text_ids)]
-                full[bg] = min(self.bg_thresh, float(scores.max()))
-                scores = full
-            image_size = images.image_sizes[i]
-            height = x.get("height", image_size[0])
-            width = x.get("width", image_size[1])
-            results.append(
-                semantic_postprocess(scores, image_size, (height, width), self.output_budget)
-            )
-        return results
+    def score(
+        self, encoded: List, vocabulary: Sequence[str], options: InferenceOptions
+    ) -> torch.Tensor:
+        """(K, H, W) class scores of an ``encode`` output; a background entry gets the constant
+        ``min(bg_thresh, max score)`` (GroupViT)."""
+        text_ids, names = self.split_background(vocabulary)
+        calibration = self.calibration(options)
+        bias = calibration.bias(names, self.device) if calibration.enabled else None
+        scores = self.window_scores(encoded, self.text_embeddings(names), bias)
+        if len(text_ids) == len(vocabulary):
+            return scores
+        full = scores.new_zeros(len(vocabulary), *scores.shape[-2:])
+        full[text_ids] = scores
+        bg = [k for k in range(len(vocabulary)) if k not in set(text_ids)]
+        full[bg] = min(self.bg_thresh, float(scores.max()))
+        return full

@@ -26,43 +26,38 @@ patch token, nothing trained (evaluate it with ``--eval-only``), CLIP's own logi
 import logging
 import math
 import random
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.clip import (
-    CLIP_PIXEL_MEAN,
-    CLIP_PIXEL_STD,
     MaskPromptVisionEncoder,
     TextClassifier,
     build_clip_from_cfg,
     clip_sizes,
 )
+from ov_seg.modeling.clip.text_classifier import TEMPLATE_SETS
 from ov_seg.modeling.heads.pacl import StridedPatchEncoder, build_pacl_embedder
 from ov_seg.modeling.losses.contrastive import clamped_logit_scale
 from ov_seg.modeling.losses.pacl import pacl_info_nce, patch_text_cosine
-from ov_seg.modeling.postprocess import budget_bytes, semantic_postprocess
+from ov_seg.modeling.meta_arch.base import (
+    InferenceOptions,
+    OpenVocabSegmentor,
+    default_test_vocabulary,
+)
 
-__all__ = ["PACL"]
+__all__ = ["PACL", "PACLEncoding"]
 
 logger = logging.getLogger(__name__)
 
-# CLIP's 7-template ensemble, quoted for PACL's prompt augmentation and class embeddings.
-PACL_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "{} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
+# CLIP's 7-template ensemble, quoted for PACL's prompt augmentation and class embeddings
+# (MODEL.CLIP.TEMPLATES "clip7").
+PACL_TEMPLATES = TEMPLATE_SETS["clip7"]
 
 
 def _entropy_background(probs: torch.Tensor, cosines: torch.Tensor, thresh: float) -> torch.Tensor:
@@ -78,12 +73,23 @@ def _score_background(probs: torch.Tensor, cosines: torch.Tensor, thresh: float)
 # BG_MODE -> rule(probs (K, H, W), cosines (K, H, W), threshold) -> (H, W) background mask
 BACKGROUND_RULES: Dict[str, Callable] = {"entropy": _entropy_background, "score": _score_background}
 
-# STRIDE_MODE -> names the dense-score implementation (PACL._dense_cosines_<mode>)
+# STRIDE_MODE -> names the dense-encoding implementation (PACL._encode_<mode>)
 STRIDE_MODES = ("shift", "conv")
 
 
+class PACLEncoding(NamedTuple):
+    """The vocabulary-independent part of PACL's inference on one image (``PACL.encode``)."""
+
+    patches: (
+        torch.Tensor
+    )  # (r², h·w, D) embedded patch tokens of the r² shifted passes (r = 1: one)
+    grid: Tuple[int, int]  # (h, w) tokens per pass
+    shifts: int  # r = p / stride for "shift", 1 for "conv"
+    size: Tuple[int, int]  # (H, W) of the image
+
+
 @META_ARCH_REGISTRY.register()
-class PACL(nn.Module):
+class PACL(OpenVocabSegmentor):
     """PACL meta-architecture (see module doc).
 
     Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry
@@ -91,10 +97,6 @@ class PACL(nn.Module):
     names; default: the ``stuff_classes`` of their ``dataset_name``, else of the first test
     dataset).
     """
-
-    # methods whose outputs do not depend on ``seen_calibration``: a calibration search may
-    # reuse them for the same inputs (tools/search_calibration.py)
-    CALIBRATION_INVARIANT = ("dense_cosines",)
 
     @configurable
     def __init__(
@@ -153,8 +155,6 @@ class PACL(nn.Module):
                 (``TEST.MEMORY_BUDGET_MB``; 0 = unbounded): larger ``sem_seg`` outputs become label
                 maps (``ov_seg.modeling.postprocess.semantic_postprocess``).
         """
-        super().__init__()
-        self.output_budget = budget_bytes(memory_budget_mb)
         if stride_mode not in STRIDE_MODES:
             raise ValueError(
                 f"Unknown STRIDE_MODE {stride_mode!r}; known: {', '.join(STRIDE_MODES)}"
@@ -165,6 +165,12 @@ class PACL(nn.Module):
             )
         if prompt_weight < 0:
             raise ValueError(f"PROMPT_AUG.WEIGHT must be >= 0, got {prompt_weight}")
+        super().__init__(
+            seen_calibration=seen_calibration,
+            default_vocabulary=default_vocabulary,
+            memory_budget_mb=memory_budget_mb,
+            background_names=bg_class_names,
+        )
         for p in clip_model.parameters():
             p.requires_grad_(False)
         self.clip = clip_model.eval()
@@ -207,14 +213,11 @@ class PACL(nn.Module):
         self.prompt_weight = float(prompt_weight)
         self.bg_rule = BACKGROUND_RULES[bg_mode]
         self.bg_thresh = float(bg_entropy if bg_mode == "entropy" else bg_score)
-        self.bg_class_names = frozenset(bg_class_names)
-        self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
-        self.default_vocabulary = list(default_vocabulary)
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_PIXEL_MEAN).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_PIXEL_STD).view(-1, 1, 1), False)
 
     @classmethod
     def from_config(cls, cfg):
+        from ov_seg.modeling.clip import resolve_templates
+
         pacl = cfg.MODEL.PACL
         clip_model = build_clip_from_cfg(cfg)
         embedder = build_pacl_embedder(pacl.EMBEDDER, clip_model, hidden_dim=pacl.EMBED_HIDDEN_DIM)
@@ -226,13 +229,10 @@ class PACL(nn.Module):
                 mode=pacl.PROMPT_AUG.NOUN_MODE, chunker=pacl.PROMPT_AUG.CHUNKER
             )
             noun_datasets = tuple(cfg.DATASETS.TRAIN) if pacl.PROMPT_AUG.DATASET_CACHE else ()
-        vocabulary = ()
-        if cfg.DATASETS.TEST:
-            vocabulary = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes", ()) or ()
         return {
             "clip_model": clip_model,
             "embedder": embedder,
-            "templates": tuple(pacl.TEMPLATES),
+            "templates": resolve_templates(cfg.MODEL.CLIP.TEMPLATES),
             "patch_softmax_temp": pacl.PATCH_SOFTMAX_TEMP,
             "logit_scale_init": pacl.LOGIT_SCALE_INIT,
             "logit_scale_max": pacl.LOGIT_SCALE_MAX,
@@ -241,20 +241,16 @@ class PACL(nn.Module):
             "noun_extractor": noun_extractor,
             "noun_datasets": noun_datasets,
             "prompt_weight": pacl.PROMPT_AUG.WEIGHT,
-            "infer_stride": pacl.INFER_STRIDE,
-            "stride_mode": pacl.STRIDE_MODE,
-            "bg_mode": pacl.BG_MODE,
-            "bg_entropy": pacl.BG_ENTROPY,
-            "bg_score": pacl.BG_SCORE,
-            "bg_class_names": tuple(pacl.BG_CLASS_NAMES),
-            "default_vocabulary": tuple(vocabulary),
+            "infer_stride": pacl.TEST.INFER_STRIDE,
+            "stride_mode": pacl.TEST.STRIDE_MODE,
+            "bg_mode": pacl.TEST.BG_MODE,
+            "bg_entropy": pacl.TEST.BG_ENTROPY,
+            "bg_score": pacl.TEST.BG_SCORE,
+            "bg_class_names": tuple(pacl.TEST.BG_CLASS_NAMES),
+            "default_vocabulary": tuple(default_test_vocabulary(cfg)),
             "seen_calibration": SeenCalibration(cfg),
             "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
         }
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
 
     def train(self, mode: bool = True):
         """Train mode for the embedder; the frozen CLIP always stays in eval mode."""
@@ -274,9 +270,6 @@ class PACL(nn.Module):
 
     # ---------------------------------------------------------------------------------------------------
     # training
-
-    def _normalize(self, image: torch.Tensor) -> torch.Tensor:
-        return (image.to(self.device).float() - self.pixel_mean) / self.pixel_std
 
     def patch_embeddings(self, images: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Frozen patch tokens → embedder.
@@ -327,7 +320,7 @@ class PACL(nn.Module):
         """Normalised images padded to a common size (a multiple of the patch size) and the (B, N)
         mask of patches that overlap the image (padding-only patches are left out of φ's softmax).
         """
-        images = [self._normalize(x["image"]) for x in batched_inputs]
+        images = [self.preprocess_image(x)[0] for x in batched_inputs]
         p = self.patch_size
         h = max(math.ceil(im.shape[-2] / p) for im in images)
         w = max(math.ceil(im.shape[-1] / p) for im in images)
@@ -367,8 +360,8 @@ class PACL(nn.Module):
     # ---------------------------------------------------------------------------------------------------
     # inference
 
-    def _dense_cosines_shift(self, image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        """(p / s)² passes on shifted inputs, interleaved into a stride-s map.
+    def _encode_shift(self, image: torch.Tensor) -> PACLEncoding:
+        """(p / s)² passes on shifted inputs (interleaved into a stride-s map by ``cosines``).
 
         The image is padded by (p - s) // 2 on the top / left, so token i of the pass shifted by a·s
         covers pixels centred at s·(i·r + a) + s/2 (r = p / s): the interleaved map is a regular
@@ -376,10 +369,6 @@ class PACL(nn.Module):
 
         Args:
             image: (3, H, W) normalised.
-            texts: (K, D) class embeddings.
-
-        Returns:
-            (K, H, W) cosines.
         """
         p, s = self.patch_size, self.infer_stride
         r, pad = p // s, (p - s) // 2
@@ -393,12 +382,10 @@ class PACL(nn.Module):
             for a in range(r)
             for b in range(r)
         ]
-        patches, (gh, gw) = self.patch_embeddings(torch.stack(crops))
-        cos = patch_text_cosine(patches, texts).view(r, r, -1, gh, gw)  # (a, b, K, i, j)
-        fine = cos.permute(2, 3, 0, 4, 1).reshape(1, -1, gh * r, gw * r)  # (1, K, i·r + a, j·r + b)
-        return self._upsample(fine, s, height, width)
+        patches, grid = self.patch_embeddings(torch.stack(crops))
+        return PACLEncoding(patches, tuple(grid), r, (height, width))
 
-    def _dense_cosines_conv(self, image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    def _encode_conv(self, image: torch.Tensor) -> PACLEncoding:
         """One pass with the patch embedding at stride s (positional embedding resized).
 
         Same geometry as the shift variant: top / left padding (p - s) // 2, token m centred at
@@ -413,9 +400,8 @@ class PACL(nn.Module):
             image, (pad, max(0, full_w - pad - width), pad, max(0, full_h - pad - height))
         )
         with torch.no_grad():
-            tokens, (gh, gw) = self._strided_encoder(padded[None, :, :full_h, :full_w])[1:]
-        cos = patch_text_cosine(self.embedder(tokens), texts).view(1, -1, gh, gw)
-        return self._upsample(cos, s, height, width)
+            tokens, grid = self._strided_encoder(padded[None, :, :full_h, :full_w])[1:]
+        return PACLEncoding(self.embedder(tokens), tuple(grid), 1, (height, width))
 
     @staticmethod
     def _upsample(scores: torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
@@ -425,71 +411,62 @@ class PACL(nn.Module):
         up = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
         return up[0, :, :height, :width]
 
+    def encode(self, image: torch.Tensor) -> PACLEncoding:
+        """The embedded patch tokens of one normalised image (3, H, W) at the inference stride
+        (``STRIDE_MODE``); independent of the vocabulary and of the options."""
+        if self.stride_mode == "conv" and self.infer_stride < self.patch_size:
+            return self._encode_conv(image)
+        return self._encode_shift(image)
+
+    def cosines(self, encoded: PACLEncoding, texts: torch.Tensor) -> torch.Tensor:
+        """Per-pixel cosines cos(v(x), t_k): an encoding and (K, D) class embeddings → (K, H, W)."""
+        r, (gh, gw) = encoded.shifts, encoded.grid
+        cos = patch_text_cosine(encoded.patches, texts).view(r, r, -1, gh, gw)  # (a, b, K, i, j)
+        fine = cos.permute(2, 3, 0, 4, 1).reshape(1, -1, gh * r, gw * r)  # (1, K, i·r + a, j·r + b)
+        return self._upsample(fine, self.infer_stride, *encoded.size)
+
+    def _dense_cosines_shift(self, image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """``dense_cosines`` with the shifted passes whatever ``stride_mode``."""
+        return self.cosines(self._encode_shift(image), texts)
+
     def dense_cosines(self, image: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """Per-pixel cosines cos(v(x), t_k) of one normalised image (3, H, W) → (K, H, W)."""
-        if self.stride_mode == "conv" and self.infer_stride < self.patch_size:
-            return self._dense_cosines_conv(image, texts)
-        return self._dense_cosines_shift(image, texts)
+        return self.cosines(self.encode(image), texts)
 
-    def _vocabulary(self, x: dict) -> List[str]:
-        vocabulary = x.get("vocabulary")
-        if not vocabulary and x.get("dataset_name"):
-            vocabulary = MetadataCatalog.get(x["dataset_name"]).get("stuff_classes", None)
-        vocabulary = list(vocabulary or self.default_vocabulary)
-        if not vocabulary:
-            raise ValueError(
-                "PACL inference needs a vocabulary: an input 'vocabulary', a 'dataset_name' with "
-                "stuff_classes, or a DATASETS.TEST dataset with stuff_classes"
-            )
-        return vocabulary
-
-    def segment(self, image: torch.Tensor, vocabulary: Sequence[str]) -> torch.Tensor:
-        """Class probabilities of one image.
+    def score(
+        self, encoded: PACLEncoding, vocabulary: Sequence[str], options: InferenceOptions
+    ) -> torch.Tensor:
+        """Class probabilities of one encoded image.
 
         Args:
-            image: (3, H, W) uint8 / float RGB, 0-255.
-            vocabulary: K class names; names in ``bg_class_names`` are background entries.
+            encoded: ``encode``'s output.
+            vocabulary: K class names; names in ``background_names`` are background entries.
+            options: ``seen_gamma`` γ is used.
 
         Returns:
-            (K, H, W): softmax_k(cos · s − γ [seen]) over the non-background classes (γ: the seen
-            calibration, 0 by default); background channels are 1
-            where the background rule fires (the other channels are 0 there) and 0 elsewhere.
+            (K, H, W): softmax_k(cos · s − γ [seen]) over the non-background classes; background
+            channels are 1 where the background rule fires (the other channels are 0 there) and 0
+            elsewhere.
         """
-        is_bg = torch.tensor(
-            [name in self.bg_class_names for name in vocabulary], device=self.device
-        )
-        fg_names = [n for n, b in zip(vocabulary, is_bg.tolist()) if not b]
-        if not fg_names:
-            raise ValueError(f"the vocabulary has no class besides background: {list(vocabulary)}")
-        texts = self.text_classifier(fg_names).to(self.device)
-        cosines = self.dense_cosines(self._normalize(image), texts)
-        logits = self.seen_calibration.apply(cosines * self.current_logit_scale(), fg_names)
+        text_ids, fg_names = self.split_background(vocabulary)
+        cosines = self.cosines(encoded, self.text_embeddings(fg_names))
+        logits = self.calibration(options).apply(cosines * self.current_logit_scale(), fg_names)
         probs = logits.softmax(dim=0)
+        if len(text_ids) == len(vocabulary):
+            return probs
         out = probs.new_zeros(len(vocabulary), *probs.shape[1:])
-        out[~is_bg] = probs
-        if bool(is_bg.any()):
-            background = self.bg_rule(probs, cosines, self.bg_thresh)
-            out[~is_bg] *= (~background).to(out.dtype)
-            out[is_bg] = background.to(out.dtype)
+        background = self.bg_rule(probs, cosines, self.bg_thresh)
+        out[text_ids] = probs * (~background).to(out.dtype)
+        bg_ids = [k for k in range(len(vocabulary)) if k not in set(text_ids)]
+        out[bg_ids] = background.to(out.dtype)
         return out
 
-    @torch.no_grad()
-    def inference(self, batched_inputs: List[dict]) -> List[Dict[str, torch.Tensor]]:
-        results = []
-        for x in batched_inputs:
-            image = x["image"]
-            scores = self.segment(image, self._vocabulary(x))
-            height, width = x.get("height", image.shape[-2]), x.get("width", image.shape[-1])
-            results.append(
-                semantic_postprocess(scores, image.shape[-2:], (height, width), self.output_budget)
-            )
-        return results
-
-    def forward(self, batched_inputs: List[dict]):
-        """Training: dict of losses (``loss_pacl``, or ``loss_pacl_caption`` + ``loss_pacl_noun``
-        with prompt augmentation; their sum is L_PACL). Eval: ``[{"sem_seg": (K, height, width)}]``
-        per input.
-        """
-        if self.training:
-            return self.losses(batched_inputs)
-        return self.inference(batched_inputs)
+    def segment(
+        self,
+        image: torch.Tensor,
+        vocabulary: Sequence[str],
+        options: Optional[InferenceOptions] = None,
+    ) -> torch.Tensor:
+        """``score`` of one image (3, H, W) uint8 / float RGB 0-255: (K, H, W)."""
+        encoded = self.encode(self.preprocess_image({"image": image})[0])
+        return self.score(encoded, vocabulary, self.resolve_options(options))

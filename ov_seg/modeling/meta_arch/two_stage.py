@@ -29,6 +29,12 @@ and ``CLIP_MODE "single_pass"``
 replaces the per-crop forwards by one forward on the whole image (``SinglePassMaskEmbedder``). Every
 mode keeps the output contract. The defaults are exact (only identical masks share a crop).
 
+Per call, ``InferenceOptions`` (``model(inputs, options=...)``) set λ, MASK_THR, γ, the vocabulary
+and the per-call fast modes (MIN_OBJECTNESS, DUPLICATE_IOU); ``model.default_options`` holds the
+config's. Searches split the stages through public methods: ``encode_proposals`` (stage 1, bound
+to the vocabulary), ``encode_clip_inputs`` (stages 2-3, bound to MASK_THR) and ``predict``
+(stages 4-5, any λ and γ); a ``StageTimer`` passed to ``inference`` records each stage's time.
+
 Weights: the proposal generator from ``MODEL.TWO_STAGE.PROPOSAL_WEIGHTS`` and the adapted CLIP from
 ``MODEL.CLIP.PRETRAINED`` (its exported checkpoint carries the mask prompts), or one merged
 checkpoint (``tools/merge_checkpoints.py``) as ``MODEL.WEIGHTS``.
@@ -62,16 +68,23 @@ from ov_seg.modeling.heads.proposal_selection import (
     largest_masks,
     objectness_keep,
 )
+from ov_seg.modeling.meta_arch.base import (
+    FastModes,
+    InferenceOptions,
+    OpenVocabSegmentor,
+    StageTimer,
+    default_test_vocabulary,
+    stage,
+)
 from ov_seg.modeling.meta_arch.proposal_maskformer import ProposalMaskFormer
 from ov_seg.modeling.postprocess import (
-    budget_bytes,
     dense_fits,
     resized_panoptic,
     semantic_output,
 )
 from ov_seg.modeling.proposal_sources import Proposals, build_proposal_source
 
-__all__ = ["TwoStageOVSeg", "merged_checkpoint_info"]
+__all__ = ["TwoStageOVSeg", "TwoStageEncoding", "merged_checkpoint_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,20 +119,6 @@ def merged_checkpoint_info(path: str) -> MergedCheckpointInfo:
     )
 
 
-def _dataset_vocabulary(dataset_name: str) -> List[str]:
-    if dataset_name not in DatasetCatalog.list():
-        raise KeyError(
-            f"unknown dataset name {dataset_name!r}: not registered (pass an explicit 'vocabulary' "
-            "instead)"
-        )
-    classes = MetadataCatalog.get(dataset_name).get("stuff_classes", None)
-    if not classes:
-        raise ValueError(
-            f"dataset {dataset_name!r} has no 'stuff_classes' metadata to use as vocabulary"
-        )
-    return list(classes)
-
-
 def _dataset_thing_ids(dataset_name: str) -> Optional[List[int]]:
     if not dataset_name or dataset_name not in DatasetCatalog.list():
         return None
@@ -136,8 +135,22 @@ class CropGroup(NamedTuple):
     valid: List[torch.Tensor]  # per image (number selected,) bool: non-empty selected masks
 
 
+class TwoStageEncoding(NamedTuple):
+    """The vocabulary-bound, λ- and γ-free part of the two-stage inference on one input
+    (``TwoStageOVSeg.encode_inputs``): its proposals and, when the CLIP branch ran, the embeddings
+    of its distinct masks."""
+
+    input: dict  # the detectron2 input dict
+    vocabulary: Tuple[str, ...]  # the final vocabulary (the proposal head scored these names)
+    proposals: Proposals  # after the objectness skip: masks (Q, H, W), scores, class_probs
+    mask_thr: float  # MASK_THR of the crops
+    clip_embeds: Optional[torch.Tensor] = None  # (N, D) of the valid distinct masks
+    valid: Optional[torch.Tensor] = None  # (Q_u,) bool over the distinct masks (N True)
+    inverse: Optional[torch.Tensor] = None  # (Q,) index of each proposal's distinct mask
+
+
 @META_ARCH_REGISTRY.register()
-class TwoStageOVSeg(nn.Module):
+class TwoStageOVSeg(OpenVocabSegmentor):
     """Proposals → masked crops → mask-adapted CLIP, fused with the proposal head (inference only).
 
     Input (``batched_inputs``): dicts with ``image`` (3, H, W) in ``INPUT.FORMAT`` (0-255); optional
@@ -215,7 +228,12 @@ class TwoStageOVSeg(nn.Module):
                 (``TEST.MEMORY_BUDGET_MB``; 0 = unbounded): larger outputs are made a chunk of
                 names / masks at a time and ``sem_seg`` becomes the label map.
         """
-        super().__init__()
+        super().__init__(
+            seen_calibration=seen_calibration,
+            default_vocabulary=vocabulary,
+            input_format=input_format,
+            memory_budget_mb=memory_budget_mb,
+        )
         if not 0.0 <= ensemble_weight <= 1.0:
             raise ValueError(
                 f"MODEL.TWO_STAGE.ENSEMBLE_WEIGHT must be in [0, 1], got {ensemble_weight}"
@@ -226,17 +244,11 @@ class TwoStageOVSeg(nn.Module):
                 f"the proposal source, but {type(proposal_source).__name__} has none "
                 "(class-agnostic head or precomputed masks): use ENSEMBLE_WEIGHT 1.0 (CLIP only)"
             )
-        if input_format not in ("RGB", "BGR"):
-            raise ValueError(
-                f"INPUT.FORMAT must be RGB or BGR for CLIP crops, got {input_format!r}"
-            )
         if not (semantic_on or panoptic_on):
             raise ValueError("TwoStageOVSeg needs MODEL.TWO_STAGE.TEST.SEMANTIC_ON or PANOPTIC_ON")
         self.proposal_source = proposal_source
         self.crop_classifier = crop_classifier
         self.ensemble_weight = float(ensemble_weight)
-        self.input_format = input_format
-        self.vocabulary = list(vocabulary)
         self.thing_ids = None if thing_ids is None else [int(i) for i in thing_ids]
         self.background_name = background_name
         self.semantic_on = semantic_on
@@ -270,10 +282,6 @@ class TwoStageOVSeg(nn.Module):
             crop_classifier.crop_size = crop_classifier.check_crop_size(
                 crop_size, "MODEL.TWO_STAGE.FAST.CROP_SIZE"
             )
-        self.seen_calibration = seen_calibration or SeenCalibration(gamma=0.0)
-        # bytes of full-resolution maps per image (0 = unbounded): ov_seg.modeling.postprocess
-        self.output_budget = budget_bytes(memory_budget_mb)
-        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
     @classmethod
     def from_config(cls, cfg):
@@ -299,9 +307,6 @@ class TwoStageOVSeg(nn.Module):
         )
         crop_classifier.requires_grad_(False)
         test_name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else ""
-        vocabulary = []
-        if test_name:
-            vocabulary = list(MetadataCatalog.get(test_name).get("stuff_classes", None) or [])
         proposal_source = build_proposal_source(cfg, clip_model)
         # the open-vocabulary proposal head embeds the same names with the same CLIP: one cache
         head = getattr(getattr(proposal_source, "model", None), "class_head", None)
@@ -322,7 +327,7 @@ class TwoStageOVSeg(nn.Module):
             "crop_classifier": crop_classifier,
             "ensemble_weight": tcfg.ENSEMBLE_WEIGHT,
             "input_format": cfg.INPUT.FORMAT,
-            "vocabulary": vocabulary,
+            "vocabulary": default_test_vocabulary(cfg),
             "thing_ids": _dataset_thing_ids(test_name),
             "background_name": tcfg.BACKGROUND_NAME,
             "semantic_on": tcfg.TEST.SEMANTIC_ON,
@@ -342,43 +347,36 @@ class TwoStageOVSeg(nn.Module):
         }
 
     @property
-    def device(self) -> torch.device:
-        return self._device_anchor.device
+    def text_classifier(self):
+        """The CLIP branch's ``TextClassifier`` (the model's one text side)."""
+        return self.crop_classifier.text_classifier
+
+    @property
+    def default_options(self) -> InferenceOptions:
+        """The config's λ, MASK_THR, γ and per-call fast modes."""
+        return InferenceOptions(
+            ensemble_weight=self.ensemble_weight,
+            mask_thr=self.crop_classifier.mask_thr,
+            seen_gamma=self.seen_calibration.gamma,
+            fast=FastModes(min_objectness=self.min_objectness, duplicate_iou=self.duplicate_iou),
+        )
 
     # ------------------------------------------------------------------ vocabulary
-    def input_vocabulary(self, x: dict) -> List[str]:
-        """The class names of one input (before the single-class rule).
+    def vocabulary(self, x: dict, options: Optional[InferenceOptions] = None) -> List[str]:
+        """The final class names of one input: ``OpenVocabSegmentor.vocabulary`` with the
+        background name appended to a single class.
 
         Raises:
             ValueError: empty vocabulary. KeyError: unknown ``dataset_name``.
         """
-        if "vocabulary" in x and x["vocabulary"] is not None:
-            vocabulary = list(x["vocabulary"])
-            if not vocabulary:
-                where = (
-                    f" (dataset {x['dataset_name']!r} has no stuff_classes?)"
-                    if x.get("dataset_name")
-                    else ""
-                )
-                raise ValueError(
-                    f"input has an empty vocabulary{where}: give at least one class name"
-                )
-            return vocabulary
-        if x.get("dataset_name"):
-            return _dataset_vocabulary(x["dataset_name"])
-        if not self.vocabulary:
-            raise ValueError(
-                "input has no 'vocabulary' nor 'dataset_name', and the config has no test dataset "
-                "with stuff_classes: give a vocabulary"
-            )
-        return list(self.vocabulary)
+        return with_background_name(super().vocabulary(x, options), self.background_name)
 
     def thing_ids_for(self, x: dict, vocabulary: Sequence[str]) -> List[int]:
         """Contiguous ids of the thing classes of an input's vocabulary: from its dataset's panoptic
         metadata, else the default ones for the default vocabulary, else every class (a custom
         vocabulary has no thing / stuff split: each segment stays an instance)."""
         ids = _dataset_thing_ids(x.get("dataset_name", ""))
-        if ids is None and list(vocabulary) == self.vocabulary:
+        if ids is None and list(vocabulary) == self.default_vocabulary:
             ids = self.thing_ids
         return list(range(len(vocabulary))) if ids is None else ids
 
@@ -406,22 +404,28 @@ class TwoStageOVSeg(nn.Module):
         return images
 
     def prepare_crops(
-        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+        self,
+        images: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        mask_thr: Optional[float] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         """Stage 2: masked crops of all images.
 
         Args:
             images: B tensors (3, H_i, W_i) RGB 0-255. masks: B tensors (Q_i, H_i, W_i)
-                probabilities.
+                probabilities. mask_thr: their binarisation threshold (None = the classifier's).
 
         Returns:
             crops (N, 3, S, S) normalised, crop masks (N, S, S) bool, and B valid flags (Q_i,) (N
             valid).
         """
-        return self.crop_classifier.crop(images, masks)
+        return self.crop_classifier.crop(images, masks, mask_thr=mask_thr)
 
     def prepare_crop_groups(
-        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+        self,
+        images: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        mask_thr: Optional[float] = None,
     ) -> List[CropGroup]:
         """Stage 2 of "crops": the masked crops, one ``CropGroup`` per crop size. One group of
         every mask, unless ``full_size_crops`` K > 0 with a smaller crop size: then the K largest
@@ -430,20 +434,22 @@ class TwoStageOVSeg(nn.Module):
 
         Args:
             images: B tensors (3, H_i, W_i) RGB 0-255. masks: B tensors (Q_i, H_i, W_i).
+            mask_thr: MASK_THR (None = the classifier's).
         """
         classifier = self.crop_classifier
+        thr = classifier.mask_thr if mask_thr is None else float(mask_thr)
         if self.full_size_crops == 0 or classifier.crop_size == self.full_crop_size:
-            crops, crop_masks, valid = self.prepare_crops(images, masks)
+            crops, crop_masks, valid = self.prepare_crops(images, masks, thr)
             selected = [torch.ones(m.shape[0], dtype=torch.bool, device=m.device) for m in masks]
             return [CropGroup(selected, crops, crop_masks, valid)]
-        large = [largest_masks(m, classifier.mask_thr, self.full_size_crops) for m in masks]
+        large = [largest_masks(m, thr, self.full_size_crops) for m in masks]
         groups = []
         for selected, size in (
             (large, self.full_crop_size),
             ([~g for g in large], classifier.crop_size),
         ):
             crops, crop_masks, valid = classifier.crop(
-                images, [m[s] for m, s in zip(masks, selected)], size=size
+                images, [m[s] for m, s in zip(masks, selected)], size=size, mask_thr=thr
             )
             groups.append(CropGroup(selected, crops, crop_masks, valid))
         return groups
@@ -504,12 +510,15 @@ class TwoStageOVSeg(nn.Module):
             out.append(clip_class_probs(full, v))
         return out
 
-    def select_proposals(self, proposals: Proposals) -> Proposals:
+    def select_proposals(
+        self, proposals: Proposals, min_objectness: Optional[float] = None
+    ) -> Proposals:
         """Fast mode: drop the proposals of one image whose objectness is below
-        ``min_objectness`` (the best one is kept)."""
-        if self.min_objectness <= 0.0:
+        ``min_objectness`` (None = the model's; the best one is kept)."""
+        thr = self.min_objectness if min_objectness is None else float(min_objectness)
+        if thr <= 0.0:
             return proposals
-        keep = objectness_keep(proposals.scores, self.min_objectness)
+        keep = objectness_keep(proposals.scores, thr)
         return Proposals(
             proposals.masks[keep],
             proposals.scores[keep],
@@ -517,21 +526,32 @@ class TwoStageOVSeg(nn.Module):
         )
 
     def clip_embeddings(
-        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+        self,
+        images: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        mask_thr: Optional[float] = None,
+        timer: Optional[StageTimer] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Stages 2-3 in the configured ``clip_mode``.
+        """Stages 2-3 in the configured ``clip_mode`` (stages ``crop_prep`` and ``clip`` of
+        ``timer``).
 
         Args:
             images: B tensors (3, H_i, W_i) RGB 0-255. masks: B tensors (Q_i, H_i, W_i).
+            mask_thr: MASK_THR (None = the classifier's).
 
         Returns:
             (N, D) normalised embeddings of the valid masks of all images, and B valid flags (Q_i,)
             (N valid).
         """
-        return CLIP_MODES[self.clip_mode](self, images, masks)
+        thr = self.crop_classifier.mask_thr if mask_thr is None else float(mask_thr)
+        return CLIP_MODES[self.clip_mode](self, images, masks, thr, timer)
 
     def encode_single_pass(
-        self, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+        self,
+        images: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        mask_thr: Optional[float] = None,
+        timer: Optional[StageTimer] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """Stages 2-3 of "single_pass": one image-tower forward per image
         (``SinglePassMaskEmbedder``).
@@ -539,39 +559,52 @@ class TwoStageOVSeg(nn.Module):
         Returns:
             as ``clip_embeddings``.
         """
-        thr = self.crop_classifier.mask_thr
+        thr = self.crop_classifier.mask_thr if mask_thr is None else float(mask_thr)
         embeds, valid = [], []
-        for image, m in zip(images, masks):
-            binary = m if m.dtype == torch.bool else m > thr
-            v = binary.flatten(1).any(dim=1)
-            valid.append(v)
-            if bool(v.any()):
-                embeds.append(self.single_pass(normalize_clip(image), binary[v]))
+        if timer is not None:
+            timer.ms["crop_prep"].append(0.0)  # no crops in this mode
+            timer.count("crops_by_size", {})
+        with stage(timer, "clip"):
+            for image, m in zip(images, masks):
+                binary = m if m.dtype == torch.bool else m > thr
+                v = binary.flatten(1).any(dim=1)
+                valid.append(v)
+                if bool(v.any()):
+                    embeds.append(self.single_pass(normalize_clip(image), binary[v]))
         if not embeds:
             return images[0].new_zeros((0, self.crop_classifier.encoder.embed_dim)), valid
         return F.normalize(torch.cat(embeds), dim=-1), valid
 
-    def clip_branch(
+    def encode_clip(
         self,
         images: Sequence[torch.Tensor],
         proposals: Sequence[Proposals],
-        vocabulary: Sequence[str],
-    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        """Stages 2-4: (p_clip (Q_i, K), valid (Q_i,)) per image. Duplicate masks
-        (``duplicate_iou``) are encoded once and share the result."""
-        groups = [
-            duplicate_representatives(
-                p.masks, p.scores, self.crop_classifier.mask_thr, self.duplicate_iou
-            )
-            for p in proposals
-        ]
+        mask_thr: Optional[float] = None,
+        timer: Optional[StageTimer] = None,
+        duplicate_iou: Optional[float] = None,
+    ) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Stages 2-3 for the proposals of B images: duplicate masks (``duplicate_iou``, None =
+        the model's) are encoded once (stage ``select`` of ``timer``: the grouping).
+
+        Returns:
+            per image: (N_i, D) embeddings of its valid distinct masks, (Q_u,) valid flags of the
+            distinct masks, (Q,) index of each proposal's distinct mask.
+        """
+        thr = self.crop_classifier.mask_thr if mask_thr is None else float(mask_thr)
+        iou = self.duplicate_iou if duplicate_iou is None else float(duplicate_iou)
+        with stage(timer, "select"):
+            groups = [duplicate_representatives(p.masks, p.scores, thr, iou) for p in proposals]
         masks = [p.masks[unique] for p, (unique, _) in zip(proposals, groups)]
-        embeds, valid = self.clip_embeddings(images, masks)
-        probs = self.clip_probabilities(embeds, self.text_embeddings(vocabulary), valid)
-        return (
-            [pr[inverse] for pr, (_, inverse) in zip(probs, groups)],
-            [v[inverse] for v, (_, inverse) in zip(valid, groups)],
-        )
+        embeds, valid = self.clip_embeddings(images, masks, thr, timer)
+        if timer is not None:
+            timer.count("masks_encoded", sum(int(u.numel()) for u, _ in groups))
+            timer.count("crops_encoded", sum(int(v.sum()) for v in valid))
+        out, start = [], 0
+        for v, (_, inverse) in zip(valid, groups):
+            n = int(v.sum())
+            out.append((embeds[start : start + n], v, inverse))
+            start += n
+        return out
 
     def prepare_fast_modes(self) -> None:
         """Apply the module transforms of the fast modes once, at the first forward (quantized
@@ -661,8 +694,10 @@ class TwoStageOVSeg(nn.Module):
         return ProposalMaskFormer.panoptic_inference(rules, class_logits, masks)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batched_inputs: List[dict]) -> List[dict]:
-        """Per-image outputs (see the class docstring); inputs are grouped by vocabulary.
+    def forward(
+        self, batched_inputs: List[dict], options: Optional[InferenceOptions] = None
+    ) -> List[dict]:
+        """Per-image outputs (see the class docstring) under ``options`` (default: the config's).
 
         Raises:
             RuntimeError: in training mode (the stages are trained separately:
@@ -673,51 +708,171 @@ class TwoStageOVSeg(nn.Module):
                 "TwoStageOVSeg is inference-only: train ProposalMaskFormer and MaskAdaptedCLIP "
                 "separately, then evaluate with --eval-only"
             )
+        self.prepare_fast_modes()
+        # inference_mode: no autograd bookkeeping at all (the model is inference-only)
+        with torch.inference_mode():
+            return self.inference(batched_inputs, options)
+
+    def inference(
+        self,
+        batched_inputs: List[dict],
+        options: Optional[InferenceOptions] = None,
+        timer: Optional[StageTimer] = None,
+    ) -> List[dict]:
+        """``predict(encode_inputs(...))``: all stages (timed into ``timer`` when given)."""
+        options = self.resolve_options(options)
+        return self.predict(self.encode_inputs(batched_inputs, timer, options), options, timer)
+
+    def check_options(self, options: InferenceOptions) -> None:
+        if options.ensemble_weight < 1.0 and not self.proposal_source.has_class_scores:
+            raise ValueError(
+                f"ensemble weight λ {options.ensemble_weight} < 1 needs class scores from the "
+                f"proposal source, but {type(self.proposal_source).__name__} has none"
+            )
+
+    def encode_proposals(
+        self,
+        batched_inputs: Sequence[dict],
+        options: Optional[InferenceOptions] = None,
+        timer: Optional[StageTimer] = None,
+    ) -> List[TwoStageEncoding]:
+        """Stage 1 and the objectness skip, inputs grouped by vocabulary (stages ``proposals``
+        and ``select`` of ``timer``): encodings without CLIP embeddings (``encode_clip_inputs``
+        adds them)."""
+        options = self.resolve_options(options)
         if not batched_inputs:
             raise ValueError("TwoStageOVSeg got an empty batch")
         groups: Dict[Tuple[str, ...], List[int]] = {}
         for i, x in enumerate(batched_inputs):
-            vocabulary = with_background_name(self.input_vocabulary(x), self.background_name)
-            groups.setdefault(tuple(vocabulary), []).append(i)
-        results: List[dict] = [{} for _ in batched_inputs]
-        self.prepare_fast_modes()
-        # inference_mode: no autograd bookkeeping at all (the model is inference-only)
-        with torch.inference_mode():
-            for vocabulary, idx in groups.items():
-                inputs = [batched_inputs[i] for i in idx]
-                for i, r in zip(idx, self.inference(inputs, list(vocabulary))):
-                    results[i] = r
-        return results
+            groups.setdefault(tuple(self.vocabulary(x, options)), []).append(i)
+        out: List[Optional[TwoStageEncoding]] = [None] * len(batched_inputs)
+        for vocabulary, idx in groups.items():
+            inputs = [batched_inputs[i] for i in idx]
+            with stage(timer, "proposals"):
+                proposals = self.generate_proposals(inputs, list(vocabulary))
+            with stage(timer, "select"):
+                proposals = [
+                    self.select_proposals(p, options.fast.min_objectness) for p in proposals
+                ]
+            for i, p in zip(idx, proposals):
+                out[i] = TwoStageEncoding(batched_inputs[i], vocabulary, p, options.mask_thr)
+        if timer is not None:
+            timer.count("proposals_kept", sum(int(e.proposals.masks.shape[0]) for e in out))
+        return out
 
-    def inference(self, batched_inputs: Sequence[dict], vocabulary: Sequence[str]) -> List[dict]:
-        """All stages for inputs sharing one (final) vocabulary."""
-        proposals = self.generate_proposals(batched_inputs, vocabulary)
-        proposals = [self.select_proposals(p) for p in proposals]
-        if self.ensemble_weight > 0.0:
-            clip_probs, valid = self.clip_branch(
-                self.rgb_images(batched_inputs), proposals, vocabulary
-            )
-        else:
-            clip_probs = valid = [None] * len(proposals)
-        bias = None
-        if self.seen_calibration.enabled:
-            bias = self.seen_calibration.bias(vocabulary, self.device)
+    def encode_clip_inputs(
+        self,
+        encoded: Sequence[TwoStageEncoding],
+        options: Optional[InferenceOptions] = None,
+        timer: Optional[StageTimer] = None,
+    ) -> List[TwoStageEncoding]:
+        """Stages 2-3 on proposal encodings, with MASK_THR of ``options``."""
+        options = self.resolve_options(options)
+        images = self.rgb_images([e.input for e in encoded])
+        proposals = [e.proposals for e in encoded]
+        clip = self.encode_clip(
+            images, proposals, options.mask_thr, timer, options.fast.duplicate_iou
+        )
+        return [
+            e._replace(mask_thr=options.mask_thr, clip_embeds=c, valid=v, inverse=inv)
+            for e, (c, v, inv) in zip(encoded, clip)
+        ]
+
+    def encode_inputs(
+        self,
+        batched_inputs: Sequence[dict],
+        timer: Optional[StageTimer] = None,
+        options: Optional[InferenceOptions] = None,
+    ) -> List[TwoStageEncoding]:
+        """Stages 1-3: proposals, and CLIP embeddings of their masks when λ of ``options`` > 0.
+        The encoding is bound to the vocabulary and MASK_THR of ``options``; ``predict`` scores
+        it under any λ and γ."""
+        options = self.resolve_options(options)
+        encoded = self.encode_proposals(batched_inputs, options, timer)
+        if options.ensemble_weight > 0.0:
+            encoded = self.encode_clip_inputs(encoded, options, timer)
+        return encoded
+
+    def clip_probs(
+        self, encoded: TwoStageEncoding, text: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """p_clip (Q, K) of every proposal of one encoding and its (Q,) valid flags."""
+        probs = self.clip_probabilities(encoded.clip_embeds, text, [encoded.valid])[0]
+        return probs[encoded.inverse], encoded.valid[encoded.inverse]
+
+    def predict(
+        self,
+        encoded: Sequence[TwoStageEncoding],
+        options: Optional[InferenceOptions] = None,
+        timer: Optional[StageTimer] = None,
+    ) -> List[dict]:
+        """Stages 4-5 of encoded inputs under λ and γ of ``options`` (stages ``text`` and
+        ``fusion`` of ``timer``).
+
+        Raises:
+            ValueError: ``options`` name another vocabulary or MASK_THR than the encoding's, or
+                λ > 0 for an encoding without CLIP embeddings.
+        """
+        options = self.resolve_options(options)
+        self.check_options(options)
         results = []
-        for x, p, cp, v in zip(batched_inputs, proposals, clip_probs, valid):
-            size = tuple(x["image"].shape[-2:])
-            output_size = (int(x.get("height", size[0])), int(x.get("width", size[1])))
-            r = self.fuse(p, cp, v, output_size, self.thing_ids_for(x, vocabulary), class_bias=bias)
-            r["vocabulary"] = list(vocabulary)
+        for e in encoded:
+            vocabulary = list(e.vocabulary)
+            if options.vocabulary is not None and (
+                tuple(self.vocabulary(e.input, options)) != e.vocabulary
+            ):
+                raise ValueError("the options' vocabulary differs from the encoded one")
+            text = None
+            if options.ensemble_weight > 0.0:
+                if e.clip_embeds is None:
+                    raise ValueError(
+                        "λ > 0 needs an encoding with CLIP embeddings (encode_inputs or "
+                        "encode_clip_inputs)"
+                    )
+                if options.mask_thr != e.mask_thr:
+                    raise ValueError(
+                        f"MASK_THR {options.mask_thr} of the options, {e.mask_thr} of the encoding"
+                    )
+                with stage(timer, "text"):
+                    text = self.text_embeddings(vocabulary)
+            calibration = self.calibration(options)
+            bias = calibration.bias(vocabulary, self.device) if calibration.enabled else None
+            size = tuple(e.input["image"].shape[-2:])
+            output_size = (int(e.input.get("height", size[0])), int(e.input.get("width", size[1])))
+            thing_ids = self.thing_ids_for(e.input, vocabulary)
+            with stage(timer, "fusion"):
+                clip_probs, valid = (None, None) if text is None else self.clip_probs(e, text)
+                r = self.fuse(
+                    e.proposals,
+                    clip_probs,
+                    valid,
+                    output_size,
+                    thing_ids,
+                    ensemble_weight=options.ensemble_weight,
+                    class_bias=bias,
+                )
+            r["vocabulary"] = vocabulary
             results.append(r)
         return results
 
 
-def _encode_crops(model: TwoStageOVSeg, images, masks):
-    """The "crops" CLIP mode: one masked crop per mask (shapes: ``clip_embeddings``)."""
-    return model.encode_crop_groups(model.prepare_crop_groups(images, masks), masks)
+def _encode_crops(model: TwoStageOVSeg, images, masks, mask_thr: float, timer=None):
+    """The "crops" CLIP mode: one masked crop per mask (shapes: ``clip_embeddings``); stages
+    ``crop_prep`` and ``clip`` of ``timer``, and the crops per size."""
+    with stage(timer, "crop_prep"):
+        groups = model.prepare_crop_groups(images, masks, mask_thr)
+    with stage(timer, "clip"):
+        out = model.encode_crop_groups(groups, masks)
+    if timer is not None:
+        sizes: Dict[int, int] = {}
+        for g in groups:
+            sizes[int(g.crops.shape[-1])] = sizes.get(int(g.crops.shape[-1]), 0) + g.crops.shape[0]
+        timer.count("crops_by_size", sizes)
+    return out
 
 
-# MODEL.TWO_STAGE.FAST.CLIP_MODE -> fn(model, images, masks) -> (embeds (N, D), valid flags)
+# MODEL.TWO_STAGE.FAST.CLIP_MODE -> fn(model, images, masks, mask_thr, timer) -> (embeds (N, D),
+# valid flags)
 CLIP_MODES = {"crops": _encode_crops, "single_pass": TwoStageOVSeg.encode_single_pass}
 
 # MODEL.TWO_STAGE.FAST.QUANTIZE -> in-place transform of the CLIP image tower
