@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export DETECTRON2_DATASETS ?= $(CURDIR)/datasets
+# test processes (one torch thread each): the free cores, as ov_seg.utils.threads counts them
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; n = len(os.sched_getaffinity(0)); e = os.environ.get('OMP_NUM_THREADS', ''); print(max(1, min(n, int(e))) if e.isdigit() and int(e) > 0 else n)")
 export NLTK_DATA ?= $(abspath $(CURDIR)/../shared/nltk_data)
 
 .PHONY: setup demo test lint format clean-output
@@ -26,7 +28,7 @@ demo: setup
 	$(PY) tools/run_main_job.py --output output
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: setup
 	$(PY) -m black --check -l 100 ov_seg tools tests datasets
