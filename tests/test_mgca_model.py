@@ -25,10 +25,18 @@ def _train_inputs(n=4):
         ["a photo of a yellow heart"],
         ["sky"],  # no chunk: the caption is its own entity
     ]
+    # the caption mapper's ``nouns`` field: the noun chunks of each caption
+    nouns = [
+        [["red star", "blue circle", "grass"]],
+        [["water", "sky", "purple hexagon"], ["purple hexagon", "water", "sky"]],
+        [["yellow heart"]],
+        [[]],
+    ]
     return [
         {
             "image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8),
             "captions": captions[i % 4],
+            "nouns": nouns[i % 4],
         }
         for i in range(n)
     ]

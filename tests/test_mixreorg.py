@@ -10,7 +10,6 @@ from fvcore.nn import FlopCountAnalysis
 from helpers import REPO, assert_sem_seg_consistent, run_train_net, setup_config
 
 from ov_seg.engine import Trainer
-from ov_seg.mining.nouns import CaptionNounTable
 from ov_seg.modeling.losses.mixing import make_mix_plan
 from ov_seg.modeling.meta_arch.mixreorg import MixReorg
 
@@ -89,11 +88,13 @@ def test_group_noun_prompt_loss(base_model):
         "a photo of a red star": ["red star"],
         "sky": [],
     }
-    model.noun_extractor = lambda caps: [nouns[c] for c in caps]
-    model._noun_table = CaptionNounTable(model.noun_extractor)  # no dataset table: per batch
     model.noun_weight = 1.0
     inputs = _inputs(4)
-    emb, targets = model.noun_prompts([x["captions"][0] for x in inputs])
+    for x in inputs:  # the caption mapper's field
+        x["nouns"] = [nouns[c] for c in x["captions"]]
+    emb, targets = model.noun_prompts(
+        [x["captions"][0] for x in inputs], [x["nouns"][0] for x in inputs]
+    )
     assert emb.shape[0] == 4 and targets.diagonal().all()
     # the prompt of image 2 is "red star", also named by image 0's caption; "sky" has no noun
     assert targets[0, 2] and not targets[1, 2] and targets.sum() >= 5

@@ -132,7 +132,6 @@ def tiny_clip():
 
 
 def _model(clip, embedder="residual_mlp", **kwargs):
-    kwargs.setdefault("noun_extractor", lambda caps: [c.split()[-1:] for c in caps])
     kwargs.setdefault("templates", ("a photo of a {}",))
     return PACL(clip_model=clip, embedder=build_pacl_embedder(embedder, clip), **kwargs)
 
@@ -152,6 +151,8 @@ def test_only_embedder_and_logit_scale_get_gradients(tiny_clip):
     inputs.append(
         {"image": _image(48, 40, 9), "captions": ["a blue ring"]}
     )  # padded: masked patches
+    for x in inputs:  # the caption mapper's field: the noun phrases of each caption
+        x["nouns"] = [c.split()[-1:] for c in x["captions"]]
     losses = model(inputs)
     assert set(losses) == {"loss_pacl_caption", "loss_pacl_noun"}
     sum(losses.values()).backward()
@@ -176,7 +177,7 @@ def test_residual_mlp_size_read_from_model(tiny_clip):
 def test_vanilla_baseline_is_clip_projection(tiny_clip):
     """Baseline patches = tokens @ visual.proj; with an average-pooling tower their mean is CLIP's
     image embedding. The baseline has nothing to train."""
-    model = _model(tiny_clip, embedder="clip_projection", noun_extractor=None)
+    model = _model(tiny_clip, embedder="clip_projection", prompt_weight=0.0)
     assert isinstance(model.embedder, CLIPProjectionEmbedder)
     assert not any(p.requires_grad for p in model.parameters())
     images = model.normalize(torch.stack([_image(64, 64, 3), _image(64, 64, 4)]).float())

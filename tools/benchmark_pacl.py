@@ -119,6 +119,7 @@ def _worker(args) -> dict:
             embedder=build_pacl_embedder("residual_mlp", clip),
             chunk_size=chunk,
             checkpoint_chunks=ckpt,
+            prompt_weight=0.0,  # the caption loss only (the inputs carry no ``nouns``)
         ).to(device)
         model.train()
         optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -763,10 +763,10 @@ def extract_for_dataset(
 
 
 class CaptionNounTable:
-    """caption -> nouns for caption-supervised models (PACL prompt augmentation, MixReorg noun
-    prompts): every caption of ``datasets`` is parsed once on first use (``extract_for_dataset``:
-    disk-cached, shared between models with the same extractor settings); other captions are parsed
-    when asked and memoised.
+    """caption -> nouns for caption-supervised models (the caption mapper's ``nouns`` field,
+    ``ov_seg.data.caption_nouns``): every caption of ``datasets`` is parsed once on first use
+    (``extract_for_dataset``: disk-cached, shared between users of the same extractor settings);
+    other captions are parsed when asked and memoised.
 
     Args:
         extractor: the ``NounExtractor``.
@@ -791,11 +791,16 @@ class CaptionNounTable:
             logger.info("%s: nouns of %s ready (%d captions)", self.label, name, len(table))
         return table
 
-    def __call__(self, captions: Sequence[str]) -> List[List[str]]:
-        """Nouns of each caption (blank phrases dropped)."""
+    def load(self) -> "CaptionNounTable":
+        """Parse (or read from the disk cache) the captions of ``datasets`` now, once; the first
+        call does it otherwise. Returns self."""
         if self._table is None:
             self._table = self._load()
-        table = self._table
+        return self
+
+    def __call__(self, captions: Sequence[str]) -> List[List[str]]:
+        """Nouns of each caption (blank phrases dropped)."""
+        table = self.load()._table
         missing = list(dict.fromkeys(c for c in captions if c not in table))
         if missing:
             table.update(zip(missing, map(tuple, self.extractor(missing))))

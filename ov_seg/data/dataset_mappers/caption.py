@@ -1,7 +1,7 @@
 """Image-caption mapper (CLIP pre-training and the single-stage models)."""
 
 import copy
-from typing import List
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from ..caption_nouns import build_caption_noun_table
 from ..image_io import read_image
 from .build import DATASET_MAPPER_REGISTRY
 
@@ -67,7 +68,9 @@ class CaptionDatasetMapper:
     (list of str, every caption of the image; the model draws one); ``hard_negatives`` (list of str,
     aligned with ``captions`` when the dataset has one per caption; may be empty);
     ``height``/``width`` of the original image; ``dataset_name`` and ``vocabulary`` (the dataset's
-    ``stuff_classes``, if any).
+    ``stuff_classes``, if any); in training, when the method reads caption nouns
+    (``ov_seg.data.caption_nouns``), ``nouns`` (list of list of str: the noun phrases of each
+    caption, aligned with ``captions``, computed with the extractor the method's config asks for).
 
     Raises (on call):
         KeyError: the dict has no ``captions``. UnreadableImageError: a truncated or undecodable
@@ -75,8 +78,26 @@ class CaptionDatasetMapper:
     """
 
     @configurable
-    def __init__(self, *, is_train: bool, augmentations, image_format: str, dataset_name: str = ""):
+    def __init__(
+        self,
+        *,
+        is_train: bool,
+        augmentations,
+        image_format: str,
+        dataset_name: str = "",
+        noun_table: Optional[Callable[[Sequence[str]], List[List[str]]]] = None,
+    ):
+        """
+        Args:
+            is_train: training mapper (the ``nouns`` field is only added in training).
+            augmentations: detectron2 augmentations of the image.
+            image_format: ``INPUT.FORMAT``.
+            dataset_name: the dataset mapped (its ``stuff_classes`` become ``vocabulary``).
+            noun_table: captions -> the noun phrases of each (an
+                ``ov_seg.mining.CaptionNounTable``); None: no ``nouns`` field.
+        """
         self.is_train = is_train
+        self.noun_table = noun_table if is_train else None
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.dataset_name = dataset_name
@@ -85,11 +106,17 @@ class CaptionDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True, dataset_name: str = ""):
+        noun_table = build_caption_noun_table(cfg) if is_train else None
+        if noun_table is not None:
+            # the dataset captions are parsed (or read from the disk cache) here, once, before the
+            # loader's worker processes start
+            noun_table.load()
         return {
             "is_train": is_train,
             "augmentations": build_caption_augmentations(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
             "dataset_name": dataset_name,
+            "noun_table": noun_table,
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
@@ -116,6 +143,8 @@ class CaptionDatasetMapper:
             np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
         )
         dataset_dict["captions"] = list(captions)
+        if self.noun_table is not None:
+            dataset_dict["nouns"] = self.noun_table(dataset_dict["captions"])
         dataset_dict["hard_negatives"] = list(dataset_dict.get("hard_negatives") or [])
         if self.dataset_name:
             dataset_dict["dataset_name"] = self.dataset_name

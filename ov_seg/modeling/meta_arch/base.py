@@ -402,6 +402,29 @@ class OpenVocabSegmentor(nn.Module):
         captions = [captions] if isinstance(captions, str) else list(captions)
         return int(torch.randint(len(captions), ())), captions
 
+    def caption_nouns(self, x: dict, k: int, index: int = 0) -> List[str]:
+        """The noun phrases of caption ``k`` of a training input: its ``nouns`` field, set by the
+        caption mapper (``ov_seg.data.caption_nouns``: one phrase list per caption, computed with
+        the extractor the method's config asks for).
+
+        Args:
+            x: the input.
+            k: index of the caption in ``x["captions"]``.
+            index: its position in the batch (for the message).
+
+        Raises:
+            KeyError: the input has no ``nouns`` (not mapped by the caption mapper of this method's
+                config).
+        """
+        nouns = x.get("nouns")
+        if nouns is None:
+            raise KeyError(
+                f"training input {index} (image_id {x.get('image_id')}) has no 'nouns': "
+                f"{type(self).__name__} reads the caption nouns that INPUT.DATASET_MAPPER_NAME "
+                "caption adds for its config (ov_seg.data.caption_nouns)"
+            )
+        return list(nouns[k])
+
     def postprocess(
         self,
         scores: torch.Tensor,

@@ -11,7 +11,9 @@ paper's abstract is project design and has a ``MODEL.MGCA`` key):
   with LayerNorm and GELU, added residually, the last conv zero-initialised so that training starts
   from CLIP's own dense features) gives pixel embeddings Z (B, D, 2H/p, 2W/p). f_t is CLIP's text
   tower, frozen: a caption embedding s_b and up to ``MAX_ENTITIES`` entities e_bj =
-  f_t(``ENTITY_TEMPLATE``.format(noun chunk)) per image (the caption itself when it has no chunk).
+  f_t(``ENTITY_TEMPLATE``.format(noun chunk)) per image (the caption itself when it has no chunk);
+  the chunks of each caption come with the input (``nouns``, added by the caption mapper with the
+  ``ENTITY_MODE`` / ``ENTITY_CHUNKER`` extractor, ``ov_seg.data.caption_nouns``).
 - **Grounding** ``m_bj(x) = σ(w·cos(z_x, e_bj) + β)`` with learnable w, β (``GROUNDING_INIT``), the
   source of the pseudo correspondences (detached wherever it selects).
 - **Object level** (``loss_obj``): region vectors r_bj = Σ m z / Σ m against entities with hard
@@ -32,7 +34,7 @@ import logging
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -299,8 +301,9 @@ class MGCA(OpenVocabSegmentor):
     """MGCA meta-architecture (see the module doc).
 
     Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry
-    ``captions`` (list of str, one drawn per step), test inputs a ``vocabulary`` (class names;
-    default: the first test dataset's ``stuff_classes``).
+    ``captions`` (list of str, one drawn per step) and ``nouns`` (the noun chunks of each caption),
+    test inputs a ``vocabulary`` (class names; default: the first test dataset's
+    ``stuff_classes``).
     """
 
     @configurable
@@ -311,7 +314,6 @@ class MGCA(OpenVocabSegmentor):
         templates,
         encoder: DenseCLIPEncoder,
         decoder: MGCADecoder,
-        noun_extractor: Callable[[Sequence[str]], Sequence[Sequence[str]]],
         max_entities: int = 3,
         entity_template: str = "a photo of a {}.",
         loss_config: MGCALossConfig = MGCALossConfig(),
@@ -328,7 +330,6 @@ class MGCA(OpenVocabSegmentor):
             templates: class-name prompt templates (a ``TEMPLATE_SETS`` name or a list).
             encoder: the ``DenseCLIPEncoder`` on ``clip_model.visual``.
             decoder: the pixel decoder g.
-            noun_extractor: captions -> the noun chunks of each (``ov_seg.mining.NounExtractor``).
             max_entities: J_max, entities per image (a random subset in training when the caption
                 has more).
             entity_template: prompt of an entity, "{}" = the chunk without its determiner.
@@ -377,7 +378,6 @@ class MGCA(OpenVocabSegmentor):
         self.text_classifier = TextClassifier(clip_model, templates)
         self.encoder = encoder
         self.decoder = decoder
-        self.noun_extractor = noun_extractor
         self.max_entities = int(max_entities)
         self.entity_template = entity_template
         self.grounding_w = nn.Parameter(torch.tensor(float(loss_config.grounding_init[0])))
@@ -413,8 +413,6 @@ class MGCA(OpenVocabSegmentor):
 
     @classmethod
     def from_config(cls, cfg):
-        from ov_seg.mining import NounExtractor
-
         mc = cfg.MODEL.MGCA
         clip_model = build_clip_from_cfg(cfg)
         clip_model.requires_grad_(False)
@@ -426,7 +424,6 @@ class MGCA(OpenVocabSegmentor):
             "templates": cfg.MODEL.CLIP.TEMPLATES,
             "encoder": encoder,
             "decoder": decoder,
-            "noun_extractor": NounExtractor(mode=mc.ENTITY_MODE, chunker=mc.ENTITY_CHUNKER),
             "max_entities": mc.MAX_ENTITIES,
             "entity_template": mc.ENTITY_TEMPLATE,
             "loss_config": MGCALossConfig.from_config(mc),
@@ -455,11 +452,15 @@ class MGCA(OpenVocabSegmentor):
         """Z = g(f_v(images)): (B, 3, H, W) normalised -> (B, D, up·H/p, up·W/p)."""
         return self.decoder(self.encoder(images))
 
-    def entities(self, captions: Sequence[str]) -> List[List[str]]:
-        """Entity prompts of each caption: up to J_max noun chunks in ``entity_template`` (a random
-        subset in training, the first ones otherwise), or the caption itself when it has none."""
+    def entities(
+        self, captions: Sequence[str], chunks_per_caption: Sequence[Sequence[str]]
+    ) -> List[List[str]]:
+        """Entity prompts of each caption: up to J_max of its noun chunks (``chunks_per_caption``,
+        aligned: the input's ``nouns``, ``ENTITY_MODE`` / ``ENTITY_CHUNKER``) in
+        ``entity_template`` (a random subset in training, the first ones otherwise), or the caption
+        itself when it has none."""
         out = []
-        for caption, chunks in zip(captions, self.noun_extractor(list(captions))):
+        for caption, chunks in zip(captions, chunks_per_caption):
             chunks = list(dict.fromkeys(c for c in chunks if c))
             if len(chunks) > self.max_entities:
                 if self.training:
@@ -492,11 +493,12 @@ class MGCA(OpenVocabSegmentor):
             captions (B, D), entity embeddings (E, D) (both normalised, no gradient), the image
             index of each entity (E,) and the entity strings.
         """
-        captions, entity_texts, image_index = [], [], []
+        captions, chunks, entity_texts, image_index = [], [], [], []
         for i, x in enumerate(batched_inputs):
             k, caps = self.draw_caption(x, i)
             captions.append(caps[k])
-        for i, ents in enumerate(self.entities(captions)):
+            chunks.append(self.caption_nouns(x, k, i))
+        for i, ents in enumerate(self.entities(captions, chunks)):
             entity_texts.extend(ents)
             image_index.extend([i] * len(ents))
         emb = self.encode_texts(captions + entity_texts)

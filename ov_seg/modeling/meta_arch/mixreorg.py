@@ -31,7 +31,7 @@ the built CLIP model.
 import logging
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -179,9 +179,10 @@ class MixReorgTestConfig:
 @META_ARCH_REGISTRY.register()
 class MixReorg(OpenVocabSegmentor):
     """MixReorg meta-architecture (see module doc). Inputs are detectron2 dicts with ``image``
-    (3, H, W) uint8 RGB; training inputs carry ``captions`` (list of str, one drawn per step), test
-    inputs a ``vocabulary`` (list of class names; default: the first test dataset's
-    ``stuff_classes``)."""
+    (3, H, W) uint8 RGB; training inputs carry ``captions`` (list of str, one drawn per step) and,
+    with noun prompts, ``nouns`` (the noun phrases of each caption, added by the caption mapper with
+    the ``NOUN_PROMPTS`` extractor settings, ``ov_seg.data.caption_nouns``), test inputs a
+    ``vocabulary`` (list of class names; default: the first test dataset's ``stuff_classes``)."""
 
     @configurable
     def __init__(
@@ -194,8 +195,6 @@ class MixReorg(OpenVocabSegmentor):
         loss_config: MixReorgLossConfig = MixReorgLossConfig(),
         test_config: MixReorgTestConfig = MixReorgTestConfig(),
         default_vocabulary: Sequence[str] = (),
-        noun_extractor: Optional[Callable[[Sequence[str]], List[List[str]]]] = None,
-        noun_datasets: Sequence[str] = (),
         seen_calibration: Optional[SeenCalibration] = None,
         memory_budget_mb: float = 0.0,
     ):
@@ -209,9 +208,6 @@ class MixReorg(OpenVocabSegmentor):
             loss_config: the loss settings (``MixReorgLossConfig``).
             test_config: the inference settings (``MixReorgTestConfig``).
             default_vocabulary: class names for test inputs without a ``vocabulary`` field.
-            noun_extractor: captions → nouns of each (``ov_seg.mining.NounExtractor``); None = no
-                noun-prompt loss.
-            noun_datasets: caption datasets whose nouns are parsed once before training.
             seen_calibration: calibrated stacking of the seen names' logits at inference (the
                 group logits and the image-level top-k ranking); None = off.
             memory_budget_mb: MiB of full-resolution output maps per image
@@ -231,8 +227,6 @@ class MixReorg(OpenVocabSegmentor):
             )
         if seg_negatives not in ("tuple", "batch"):
             raise ValueError(f"SEG_NEGATIVES must be 'tuple' or 'batch', got {seg_negatives!r}")
-        if noun_weight > 0 and noun_extractor is None:
-            raise ValueError("NOUN_PROMPTS.WEIGHT > 0 needs a noun extractor")
         super().__init__(
             seen_calibration=seen_calibration,
             default_vocabulary=default_vocabulary,
@@ -266,16 +260,6 @@ class MixReorg(OpenVocabSegmentor):
         self.bg_thresh = test_config.bg_thresh
         self.background_name = test_config.background_name
         self.soft_inference = test_config.soft_inference
-        self.noun_extractor = noun_extractor
-        self.noun_datasets = tuple(noun_datasets)
-        from ov_seg.mining.nouns import CaptionNounTable  # spaCy and the datasets: at first use
-
-        # caption -> nouns (the datasets are parsed at the first call)
-        self._noun_table = (
-            CaptionNounTable(noun_extractor, noun_datasets, "MixReorg noun prompts")
-            if noun_extractor is not None
-            else None
-        )
 
     @classmethod
     def from_config(cls, cfg):
@@ -298,14 +282,6 @@ class MixReorg(OpenVocabSegmentor):
             assign_cosine_temperature=mc.ASSIGN_COSINE_TEMPERATURE,
             freeze_at=mc.FREEZE_AT,
         )
-        noun_extractor, noun_datasets = None, ()
-        if mc.NOUN_PROMPTS.WEIGHT > 0:
-            from ov_seg.mining import NounExtractor  # spaCy is imported lazily there
-
-            noun_extractor = NounExtractor(
-                mode=mc.NOUN_PROMPTS.NOUN_MODE, chunker=mc.NOUN_PROMPTS.CHUNKER
-            )
-            noun_datasets = tuple(cfg.DATASETS.TRAIN) if mc.NOUN_PROMPTS.DATASET_CACHE else ()
         return {
             "clip_model": clip_model,
             "templates": cfg.MODEL.CLIP.TEMPLATES,
@@ -316,8 +292,6 @@ class MixReorg(OpenVocabSegmentor):
             "default_vocabulary": default_test_vocabulary(cfg),
             "seen_calibration": SeenCalibration(cfg),
             "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
-            "noun_extractor": noun_extractor,
-            "noun_datasets": noun_datasets,
         }
 
     def train(self, mode: bool = True):
@@ -326,17 +300,23 @@ class MixReorg(OpenVocabSegmentor):
         return self
 
     # ------------------------------------------------------------------ inputs
-    def pick_captions(self, batched_inputs: List[Dict]) -> Tuple[List[str], List[str]]:
+    def pick_captions(self, batched_inputs: List[Dict]) -> Tuple[List[str], List[str], List[int]]:
         """One caption per image, drawn at random among its own, and (with ``hard_negatives``) the
-        hard-negative caption aligned with it (a random one when they are not aligned)."""
-        texts, negatives = [], []
+        hard-negative caption aligned with it (a random one when they are not aligned).
+
+        Returns:
+            the B captions, the hard negatives, and the index of each caption in its input's
+            ``captions``.
+        """
+        texts, negatives, picked = [], [], []
         for i, x in enumerate(batched_inputs):
             k, caps = self.draw_caption(x, i)
             texts.append(caps[k])
+            picked.append(k)
             negs = list(x.get("hard_negatives") or [])
             if self.hard_negatives and negs:
                 negatives.append(negs[k] if len(negs) == len(caps) else negs[k % len(negs)])
-        return texts, negatives
+        return texts, negatives, picked
 
     def caption_embeddings(
         self, batched_inputs: List[Dict]
@@ -346,7 +326,7 @@ class MixReorg(OpenVocabSegmentor):
         Returns:
             (B, D) normalised caption embeddings; (M, D) normalised hard negatives or None.
         """
-        texts, negatives = self.pick_captions(batched_inputs)
+        texts, negatives, _ = self.pick_captions(batched_inputs)
         return self.encode_captions(texts, negatives)
 
     def encode_captions(
@@ -357,18 +337,19 @@ class MixReorg(OpenVocabSegmentor):
             emb = self.text_classifier.encode_texts(texts + negatives).to(self.device)
         return emb[: len(texts)], (emb[len(texts) :] if negatives else None)
 
-    def caption_nouns(self, captions: Sequence[str]) -> List[List[str]]:
-        """Nouns of each caption (empty strings dropped): from the dataset table, else parsed."""
-        return self._noun_table(captions)
-
-    def noun_prompts(self, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def noun_prompts(
+        self, captions: Sequence[str], nouns: Sequence[Sequence[str]]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """GroupViT's multi-label prompts: one noun of each caption in a random template.
+
+        Args:
+            captions: the B captions.
+            nouns: the noun phrases of each caption (the inputs' ``nouns``).
 
         Returns:
             (B, D) normalised prompt embeddings (the caption's own when it has no noun) and the
             (B, B) bool multi-label targets: [b, c] = prompt c's noun is one of caption b's nouns.
         """
-        nouns = self.caption_nouns(captions)
         templates = self.text_classifier.templates
         picked = [random.choice(n) if n else None for n in nouns]
         prompts = [
@@ -394,9 +375,14 @@ class MixReorg(OpenVocabSegmentor):
     def losses(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         """The loss dict of a caption batch (``branch_losses``)."""
         images = self.preprocess_images(batched_inputs)
-        captions, negatives = self.pick_captions(batched_inputs)
+        captions, negatives, picked = self.pick_captions(batched_inputs)
         texts, negatives = self.encode_captions(captions, negatives)
-        nouns = self.noun_prompts(captions) if self.noun_weight > 0 else None
+        nouns = None
+        if self.noun_weight > 0:
+            per_caption = [
+                self.caption_nouns(x, k, i) for i, (x, k) in enumerate(zip(batched_inputs, picked))
+            ]
+            nouns = self.noun_prompts(captions, per_caption)
         return self.branch_losses(images.tensor, texts, negatives, nouns)
 
     def make_plan(self, batch_size: int, grid) -> MixPlan:

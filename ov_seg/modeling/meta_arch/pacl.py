@@ -10,6 +10,8 @@ scored against every caption of the batch with PACL's compatibility (``losses/pa
 and the symmetric InfoNCE on Φ (B, B) with a learnable logit scale is minimised. With prompt
 augmentation, each image also forms a second pair with a prompt built from a noun of its caption
 (one random noun in one random template); the two B×B losses are averaged (``PROMPT_AUG.WEIGHT``).
+The nouns of each caption come with the input (``nouns``, added by the caption mapper with the
+``PROMPT_AUG`` extractor settings, ``ov_seg.data.caption_nouns``).
 
 Inference: the per-patch class scores s_{i,k} = cos(v_i, t_k) against the template-ensembled class
 embeddings, upsampled bilinearly to the image; ``sem_seg`` holds softmax_k(s · logit_scale). With
@@ -93,9 +95,9 @@ class PACL(OpenVocabSegmentor):
     """PACL meta-architecture (see module doc).
 
     Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry
-    ``captions`` (list of str; one is drawn per step), test inputs a ``vocabulary`` (list of class
-    names; default: the ``stuff_classes`` of their ``dataset_name``, else of the first test
-    dataset).
+    ``captions`` (list of str; one is drawn per step) and, with prompt augmentation, ``nouns`` (the
+    noun phrases of each caption), test inputs a ``vocabulary`` (list of class names; default: the
+    ``stuff_classes`` of their ``dataset_name``, else of the first test dataset).
     """
 
     @configurable
@@ -110,8 +112,6 @@ class PACL(OpenVocabSegmentor):
         logit_scale_max: float = 100.0,
         chunk_size: int = 64,
         checkpoint_chunks: bool = True,
-        noun_extractor: Optional[Callable[[Sequence[str]], List[List[str]]]] = None,
-        noun_datasets: Sequence[str] = (),
         prompt_weight: float = 1.0,
         infer_stride: int = 4,
         stride_mode: str = "shift",
@@ -135,12 +135,8 @@ class PACL(OpenVocabSegmentor):
             logit_scale_max: clamp of s.
             chunk_size: texts per chunk of Φ.
             checkpoint_chunks: recompute Φ's chunks in backward (bounded memory).
-            noun_extractor: captions → nouns of each (``ov_seg.mining.NounExtractor``); None
-                disables prompt augmentation.
-            noun_datasets: caption datasets whose nouns are parsed once before the first training
-                step, through ``ov_seg.mining.extract_for_dataset`` (a disk cache shared with the
-                other users of the same extractor settings); other captions are parsed when met.
-            prompt_weight: weight W of the noun-prompt loss: L = (L_cap + W·L_noun) / (1 + W).
+            prompt_weight: weight W of the noun-prompt loss: L = (L_cap + W·L_noun) / (1 + W);
+                0 disables prompt augmentation (training inputs then need no ``nouns``).
             infer_stride: stride of the test-time score map (the patch size, or 0, disables the
                 trick).
             stride_mode: "shift" or "conv" (see module doc).
@@ -200,16 +196,6 @@ class PACL(OpenVocabSegmentor):
         self.logit_scale_max = float(logit_scale_max)
         self.chunk_size = int(chunk_size)
         self.checkpoint_chunks = bool(checkpoint_chunks)
-        self.noun_extractor = noun_extractor
-        self.noun_datasets = tuple(noun_datasets)
-        from ov_seg.mining.nouns import CaptionNounTable  # spaCy and the datasets: at first use
-
-        # caption -> nouns (the datasets are parsed at the first call)
-        self._noun_table = (
-            CaptionNounTable(noun_extractor, noun_datasets, "PACL prompt augmentation")
-            if noun_extractor is not None
-            else None
-        )
         self.prompt_weight = float(prompt_weight)
         self.bg_rule = BACKGROUND_RULES[bg_mode]
         self.bg_thresh = float(bg_entropy if bg_mode == "entropy" else bg_score)
@@ -221,14 +207,6 @@ class PACL(OpenVocabSegmentor):
         pacl = cfg.MODEL.PACL
         clip_model = build_clip_from_cfg(cfg)
         embedder = build_pacl_embedder(pacl.EMBEDDER, clip_model, hidden_dim=pacl.EMBED_HIDDEN_DIM)
-        noun_extractor, noun_datasets = None, ()
-        if pacl.PROMPT_AUG.ENABLED and pacl.PROMPT_AUG.WEIGHT > 0:
-            from ov_seg.mining import NounExtractor  # spaCy is imported lazily there
-
-            noun_extractor = NounExtractor(
-                mode=pacl.PROMPT_AUG.NOUN_MODE, chunker=pacl.PROMPT_AUG.CHUNKER
-            )
-            noun_datasets = tuple(cfg.DATASETS.TRAIN) if pacl.PROMPT_AUG.DATASET_CACHE else ()
         return {
             "clip_model": clip_model,
             "embedder": embedder,
@@ -238,9 +216,8 @@ class PACL(OpenVocabSegmentor):
             "logit_scale_max": pacl.LOGIT_SCALE_MAX,
             "chunk_size": pacl.CHUNK_SIZE,
             "checkpoint_chunks": pacl.CHECKPOINT_CHUNKS,
-            "noun_extractor": noun_extractor,
-            "noun_datasets": noun_datasets,
-            "prompt_weight": pacl.PROMPT_AUG.WEIGHT,
+            # ENABLED False = weight 0 (the caption mapper then adds no nouns either)
+            "prompt_weight": pacl.PROMPT_AUG.WEIGHT if pacl.PROMPT_AUG.ENABLED else 0.0,
             "infer_stride": pacl.TEST.INFER_STRIDE,
             "stride_mode": pacl.TEST.STRIDE_MODE,
             "bg_mode": pacl.TEST.BG_MODE,
@@ -285,7 +262,9 @@ class PACL(OpenVocabSegmentor):
         return self.embedder(tokens), grid
 
     @staticmethod
-    def _pick_caption(x: dict) -> str:
+    def _pick_caption(x: dict) -> Tuple[int, str]:
+        """One non-blank caption of a training input, drawn with Python's RNG: (its index in
+        ``captions``, the caption)."""
         captions = x.get("captions")
         if captions is None:
             raise KeyError(
@@ -294,22 +273,22 @@ class PACL(OpenVocabSegmentor):
             )
         if isinstance(captions, str):
             captions = [captions]
-        valid = [c for c in captions if isinstance(c, str) and c.strip()]
+        valid = [k for k, c in enumerate(captions) if isinstance(c, str) and c.strip()]
         if not valid:
             where = x.get("file_name", x.get("image_id", "?"))
             raise ValueError(
                 f"image {where}: empty caption (captions={captions!r}); PACL needs text"
             )
-        return random.choice(valid)
+        k = random.choice(valid)
+        return k, captions[k]
 
-    def caption_nouns(self, captions: Sequence[str]) -> List[List[str]]:
-        """Nouns of each caption: from the dataset table, else parsed (and memoised) now."""
-        return self._noun_table(captions)
-
-    def noun_prompts(self, captions: Sequence[str]) -> List[str]:
-        """Per caption, one of its nouns in a random template (the caption if it has no noun)."""
+    def noun_prompts(
+        self, captions: Sequence[str], nouns_per_caption: Sequence[Sequence[str]]
+    ) -> List[str]:
+        """Per caption, one of its nouns (``nouns_per_caption``, aligned) in a random template (the
+        caption if it has no noun)."""
         prompts = []
-        for caption, nouns in zip(captions, self.caption_nouns(captions)):
+        for caption, nouns in zip(captions, nouns_per_caption):
             nouns = [n for n in nouns if n.strip()]
             prompts.append(
                 random.choice(self.templates).format(random.choice(nouns)) if nouns else caption
@@ -332,7 +311,8 @@ class PACL(OpenVocabSegmentor):
         return batch, mask.flatten(1)
 
     def losses(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
-        captions = [self._pick_caption(x) for x in batched_inputs]
+        picked = [self._pick_caption(x) for x in batched_inputs]
+        captions = [c for _, c in picked]
         images, patch_mask = self._batch_images(batched_inputs)
         patches, _ = self.patch_embeddings(images)
         if bool(patch_mask.all()):
@@ -346,9 +326,12 @@ class PACL(OpenVocabSegmentor):
         }
         texts = self.text_classifier.encode_texts(captions)
         loss = pacl_info_nce(patches, texts, scale, **kwargs)
-        if self.noun_extractor is None or self.prompt_weight == 0:
+        if self.prompt_weight == 0:
             return {"loss_pacl": loss}
-        prompts = self.text_classifier.encode_texts(self.noun_prompts(captions))
+        nouns = [
+            self.caption_nouns(x, k, i) for i, (x, (k, _)) in enumerate(zip(batched_inputs, picked))
+        ]
+        prompts = self.text_classifier.encode_texts(self.noun_prompts(captions, nouns))
         noun_loss = pacl_info_nce(patches, prompts, scale, **kwargs)
         norm = 1.0 + self.prompt_weight
         # the two terms sum to L = (L_caption + W L_noun) / (1 + W)
