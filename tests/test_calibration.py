@@ -46,7 +46,7 @@ def test_bias_and_apply():
 def test_two_stage_calibration_keeps_each_proposals_mass():
     """Two-stage fusion: CLIP-only rows (mass 1) become softmax(logits − γ · seen); proposal-head
     rows keep their 1 − p(no object); the classes' ratios move by e^(−γ) for seen names only."""
-    from ov_seg.modeling.heads.ensemble import (
+    from ov_seg.modeling.fusion import (
         calibrate_query_probs,
         geometric_ensemble,
         proposal_class_probs,

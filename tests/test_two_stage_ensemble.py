@@ -1,9 +1,9 @@
-"""The two-stage fusion math (ov_seg.modeling.heads.ensemble) on hand-built tensors."""
+"""The two-stage fusion math (ov_seg.modeling.fusion) on hand-built tensors."""
 
 import pytest
 import torch
 
-from ov_seg.modeling.heads.ensemble import (
+from ov_seg.modeling.fusion import (
     clip_class_probs,
     geometric_ensemble,
     panoptic_class_logits,

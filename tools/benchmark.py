@@ -68,7 +68,7 @@ from ov_seg.engine.predictor import OVSegPredictor
 from ov_seg.engine.setup import get_ov_seg_cfg
 from ov_seg.modeling.clip import MaskPromptVisionEncoder, normalize_clip
 from ov_seg.modeling.clip.quantize import replace_self_attention
-from ov_seg.modeling.heads.ensemble import with_background_name
+from ov_seg.modeling.fusion import with_background_name
 from ov_seg.modeling.meta_arch.base import StageTimer
 from ov_seg.modeling.proposal_sources import Proposals
 from ov_seg.utils.threads import set_num_threads

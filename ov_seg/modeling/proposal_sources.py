@@ -27,7 +27,7 @@ from pycocotools import mask as mask_util
 from torch import nn
 from torch.nn import functional as F
 
-from ov_seg.modeling.heads.ensemble import proposal_class_probs
+from ov_seg.modeling.fusion import proposal_class_probs
 from ov_seg.modeling.meta_arch.proposal_maskformer import ProposalMaskFormer
 from ov_seg.utils.registry import NamedRegistry, get_registered
 

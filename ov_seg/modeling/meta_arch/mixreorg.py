@@ -41,7 +41,7 @@ from torch import nn
 
 from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.clip import TextClassifier, build_clip_from_cfg, clip_sizes
-from ov_seg.modeling.heads.grouping import GroupingViT, token_to_segment
+from ov_seg.modeling.heads.mixreorg_encoder import GroupingViT, token_to_segment
 from ov_seg.modeling.losses.contrastive import clamped_logit_scale, info_nce
 from ov_seg.modeling.losses.mixing import (
     MixPlan,

@@ -11,7 +11,7 @@ Stages (each a method, so that each can be timed or replaced):
 3. ``encode_crops``: the mask-adapted CLIP image tower (with mask prompts when the checkpoint has
    them);
 4. ``text_embeddings``: prompt-ensembled class-name embeddings of the vocabulary (cached);
-5. ``fuse``: p = p_proposal^(1−λ) · p_clip^λ (``ov_seg.modeling.heads.ensemble``), optionally
+5. ``fuse``: p = p_proposal^(1−λ) · p_clip^λ (``ov_seg.modeling.fusion``), optionally
    seen-class calibrated (``MODEL.SEEN_CALIBRATION``: each proposal's class distribution with γ
    subtracted from the log-scores of the names seen in training, its mass kept), then the semantic
    output Σ_q p_q(c) σ(m_q) and the panoptic output (MaskFormer merge).
@@ -55,7 +55,7 @@ from ov_seg.modeling.calibration import SeenCalibration
 from ov_seg.modeling.clip import MaskedCropClassifier, build_clip_from_cfg, normalize_clip
 from ov_seg.modeling.clip.quantize import quantize_vision_linears
 from ov_seg.modeling.clip.single_pass import SinglePassMaskEmbedder
-from ov_seg.modeling.heads.ensemble import (
+from ov_seg.modeling.fusion import (
     calibrate_query_probs,
     clip_class_probs,
     geometric_ensemble,
