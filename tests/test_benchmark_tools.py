@@ -1,8 +1,10 @@
 """tools/benchmark.py: every sub-command's --help parses, a missing sub-command is ``two-stage``,
 and the deprecated tools/benchmark_<name>.py shims forward to their sub-command (in-process)."""
 
+import json
+
 import pytest
-from helpers import load_tool
+from helpers import REPO, load_tool
 
 SUBCOMMANDS = ("two-stage", "clip", "clip-options", "mining", "mixreorg", "pacl", "proposals")
 SHIMS = {
@@ -81,3 +83,18 @@ def test_old_tool_runs_the_sub_command(tmp_path, capsys):
     assert r["model"] == "ovseg-tiny-vit8-64" and r["image_size"] == 32
     assert (tmp_path / "clip.json").is_file()
     assert "crops/s" in capsys.readouterr().out
+
+
+def test_two_stage_command_line_runs_and_writes_its_json(tool, toyworld_root, tmp_path, capsys):
+    """Today's flag-only invocation, end to end on the toy config (tiny settings)."""
+    out = tmp_path / "sub" / "two_stage.json"
+    argv = ["--config-file", str(REPO / "configs/toyworld/two_stage_R18.yaml"), "--size", "32x32"]
+    argv += ["--proposals", "4", "--iters", "1", "--warmup", "0", "--vocabulary-size", "3"]
+    argv += ["--skip-text", "--label", "toy", "--json", str(out)]
+    argv += ["MODEL.CLIP.PRETRAINED", "", "RUNTIME.NUM_THREADS", "1"]
+    result = tool.main(argv)
+    saved = json.loads(out.read_text())
+    assert saved["label"] == "toy" and saved["proposals"] == 4 and saved["threads"] == 1
+    assert saved["end_to_end_ms"] == result["end_to_end_ms"]
+    assert saved["opts"] == ["MODEL.CLIP.PRETRAINED", "", "RUNTIME.NUM_THREADS", "1"]
+    assert "end_to_end:" in capsys.readouterr().out
