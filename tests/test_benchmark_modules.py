@@ -187,3 +187,21 @@ def test_mining_nouns_and_pairs_counts(toyworld_root):
     s = pairs_throughput(cfg, images=4, batch_size=2)
     assert (s["images"], s["proposals"]) == (4, "gt") and s["pairs"] > 0
     assert s["wall_images_per_s"] > 0 and s["cpu_images_per_s"] > 0
+
+
+def test_dataset_evaluation_counts_and_shares(toyworld_root):
+    from ov_seg.benchmark.dataset import benchmark_dataset, build_model
+
+    cfg = setup_config("configs/toyworld/two_stage_R18.yaml", [*TINY, "TEST.NUM_WORKERS", "1"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    lines = []
+    r = benchmark_dataset(cfg, model, limit=3, log=lines.append)
+    assert (r["dataset"], r["images"], r["loader_workers"]) == ("toyworld_sem_seg_val", 3, 1)
+    assert r["text_encodings"] == 1  # the vocabulary once per dataset, not once per image
+    assert set(r["share"]) == {"data", "model", "evaluator"} and sum(r["share"].values()) <= 1
+    assert all(v >= 0 for v in r["share"].values()) and r["share"]["model"] > 0
+    assert r["images_per_s"] > 0 and r["peak_rss_mib"] > 0 and "sem_seg" in r["results"]
+    assert len(lines) == 1
+    again = benchmark_dataset(cfg, model, "toyworld_sem_seg_val", limit=2)
+    assert (again["images"], again["text_encodings"]) == (2, 1)  # a new pass: caches emptied
