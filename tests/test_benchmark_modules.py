@@ -11,6 +11,7 @@ from ov_seg.modeling.fusion import with_background_name
 
 TWO_STAGE = str(REPO / "configs/toyworld/two_stage_R18.yaml")
 TINY = ["MODEL.CLIP.PRETRAINED", "", "MODEL.WEIGHTS", "", *ONE_THREAD]
+TEST_NONE = [*TINY, "DATASETS.TEST", "()"]
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,10 @@ def test_dataset_evaluation_counts_and_shares(toyworld_root):
     assert r["text_encodings"] == 1  # the vocabulary once per dataset, not once per image
     assert set(r["share"]) == {"data", "model", "evaluator"} and sum(r["share"].values()) <= 1
     assert all(v >= 0 for v in r["share"].values()) and r["share"]["model"] > 0
+    assert 0 < r["first_batch_s"] <= r["seconds"]["data"] + 1e-3  # the first wait is data time
     assert r["images_per_s"] > 0 and r["peak_rss_mib"] > 0 and "sem_seg" in r["results"]
     assert len(lines) == 1
     again = benchmark_dataset(cfg, model, "toyworld_sem_seg_val", limit=2)
     assert (again["images"], again["text_encodings"]) == (2, 1)  # a new pass: caches emptied
+    with pytest.raises(ValueError, match="no dataset"):
+        benchmark_dataset(setup_config("configs/toyworld/two_stage_R18.yaml", TEST_NONE), model)

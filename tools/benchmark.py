@@ -531,6 +531,8 @@ def run_dataset(args, parser) -> dict:
     if args.limit < 0:
         parser.error("--limit must be >= 0")
     cfg = _setup_cfg(args.config_file, args.opts)
+    if not args.dataset and not cfg.DATASETS.TEST:
+        parser.error("the config has no DATASETS.TEST: name one with --dataset")
     result = {"label": args.label, "config": args.config_file, "opts": args.opts}
     result.update(benchmark_dataset(cfg, build_model(cfg), args.dataset, args.limit, log=_say))
     print(json.dumps(result, indent=2, default=str))

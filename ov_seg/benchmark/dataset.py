@@ -46,6 +46,7 @@ class TimedLoader:
         self.seconds = seconds
         self.limit = limit
         self.images = 0
+        self.first_batch_s = 0.0
 
     def __len__(self) -> int:
         n = len(self.loader)
@@ -54,8 +55,11 @@ class TimedLoader:
     def __iter__(self):
         it = iter(self.loader)
         for _ in range(len(self)) if self.limit > 0 else itertools.count():
+            t0 = time.perf_counter()
             with self.seconds("data"):
                 batch = next(it, None)
+            if not self.images:
+                self.first_batch_s = time.perf_counter() - t0
             if batch is None:
                 return
             self.images += len(batch)
@@ -148,9 +152,12 @@ def benchmark_dataset(
     Returns:
         dict: dataset, images, loader workers, wall seconds, images/s, ms/image, seconds and share
         of the wall time in data loading / model / evaluator (shares sum to <= 1: the rest is
-        inference_on_dataset's own bookkeeping), text encodings, peak RSS (MiB, this process), and
+        inference_on_dataset's own bookkeeping), the wait for the first batch (loader workers
+        starting, included in the data seconds), text encodings, peak RSS (MiB, this process), and
         the evaluator's results.
     """
+    if not dataset_name and not cfg.DATASETS.TEST:
+        raise ValueError("no dataset: name one (the config's DATASETS.TEST is empty)")
     dataset_name = dataset_name or cfg.DATASETS.TEST[0]
     seconds = _Seconds()
     counts: Dict[str, int] = {}
@@ -175,6 +182,7 @@ def benchmark_dataset(
         "images_per_s": round(rate(loader.images, wall), 3),
         "ms_per_image": round(per_item_ms(wall, loader.images), 2),
         "seconds": {k: round(v, 3) for k, v in seconds.s.items()},
+        "first_batch_s": round(loader.first_batch_s, 3),
         "share": {k: share(v, wall) for k, v in seconds.s.items()},
         "text_encodings": counts["text_encodings"],
         "peak_rss_mib": round(peak_rss_mib(), 1),
