@@ -192,6 +192,7 @@ def test_mining_nouns_and_pairs_counts(toyworld_root):
 
 def test_dataset_evaluation_counts_and_shares(toyworld_root):
     from ov_seg.benchmark.dataset import benchmark_dataset, build_model
+    from ov_seg.engine.trainer import Trainer
 
     cfg = setup_config("configs/toyworld/two_stage_R18.yaml", [*TINY, "TEST.NUM_WORKERS", "1"])
     torch.manual_seed(0)
@@ -199,6 +200,7 @@ def test_dataset_evaluation_counts_and_shares(toyworld_root):
     lines = []
     r = benchmark_dataset(cfg, model, limit=3, log=lines.append)
     assert (r["dataset"], r["images"], r["loader_workers"]) == ("toyworld_sem_seg_val", 3, 1)
+    assert Trainer.build_test_loader(cfg, r["dataset"]).loader.num_workers == 1  # TEST.NUM_WORKERS
     assert r["text_encodings"] == 1  # the vocabulary once per dataset, not once per image
     assert set(r["share"]) == {"data", "model", "evaluator"} and sum(r["share"].values()) <= 1
     assert all(v >= 0 for v in r["share"].values()) and r["share"]["model"] > 0
