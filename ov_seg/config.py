@@ -204,6 +204,11 @@ def add_evaluation_config(cfg):
     # (H, W) int64 label map (the same argmax), made from the model-resolution scores a chunk of
     # names at a time (``ov_seg.modeling.postprocess``). 0 = unbounded (always dense).
     cfg.TEST.MEMORY_BUDGET_MB = 512
+    # Loader worker processes of the test loader (image decoding and mapping overlapped with the
+    # model): -2 = DATALOADER.NUM_WORKERS (as training); -1 = the free cores minus the compute
+    # threads (ov_seg.utils.threads.test_loader_workers; 0 when the model's threads take them all);
+    # >= 0 = that many.
+    cfg.TEST.NUM_WORKERS = -2
 
 
 def add_seen_calibration_config(cfg):

@@ -11,6 +11,7 @@ from ov_seg.modeling.fusion import with_background_name
 
 TWO_STAGE = str(REPO / "configs/toyworld/two_stage_R18.yaml")
 TINY = ["MODEL.CLIP.PRETRAINED", "", "MODEL.WEIGHTS", "", *ONE_THREAD]
+TEST_NONE = [*TINY, "DATASETS.TEST", "()"]
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +188,26 @@ def test_mining_nouns_and_pairs_counts(toyworld_root):
     s = pairs_throughput(cfg, images=4, batch_size=2)
     assert (s["images"], s["proposals"]) == (4, "gt") and s["pairs"] > 0
     assert s["wall_images_per_s"] > 0 and s["cpu_images_per_s"] > 0
+
+
+def test_dataset_evaluation_counts_and_shares(toyworld_root):
+    from ov_seg.benchmark.dataset import benchmark_dataset, build_model
+    from ov_seg.engine.trainer import Trainer
+
+    cfg = setup_config("configs/toyworld/two_stage_R18.yaml", [*TINY, "TEST.NUM_WORKERS", "1"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    lines = []
+    r = benchmark_dataset(cfg, model, limit=3, log=lines.append)
+    assert (r["dataset"], r["images"], r["loader_workers"]) == ("toyworld_sem_seg_val", 3, 1)
+    assert Trainer.build_test_loader(cfg, r["dataset"]).loader.num_workers == 1  # TEST.NUM_WORKERS
+    assert r["text_encodings"] == 1  # the vocabulary once per dataset, not once per image
+    assert set(r["share"]) == {"data", "model", "evaluator"} and sum(r["share"].values()) <= 1
+    assert all(v >= 0 for v in r["share"].values()) and r["share"]["model"] > 0
+    assert 0 < r["first_batch_s"] <= r["seconds"]["data"] + 1e-3  # the first wait is data time
+    assert r["images_per_s"] > 0 and r["peak_rss_mib"] > 0 and "sem_seg" in r["results"]
+    assert len(lines) == 1
+    again = benchmark_dataset(cfg, model, "toyworld_sem_seg_val", limit=2)
+    assert (again["images"], again["text_encodings"]) == (2, 1)  # a new pass: caches emptied
+    with pytest.raises(ValueError, match="no dataset"):
+        benchmark_dataset(setup_config("configs/toyworld/two_stage_R18.yaml", TEST_NONE), model)

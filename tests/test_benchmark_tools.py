@@ -6,7 +6,16 @@ import json
 import pytest
 from helpers import REPO, load_tool
 
-SUBCOMMANDS = ("two-stage", "clip", "clip-options", "mining", "mixreorg", "pacl", "proposals")
+SUBCOMMANDS = (
+    "two-stage",
+    "clip",
+    "clip-options",
+    "mining",
+    "mixreorg",
+    "pacl",
+    "proposals",
+    "dataset",
+)
 SHIMS = {
     "benchmark_clip": "clip",
     "benchmark_clip_options": "clip-options",

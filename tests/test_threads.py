@@ -28,3 +28,21 @@ def test_set_num_threads_splits_free_cores(monkeypatch):
         assert set_num_threads(3) == 3  # an explicit count wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_test_loader_workers_from_the_free_cores(monkeypatch):
+    from ov_seg.engine.setup import get_ov_seg_cfg
+    from ov_seg.utils import threads
+
+    cfg = get_ov_seg_cfg()
+    cfg.DATALOADER.NUM_WORKERS = 3
+    assert threads.test_loader_workers(cfg) == 3  # default -2: DATALOADER.NUM_WORKERS, as before
+    monkeypatch.setattr(threads, "free_cores", lambda: 4)
+    cfg.TEST.NUM_WORKERS, cfg.RUNTIME.NUM_THREADS = -1, 1
+    assert threads.test_loader_workers(cfg) == 3  # 4 free cores - 1 compute thread
+    cfg.RUNTIME.NUM_THREADS = 6
+    assert threads.test_loader_workers(cfg) == 0  # never negative
+    cfg.RUNTIME.NUM_THREADS = 0  # the compute threads take every free core
+    assert threads.test_loader_workers(cfg) == 0
+    cfg.TEST.NUM_WORKERS = 2
+    assert threads.test_loader_workers(cfg) == 2  # an explicit count wins

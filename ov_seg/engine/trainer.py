@@ -26,6 +26,7 @@ from ov_seg.data import build_dataset_mapper
 from ov_seg.data.image_io import SkipUnreadableLoader, skip_unreadable
 from ov_seg.evaluation import build_evaluator
 from ov_seg.modeling.clip.export import ExportCLIPHook
+from ov_seg.utils.threads import test_loader_workers
 
 from .resume import capture_rng_state, preserved_rng, restore_rng_state, resume_train_loader
 
@@ -234,9 +235,15 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         """detectron2's test loader; unreadable images are skipped with a warning and counted
-        (``TEST.FAIL_ON_UNREADABLE_IMAGE`` makes the first one an error)."""
+        (``TEST.FAIL_ON_UNREADABLE_IMAGE`` makes the first one an error). ``TEST.NUM_WORKERS`` sizes
+        its worker processes (``test_loader_workers``)."""
         mapper = build_dataset_mapper(cfg, is_train=False, dataset_name=dataset_name)
-        loader = build_detection_test_loader(cfg, dataset_name, mapper=skip_unreadable(mapper))
+        loader = build_detection_test_loader(
+            cfg,
+            dataset_name,
+            mapper=skip_unreadable(mapper),
+            num_workers=test_loader_workers(cfg),
+        )
         return SkipUnreadableLoader(loader, fatal=cfg.TEST.FAIL_ON_UNREADABLE_IMAGE)
 
     @classmethod

@@ -29,3 +29,17 @@ def set_num_threads(num_threads: int = 0, num_processes: int = 1) -> int:
         num_threads = max(1, free_cores() // max(1, num_processes))
     torch.set_num_threads(num_threads)
     return num_threads
+
+
+def test_loader_workers(cfg) -> int:
+    """Worker processes of the test loader from ``TEST.NUM_WORKERS``: -2 =
+    ``DATALOADER.NUM_WORKERS``; -1 = the free cores minus the compute threads
+    (``RUNTIME.NUM_THREADS``, 0 = all free cores: then no worker); >= 0 = that many."""
+    n = int(cfg.TEST.NUM_WORKERS)
+    if n >= 0:
+        return n
+    if n == -1:
+        cores = free_cores()
+        compute = int(cfg.RUNTIME.NUM_THREADS)
+        return max(0, cores - (compute if compute > 0 else cores))
+    return int(cfg.DATALOADER.NUM_WORKERS)
