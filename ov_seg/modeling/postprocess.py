@@ -17,13 +17,14 @@ at most ``budget`` bytes of resized maps at a time, besides a few (H, W) maps:
   at a time.
 - ``semantic_output``: the ``sem_seg`` entry of a model's output: (K, H, W) scores when they fit in
   the budget (the dense output, as before), else the (H, W) labels of ``resized_label_map``.
+- ``chunked_semantic_output``: the same labels from scores computed a chunk of classes at a time
+  (two passes), for when the model-resolution (K, h, w) scores do not fit in the budget either.
 
-Limits: the model-resolution scores (K, h, w) are taken as given (their size is set by the test
-resize, not by the photo); a few (H, W) maps (labels, running maximum, owner flags) are always
-needed, about 16 bytes a pixel.
+Limits: ``semantic_output`` takes the model-resolution scores (K, h, w) as given; a few (H, W) maps
+(labels, running maximum, owner flags) are always needed, about 16 bytes a pixel.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from ov_seg.utils.semseg import label_map
 __all__ = [
     "budget_bytes",
     "candidate_classes",
+    "chunked_semantic_output",
     "dense_fits",
     "panoptic_segments",
     "resized_label_map",
@@ -97,6 +99,16 @@ def _cell_floor(scores: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     return floor
 
 
+def _pixel_need(floor: torch.Tensor, h: int, w: int, absmax: float) -> torch.Tensor:
+    """(h, w) threshold of the candidate test: per pixel the smallest floor of its cells (a
+    min-pool of the +inf-padded floors), less the rounding margin (``absmax``: the largest |score|).
+    """
+    pad = (int(w > 1), int(w > 1), int(h > 1), int(h > 1))
+    padded = F.pad(-floor[None], pad, value=float("-inf"))
+    need = -F.max_pool2d(padded, (1 + int(h > 1), 1 + int(w > 1)), stride=1)[0]
+    return need - _SLACK * absmax
+
+
 def candidate_classes(scores: torch.Tensor, budget: int = 0) -> torch.Tensor:
     """Classes that can be the per-pixel maximum of a bilinear resize of ``scores``.
 
@@ -115,11 +127,7 @@ def candidate_classes(scores: torch.Tensor, budget: int = 0) -> torch.Tensor:
     """
     k, (h, w) = scores.shape[0], scores.shape[-2:]
     floor = _cell_floor(scores, label_map(scores))
-    # per pixel: the smallest floor of its cells (a min-pool of the +inf-padded floors)
-    pad = (int(w > 1), int(w > 1), int(h > 1), int(h > 1))
-    padded = F.pad(-floor[None], pad, value=float("-inf"))
-    need = -F.max_pool2d(padded, (1 + int(h > 1), 1 + int(w > 1)), stride=1)[0]
-    need = need - _SLACK * max(float(scores.max()), -float(scores.min()))  # no |scores| copy
+    need = _pixel_need(floor, h, w, max(float(scores.max()), -float(scores.min())))
     step = max(1, budget // max(1, h * w * 2)) if budget > 0 else k
     keep = torch.zeros(k, dtype=torch.bool, device=scores.device)
     for i in range(0, k, step):
@@ -190,6 +198,127 @@ def semantic_output(
         return {"sem_seg": _resize(scores, output_size)}
     empty = not (scores.numel() and float(scores.max()) > 0)
     return {"sem_seg": resized_label_map(scores, output_size, budget), "sem_seg_empty": empty}
+
+
+# fewest classes per computed score chunk: BLAS may round a matrix product of a few rows
+# differently from the same rows of a larger one; every chunk has this many rows or more
+_MIN_SCORE_CHUNK = 32
+
+
+def _score_windows(num_classes: int, step: int) -> List[Tuple[int, int, int]]:
+    """(start, stop, first new class) windows of ``step`` classes covering ``range(num_classes)``;
+    the last window ends at ``num_classes`` (overlapping the one before) so that every window has
+    ``min(step, num_classes)`` classes."""
+    step = min(step, num_classes)
+    windows, done = [], 0
+    while done < num_classes:
+        start = min(done, num_classes - step)
+        windows.append((start, start + step, done))
+        done = start + step
+    return windows
+
+
+def chunked_semantic_output(
+    scores_of: Callable[[int, int], torch.Tensor],
+    num_classes: int,
+    size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    budget: int,
+) -> Dict[str, object]:
+    """``semantic_output`` of (K, h, w) scores that are never held whole: ``scores_of(start,
+    stop)`` computes the (stop - start, h, w) scores of classes ``start:stop`` (e.g. an einsum of
+    a slice of the class probabilities with the masks; each row must not depend on the slice).
+
+    Same labels as ``semantic_output(scores, output_size, budget)`` when the dense output does not
+    fit (same argmax, the first maximum on ties) and same ``sem_seg_empty``; the scores are
+    computed twice, a chunk of at most ``budget / 4`` bytes (at least 32 classes) at a time. First
+    pass: the per-pixel argmax and, for the ``candidate_classes`` test, the values of each pixel's
+    winning class at the corners of its cells. Second pass: the candidate test of each chunk's
+    classes, then the resize and running maximum of ``resized_label_map``.
+
+    Args:
+        scores_of: (start, stop) → (stop - start, h, w) finite scores. num_classes: K > 0.
+        size: (h, w) of the scores. output_size: (H, W). budget: bytes (> 0).
+
+    Returns:
+        ``{"sem_seg": (H, W) int64 labels, "sem_seg_empty": bool}``.
+    """
+    output_size = (int(output_size[0]), int(output_size[1]))
+    if num_classes <= 0 or budget <= 0:
+        raise ValueError(f"need num_classes > 0 and budget > 0, got {num_classes}, {budget}")
+    h, w = int(size[0]), int(size[1])
+    step = max(_MIN_SCORE_CHUNK, budget // (4 * h * w * _FLOAT))
+    windows = _score_windows(num_classes, step)
+    ch, cw = max(h - 1, 1), max(w - 1, 1)
+    offsets = [(dy, dx) for dy in {0, min(1, h - 1)} for dx in {0, min(1, w - 1)}]
+    # pass 1: running argmax over the classes (strict: an earlier class keeps a tie) and, for
+    # each (winning corner a, corner b) of a cell, the winner of a's value at b
+    best = best_at = None
+    top, bottom = float("-inf"), float("inf")
+    for start, stop, new in windows:
+        scores = scores_of(start, stop)[new - start :]
+        top, bottom = max(top, float(scores.max())), min(bottom, float(scores.min()))
+        arg = scores.argmax(0)
+        value = scores.gather(0, arg[None])[0]
+        arg += new
+        if best is None:
+            best, labels, better = value, arg, None
+        else:
+            better = value > best
+            best = torch.where(better, value, best)
+            labels = torch.where(better, arg, labels)
+        at = {}
+        for ay, ax in offsets:
+            k = arg[ay : ay + ch, ax : ax + cw] - new
+            for dy, dx in offsets:
+                at[ay, ax, dy, dx] = scores[:, dy : dy + ch, dx : dx + cw].gather(0, k[None])[0]
+        if best_at is None:
+            best_at = at
+        else:
+            for (ay, ax, dy, dx), v in at.items():
+                won = better[ay : ay + ch, ax : ax + cw]
+                best_at[ay, ax, dy, dx] = torch.where(won, v, best_at[ay, ax, dy, dx])
+        del scores, at
+    floor = None
+    for ay, ax in offsets:  # as ``_cell_floor``
+        low = None
+        for dy, dx in offsets:
+            v = best_at[ay, ax, dy, dx]
+            low = v if low is None else torch.minimum(low, v)
+        floor = low if floor is None else torch.maximum(floor, low)
+    need = _pixel_need(floor, h, w, max(top, -bottom))
+    del best, labels, best_at, floor
+    # pass 2: candidates of each chunk, resized into a running maximum in the same groups of
+    # ``resize_step`` candidates as ``resized_label_map`` (``F.interpolate`` may round a channel
+    # differently in another batch)
+    resize_step = _chunk(output_size, budget)
+    state: Dict[str, torch.Tensor] = {}
+    pending: List[Tuple[int, torch.Tensor]] = []
+
+    def fold(group: List[Tuple[int, torch.Tensor]]) -> None:
+        resized = _resize(torch.stack([m for _, m in group]), output_size)
+        for j, (k, _) in enumerate(group):  # class by class in ascending order
+            value = resized[j]
+            if not state:
+                state["best"] = value.clone()
+                state["out"] = torch.full(output_size, k, dtype=torch.int64, device=value.device)
+                continue
+            better = value > state["best"]  # strict: an earlier class keeps a tie
+            torch.maximum(state["best"], value, out=state["best"])
+            state["out"].masked_fill_(better, k)
+
+    for start, stop, new in windows:
+        scores = scores_of(start, stop)[new - start :]
+        for k in (scores >= need).flatten(1).any(1).nonzero()[:, 0].tolist():
+            pending.append((new + k, scores[k].clone()))  # the chunk itself is freed
+            if len(pending) == resize_step:
+                fold(pending)
+                pending = []
+        del scores
+    if pending:
+        fold(pending)
+    out = state["out"]
+    return {"sem_seg": out, "sem_seg_empty": not top > 0}
 
 
 def semantic_postprocess(

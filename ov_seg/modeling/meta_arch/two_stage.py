@@ -78,6 +78,7 @@ from ov_seg.modeling.meta_arch.base import (
 )
 from ov_seg.modeling.meta_arch.proposal_maskformer import ProposalMaskFormer
 from ov_seg.modeling.postprocess import (
+    chunked_semantic_output,
     dense_fits,
     resized_panoptic,
     semantic_output,
@@ -655,7 +656,7 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         budget = self.output_budget
         resize = tuple(masks.shape[-2:]) != tuple(output_size)
         if self.semantic_on:
-            out.update(semantic_output(semantic_scores(probs, masks, keep), output_size, budget))
+            out.update(self._semantic(probs, masks, keep, output_size, budget))
         if self.panoptic_on and not dense_fits(masks.shape[0], output_size, budget):
             out["panoptic_seg"] = resized_panoptic(
                 panoptic_class_logits(probs, proposals.scores, keep),
@@ -676,6 +677,31 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             logits = panoptic_class_logits(probs, proposals.scores, keep)
             out["panoptic_seg"] = self.panoptic_merge(logits, masks, thing_ids)
         return out
+
+    @staticmethod
+    def _semantic(
+        probs: torch.Tensor,
+        masks: torch.Tensor,
+        keep: Optional[torch.Tensor],
+        output_size: Tuple[int, int],
+        budget: int,
+    ) -> Dict[str, object]:
+        """``semantic_output`` of Σ_q p_q(c) · σ(m_q); when neither the (K, h, w) scores nor the
+        (K, H, W) output fit in ``budget``, the scores are computed a chunk of classes at a time
+        (``chunked_semantic_output``, same labels) and never held whole."""
+        num, size = probs.shape[1], tuple(masks.shape[-2:])
+        if num == 0 or dense_fits(num, size, budget) or dense_fits(num, output_size, budget):
+            return semantic_output(semantic_scores(probs, masks, keep), output_size, budget)
+        if probs.shape[0] != masks.shape[0]:
+            raise ValueError(f"{probs.shape[0]} class rows but {masks.shape[0]} masks")
+        if keep is not None:
+            probs, masks = probs[keep], masks[keep]
+        probs = probs.to(masks.dtype)
+
+        def scores_of(start: int, stop: int) -> torch.Tensor:
+            return torch.einsum("qc,qhw->chw", probs[:, start:stop], masks)
+
+        return chunked_semantic_output(scores_of, num, size, output_size, budget)
 
     def panoptic_merge(
         self, class_logits: torch.Tensor, masks: torch.Tensor, thing_ids: Sequence[int]
