@@ -3,16 +3,19 @@
 The models score classes at their own resolution (the resized input, or a grid below it); the
 output is wanted at the original image size, which can be a 12 MP photo. Resizing all K class maps
 to H x W first (detectron2's ``sem_seg_postprocess``) needs K x H x W floats: 40 GB for 847 names
-at 12 MP. The functions here give the same outputs from the model-resolution scores while holding
-at most ``budget`` bytes of resized maps at a time, besides a few (H, W) maps:
+at 12 MP. The functions here give the same outputs (up to last-bit ties, below) from the
+model-resolution scores while holding at most ``budget`` bytes of resized maps at a time, besides a
+few (H, W) maps:
 
-- ``resized_label_map``: argmax_k of the bilinearly resized scores. Exact by construction: the
-  classes are resized by ``F.interpolate`` itself, a chunk of classes at a time (the same
-  arithmetic per channel as one call on all of them), with a running maximum that keeps the first
-  maximum on ties (what ``argmax`` gives). Classes that cannot be the maximum anywhere are skipped:
-  a bilinear value lies between the smallest and the largest of its 2 x 2 source values, so class
-  k can only win inside a source cell if its largest corner reaches the best smallest corner of any
-  class there (with a margin for rounding).
+- ``resized_label_map``: argmax_k of the bilinearly resized scores: the classes are resized by
+  ``F.interpolate`` itself, a chunk of classes at a time, with a running maximum that keeps the
+  first maximum on ties (what ``argmax`` gives). A channel resized in another batch can differ
+  in the last bit (measured on CPU), so labels equal the dense path's except at such 1-ulp ties
+  (none in the tests' cases); ``chunked_semantic_output`` resizes in the same groups as this
+  function, so the two bounded paths give identical labels. Classes that cannot be the maximum
+  anywhere are skipped: a bilinear value lies between the smallest and the largest of its 2 x 2
+  source values, so class k can only win inside a source cell if its largest corner reaches the
+  best smallest corner of any class there (with a margin for rounding).
 - ``resized_panoptic``: the MaskFormer panoptic rules on bilinearly resized masks, a chunk of masks
   at a time.
 - ``semantic_output``: the ``sem_seg`` entry of a model's output: (K, H, W) scores when they fit in
