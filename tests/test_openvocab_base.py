@@ -164,3 +164,28 @@ def test_vocabulary_sources_in_order(val_inputs):
         model.vocabulary({"dataset_name": "no_such_dataset"})
     with pytest.raises(ValueError, match="empty vocabulary"):
         model.vocabulary({"vocabulary": []})
+
+
+def test_methods_must_supply_their_hooks():
+    from ov_seg.modeling.meta_arch.base import PerImageSegmentor
+
+    class NoScore(PerImageSegmentor):
+        def losses(self, batched_inputs):
+            return {}
+
+        def encode(self, image):
+            return image
+
+    with pytest.raises(TypeError, match="score"):
+        NoScore()  # an abstract hook left out fails at construction, not at the first call
+    with pytest.raises(TypeError, match="encode_inputs"):
+        OpenVocabSegmentor()
+
+    class Dense(NoScore):
+        def score(self, encoded, vocabulary, options):
+            return encoded[: len(vocabulary)]
+
+    model = Dense(default_vocabulary=["a", "b"]).eval()
+    image = torch.randint(0, 256, (3, 8, 6), dtype=torch.uint8)
+    out = model([{"image": image, "height": 8, "width": 6}])
+    assert out[0]["sem_seg"].shape == (2, 8, 6)

@@ -16,18 +16,23 @@ The base owns:
   divisibility) and **postprocessing** (``postprocess``: scores → the input's padded size → crop →
   the output size), in one place each, so that a bounded-memory version can replace them;
 - **sliding windows** (``SlidingWindow``) for the methods that use them;
-- the **forward** dispatch: training → ``losses``; eval → ``inference(batched_inputs, options)``,
-  which runs ``encode`` once per image and ``score`` on its encoding.
+- the **forward** dispatch: training → ``losses``; eval → ``inference(batched_inputs, options)``
+  = ``predict(encode_inputs(batched_inputs), options)``.
 
-A method supplies ``losses(batched_inputs)``, ``encode(image)`` (everything that depends neither on
-the vocabulary nor on the options) and ``score(encoded, vocabulary, options)`` ((K, h, w) scores).
-Tools sweep options over cached encodings through these public methods (encode once, score many).
+Every method supplies ``losses``, ``encode_inputs`` (everything that depends neither on the
+vocabulary nor on the options, once per input) and ``predict`` (the outputs of encoded inputs under
+some options); tools sweep options over cached encodings through them (encode once, score many).
+``PerImageSegmentor`` implements the two for methods that encode each image alone and score it
+densely (PACL, MGCA, MixReorg): they supply ``encode(image)`` and ``score(encoded, vocabulary,
+options)`` ((K, h, w) scores). ``TwoStageOVSeg`` encodes a batch (proposals, then CLIP crops) and
+implements ``encode_inputs`` / ``predict`` itself.
 
 ``InferenceOptions`` is an immutable value passed per call; ``model.default_options`` holds the
 config's values. ``StageTimer`` collects per-stage wall times recorded by the model's own code path
 when one is passed (``tools/benchmark.py``).
 """
 
+import abc
 import dataclasses
 import time
 from collections import defaultdict
@@ -49,6 +54,7 @@ __all__ = [
     "FastModes",
     "InferenceOptions",
     "OpenVocabSegmentor",
+    "PerImageSegmentor",
     "SlidingWindow",
     "StageTimer",
     "dataset_vocabulary",
@@ -247,12 +253,13 @@ class EncodedInput(NamedTuple):
     image_size: Tuple[int, int]  # (H, W) before padding
 
 
-class OpenVocabSegmentor(nn.Module):
+class OpenVocabSegmentor(nn.Module, abc.ABC):
     """Base of the open-vocabulary meta-architectures (see the module doc).
 
     Subclasses call ``super().__init__(...)`` with the shared parts, set ``text_classifier`` (a
     ``TextClassifier``: ``text_classifier(names)`` → (K, D) normalised, cached per vocabulary) and
-    implement ``losses``, ``encode`` and ``score``.
+    implement ``losses``, ``encode_inputs`` and ``predict`` (``PerImageSegmentor``: ``encode`` and
+    ``score``).
     """
 
     def __init__(
@@ -461,6 +468,43 @@ class OpenVocabSegmentor(nn.Module):
             return self.losses(batched_inputs)
         return self.inference(batched_inputs, options)
 
+    @abc.abstractmethod
+    def encode_inputs(self, batched_inputs: List[dict], timer: Optional[StageTimer] = None) -> list:
+        """What ``predict`` scores under any options, one encoding per input (encode once, score
+        many); stage times go into ``timer``."""
+
+    @abc.abstractmethod
+    def predict(
+        self,
+        encoded: Sequence[Any],
+        options: Optional[InferenceOptions] = None,
+        timer: Optional[StageTimer] = None,
+    ) -> List[Dict[str, Any]]:
+        """Per-input outputs (``sem_seg``, see ``postprocess``) of ``encode_inputs`` encodings under
+        ``options`` (default: the config's)."""
+
+    def inference(
+        self,
+        batched_inputs: List[dict],
+        options: Optional[InferenceOptions] = None,
+        timer: Optional[StageTimer] = None,
+    ) -> List[Dict[str, torch.Tensor]]:
+        """``predict(encode_inputs(batched_inputs), options)``: ``[{"sem_seg": (K, height,
+        width)}]`` per input. Stage times go into ``timer`` when given."""
+        options = self.resolve_options(options)
+        for x in batched_inputs:  # a missing vocabulary fails before any encoding
+            self.vocabulary(x, options)
+        return self.predict(self.encode_inputs(batched_inputs, timer), options, timer)
+
+    @abc.abstractmethod
+    def losses(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        """Training losses of a batch."""
+
+
+class PerImageSegmentor(OpenVocabSegmentor):
+    """An ``OpenVocabSegmentor`` that encodes each image alone (``encode``) and scores the encoding
+    densely against a vocabulary (``score``): PACL, MGCA, MixReorg."""
+
     @torch.no_grad()
     def encode_inputs(
         self, batched_inputs: List[dict], timer: Optional[StageTimer] = None
@@ -494,29 +538,11 @@ class OpenVocabSegmentor(nn.Module):
                 results.append(self.postprocess(scores, e.padded_size, e.image_size, e.input))
         return results
 
-    def inference(
-        self,
-        batched_inputs: List[dict],
-        options: Optional[InferenceOptions] = None,
-        timer: Optional[StageTimer] = None,
-    ) -> List[Dict[str, torch.Tensor]]:
-        """``predict(encode_inputs(batched_inputs), options)``: ``[{"sem_seg": (K, height,
-        width)}]`` per input. Stage times go into ``timer`` when given."""
-        options = self.resolve_options(options)
-        for x in batched_inputs:  # a missing vocabulary fails before any encoding
-            self.vocabulary(x, options)
-        return self.predict(self.encode_inputs(batched_inputs, timer), options, timer)
-
-    # ------------------------------------------------------------------ per method
-    def losses(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
-        """Training losses of a batch."""
-        raise NotImplementedError(f"{type(self).__name__} has no training losses")
-
+    @abc.abstractmethod
     def encode(self, image: torch.Tensor) -> Any:
         """The vocabulary- and options-independent encoding of one preprocessed image (3, H', W')
         (method-specific)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def score(self, encoded: Any, vocabulary: Sequence[str], options: InferenceOptions):
         """(K, h, w) class scores of an ``encode`` output for the K names of ``vocabulary``."""
-        raise NotImplementedError

@@ -64,7 +64,7 @@ from ov_seg.modeling.losses.mgca import (
 )
 from ov_seg.modeling.meta_arch.base import (
     InferenceOptions,
-    OpenVocabSegmentor,
+    PerImageSegmentor,
     SlidingWindow,
     default_test_vocabulary,
 )
@@ -171,7 +171,7 @@ class MGCATestConfig:
 
 
 @META_ARCH_REGISTRY.register()
-class MGCA(OpenVocabSegmentor):
+class MGCA(PerImageSegmentor):
     """MGCA meta-architecture (see the module doc).
 
     Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry

@@ -53,7 +53,7 @@ from ov_seg.modeling.losses.mixing import (
 )
 from ov_seg.modeling.meta_arch.base import (
     InferenceOptions,
-    OpenVocabSegmentor,
+    PerImageSegmentor,
     SlidingWindow,
     default_test_vocabulary,
 )
@@ -177,7 +177,7 @@ class MixReorgTestConfig:
 
 
 @META_ARCH_REGISTRY.register()
-class MixReorg(OpenVocabSegmentor):
+class MixReorg(PerImageSegmentor):
     """MixReorg meta-architecture (see module doc). Inputs are detectron2 dicts with ``image``
     (3, H, W) uint8 RGB; training inputs carry ``captions`` (list of str, one drawn per step) and,
     with noun prompts, ``nouns`` (the noun phrases of each caption, added by the caption mapper with

@@ -49,7 +49,7 @@ from ov_seg.modeling.losses.contrastive import clamped_logit_scale
 from ov_seg.modeling.losses.pacl import pacl_info_nce, patch_text_cosine
 from ov_seg.modeling.meta_arch.base import (
     InferenceOptions,
-    OpenVocabSegmentor,
+    PerImageSegmentor,
     default_test_vocabulary,
 )
 
@@ -91,7 +91,7 @@ class PACLEncoding(NamedTuple):
 
 
 @META_ARCH_REGISTRY.register()
-class PACL(OpenVocabSegmentor):
+class PACL(PerImageSegmentor):
     """PACL meta-architecture (see module doc).
 
     Inputs are detectron2 dicts with ``image`` (3, H, W) uint8 RGB; training inputs carry

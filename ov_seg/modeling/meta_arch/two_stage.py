@@ -730,14 +730,22 @@ class TwoStageOVSeg(OpenVocabSegmentor):
                 ``ProposalMaskFormer`` and ``MaskAdaptedCLIP``).
         """
         if self.training:
-            raise RuntimeError(
-                "TwoStageOVSeg is inference-only: train ProposalMaskFormer and MaskAdaptedCLIP "
-                "separately, then evaluate with --eval-only"
-            )
+            return self.losses(batched_inputs)
         self.prepare_fast_modes()
         # inference_mode: no autograd bookkeeping at all (the model is inference-only)
         with torch.inference_mode():
             return self.inference(batched_inputs, options)
+
+    def losses(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        """Never: the two stages train as their own models.
+
+        Raises:
+            RuntimeError: always, naming them.
+        """
+        raise RuntimeError(
+            "TwoStageOVSeg is inference-only: train ProposalMaskFormer and MaskAdaptedCLIP "
+            "separately, then evaluate with --eval-only"
+        )
 
     def inference(
         self,
