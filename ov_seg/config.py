@@ -222,6 +222,10 @@ def add_seen_calibration_config(cfg):
     # The names the model was trained with; empty = the seen_classes metadata of DATASETS.TEST
     # and DATASETS.TRAIN.
     cfg.MODEL.SEEN_CALIBRATION.SEEN_NAMES = []
+    # Leave the seen names that the datasets' metadata lists as ``stuff_names`` uncalibrated (the
+    # toy world: its 5 stuff classes, all seen, while every unseen name is a thing). False: every
+    # seen name is calibrated.
+    cfg.MODEL.SEEN_CALIBRATION.EXEMPT_STUFF = True
 
 
 def add_mixreorg_config(cfg):
@@ -248,6 +252,11 @@ def add_mixreorg_config(cfg):
     # Assignment logits: 0 = GroupViT's scaled dot product q·k/sqrt(d); > 0 = cos(q, k) / this
     # temperature (sharper, feature-similarity grouping from the start).
     cfg.MODEL.MIXREORG.ASSIGN_COSINE_TEMPERATURE = 0.0
+    # Start every grouping block as an average of its assigned tokens (identity value / output
+    # projections, zero residual branches; project design, not GroupViT's): the pre-trained
+    # tower's image-text alignment survives the new blocks. False: random blocks (GroupViT trains
+    # from scratch).
+    cfg.MODEL.MIXREORG.ALIGNED_INIT = True
     # Hidden width of the 2-layer MLP projecting segment tokens to D (GroupViT: 4096); 0 = a linear
     # projection initialised from the CLIP tower's own (keeps a pretrained CLIP's joint space).
     cfg.MODEL.MIXREORG.PROJ_HIDDEN = 4096
@@ -437,6 +446,11 @@ def add_pacl_config(cfg):
     cfg.MODEL.PACL.LOGIT_SCALE_MAX = 100.0
     # Texts per chunk of the B x B matrix Φ (memory O(B * CHUNK_SIZE * (N + D))); <= 0: one chunk.
     cfg.MODEL.PACL.CHUNK_SIZE = 64
+    # Pairs whose texts say the same thing are not negatives of each other (project design, not
+    # the paper's): two images' noun prompts of the same noun, two captions with the same noun set
+    # (without prompt augmentation: the same caption). False: every other pair of the batch is a
+    # negative (plain InfoNCE).
+    cfg.MODEL.PACL.EXCLUDE_SAME_TEXT = True
     # Recompute each chunk of Φ in the backward pass (activation checkpointing): memory stays
     # bounded as B grows, at the cost of a second forward of Φ.
     cfg.MODEL.PACL.CHECKPOINT_CHUNKS = True

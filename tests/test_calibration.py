@@ -71,10 +71,19 @@ def test_two_stage_calibration_keeps_each_proposals_mass():
 
 
 def test_seen_names_from_the_datasets_metadata(toyworld_root):
-    cfg = setup_config(CONFIGS["pacl"][0], TINY)
+    cfg = setup_config(CONFIGS["pacl"][0], [*TINY, "MODEL.SEEN_CALIBRATION.EXEMPT_STUFF", "False"])
     meta = MetadataCatalog.get("toyworld_sem_seg_val")
     assert SeenCalibration(cfg).seen_names == set(meta.seen_classes)
     assert not set(meta.unseen_classes) & SeenCalibration(cfg).seen_names
+    # default: the stuff names (all seen, no unseen stuff) keep their logits
+    cfg = setup_config(CONFIGS["pacl"][0], TINY)
+    stuff = {"grass", "sky", "water", "sand", "wall"}
+    assert set(meta.stuff_names) == stuff
+    assert SeenCalibration(cfg).seen_names == set(meta.seen_classes) - stuff
+    bias = SeenCalibration(cfg).bias(["grass", meta.seen_classes[-1]])
+    assert bias[0] == 0 and bias[1] == 0  # γ 0
+    cfg = setup_config(CONFIGS["pacl"][0], [*TINY, "MODEL.SEEN_CALIBRATION.GAMMA", "2.0"])
+    assert SeenCalibration(cfg).bias(["grass", meta.seen_classes[-1]]).tolist() == [0.0, -2.0]
     cfg = setup_config(CONFIGS["pacl"][0], [*TINY, "MODEL.SEEN_CALIBRATION.SEEN_NAMES", '["x"]'])
     assert SeenCalibration(cfg).seen_names == {"x"}
 

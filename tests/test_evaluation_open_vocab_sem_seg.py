@@ -15,6 +15,7 @@ from ov_seg.evaluation.open_vocab_sem_seg import (
     binary_boundary,
     boundary_intersection_union,
     harmonic_mean,
+    region_votes,
     sem_seg_metrics,
 )
 
@@ -174,3 +175,44 @@ def test_toyworld_dispatches_with_its_seen_unseen_split(toyworld_root, tmp_path)
         evaluator.process([{"file_name": file_name}], [{"sem_seg": torch.as_tensor(gt % 255)}])
     res = evaluator.evaluate()["sem_seg"]
     assert res["mIoU-seen"] == res["mIoU-unseen"] == res["hIoU"] == 100.0
+
+
+def test_region_votes_hand_computed():
+    """Mean scores per ground-truth class region (ignore left out); one-hot votes for labels."""
+    gt = np.array([[0, 0, 2], [2, 2, 9]])
+    probs = torch.zeros(3, 2, 3)
+    probs[0] = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    probs[1] = 1 - probs[0]
+    rows, labels = region_votes(probs, gt, 3, ignore=9)
+    assert labels.tolist() == [0, 2]
+    assert torch.allclose(rows, torch.tensor([[0.75, 0.25, 0.0], [0.0, 1.0, 0.0]]))
+    rows, _ = region_votes(torch.tensor([[0, 1, 2], [2, 2, 0]]), gt, 3, ignore=9)
+    assert torch.allclose(rows, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_dense_probe_reads_colour_not_shape(toyworld_root, tmp_path):
+    """The evaluator's dense probe on the toy val split: a prediction that knows only an object's
+    colour (uniform over the names of that colour) scores 100 on colour and chance-level shape
+    (ties go to the first name); the ground truth itself scores 100 on both."""
+    name = "toyworld_sem_seg_val"
+    meta = MetadataCatalog.get(name)
+    colour = torch.tensor(meta.class_attributes["colour"])
+    evaluator = Trainer.build_evaluator(get_ov_seg_cfg(), name, str(tmp_path))
+    results = {}
+    for kind in ("truth", "colour only"):
+        evaluator.reset()
+        for file_name, gt_file in list(evaluator.input_file_to_gt_file.items())[:60]:
+            gt = torch.as_tensor(np.asarray(Image.open(gt_file)).astype(np.int64)) % 255
+            onehot = torch.nn.functional.one_hot(gt, len(colour)).permute(2, 0, 1).float()
+            if kind == "colour only":
+                # the same colour's names share the mass (stuff keeps its own name)
+                same = (colour[:, None] == colour[None, :]) & (colour[:, None] >= 0)
+                same |= torch.eye(len(colour), dtype=torch.bool)
+                onehot = torch.einsum("kc,chw->khw", same.float() / same.sum(0), onehot)
+            evaluator.process([{"file_name": file_name}], [{"sem_seg": onehot}])
+        results[kind] = evaluator.evaluate()["dense_probe"]
+    truth, col = results["truth"], results["colour only"]
+    for split in ("seen", "unseen"):
+        assert truth[f"shape_within_colour_{split}"] == truth[f"colour_{split}"] == 100.0
+        assert col[f"colour_{split}"] == 100.0
+        assert col[f"shape_within_colour_{split}"] < 30.0

@@ -24,20 +24,29 @@ def test_stages_and_report(toyworld_root, tmp_path):
     names = [s.name for s in stages]
     assert names[-2:] == ["calibration_search", "prediction_grid"]
     search = next(s for s in stages if s.name == "calibration_search")
-    assert set(search.outputs) == {
-        str(out / "calibration" / m / "search.json")
-        for m in ("pacl", "mgca", "mixreorg", "pacl_vanilla")
-    }
-    assert search.command.count("--method") == 4
-    for method in job.SINGLE_STAGE:  # trained without a final evaluation: the search scores them
+    searched = ("pacl", "mgca", "mixreorg", "pacl_vanilla", "mgca_pixel", "mixreorg_nomix")
+    assert set(search.outputs) == {str(out / "calibration" / m / "search.json") for m in searched}
+    assert search.command.count("--method") == 6
+    specs = dict(a.split("=", 1) for a in search.command if a.startswith(searched))
+    assert "UNIT_MODE pixel" in specs["mgca_pixel"]
+    assert str(out / "mgca" / "model_final.pth") in specs["mgca_pixel"]
+    assert "mixreorg_nomix.yaml" in specs["mixreorg_nomix"]
+    assert specs["pacl_vanilla"].split(":")[1] == ""  # nothing trained
+    # trained without a final evaluation: the search scores them; the no-mixing baseline trains
+    # with MixReorg's budget
+    for method in (*job.SINGLE_STAGE, "mixreorg_nomix"):
         train = next(s for s in stages if s.name == method)
         assert "DATASETS.TEST" in train.command and train.outputs[0].endswith("model_final.pth")
+    budget = job.BUDGET["mixreorg"]
+    nomix = next(s for s in stages if s.name == "mixreorg_nomix").command
+    assert nomix[nomix.index(budget[0]) + 1] == budget[1]
 
     for method, (plain, cal) in {
         "pacl": ((5.0, 0.4), (4.0, 3.0)),
         "pacl_vanilla": ((3.0, 0.1), (2.0, 1.5)),
         "mgca": ((9.0, 3.0), (8.0, 8.0)),
         "mixreorg": ((4.0, 0.5), (3.0, 1.5)),
+        "mixreorg_nomix": ((3.5, 0.25), (3.0, 1.0)),
     }.items():
         folder = out / "calibration" / method
         folder.mkdir(parents=True)
@@ -48,6 +57,15 @@ def test_stages_and_report(toyworld_root, tmp_path):
                 "calibrated": _cv(*cal, [0.5, 1.0], "gamma"),
             },
         }
+        if method == "mgca":
+            summary["dense_probe"] = {
+                "chance_top1": 1.45,
+                "chance_colour": 12.5,
+                "chance_shape_within_colour": 12.5,
+                **{f"{k}_{s}": 10.0 for k in ("top1", "colour") for s in ("seen", "unseen")},
+                "shape_within_colour_seen": 14.0,
+                "shape_within_colour_unseen": 12.0,
+            }
         (folder / "search.json").write_text(json.dumps(summary))
     selections = [("lambda_0", 0.0), ("lambda_1", 1.0), ("searched", 0.8)]
     selections += [(name + "_calibrated", w) for name, w in selections]
@@ -80,7 +98,13 @@ def test_stages_and_report(toyworld_root, tmp_path):
     ts = next(s for s in stages if s.name == "two_stage_search")
     assert ts.command[ts.command.index("--gammas") + 1] == "0.0,1.0,2.0,4.0"
     assert "| MixReorg, seen-calibrated † | 3.0 | 1.5 |" in table
-    assert "seen-calibrated" in (out / "report.md").read_text()
+    assert "| MixReorg baseline: no mixing (GroupViT-style) | 3.5 | 0.2 |" in table
+    assert "| MGCA baseline: pixel unit | n/a |" in table  # no search written for it
+    md = (out / "report.md").read_text()
+    assert "seen-calibrated" in md
+    assert "| MGCA (adaptive semantic unit) | 10.0 / 10.0 | 10.0 / 10.0 | 14.0 / 12.0 |" in md
+    assert "| chance | 1.4 | 12.5 | 12.5 |" in md.split("## Dense probe")[1]
+    assert json.loads((out / "report.json").read_text())["dense_probe"].keys() == {"mgca"}
 
 
 def test_probe_table_oracle_row_and_seeded_stages(toyworld_root, tmp_path):

@@ -262,3 +262,29 @@ def test_config_builds_through_trainer():
     model = Trainer.build_model(cfg)
     assert isinstance(model, MixReorg)
     assert model.encoder.num_segments == 4
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_aligned_init_segments_are_token_means(aligned):
+    """ALIGNED_INIT: a new grouping block outputs (nearly) the mean of the tokens each segment
+    took, so a pre-trained trunk's features pass through it; a random block does not."""
+    from ov_seg.modeling.heads.mixreorg_encoder import GroupingBlock
+
+    torch.manual_seed(0)
+    block = GroupingBlock(
+        dim=32,
+        num_group_tokens=8,
+        num_output_groups=4,
+        num_heads=4,
+        gumbel=False,
+        aligned_init=aligned,
+    ).eval()
+    x = torch.randn(2, 20, 32) * 3 + 1
+    groups = torch.randn(2, 8, 32) * 0.02
+    with torch.no_grad():
+        seg, soft = block(x, groups)
+    one_hot = torch.zeros_like(soft).scatter_(2, soft.argmax(2, keepdim=True), 1.0)  # (B, N, G)
+    weights = one_hot.transpose(1, 2) / (one_hot.sum(1)[..., None] + 1.0)
+    expected = weights @ block.norm_x(x)
+    err = ((seg - expected).norm() / expected.norm()).item()
+    assert (err < 0.1) if aligned else (err > 0.5)

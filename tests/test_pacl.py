@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 from ov_seg.modeling.clip import build_clip
 from ov_seg.modeling.heads.pacl import CLIPProjectionEmbedder, build_pacl_embedder
-from ov_seg.modeling.losses.pacl import pacl_compatibility, pacl_info_nce, patch_text_cosine
+from ov_seg.modeling.losses.pacl import (
+    pacl_compatibility,
+    pacl_info_nce,
+    patch_text_cosine,
+    text_group_ids,
+)
 from ov_seg.modeling.meta_arch import pacl as pacl_module
 from ov_seg.modeling.meta_arch.pacl import PACL
 
@@ -296,3 +301,60 @@ def test_bad_settings_are_clear_errors(tiny_clip):
         build_pacl_embedder("mlp", tiny_clip)
     with pytest.raises(ValueError, match="vocabulary"):
         _model(tiny_clip).eval()([{"image": _image(16, 16)}])
+
+
+def test_identical_texts_are_not_negatives():
+    """Two images whose texts say the same thing: with text groups the other one is no negative,
+    so a batch of two identical pairs has zero loss whatever the scores (plain InfoNCE: log 2)."""
+    torch.manual_seed(0)
+    patches = torch.randn(2, 5, 8)
+    text = torch.randn(1, 8)
+    texts = text.expand(2, 8).clone()
+    plain = pacl_info_nce(patches, texts, 10.0)
+    groups = text_group_ids(["a red star", "A red star "])
+    grouped = pacl_info_nce(patches, texts, 10.0, text_groups=groups)
+    assert plain.item() > 0.1
+    assert grouped.item() == pytest.approx(0.0, abs=1e-6)
+    # a third, different text keeps its negatives: equal to the loss on the two distinct pairs
+    patches3 = torch.randn(3, 5, 8)
+    texts3 = torch.cat([texts, torch.randn(1, 8)])
+    g3 = text_group_ids([("red star",), ("red star",), ("blue circle", "grass")])
+    loss3 = pacl_info_nce(patches3, texts3, 10.0, text_groups=g3)
+    assert loss3.item() < pacl_info_nce(patches3, texts3, 10.0).item()
+    with pytest.raises(ValueError, match="text_groups"):
+        pacl_info_nce(patches3, texts3, 10.0, text_groups=g3[:2])
+
+
+def test_training_groups_same_nouns(tiny_clip, monkeypatch):
+    """PACL's losses pass text groups built from the nouns (EXCLUDE_SAME_TEXT), none when off."""
+    import ov_seg.modeling.meta_arch.pacl as pacl_mod
+
+    seen = []
+
+    def spy(patches, texts, scale, **kwargs):
+        seen.append(kwargs.get("text_groups"))
+        return texts.sum() * 0 + patches.sum() * 0
+
+    monkeypatch.setattr(pacl_mod, "pacl_info_nce", spy)
+    inputs = [
+        {"image": torch.zeros(3, 32, 32, dtype=torch.uint8), "captions": [c], "nouns": [n]}
+        for c, n in (
+            ("a red star on the grass", ["red star", "grass"]),
+            ("a red star on grass", ["red star", "grass"]),
+            ("a blue circle", ["blue circle"]),
+        )
+    ]
+    for exclude in (True, False):
+        seen.clear()
+        model = pacl_mod.PACL(
+            clip_model=tiny_clip,
+            embedder=build_pacl_embedder("residual_mlp", tiny_clip),
+            exclude_same_text=exclude,
+        ).train()
+        model.losses(inputs)
+        if not exclude:
+            assert seen == [None, None]
+            continue
+        caption_groups, noun_groups = seen
+        assert caption_groups[0] == caption_groups[1] != caption_groups[2]
+        assert noun_groups.shape == (3,)

@@ -127,3 +127,29 @@ def test_missing_split_names_the_command(tmp_path):
     register_toyworld("toyworld_missing_test", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="prepare_toyworld.py"):
         DatasetCatalog.get("toyworld_missing_test_sem_seg_train")
+
+
+def test_object_crops_in_context_keep_the_scene():
+    """``in_context``: the object's box keeps the scene's pixels (no grey fill) and the masks mark
+    the named object only; the default crop is grey outside the mask. Default web split: no
+    context crops (its images do not change)."""
+    from ov_seg.data.toyworld.generate import default_splits
+    from ov_seg.data.toyworld.render import render_object_crop
+    from ov_seg.modeling.clip.builder import CLIP_PIXEL_MEAN
+
+    assert default_splits()["web"].context_fraction == 0.0
+    grey = np.round(CLIP_PIXEL_MEAN).astype(np.uint8)
+    for seed in range(5):
+        plain = render_object_crop(np.random.default_rng(seed), 64)
+        ctx = render_object_crop(np.random.default_rng(seed), 64, in_context=True)
+        assert plain["captions"] == ctx["captions"]  # the same object
+        for out in (plain, ctx):
+            fg = out["sem"] != 255
+            assert fg.any() and (out["pan"] > 0).sum() == fg.sum()
+            assert len(out["segments"]) == 1
+        outside = ~(plain["sem"] != 255)
+        assert (np.abs(plain["image"][outside].astype(int) - grey).max(axis=-1) <= 1).all()
+        outside = ctx["sem"] == 255
+        if outside.sum() > 50:
+            # scene pixels (stuff textures, other objects) around the object, not a grey fill
+            assert (np.abs(ctx["image"][outside].astype(int) - grey).max(axis=-1) > 1).mean() > 0.5

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -67,6 +67,15 @@ BUDGET: Dict[str, List[str]] = {
 
 
 SINGLE_STAGE = ("pacl", "mgca", "mixreorg")
+# each method's baseline row: name -> (config under configs/toyworld, the trained stage whose
+# weights it uses ("" = nothing trained), extra config overrides)
+BASELINES: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
+    "pacl_vanilla": ("pacl_vanilla", "", ()),  # CLIP's own patch tokens, projected
+    "mgca_pixel": ("mgca", "mgca", ("MODEL.MGCA.TEST.UNIT_MODE", "pixel")),  # TCL's pixel unit
+    "mixreorg_nomix": ("mixreorg_nomix", "mixreorg_nomix", ()),  # GroupViT-style: no mixing
+}
+# trained baselines: their stage trains with their method's budget
+TRAINED_BASELINES = {"mixreorg_nomix": "mixreorg"}
 # test-time searches: pick on one half of the 300 val images, score on the other, both ways
 CROSS_VALIDATION = ["--subset", "0:150", "--holdout", "150:300", "--metric", "hIoU"]
 # seen-class calibration γ grid of the single-stage models (logit units; 0 = the plain model)
@@ -103,12 +112,13 @@ def _csv(values) -> str:
 
 
 def single_stage_spec(out: Path, method: str, *opts: str) -> str:
-    """``CONFIG:WEIGHTS:OPTS`` of a trained single-stage model (``pacl_vanilla``: nothing
-    trained) for tools/search_calibration.py and tools/visualize_methods.py."""
-    weights = "" if method == "pacl_vanilla" else str(out / method / "model_final.pth")
+    """``CONFIG:WEIGHTS:OPTS`` of a trained single-stage model or of a ``BASELINES`` row for
+    tools/search_calibration.py and tools/visualize_methods.py."""
+    config_name, stage, extra = BASELINES.get(method, (method, method, ()))
+    weights = str(out / stage / "model_final.pth") if stage else ""
     clip = out / "clip_pretrain" / "clip_export.pth"
-    config = REPO / "configs" / "toyworld" / f"{method}.yaml"
-    return f"{config}:{weights}:{shlex.join(['MODEL.CLIP.PRETRAINED', str(clip), *opts])}"
+    config = REPO / "configs" / "toyworld" / f"{config_name}.yaml"
+    return f"{config}:{weights}:{shlex.join(['MODEL.CLIP.PRETRAINED', str(clip), *extra, *opts])}"
 
 
 def two_stage_search_stage(out: Path, name: str, clip_export: Path) -> Stage:
@@ -302,7 +312,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
             estimate_s=30,
         ),
     ]
-    for method in SINGLE_STAGE:
+    for method in SINGLE_STAGE + tuple(TRAINED_BASELINES):
         # evaluated by the calibration search below (its γ = 0 row is the plain model on all val
         # images), not by a second pass at the end of training
         stages.append(
@@ -314,11 +324,12 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 str(clip),
                 "DATASETS.TEST",
                 "()",
-                *budget[method],
+                *budget[TRAINED_BASELINES.get(method, method)],
                 estimate_s=90,
             )
         )
-    methods = [f"{m}={single_stage_spec(out, m)}" for m in SINGLE_STAGE + ("pacl_vanilla",)]
+    searched = SINGLE_STAGE + tuple(BASELINES)
+    methods = [f"{m}={single_stage_spec(out, m)}" for m in searched]
     stages.append(
         Stage(
             "calibration_search",
@@ -331,10 +342,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 *CROSS_VALIDATION,
                 *[a for m in methods for a in ("--method", m)],
             ],
-            outputs=[
-                str(out / "calibration" / m / "search.json")
-                for m in SINGLE_STAGE + ("pacl_vanilla",)
-            ],
+            outputs=[str(out / "calibration" / m / "search.json") for m in searched],
             estimate_s=70,
         )
     )
@@ -358,8 +366,13 @@ METHOD_ROWS = [
     ("two-stage OVSeg, searched λ / MASK_THR (ensemble) *", ("search", None, False)),
     ("PACL", ("calibration", "pacl", "uncalibrated")),
     ("PACL baseline: vanilla CLIP patches", ("calibration", "pacl_vanilla", "uncalibrated")),
-    ("MGCA", ("calibration", "mgca", "uncalibrated")),
+    ("MGCA (adaptive semantic unit)", ("calibration", "mgca", "uncalibrated")),
+    ("MGCA baseline: pixel unit", ("calibration", "mgca_pixel", "uncalibrated")),
     ("MixReorg", ("calibration", "mixreorg", "uncalibrated")),
+    (
+        "MixReorg baseline: no mixing (GroupViT-style)",
+        ("calibration", "mixreorg_nomix", "uncalibrated"),
+    ),
     ("two-stage OVSeg, λ = 0, seen-calibrated *†", ("search", 0.0, True)),
     ("two-stage OVSeg, λ = 1, seen-calibrated *†", ("search", 1.0, True)),
     ("two-stage OVSeg, ensemble, seen-calibrated *†", ("search", None, True)),
@@ -369,7 +382,12 @@ METHOD_ROWS = [
         ("calibration", "pacl_vanilla", "calibrated"),
     ),
     ("MGCA, seen-calibrated †", ("calibration", "mgca", "calibrated")),
+    ("MGCA baseline: pixel unit, seen-calibrated †", ("calibration", "mgca_pixel", "calibrated")),
     ("MixReorg, seen-calibrated †", ("calibration", "mixreorg", "calibrated")),
+    (
+        "MixReorg baseline: no mixing, seen-calibrated †",
+        ("calibration", "mixreorg_nomix", "calibrated"),
+    ),
 ]
 
 
@@ -502,6 +520,45 @@ def recall_line(out: Path) -> str:
     )
 
 
+# report label of each model searched by the calibration stage
+SINGLE_STAGE_LABELS = {
+    "pacl": "PACL",
+    "pacl_vanilla": "PACL baseline: vanilla CLIP patches",
+    "mgca": "MGCA (adaptive semantic unit)",
+    "mgca_pixel": "MGCA baseline: pixel unit",
+    "mixreorg": "MixReorg",
+    "mixreorg_nomix": "MixReorg baseline: no mixing",
+}
+
+
+def dense_probe_report(out: Path) -> Tuple[List[str], Dict[str, dict]]:
+    """Markdown rows of the dense probe of every searched single-stage model (``dense_probe`` of
+    ``calibration/<name>/search.json``) and the values by name."""
+    rows = [
+        "| model | top-1 seen / unseen | colour seen / unseen "
+        "| shape within colour seen / unseen |",
+        "|---|---|---|---|",
+    ]
+    values, chance = {}, None
+    for name in SINGLE_STAGE + tuple(BASELINES):
+        p = (_read_json(out / "calibration" / name / "search.json") or {}).get("dense_probe")
+        if not p:
+            continue
+        values[name] = p
+        chance = p
+        cells = [
+            " / ".join(f"{p.get(f'{k}_{split}', float('nan')):.1f}" for split in ("seen", "unseen"))
+            for k in ("top1", "colour", "shape_within_colour")
+        ]
+        rows.append(f"| {SINGLE_STAGE_LABELS.get(name, name)} | {' | '.join(cells)} |")
+    if chance:
+        rows.append(
+            f"| chance | {chance['chance_top1']:.1f} | {chance['chance_colour']:.1f} | "
+            f"{chance['chance_shape_within_colour']:.1f} |"
+        )
+    return rows, values
+
+
 def write_report(out: Path, records: dict, elapsed: float) -> str:
     """Write report.md / report.json (+ the grid PNG link); return the console table."""
     import ov_seg  # noqa: F401 (registration)
@@ -532,6 +589,7 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
         cells = [f"{res[k]:.1f}" if isinstance(res.get(k), (int, float)) else "n/a" for k in keys]
         table.append(f"| {name} | {' | '.join(cells)} | {reference} |")
     probe_table = probe_report(out)
+    dense_table, dense = dense_probe_report(out)
     extra = {}
     for name, rel in (
         ("CLIP pretrain: masked-crop classification of GT segments", "clip_pretrain"),
@@ -601,6 +659,17 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
         "",
         *probe_table,
         "",
+        "## Dense probe of every single-stage model",
+        "",
+        "What each plain model's dense scores say about each ground-truth region of the 300 val "
+        "images (the pixels of one class in one image): the mean of its class scores over the "
+        "region, classified (`ov_seg.evaluation.open_vocab_sem_seg.region_votes`, from "
+        "`tools/search_calibration.py`): recognition given perfect grouping, apart from "
+        "localisation. Shape within colour at chance means the dense features do not read the "
+        "shape in a name, whatever the mIoU.",
+        "",
+        *dense_table,
+        "",
         "![predictions](grid.png)",
         "",
         "## Other measurements",
@@ -626,6 +695,7 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
             "results": results,
             "chance": chance,
             "colour_only": colour,
+            "dense_probe": dense,
             "other": extra,
             "stages": records,
             "elapsed_s": round(elapsed, 1),

@@ -8,8 +8,10 @@ once per γ of the grid (``model.predict`` with ``InferenceOptions(seen_gamma=γ
 confusion matrix per (image set, γ). With ``--holdout``, a 2-fold
 cross-validation picks γ on one image set and scores it on the other, both ways, pooled: every image
 is scored by a γ that was not chosen on it ('calibrated'); 'uncalibrated' is γ = 0 on the same
-images (the plain model). Writes ``OUTPUT/NAME/search.json``; progress is saved every ``--save-
-every`` images and resumed with ``--resume``.
+images (the plain model). Where the dataset describes names by attributes (the toy world), the
+plain model's dense probe (``ov_seg.evaluation.open_vocab_sem_seg``: the mean scores over each
+ground-truth region, classified) is in ``dense_probe``. Writes ``OUTPUT/NAME/search.json``;
+progress is saved every ``--save-every`` images and resumed with ``--resume``.
 
     python tools/search_calibration.py --output /tmp/calib --gammas 0,0.25,0.5,1,2 \\
         --subset 0:150 --holdout 150:300 --metric hIoU \\
@@ -39,12 +41,14 @@ from ov_seg.evaluation.grid_search import (
     TABLE_METRICS,
     add_image_set_arguments,
     cross_validate_cells,
+    load_extra_state,
     load_state,
     parse_grid,
     save_state,
     search_key,
 )
-from ov_seg.evaluation.open_vocab_sem_seg import sem_seg_metrics
+from ov_seg.evaluation.mask_classification import attribute_probe_metrics
+from ov_seg.evaluation.open_vocab_sem_seg import region_votes, sem_seg_metrics
 from ov_seg.modeling.meta_arch.base import OpenVocabSegmentor
 from ov_seg.utils.semseg import label_map
 from ov_seg.utils.threads import set_num_threads
@@ -116,6 +120,23 @@ def search_method(name: str, config: str, weights: str, opts: List[str], args) -
     state_path = out_dir / "search_state.npz"
     key = search_key(cfg, [args.gammas], args, dataset, len(dicts))
     start, conf = load_state(state_path, key, conf, args.resume)
+    # dense probe of the plain model (γ = 0): what its scores say about each ground-truth region
+    attributes = dict(meta.get("class_attributes", {}) or {})
+    probe = bool(attributes) and bool(unseen) and 0.0 in args.gammas
+    rows: List[np.ndarray] = []
+    labels: List[np.ndarray] = []
+    if probe and start:
+        saved = load_extra_state(state_path, key, ("probe_rows", "probe_labels"))
+        if not saved:  # progress without the probe's votes: recount everything
+            start, conf = 0, np.zeros_like(conf)
+        else:
+            rows, labels = [saved["probe_rows"]], [saved["probe_labels"]]
+
+    def extra():
+        if not probe or not rows:
+            return None
+        return {"probe_rows": np.concatenate(rows), "probe_labels": np.concatenate(labels)}
+
     options = [model.default_options.replace(seen_gamma=float(g)) for g in args.gammas]
     with torch.inference_mode():
         for i in tqdm(range(start, len(dicts)), initial=start, total=len(dicts), desc=name):
@@ -132,9 +153,13 @@ def search_method(name: str, config: str, weights: str, opts: List[str], args) -
                 conf[parts[i], g] += np.bincount(
                     n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n
                 ).reshape(n, n)
+                if probe and args.gammas[g] == 0.0:
+                    votes, present = region_votes(sem_seg, gt, n - 1, n - 1)
+                    rows.append(votes.numpy())
+                    labels.append(present.numpy())
             if (i + 1) % args.save_every == 0 and i + 1 < len(dicts):
-                save_state(state_path, key, i + 1, conf)
-    save_state(state_path, key, len(dicts), conf)
+                save_state(state_path, key, i + 1, conf, extra())
+    save_state(state_path, key, len(dicts), conf, extra())
 
     def metrics(part, g):
         m = sem_seg_metrics(conf[part, g], class_names, seen, unseen)
@@ -155,6 +180,20 @@ def search_method(name: str, config: str, weights: str, opts: List[str], args) -
         "grid": grid,
         "best": best,
     }
+    if probe and rows:
+        # every image of both sets, plain model (the rows are mean class scores per region)
+        logits = torch.from_numpy(np.concatenate(rows)).clamp_min(1e-6).log()
+        truth = torch.from_numpy(np.concatenate(labels)).long()
+        summary["dense_probe"] = dict(
+            attribute_probe_metrics(logits, truth, attributes, seen or (), unseen)
+        )
+        p = summary["dense_probe"]
+        print(
+            f"{name}: dense probe (γ 0, {len(truth)} regions): colour seen / unseen "
+            f"{p['colour_seen']:.1f} / {p['colour_unseen']:.1f}, shape within colour "
+            f"{p['shape_within_colour_seen']:.1f} / {p['shape_within_colour_unseen']:.1f} "
+            f"(chance {p['chance_shape_within_colour']:.1f})"
+        )
     tables = [("images " + f"{args.subset.start}:{args.subset.stop}", grid)]
     if held:
         holdout = [metrics(1, g) for g in range(len(args.gammas))]

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Dict, Hashable, List, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,13 +103,29 @@ def search_key(cfg, grids: Sequence, args, dataset: str, num_images: int) -> str
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def save_state(path: Path, key: str, done: int, conf: np.ndarray) -> None:
-    """Write a search's progress (its key, images done, confusion matrices) atomically."""
+def save_state(
+    path: Path, key: str, done: int, conf: np.ndarray, extra: Optional[Dict[str, np.ndarray]] = None
+) -> None:
+    """Write a search's progress (its key, images done, confusion matrices and any ``extra``
+    arrays, read back by ``load_extra_state``) atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    arrays = {f"extra_{k}": np.asarray(v) for k, v in (extra or {}).items()}
     with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-        np.savez(f, key=np.array(key), done=np.array(done), conf=conf)
+        np.savez(f, key=np.array(key), done=np.array(done), conf=conf, **arrays)
     os.replace(tmp, path)
+
+
+def load_extra_state(path: Path, key: str, names: Sequence[str]) -> Dict[str, np.ndarray]:
+    """The ``extra`` arrays ``names`` of a saved search with the same ``key`` (empty when the file,
+    the key or an array is missing): call after ``load_state`` resumed."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with np.load(path) as state:
+        if str(state["key"]) != key or any(f"extra_{n}" not in state for n in names):
+            return {}
+        return {n: state[f"extra_{n}"].copy() for n in names}
 
 
 def cross_validate_cells(

@@ -5,6 +5,13 @@ Context 459 use 16-bit TIFF with ignore 65535) whose bit depth and label range a
 unseen mIoU and their harmonic mean when the dataset's metadata defines ``unseen_class_ids``; a
 per-class IoU table (logged, and written as ``per_class_iou.csv``); predictions given either as
 scores (C, H, W) or as labels (H, W), so very large vocabularies need not hold dense scores.
+
+Where the metadata describes names by attributes (``class_attributes``, the toy world's colour and
+shape), the evaluator also runs the **dense probe**: every ground-truth region (the pixels of one
+class in one image) is classified by the mean of the predicted class scores over its pixels
+(one-hot votes for label predictions), and the attribute probe of ``mask_classification`` (top-1,
+colour, shape within colour; seen / unseen; plain and calibrated) is computed on those rows: what a
+dense model recognises given perfect grouping, apart from how well it localises.
 """
 
 import csv
@@ -28,13 +35,16 @@ from ov_seg.data.datasets.benchmark_utils import label_bit_depth, read_label_ima
 from ov_seg.utils.semseg import label_map
 
 from .build import EVALUATOR_REGISTRY
+from .mask_classification import attribute_probe_metrics, calibrated_probe
 
-__all__ = ["OpenVocabSemSegEvaluator", "sem_seg_metrics", "harmonic_mean"]
+__all__ = ["OpenVocabSemSegEvaluator", "sem_seg_metrics", "harmonic_mean", "region_votes"]
 
 logger = logging.getLogger(__name__)
 
 # above this many classes the per-class table goes to the CSV only, not to the log
 MAX_LOGGED_CLASSES = 200
+# γ grid (log units of the mean class score) of the dense probe's calibrated variant
+DENSE_PROBE_GAMMAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -153,6 +163,41 @@ def boundary_intersection_union(
     return inter, union
 
 
+def region_votes(
+    sem_seg: torch.Tensor, gt: np.ndarray, num_classes: int, ignore: int
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """Mean predicted class scores over each ground-truth class region of one image.
+
+    Args:
+        sem_seg: (C, H, W) class scores (probabilities) or (H, W) integer labels (one-hot votes).
+        gt: (H, W) int labels; ``ignore`` pixels are left out.
+        num_classes: C.
+        ignore: the ignore label.
+
+    Returns:
+        rows (S, C) float32 (mean score of each class over the region) and labels (S,) int64, one
+        per class present in ``gt``.
+    """
+    flat_gt = torch.from_numpy(np.ascontiguousarray(gt)).reshape(-1).long()
+    keep = flat_gt != ignore
+    present = flat_gt[keep].unique()
+    if present.numel() == 0:
+        return torch.zeros(0, num_classes), torch.zeros(0, dtype=torch.long)
+    # region index of each pixel (S = background slot for ignore pixels)
+    slot = torch.full((num_classes + 1,), present.numel(), dtype=torch.long)
+    slot[present] = torch.arange(present.numel())
+    region = slot[torch.where(keep, flat_gt, torch.full_like(flat_gt, num_classes))]
+    counts = torch.bincount(region, minlength=present.numel() + 1)[:-1].clamp_min(1)
+    sums = torch.zeros(present.numel() + 1, num_classes)
+    if sem_seg.dim() == 3:
+        scores = sem_seg.detach().to("cpu", torch.float32).reshape(num_classes, -1)
+        sums.index_add_(0, region, scores.t())
+    else:
+        labels = sem_seg.detach().to("cpu").reshape(-1).long()
+        sums.index_put_((region, labels), torch.ones(labels.numel()), accumulate=True)
+    return sums[:-1] / counts[:, None].float(), present
+
+
 class OpenVocabSemSegEvaluator(SemSegEvaluator):
     """detectron2's ``SemSegEvaluator`` for 8/16-bit ground truth, with seen/unseen mIoU and hIoU.
 
@@ -163,7 +208,9 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
 
     Results under ``"sem_seg"``: ``mIoU``, ``fwIoU``, ``mACC``, ``pACC``, per-class ``IoU-*`` /
     ``ACC-*`` (and per-class ``BoundaryIoU-*`` below 255 classes), plus ``mIoU-seen``,
-    ``mIoU-unseen``, ``hIoU`` with a split. ``output_dir`` receives ``per_class_iou.csv``,
+    ``mIoU-unseen``, ``hIoU`` with a split; with ``class_attributes`` metadata and a split, the
+    dense probe under ``"dense_probe"`` / ``"dense_probe_calibrated"`` (module doc). ``output_dir``
+    receives ``per_class_iou.csv``,
     ``sem_seg_evaluation.pth`` and (``save_predictions``) detectron2's ``sem_seg_predictions.json``.
     """
 
@@ -203,11 +250,17 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
             if seen_class_ids is None:
                 seen_class_ids = meta.get("seen_class_ids", None)
         self._seen, self._unseen = self._check_split(seen_class_ids, unseen_class_ids)
+        self._attributes = dict(meta.get("class_attributes", {}) or {})
 
     def reset(self):
         super().reset()
         self._b_inter = np.zeros(self._num_classes, dtype=np.int64)
         self._b_union = np.zeros(self._num_classes, dtype=np.int64)
+        self._region_rows, self._region_labels = [], []
+
+    @property
+    def _dense_probe(self) -> bool:
+        return bool(self._attributes) and bool(self._unseen)
 
     def _check_split(self, seen, unseen):
         if unseen is None:
@@ -287,6 +340,10 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
                 raise ValueError(
                     f"{file_name}: prediction {pred.shape} and ground truth {gt.shape} differ"
                 )
+            if self._dense_probe:
+                rows, labels = region_votes(output["sem_seg"], gt, n, self._ignore_label)
+                self._region_rows.append(rows)
+                self._region_labels.append(labels)
             gt[gt == self._ignore_label] = n
             self._conf_matrix += np.bincount(
                 (n + 1) * pred.reshape(-1) + gt.reshape(-1), minlength=self._conf_matrix.size
@@ -306,8 +363,12 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
             b_inter_list = all_gather(self._b_inter)
             b_union_list = all_gather(self._b_union)
             predictions = all_gather(self._predictions)
+            rows_list = all_gather(self._region_rows)
+            labels_list = all_gather(self._region_labels)
             if not is_main_process():
                 return None
+            self._region_rows = list(itertools.chain(*rows_list))
+            self._region_labels = list(itertools.chain(*labels_list))
             self._conf_matrix = np.sum(conf_list, axis=0)
             self._b_inter = np.sum(b_inter_list, axis=0)
             self._b_union = np.sum(b_union_list, axis=0)
@@ -324,7 +385,29 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
             if self._save_predictions:
                 _write_atomic(out / "sem_seg_predictions.json", json.dumps(self._predictions))
             torch.save(res, out / "sem_seg_evaluation.pth")
-        return OrderedDict({"sem_seg": res})
+        results = OrderedDict({"sem_seg": res})
+        if self._dense_probe and self._region_rows:
+            results.update(self.dense_probe_results())
+        return results
+
+    def dense_probe_results(self) -> Dict[str, Dict[str, float]]:
+        """The attribute probe on the region votes processed so far (module doc): log of the mean
+        score per class as the logits (calibration γ in those log units)."""
+        rows = torch.cat(self._region_rows).clamp_min(1e-6).log()
+        labels = torch.cat(self._region_labels)
+        args = (rows, labels, self._attributes, self._seen, self._unseen)
+        out = OrderedDict(
+            dense_probe=dict(attribute_probe_metrics(*args)),
+            dense_probe_calibrated=dict(calibrated_probe(*args, gammas=DENSE_PROBE_GAMMAS)),
+        )
+        for key, val in out.items():
+            logger.info(
+                "%s on %s: %s",
+                key,
+                self._dataset_name,
+                ", ".join(f"{k} {v:.1f}" for k, v in val.items() if not np.isnan(v)),
+            )
+        return out
 
     def _add_boundary_iou(self, res: Dict[str, float]) -> None:
         for i, name in enumerate(self._class_names):

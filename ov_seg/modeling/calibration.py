@@ -23,12 +23,12 @@ from detectron2.data import MetadataCatalog
 __all__ = ["SeenCalibration", "seen_names_from_metadata"]
 
 
-def seen_names_from_metadata(dataset_names: Iterable[str]) -> tuple:
-    """Union of the ``seen_classes`` metadata of the registered ``dataset_names`` (in order, no
-    duplicates); datasets without that metadata contribute nothing."""
+def seen_names_from_metadata(dataset_names: Iterable[str], key: str = "seen_classes") -> tuple:
+    """Union of the ``key`` metadata (default ``seen_classes``) of the registered
+    ``dataset_names`` (in order, no duplicates); datasets without it contribute nothing."""
     names = {}
     for dataset in dataset_names:
-        for name in MetadataCatalog.get(dataset).get("seen_classes", None) or ():
+        for name in MetadataCatalog.get(dataset).get(key, None) or ():
             names[name] = None
     return tuple(names)
 
@@ -37,12 +37,20 @@ class SeenCalibration:
     """The per-class bias −γ · [seen] of a vocabulary, added to class logits."""
 
     @configurable
-    def __init__(self, *, gamma: float = 0.0, seen_names: Sequence[str] = ()):
+    def __init__(
+        self,
+        *,
+        gamma: float = 0.0,
+        seen_names: Sequence[str] = (),
+        exempt_names: Sequence[str] = (),
+    ):
         """
         Args:
             gamma: logit units subtracted from every seen name's logit (0: off). Mutable (a search
                 sets it between evaluations).
             seen_names: the names the model was trained with.
+            exempt_names: seen names left uncalibrated (stuff when no unseen name is stuff: a
+                lower "grass" only hands grass pixels to unseen things).
         """
         if gamma < 0:
             raise ValueError(f"calibration gamma must be >= 0, got {gamma}")
@@ -53,15 +61,15 @@ class SeenCalibration:
                 "seen_classes"
             )
         self.gamma = float(gamma)
-        self.seen_names = frozenset(seen_names)
+        self.seen_names = frozenset(seen_names) - frozenset(exempt_names)
 
     @classmethod
     def from_config(cls, cfg):
         node = cfg.MODEL.SEEN_CALIBRATION
-        seen = tuple(node.SEEN_NAMES) or seen_names_from_metadata(
-            list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
-        )
-        return {"gamma": node.GAMMA, "seen_names": seen}
+        datasets = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+        seen = tuple(node.SEEN_NAMES) or seen_names_from_metadata(datasets)
+        exempt = seen_names_from_metadata(datasets, "stuff_names") if node.EXEMPT_STUFF else ()
+        return {"gamma": node.GAMMA, "seen_names": seen, "exempt_names": exempt}
 
     @property
     def enabled(self) -> bool:

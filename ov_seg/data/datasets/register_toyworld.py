@@ -46,6 +46,9 @@ def toyworld_metadata() -> dict:
         "unseen_classes": [c.name for c in CATEGORIES if not c.seen],
         "seen_class_ids": [c.id - 1 for c in CATEGORIES if c.seen],
         "unseen_class_ids": [c.id - 1 for c in CATEGORIES if not c.seen],
+        # amorphous classes (every one seen): left out of the seen-class calibration
+        # (MODEL.SEEN_CALIBRATION.EXEMPT_STUFF)
+        "stuff_names": [c.name for c in CATEGORIES if not c.isthing],
         "ignore_label": 255,
         # per contiguous id, the index of each attribute a name is made of (-1: none, stuff): the
         # mask-classification evaluator's attribute probe (colour accuracy, shape within colour)

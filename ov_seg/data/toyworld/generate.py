@@ -53,6 +53,11 @@ class SplitSpec:
     # "crop": range of the box expansion ratio (1.0 = the tight box the classifiers see; measured
     # in notes/shape_clip.md: (1.0, 1.0) > (1.0, 1.3) > (1.0, 1.6))
     crop_expand_range: tuple = (1.0, 1.0)
+    # "crop": fraction of them shown in context instead (the box x a ratio drawn from
+    # ``context_expand_range``, scene pixels kept, no grey): objects at other scales and on stuff,
+    # as in most web photos (notes/single_stage_toy.md: what it buys the dense models)
+    context_fraction: float = 0.0
+    context_expand_range: tuple = (1.0, 2.5)
     hard_negatives: bool = False
 
 
@@ -120,12 +125,14 @@ def render_image(spec: ToyWorldSpec, split: str, index: int) -> dict:
     rng = np.random.default_rng([spec.seed, SPLIT_IDS[split], index])
     if rng.random() < sspec.object_centric_fraction:
         if sspec.object_centric == "crop":
+            in_context = sspec.context_fraction > 0 and rng.random() < sspec.context_fraction
             return render_object_crop(
                 rng,
                 spec.image_size,
                 radius_range=spec.radius_range,
-                expand_range=sspec.crop_expand_range,
+                expand_range=sspec.context_expand_range if in_context else sspec.crop_expand_range,
                 hard_negatives=sspec.hard_negatives,
+                in_context=in_context,
             )
         if sspec.object_centric != "grey":
             raise ValueError(

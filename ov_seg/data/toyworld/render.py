@@ -366,6 +366,7 @@ def render_object_crop(
     radius_range=(0.12, 0.22),
     expand_range=(1.0, 1.0),
     hard_negatives: bool = False,
+    in_context: bool = False,
 ):
     """One seen object of a scene, cut out exactly as the classifiers see it at test time.
 
@@ -375,6 +376,10 @@ def render_object_crop(
     ``expand_range``; 1.0 = the tight box of OVSeg's crops) resized to ``size`` × ``size``, the CLIP
     pixel mean outside the mask. Captioned like an object-centric web photo ("a photo of a red
     star"). Falls back to the scene itself when no object survived occlusion.
+
+    ``in_context``: the same box (clipped to the image) keeps the scene's pixels instead of the
+    grey fill (the object among its stuff and neighbours, at the scale the ratio gives); ``sem`` /
+    ``pan`` still mark only the named object.
 
     Returns:
         the dict of :func:`render_scene`; the background is void (0) in ``pan`` and ignore (255) in
@@ -395,10 +400,28 @@ def render_object_crop(
     ratio = float(rng.uniform(*expand_range))
     with torch.no_grad():
         crops = prepare_masked_crops(image, mask, expand_ratio=ratio, out_size=size)
-    mean = torch.tensor(CLIP_PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_PIXEL_STD).view(3, 1, 1)
-    crop = (crops.images[0] * std + mean).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     crop_mask = crops.masks[0].numpy()
+    if in_context:
+        x0, y0, x1, y1 = crops.boxes[0].tolist()
+        h, w = scene["image"].shape[:2]
+        # the crop's box clipped to the image; its mask resampled with the same box
+        x0, y0 = max(0, int(x0)), max(0, int(y0))
+        x1, y1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
+        window = scene["image"][y0:y1, x0:x1]
+        crop = cv2.resize(window, (size, size), interpolation=cv2.INTER_LINEAR)
+        crop_mask = (
+            cv2.resize(
+                (scene["pan"][y0:y1, x0:x1] == seg["id"]).astype(np.uint8),
+                (size, size),
+                interpolation=cv2.INTER_NEAREST,
+            )
+            > 0
+        )
+    else:
+        mean = torch.tensor(CLIP_PIXEL_MEAN).view(3, 1, 1)
+        std = torch.tensor(CLIP_PIXEL_STD).view(3, 1, 1)
+        crop = (crops.images[0] * std + mean).round().clamp(0, 255).byte().permute(1, 2, 0)
+        crop = crop.numpy()
     cid = seg["category_id"]
     sem = np.full((size, size), 255, np.uint8)
     pan = np.zeros((size, size), np.int32)

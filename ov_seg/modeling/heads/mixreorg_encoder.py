@@ -116,6 +116,7 @@ class GroupingBlock(nn.Module):
         gumbel: bool = True,
         gumbel_tau: float = 1.0,
         cosine_temperature: float = 0.0,
+        aligned_init: bool = False,
     ):
         """
         Args:
@@ -130,6 +131,8 @@ class GroupingBlock(nn.Module):
             gumbel_tau: Gumbel-softmax temperature.
             cosine_temperature: > 0: assignment logits are cos(q, k) / this temperature; 0: the
                 scaled dot product q·k / sqrt(d) (GroupViT).
+            aligned_init: start as an average of the assigned tokens (``init_aligned``), so a
+                pre-trained trunk's image-text alignment survives the new block; False: random.
         """
         super().__init__()
         self.hard, self.gumbel, self.gumbel_tau = hard, gumbel, gumbel_tau
@@ -150,6 +153,29 @@ class GroupingBlock(nn.Module):
         self.assign_proj = nn.Linear(dim, dim)
         self.norm_out = nn.LayerNorm(dim)
         self.out_mlp = _MLP(dim, int(dim * mlp_ratio), dim)
+        if aligned_init:
+            self.init_aligned()
+
+    # scale of the group-token path in an aligned start (small: the segments carry the tokens'
+    # content; the assignment reads the group tokens through a LayerNorm, so it is unaffected)
+    ALIGNED_GROUP_SCALE = 0.05
+
+    @torch.no_grad()
+    def init_aligned(self) -> None:
+        """Initialise so that each output segment is (nearly) the mean of the tokens assigned to
+        it: value and output projections the identity, the residual branches that write into the
+        group tokens (pre-assignment attention and MLP, output MLP) zero, the token-mixing path
+        scaled by ``ALIGNED_GROUP_SCALE``. The assignment itself keeps its random start. Project
+        design (not GroupViT's): without it the block's random output hides the pre-trained
+        tower's alignment and the model must relearn it."""
+        for lin in (self.assign_v, self.assign_proj):
+            lin.weight.copy_(torch.eye(lin.weight.shape[0]))
+            lin.bias.zero_()
+        for out in (self.pre_assign_attn.out_proj, self.pre_assign_mlp[-1], self.out_mlp[-1]):
+            out.weight.zero_()
+            out.bias.zero_()
+        self.token_mixer[-1].weight.mul_(self.ALIGNED_GROUP_SCALE)
+        self.token_mixer[-1].bias.mul_(self.ALIGNED_GROUP_SCALE)
 
     def forward(
         self, x: torch.Tensor, group_tokens: torch.Tensor
@@ -238,6 +264,7 @@ class GroupingViT(nn.Module):
         gumbel: bool = True,
         gumbel_tau: float = 1.0,
         assign_cosine_temperature: float = 0.0,
+        aligned_init: bool = False,
         freeze_at: int = 0,
     ):
         """
@@ -252,6 +279,7 @@ class GroupingViT(nn.Module):
             proj_hidden: hidden width of the 2-layer projection MLP; 0 = CLIP's linear projection.
             hard, gumbel, gumbel_tau: grouping assignment options (see ``GroupingBlock``).
             assign_cosine_temperature: ``GroupingBlock``'s ``cosine_temperature``.
+            aligned_init: ``GroupingBlock``'s ``aligned_init`` for every grouping block.
             freeze_at: freeze the patch embedding and the first ``freeze_at`` trunk blocks (0 =
                 none).
 
@@ -300,6 +328,7 @@ class GroupingViT(nn.Module):
                 gumbel=gumbel,
                 gumbel_tau=gumbel_tau,
                 cosine_temperature=assign_cosine_temperature,
+                aligned_init=aligned_init,
             )
             stages.append(
                 GroupingStage(

@@ -10,6 +10,7 @@ For an image x with patch embeddings V = (v_1 .. v_N) and a text embedding t:
 one chunk, O(B · chunk · (N + D)), instead of O(B · T · (N + D)) for the whole matrix.
 """
 
+import zlib
 from typing import Optional, Union
 
 import torch
@@ -19,7 +20,28 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .contrastive import all_gather_with_grad
 
-__all__ = ["pacl_compatibility", "pacl_info_nce", "patch_text_cosine"]
+__all__ = ["pacl_compatibility", "pacl_info_nce", "patch_text_cosine", "text_group_ids"]
+
+
+def text_group_ids(keys, device=None) -> torch.Tensor:
+    """(T,) int64 ids, equal for equal keys (strings, or tuples such as a caption's noun set):
+    stable across processes (CRC-32 of the key's text), so workers can compare gathered ids."""
+    out = []
+    for key in keys:
+        text = key if isinstance(key, str) else "\x1f".join(sorted(str(k) for k in key))
+        out.append(zlib.crc32(text.strip().lower().encode("utf-8")))
+    return torch.tensor(out, dtype=torch.long, device=device)
+
+
+def _exclude_same_group(
+    logits: torch.Tensor, row_groups: torch.Tensor, col_groups: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """``logits`` (R, C) with -inf where a column carries the row's group but is not its target: a
+    text equal to the positive is not a negative (and an image whose text is equal is not one
+    either)."""
+    same = row_groups[:, None] == col_groups[None, :]
+    same[torch.arange(len(targets), device=logits.device), targets] = False
+    return logits.masked_fill(same, float("-inf"))
 
 
 def _phi_chunk(
@@ -127,6 +149,7 @@ def pacl_info_nce(
     chunk_size: int = 64,
     patch_mask: Optional[torch.Tensor] = None,
     checkpoint: bool = True,
+    text_groups: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """L_PACL: symmetric InfoNCE on the PACL score matrix Φ_bc = φ(x_b, y_c) of pairs (x_b, y_b).
 
@@ -144,6 +167,9 @@ def pacl_info_nce(
         texts: (B, D) text embeddings; texts[b] is the positive of image b.
         logit_scale: s = 1/τ (float or 0-dim tensor, already exponentiated and clamped).
         temperature, chunk_size, patch_mask, checkpoint: as in ``pacl_compatibility``.
+        text_groups: optional (B,) int64 (``text_group_ids``): texts of one group say the same
+            thing (the same noun in two images' prompts), so another pair of the group is not a
+            negative: it is left out of both softmaxes. None: every other pair is a negative.
 
     Returns:
         the scalar loss.
@@ -157,20 +183,27 @@ def pacl_info_nce(
     world, rank = _world()
     local = patches.shape[0]
     targets = torch.arange(local, device=patches.device)
+    if text_groups is not None and text_groups.shape != (local,):
+        raise ValueError(f"text_groups must be ({local},), got {tuple(text_groups.shape)}")
     if world == 1:
         logits = logit_scale * pacl_compatibility(patches, texts, patch_mask=patch_mask, **kwargs)
+        if text_groups is not None:
+            logits = _exclude_same_group(logits, text_groups, text_groups, targets)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
     # texts come from a frozen tower: gathered without gradient is enough for the rows
     all_texts = all_gather_with_grad(texts.detach())
     all_patches = all_gather_with_grad(patches)
     all_mask = None if patch_mask is None else all_gather_with_grad(patch_mask.float()) > 0.5
     targets = targets + rank * local
-    rows = pacl_compatibility(patches, all_texts, patch_mask=patch_mask, **kwargs)  # (B, B_g)
-    cols = pacl_compatibility(all_patches, texts, patch_mask=all_mask, **kwargs)  # (B_g, B)
-    return (
-        F.cross_entropy(logit_scale * rows, targets)
-        + F.cross_entropy(logit_scale * cols.t(), targets)
-    ) / 2
+    rows = logit_scale * pacl_compatibility(patches, all_texts, patch_mask=patch_mask, **kwargs)
+    cols = logit_scale * pacl_compatibility(all_patches, texts, patch_mask=all_mask, **kwargs).t()
+    if text_groups is not None:  # rows (B, B_g) and cols (B, B_g): local texts / images
+        gathered = [torch.empty_like(text_groups) for _ in range(world)]
+        dist.all_gather(gathered, text_groups)  # int64 ids (no gradient needed)
+        all_groups = torch.cat(gathered)
+        rows = _exclude_same_group(rows, text_groups, all_groups, targets)
+        cols = _exclude_same_group(cols, text_groups, all_groups, targets)
+    return (F.cross_entropy(rows, targets) + F.cross_entropy(cols, targets)) / 2
 
 
 def patch_text_cosine(patches: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:

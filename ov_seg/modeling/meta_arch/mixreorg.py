@@ -280,6 +280,7 @@ class MixReorg(PerImageSegmentor):
             gumbel=mc.GUMBEL,
             gumbel_tau=mc.GUMBEL_TAU,
             assign_cosine_temperature=mc.ASSIGN_COSINE_TEMPERATURE,
+            aligned_init=mc.ALIGNED_INIT,
             freeze_at=mc.FREEZE_AT,
         )
         return {

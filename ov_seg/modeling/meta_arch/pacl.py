@@ -46,7 +46,7 @@ from ov_seg.modeling.clip import (
 from ov_seg.modeling.clip.text_classifier import TEMPLATE_SETS
 from ov_seg.modeling.heads.pacl import StridedPatchEncoder, build_pacl_embedder
 from ov_seg.modeling.losses.contrastive import clamped_logit_scale
-from ov_seg.modeling.losses.pacl import pacl_info_nce, patch_text_cosine
+from ov_seg.modeling.losses.pacl import pacl_info_nce, patch_text_cosine, text_group_ids
 from ov_seg.modeling.meta_arch.base import (
     InferenceOptions,
     PerImageSegmentor,
@@ -113,6 +113,7 @@ class PACL(PerImageSegmentor):
         chunk_size: int = 64,
         checkpoint_chunks: bool = True,
         prompt_weight: float = 1.0,
+        exclude_same_text: bool = True,
         infer_stride: int = 4,
         stride_mode: str = "shift",
         bg_mode: str = "entropy",
@@ -137,6 +138,8 @@ class PACL(PerImageSegmentor):
             checkpoint_chunks: recompute Φ's chunks in backward (bounded memory).
             prompt_weight: weight W of the noun-prompt loss: L = (L_cap + W·L_noun) / (1 + W);
                 0 disables prompt augmentation (training inputs then need no ``nouns``).
+            exclude_same_text: pairs whose texts say the same thing (the same noun of two
+                prompts; captions with the same noun set) are not negatives of each other.
             infer_stride: stride of the test-time score map (the patch size, or 0, disables the
                 trick).
             stride_mode: "shift" or "conv" (see module doc).
@@ -197,6 +200,7 @@ class PACL(PerImageSegmentor):
         self.chunk_size = int(chunk_size)
         self.checkpoint_chunks = bool(checkpoint_chunks)
         self.prompt_weight = float(prompt_weight)
+        self.exclude_same_text = bool(exclude_same_text)
         self.bg_rule = BACKGROUND_RULES[bg_mode]
         self.bg_thresh = float(bg_entropy if bg_mode == "entropy" else bg_score)
 
@@ -218,6 +222,7 @@ class PACL(PerImageSegmentor):
             "checkpoint_chunks": pacl.CHECKPOINT_CHUNKS,
             # ENABLED False = weight 0 (the caption mapper then adds no nouns either)
             "prompt_weight": pacl.PROMPT_AUG.WEIGHT if pacl.PROMPT_AUG.ENABLED else 0.0,
+            "exclude_same_text": pacl.EXCLUDE_SAME_TEXT,
             "infer_stride": pacl.TEST.INFER_STRIDE,
             "stride_mode": pacl.TEST.STRIDE_MODE,
             "bg_mode": pacl.TEST.BG_MODE,
@@ -287,13 +292,23 @@ class PACL(PerImageSegmentor):
     ) -> List[str]:
         """Per caption, one of its nouns (``nouns_per_caption``, aligned) in a random template (the
         caption if it has no noun)."""
-        prompts = []
+        return [prompt for prompt, _ in self.noun_prompts_with_nouns(captions, nouns_per_caption)]
+
+    def noun_prompts_with_nouns(
+        self, captions: Sequence[str], nouns_per_caption: Sequence[Sequence[str]]
+    ) -> List[Tuple[str, str]]:
+        """``noun_prompts`` with the noun each prompt was built from: (prompt, noun) per caption
+        (the caption twice if it has no noun)."""
+        out = []
         for caption, nouns in zip(captions, nouns_per_caption):
             nouns = [n for n in nouns if n.strip()]
-            prompts.append(
-                random.choice(self.templates).format(random.choice(nouns)) if nouns else caption
-            )
-        return prompts
+            if not nouns:
+                out.append((caption, caption))
+                continue
+            template = random.choice(self.templates)
+            noun = random.choice(nouns)
+            out.append((template.format(noun), noun))
+        return out
 
     def _batch_images(self, batched_inputs: List[dict]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Normalised images padded to a common size (a multiple of the patch size) and the (B, N)
@@ -325,13 +340,25 @@ class PACL(PerImageSegmentor):
             "checkpoint": self.checkpoint_chunks,
         }
         texts = self.text_classifier.encode_texts(captions)
+        nouns = None
+        if self.prompt_weight > 0:
+            nouns = [
+                self.caption_nouns(x, k, i)
+                for i, (x, (k, _)) in enumerate(zip(batched_inputs, picked))
+            ]
+        device = patches.device
+        if self.exclude_same_text:
+            # captions naming the same things (the same noun set; the caption itself without
+            # nouns) are not each other's negatives
+            keys = captions if nouns is None else [tuple(n) or c for n, c in zip(nouns, captions)]
+            kwargs["text_groups"] = text_group_ids(keys, device)
         loss = pacl_info_nce(patches, texts, scale, **kwargs)
         if self.prompt_weight == 0:
             return {"loss_pacl": loss}
-        nouns = [
-            self.caption_nouns(x, k, i) for i, (x, (k, _)) in enumerate(zip(batched_inputs, picked))
-        ]
-        prompts = self.text_classifier.encode_texts(self.noun_prompts(captions, nouns))
+        pairs = self.noun_prompts_with_nouns(captions, nouns)
+        prompts = self.text_classifier.encode_texts([p for p, _ in pairs])
+        if self.exclude_same_text:  # two images' prompts of the same noun: not negatives
+            kwargs["text_groups"] = text_group_ids([n for _, n in pairs], device)
         noun_loss = pacl_info_nce(patches, prompts, scale, **kwargs)
         norm = 1.0 + self.prompt_weight
         # the two terms sum to L = (L_caption + W L_noun) / (1 + W)
