@@ -28,6 +28,20 @@ def main(argv=None):
     p.add_argument("--num-val", type=int, default=300)
     p.add_argument("--num-web", type=int, default=20000, help="caption-training (web-like) images")
     p.add_argument("--splits", nargs="+", default=None, help="subset of train val web")
+    p.add_argument(
+        "--web-context-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of the web split's object crops shown in context (scene pixels kept)",
+    )
+    p.add_argument(
+        "--web-context-expand",
+        type=float,
+        nargs=2,
+        default=(1.0, 2.5),
+        metavar=("LO", "HI"),
+        help="box ratio range of the context crops",
+    )
     p.add_argument("--force", action="store_true")
     p.add_argument("--workers", type=int, default=0, help="processes (0 = free CPU cores)")
     args = p.parse_args(argv)
@@ -39,6 +53,8 @@ def main(argv=None):
     )
     spec = ToyWorldSpec(image_size=args.image_size, seed=args.seed)
     spec.splits = default_splits(args.num_train, args.num_val, args.num_web)
+    spec.splits["web"].context_fraction = args.web_context_fraction
+    spec.splits["web"].context_expand_range = tuple(args.web_context_expand)
     workers = args.workers or free_cores()
     records = generate_toyworld(root, spec, splits=args.splits, force=args.force, workers=workers)
     for split, rec in records.items():

@@ -93,7 +93,9 @@ def test_single_stage_options_equal_the_config_path(name, toyworld_root):
         # the options' vocabulary replaces the input's
         by_options = plain([x], options=InferenceOptions(vocabulary=vocab))[0]["sem_seg"]
         # γ per call = γ from the config (its seen names are the plain model's too)
-        plain.seen_calibration = SeenCalibration(gamma=0.0, seen_names=SEEN)
+        plain.seen_calibration = SeenCalibration(
+            gamma=0.0, seen_names=calibrated.seen_calibration.seen_names
+        )
         per_call = plain([x], options=InferenceOptions(vocabulary=vocab, seen_gamma=0.7))
         configured = calibrated([{**x, "vocabulary": vocab}])[0]["sem_seg"]
         # encode once, score many
@@ -122,7 +124,9 @@ def test_two_stage_options_equal_the_config_path(val_inputs):
     assert (options.ensemble_weight, options.mask_thr, options.seen_gamma) == (0.4, 0.3, 0.7)
     assert options.fast == FastModes(min_objectness=0.2, duplicate_iou=0.9)
     assert plain.default_options != options
-    plain.seen_calibration = SeenCalibration(gamma=0.0, seen_names=SEEN)
+    plain.seen_calibration = SeenCalibration(
+        gamma=0.0, seen_names=configured.seen_calibration.seen_names
+    )
     reference = configured(val_inputs)
     per_call = plain(val_inputs, options=options)
     default = plain(val_inputs)

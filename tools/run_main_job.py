@@ -79,7 +79,7 @@ TRAINED_BASELINES = {"mixreorg_nomix": "mixreorg"}
 # test-time searches: pick on one half of the 300 val images, score on the other, both ways
 CROSS_VALIDATION = ["--subset", "0:150", "--holdout", "150:300", "--metric", "hIoU"]
 # seen-class calibration γ grid of the single-stage models (logit units; 0 = the plain model)
-CALIBRATION_GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0)
+CALIBRATION_GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 # two-stage search: the branches (λ = 0, 1) and the published ensemble grid λ ∈ {.6, .7, .8}
 # (ovseg_facts.md), × MASK_THR, × the seen-class calibration γ of the fused scores
 TWO_STAGE_WEIGHTS = (0.0, 0.6, 0.7, 0.8, 1.0)
