@@ -153,3 +153,23 @@ def test_object_crops_in_context_keep_the_scene():
         if outside.sum() > 50:
             # scene pixels (stuff textures, other objects) around the object, not a grey fill
             assert (np.abs(ctx["image"][outside].astype(int) - grey).max(axis=-1) > 1).mean() > 0.5
+
+
+def test_split_records_predating_a_field_are_not_regenerated(tmp_path):
+    """A DONE record written before a ``SplitSpec`` field existed matches the field's default (the
+    images are the same), so the split is skipped; a changed value regenerates it."""
+    from ov_seg.data.toyworld import SplitSpec, generate_toyworld
+
+    spec = ToyWorldSpec(image_size=64, seed=0)
+    spec.splits = {"web": SplitSpec(8, object_centric_fraction=0.75)}
+    first = generate_toyworld(tmp_path, spec)["web"]
+    done = tmp_path / "web" / "DONE.json"
+    record = json.loads(done.read_text())
+    for key in ("context_fraction", "context_expand_range"):
+        del record["spec"]["splits"]["web"][key]
+    done.write_text(json.dumps(record))
+    assert generate_toyworld(tmp_path, spec)["web"] == record  # skipped: the old record kept
+    assert first["num_images"] == record["num_images"]
+    spec.splits["web"].context_fraction = 0.5
+    again = generate_toyworld(tmp_path, spec)["web"]
+    assert again["spec"]["splits"]["web"]["context_fraction"] == 0.5  # regenerated

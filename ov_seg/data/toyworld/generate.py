@@ -149,6 +149,20 @@ def render_image(spec: ToyWorldSpec, split: str, index: int) -> dict:
     )
 
 
+def _same_spec(stored: Optional[dict], want: dict, split: str) -> bool:
+    """Whether a DONE record's spec equals ``want``; ``SplitSpec`` fields the record predates count
+    as their defaults (a field added with a default that keeps the old images does not force a
+    regeneration)."""
+    if not stored:
+        return False
+    stored = json.loads(json.dumps(stored))
+    defaults = json.loads(json.dumps(asdict(SplitSpec(num_images=0))))
+    old_split = stored.get("splits", {}).get(split)
+    if isinstance(old_split, dict):
+        stored["splits"][split] = {**defaults, **old_split}
+    return stored == json.loads(json.dumps(want))
+
+
 def split_done(root: Path, split: str) -> Optional[dict]:
     """The DONE record of a split, or None if the split is missing or incomplete."""
     done = Path(root) / split / "DONE.json"
@@ -251,7 +265,7 @@ def generate_toyworld(
             raise KeyError(f"unknown toy-world split {split!r}; known: {sorted(spec.splits)}")
         done = split_done(root, split)
         want = {**asdict(spec), "splits": {split: asdict(spec.splits[split])}}
-        if done is not None and not force and done.get("spec") == json.loads(json.dumps(want)):
+        if done is not None and not force and _same_spec(done.get("spec"), want, split):
             logger.info("toy world %s: %s already complete, skipped", root, split)
             records[split] = done
             continue
