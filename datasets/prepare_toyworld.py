@@ -53,8 +53,9 @@ def main(argv=None):
     )
     spec = ToyWorldSpec(image_size=args.image_size, seed=args.seed)
     spec.splits = default_splits(args.num_train, args.num_val, args.num_web)
-    spec.splits["web"].context_fraction = args.web_context_fraction
-    spec.splits["web"].context_expand_range = tuple(args.web_context_expand)
+    if args.web_context_fraction > 0:  # else the default spec: an existing split stays complete
+        spec.splits["web"].context_fraction = args.web_context_fraction
+        spec.splits["web"].context_expand_range = tuple(args.web_context_expand)
     workers = args.workers or free_cores()
     records = generate_toyworld(root, spec, splits=args.splits, force=args.force, workers=workers)
     for split, rec in records.items():

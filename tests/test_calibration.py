@@ -37,8 +37,10 @@ def test_bias_and_apply():
     assert off.apply(logits, ["a", "c", "b"], dim=1) is logits
     with pytest.raises(ValueError, match="classes at dim"):
         cal.apply(logits, ["a", "b"], dim=1)
-    with pytest.raises(ValueError, match="needs the seen names"):
+    with pytest.raises(ValueError, match="needs seen names"):
         SeenCalibration(gamma=1.0, seen_names=())
+    with pytest.raises(ValueError, match="not exempt"):  # every seen name exempt
+        SeenCalibration(gamma=1.0, seen_names=["grass"], exempt_names=["grass"])
     with pytest.raises(ValueError, match=">= 0"):
         SeenCalibration(gamma=-1.0, seen_names=["a"])
 

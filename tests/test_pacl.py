@@ -315,11 +315,18 @@ def test_identical_texts_are_not_negatives():
     grouped = pacl_info_nce(patches, texts, 10.0, text_groups=groups)
     assert plain.item() > 0.1
     assert grouped.item() == pytest.approx(0.0, abs=1e-6)
-    # a third, different text keeps its negatives: equal to the loss on the two distinct pairs
+    # a third, different text keeps its negatives: only the (0, 1) / (1, 0) pairs leave the
+    # softmaxes (checked against a hand-masked cross-entropy in both directions)
     patches3 = torch.randn(3, 5, 8)
     texts3 = torch.cat([texts, torch.randn(1, 8)])
     g3 = text_group_ids([("red star",), ("red star",), ("blue circle", "grass")])
     loss3 = pacl_info_nce(patches3, texts3, 10.0, text_groups=g3)
+    logits = 10.0 * pacl_compatibility(patches3, texts3)
+    mask = torch.tensor([[False, True, False], [True, False, False], [False, False, False]])
+    masked = logits.masked_fill(mask, float("-inf"))
+    target = torch.arange(3)
+    expected = (F.cross_entropy(masked, target) + F.cross_entropy(masked.t(), target)) / 2
+    assert loss3.item() == pytest.approx(expected.item(), rel=1e-5)
     assert loss3.item() < pacl_info_nce(patches3, texts3, 10.0).item()
     with pytest.raises(ValueError, match="text_groups"):
         pacl_info_nce(patches3, texts3, 10.0, text_groups=g3[:2])

@@ -318,7 +318,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
         stages.append(
             _train(
                 method,
-                f"configs/toyworld/{method}.yaml",
+                f"configs/toyworld/{BASELINES.get(method, (method,))[0]}.yaml",
                 out / method,
                 "MODEL.CLIP.PRETRAINED",
                 str(clip),

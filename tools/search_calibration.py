@@ -123,6 +123,7 @@ def search_method(name: str, config: str, weights: str, opts: List[str], args) -
     # dense probe of the plain model (γ = 0): what its scores say about each ground-truth region
     attributes = dict(meta.get("class_attributes", {}) or {})
     probe = bool(attributes) and bool(unseen) and 0.0 in args.gammas
+    plain = args.gammas.index(0.0) if probe else -1  # the first γ = 0 cell only
     rows: List[np.ndarray] = []
     labels: List[np.ndarray] = []
     if probe and start:
@@ -153,7 +154,7 @@ def search_method(name: str, config: str, weights: str, opts: List[str], args) -
                 conf[parts[i], g] += np.bincount(
                     n * pred.reshape(-1) + gt.reshape(-1), minlength=n * n
                 ).reshape(n, n)
-                if probe and args.gammas[g] == 0.0:
+                if probe and g == plain:
                     votes, present = region_votes(sem_seg, gt, n - 1, n - 1)
                     rows.append(votes.numpy())
                     labels.append(present.numpy())

@@ -8,7 +8,8 @@ vocabulary (cosines to the template-ensembled class embeddings):
   input size (the two-stage model's crops at R = 1); ``square`` crops keep the aspect ratio;
 * ``unmasked crop x1``: the same tight box with the scene's pixels kept (the object in context);
 * ``masked scene, S px``: the whole image at S px with everything outside the region grey (the
-  object at its scene scale);
+  object at its scene scale), read as the mean of the projected patch tokens (the image embedding
+  of an average-pooled tower such as the toy CLIP's; for a class-token tower, a token average);
 * ``dense tokens, S px`` / ``dense tokens (value path), S px``: the image at S px through the image
   tower once, its projected patch tokens averaged over the region (what a dense single-stage model
   starts from; the value path is MaskCLIP's last block, as MGCA's encoder runs it).

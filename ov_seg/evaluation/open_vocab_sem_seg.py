@@ -251,6 +251,9 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
                 seen_class_ids = meta.get("seen_class_ids", None)
         self._seen, self._unseen = self._check_split(seen_class_ids, unseen_class_ids)
         self._attributes = dict(meta.get("class_attributes", {}) or {})
+        # the calibrated dense probe leaves the stuff names alone, as EXEMPT_STUFF does
+        stuff = set(meta.get("stuff_names", []) or [])
+        self._calibrated_seen = [i for i in self._seen or () if self._class_names[i] not in stuff]
 
     def reset(self):
         super().reset()
@@ -392,13 +395,26 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
 
     def dense_probe_results(self) -> Dict[str, Dict[str, float]]:
         """The attribute probe on the region votes processed so far (module doc): log of the mean
-        score per class as the logits (calibration γ in those log units)."""
+        score per class as the logits. ``dense_probe`` reads the model's outputs as they are (with
+        the model's own configured γ, if any); ``dense_probe_calibrated`` subtracts a further γ
+        (in those log units, chosen by 2-fold cross-validation) from the seen names other than
+        the metadata's ``stuff_names``."""
         rows = torch.cat(self._region_rows).clamp_min(1e-6).log()
         labels = torch.cat(self._region_labels)
-        args = (rows, labels, self._attributes, self._seen, self._unseen)
         out = OrderedDict(
-            dense_probe=dict(attribute_probe_metrics(*args)),
-            dense_probe_calibrated=dict(calibrated_probe(*args, gammas=DENSE_PROBE_GAMMAS)),
+            dense_probe=dict(
+                attribute_probe_metrics(rows, labels, self._attributes, self._seen, self._unseen)
+            ),
+            dense_probe_calibrated=dict(
+                calibrated_probe(
+                    rows,
+                    labels,
+                    self._attributes,
+                    self._calibrated_seen,
+                    self._unseen,
+                    gammas=DENSE_PROBE_GAMMAS,
+                )
+            ),
         )
         for key, val in out.items():
             logger.info(

@@ -52,16 +52,18 @@ class SeenCalibration:
             exempt_names: seen names left uncalibrated (stuff when no unseen name is stuff: a
                 lower "grass" only hands grass pixels to unseen things).
         """
+        calibrated = frozenset(seen_names) - frozenset(exempt_names)
         if gamma < 0:
             raise ValueError(f"calibration gamma must be >= 0, got {gamma}")
-        if gamma > 0 and not seen_names:
+        if gamma > 0 and not calibrated:
             raise ValueError(
-                "seen-class calibration (MODEL.SEEN_CALIBRATION.GAMMA > 0) needs the seen names: "
-                "set MODEL.SEEN_CALIBRATION.SEEN_NAMES or use DATASETS whose metadata lists "
+                "seen-class calibration (MODEL.SEEN_CALIBRATION.GAMMA > 0) needs seen names that "
+                "are not exempt (MODEL.SEEN_CALIBRATION.EXEMPT_STUFF): set "
+                "MODEL.SEEN_CALIBRATION.SEEN_NAMES or use DATASETS whose metadata lists "
                 "seen_classes"
             )
         self.gamma = float(gamma)
-        self.seen_names = frozenset(seen_names) - frozenset(exempt_names)
+        self.seen_names = calibrated
 
     @classmethod
     def from_config(cls, cfg):
