@@ -48,7 +48,7 @@ from ov_seg.evaluation.grid_search import (
     search_key,
 )
 from ov_seg.evaluation.mask_classification import attribute_probe_metrics
-from ov_seg.evaluation.open_vocab_sem_seg import region_votes, sem_seg_metrics
+from ov_seg.evaluation.open_vocab_sem_seg import region_votes, sem_seg_metrics, vote_logits
 from ov_seg.modeling.meta_arch.base import OpenVocabSegmentor
 from ov_seg.utils.semseg import label_map
 from ov_seg.utils.threads import set_num_threads
@@ -183,7 +183,7 @@ def search_method(name: str, config: str, weights: str, opts: List[str], args) -
     }
     if probe and rows:
         # every image of both sets, plain model (the rows are mean class scores per region)
-        logits = torch.from_numpy(np.concatenate(rows)).clamp_min(1e-6).log()
+        logits = vote_logits(torch.from_numpy(np.concatenate(rows)))
         truth = torch.from_numpy(np.concatenate(labels)).long()
         summary["dense_probe"] = dict(
             attribute_probe_metrics(logits, truth, attributes, seen or (), unseen)

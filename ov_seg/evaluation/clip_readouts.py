@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ov_seg.data.datasets.benchmark_utils import read_label_image
+from ov_seg.data.image_io import read_image
 from ov_seg.evaluation.mask_classification import attribute_probe_metrics
 from ov_seg.modeling.clip import TextClassifier, clip_sizes
 from ov_seg.modeling.clip.builder import CLIP_PIXEL_MEAN
@@ -45,13 +46,9 @@ CROP_READOUTS = {
 
 
 def _read_image(path: str) -> torch.Tensor:
-    """(3, H, W) float RGB 0-255."""
-    import cv2
-
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"cannot read image {path}")
-    return torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1])).permute(2, 0, 1).float()
+    """(3, H, W) float RGB 0-255 (``ov_seg.data.image_io.read_image``)."""
+    image = read_image(path, "RGB", fast=True)
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
 
 
 def _unmasked_crops(image: torch.Tensor, masks: torch.Tensor, size: int) -> torch.Tensor:

@@ -37,7 +37,13 @@ from ov_seg.utils.semseg import label_map
 from .build import EVALUATOR_REGISTRY
 from .mask_classification import attribute_probe_metrics, calibrated_probe
 
-__all__ = ["OpenVocabSemSegEvaluator", "sem_seg_metrics", "harmonic_mean", "region_votes"]
+__all__ = [
+    "OpenVocabSemSegEvaluator",
+    "sem_seg_metrics",
+    "harmonic_mean",
+    "region_votes",
+    "vote_logits",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +202,12 @@ def region_votes(
         labels = sem_seg.detach().to("cpu").reshape(-1).long()
         sums.index_put_((region, labels), torch.ones(labels.numel()), accumulate=True)
     return sums[:-1] / counts[:, None].float(), present
+
+
+def vote_logits(rows: torch.Tensor) -> torch.Tensor:
+    """The probe's logits of ``region_votes`` rows (S, C): the log of each mean score (floored at
+    1e-6, so a class no pixel voted for stays finite)."""
+    return rows.float().clamp_min(1e-6).log()
 
 
 class OpenVocabSemSegEvaluator(SemSegEvaluator):
@@ -399,7 +411,7 @@ class OpenVocabSemSegEvaluator(SemSegEvaluator):
         the model's own configured γ, if any); ``dense_probe_calibrated`` subtracts a further γ
         (in those log units, chosen by 2-fold cross-validation) from the seen names other than
         the metadata's ``stuff_names``."""
-        rows = torch.cat(self._region_rows).clamp_min(1e-6).log()
+        rows = vote_logits(torch.cat(self._region_rows))
         labels = torch.cat(self._region_labels)
         out = OrderedDict(
             dense_probe=dict(
