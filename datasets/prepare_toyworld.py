@@ -42,6 +42,12 @@ def main(argv=None):
         metavar=("LO", "HI"),
         help="box ratio range of the context crops",
     )
+    p.add_argument(
+        "--web-square-crops",
+        action="store_true",
+        help="the web split's object crops keep the object's aspect ratio (square box), for a CLIP "
+        "that classifies with MODEL.CLIP.MASK_SQUARE_CROP True",
+    )
     p.add_argument("--force", action="store_true")
     p.add_argument("--workers", type=int, default=0, help="processes (0 = free CPU cores)")
     args = p.parse_args(argv)
@@ -56,6 +62,8 @@ def main(argv=None):
     if args.web_context_fraction > 0:  # else the default spec: an existing split stays complete
         spec.splits["web"].context_fraction = args.web_context_fraction
         spec.splits["web"].context_expand_range = tuple(args.web_context_expand)
+    if args.web_square_crops:
+        spec.splits["web"].crop_square = True
     workers = args.workers or free_cores()
     records = generate_toyworld(root, spec, splits=args.splits, force=args.force, workers=workers)
     for split, rec in records.items():

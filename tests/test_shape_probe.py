@@ -67,9 +67,11 @@ def test_calibration_recovers_unseen_from_a_seen_biased_model():
     assert cal["top1_unseen"] == 100.0 and cal["top1_seen"] == 100.0
 
 
-def test_object_crops_equal_the_evaluation_crops():
+@pytest.mark.parametrize("square", [False, True])
+def test_object_crops_equal_the_evaluation_crops(square):
     """The web split's object-centric images are the masked crops the CLIP classifiers make at
-    test time (``MaskedCropClassifier.crop`` with the toy config), up to uint8 rounding."""
+    test time (``MaskedCropClassifier.crop`` with the toy config), up to uint8 rounding; with
+    ``square`` (``SplitSpec.crop_square``) those of ``MODEL.CLIP.MASK_SQUARE_CROP True``."""
     from detectron2.config import get_cfg
 
     from ov_seg import add_ov_seg_config
@@ -79,10 +81,13 @@ def test_object_crops_equal_the_evaluation_crops():
     cfg = get_cfg()
     add_ov_seg_config(cfg)
     cfg.merge_from_file("configs/toyworld/clip_pretrain.yaml")
+    cfg.MODEL.CLIP.MASK_SQUARE_CROP = square
     clf = MaskedCropClassifier(**MaskedCropClassifier.from_config(cfg))
     checked = 0
     for seed in range(6):
-        out = render_object_crop(np.random.default_rng(seed), 64, expand_range=(1.0, 1.0))
+        out = render_object_crop(
+            np.random.default_rng(seed), 64, expand_range=(1.0, 1.0), square=square
+        )
         rng = np.random.default_rng(seed)  # replay the same draws
         scene = render_scene(rng, 64, allow_unseen=False, radius_range=(0.12, 0.22))
         things = [s for s in scene["segments"] if s["category_id"] > len(STUFF)]

@@ -53,6 +53,10 @@ class SplitSpec:
     # "crop": range of the box expansion ratio (1.0 = the tight box the classifiers see; measured
     # in notes/shape_clip.md: (1.0, 1.0) > (1.0, 1.3) > (1.0, 1.6))
     crop_expand_range: tuple = (1.0, 1.0)
+    # "crop": a square box of side max(w, h) that keeps the object's aspect ratio instead of the
+    # mask's box stretched to a square (``MODEL.CLIP.MASK_SQUARE_CROP``: must match the
+    # classifier's)
+    crop_square: bool = False
     # "crop": fraction of them shown in context instead (the box x a ratio drawn from
     # ``context_expand_range``, scene pixels kept, no grey): objects at other scales and on stuff,
     # as in most web photos (notes/single_stage_toy.md: what it buys the dense models)
@@ -133,6 +137,7 @@ def render_image(spec: ToyWorldSpec, split: str, index: int) -> dict:
                 expand_range=sspec.context_expand_range if in_context else sspec.crop_expand_range,
                 hard_negatives=sspec.hard_negatives,
                 in_context=in_context,
+                square=sspec.crop_square,
             )
         if sspec.object_centric != "grey":
             raise ValueError(

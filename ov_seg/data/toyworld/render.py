@@ -367,6 +367,7 @@ def render_object_crop(
     expand_range=(1.0, 1.0),
     hard_negatives: bool = False,
     in_context: bool = False,
+    square: bool = False,
 ):
     """One seen object of a scene, cut out exactly as the classifiers see it at test time.
 
@@ -380,6 +381,9 @@ def render_object_crop(
     ``in_context``: the same box (clipped to the image) keeps the scene's pixels instead of the
     grey fill (the object among its stuff and neighbours, at the scale the ratio gives); ``sem`` /
     ``pan`` still mark only the named object.
+
+    ``square``: the crop's box is a square of side max(w, h) × the ratio (the object keeps its
+    aspect ratio), as the classifiers crop with ``MODEL.CLIP.MASK_SQUARE_CROP``.
 
     Returns:
         the dict of :func:`render_scene`; the background is void (0) in ``pan`` and ignore (255) in
@@ -399,7 +403,7 @@ def render_object_crop(
     mask = torch.from_numpy(scene["pan"] == seg["id"])[None]
     ratio = float(rng.uniform(*expand_range))
     with torch.no_grad():
-        crops = prepare_masked_crops(image, mask, expand_ratio=ratio, out_size=size)
+        crops = prepare_masked_crops(image, mask, expand_ratio=ratio, out_size=size, square=square)
     crop_mask = crops.masks[0].numpy()
     if in_context:
         x0, y0, x1, y1 = crops.boxes[0].tolist()
