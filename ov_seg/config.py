@@ -109,6 +109,12 @@ def add_pixel_decoder_config(cfg):
     # Transformer encoder layers on the coarsest feature (TransformerEncoderPixelDecoder only; it
     # uses MASK_FORMER.NHEADS / DIM_FEEDFORWARD / DROPOUT / PRE_NORM).
     cfg.MODEL.PIXEL_DECODER.TRANSFORMER_ENC_LAYERS = 6
+    # Mask features at a finer stride than 4 (0 = off, MaskFormer; 1 or 2 of the padded input): the
+    # stride-4 embeddings upsampled plus a shallow conv branch on the image
+    # (ImageGuidedMaskFeatures), so mask outlines can follow the image's edges.
+    cfg.MODEL.PIXEL_DECODER.IMAGE_SKIP_STRIDE = 0
+    # Width of that image branch.
+    cfg.MODEL.PIXEL_DECODER.IMAGE_SKIP_CHANNELS = 32
 
 
 def add_maskformer_config(cfg):

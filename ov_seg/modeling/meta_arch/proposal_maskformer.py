@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from ov_seg.modeling.criterion import SetCriterion
 from ov_seg.modeling.heads.class_heads import build_class_head
 from ov_seg.modeling.matcher import HungarianMatcher
-from ov_seg.modeling.pixel_decoder import build_pixel_decoder
+from ov_seg.modeling.pixel_decoder import build_image_skip, build_pixel_decoder
 from ov_seg.modeling.postprocess import panoptic_segments
 from ov_seg.modeling.transformer_decoder import build_transformer_decoder
 
@@ -76,6 +76,7 @@ class ProposalMaskFormer(nn.Module):
         object_mask_threshold: float = 0.8,
         overlap_threshold: float = 0.8,
         proposal_score: str = "class",
+        image_skip: Optional[nn.Module] = None,
     ):
         """
         Args:
@@ -95,6 +96,8 @@ class ProposalMaskFormer(nn.Module):
             semantic_on, panoptic_on, proposals_on: inference outputs.
             object_mask_threshold, overlap_threshold: panoptic inference thresholds.
             proposal_score: key of ``PROPOSAL_SCORES``.
+            image_skip: ``(mask_features, images) -> finer mask_features``
+                (``ImageGuidedMaskFeatures``) or None (masks at the pixel decoder's stride 4).
         """
         super().__init__()
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -127,6 +130,7 @@ class ProposalMaskFormer(nn.Module):
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
         self.proposal_score = proposal_score
+        self.image_skip = image_skip
 
     @classmethod
     def from_config(cls, cfg, clip_model: Optional[nn.Module] = None):
@@ -186,6 +190,7 @@ class ProposalMaskFormer(nn.Module):
             "object_mask_threshold": m.TEST.OBJECT_MASK_THRESHOLD,
             "overlap_threshold": m.TEST.OVERLAP_THRESHOLD,
             "proposal_score": m.TEST.PROPOSAL_SCORE,
+            "image_skip": build_image_skip(cfg),
         }
 
     @property
@@ -246,12 +251,14 @@ class ProposalMaskFormer(nn.Module):
             vocabulary: class names for the class head.
 
         Returns:
-            ``pred_logits`` (L, B, Q, K + 1), ``pred_masks`` (L, B, Q, H_pad / 4, W_pad / 4) logits
-            and ``query_embeds`` (L, B, Q, d), for L supervised decoder layers (the last is the
-            output).
+            ``pred_logits`` (L, B, Q, K + 1), ``pred_masks`` (L, B, Q, H_pad / s, W_pad / s) logits
+            (s = 4, or ``MODEL.PIXEL_DECODER.IMAGE_SKIP_STRIDE``) and ``query_embeds`` (L, B, Q,
+            d), for L supervised decoder layers (the last is the output).
         """
         features = self.backbone(images)
         mask_features, encoder_features = self.pixel_decoder.forward_features(features)
+        if self.image_skip is not None:
+            mask_features = self.image_skip(mask_features, images)
         if self.transformer_in_feature == "transformer_encoder":
             if encoder_features is None:
                 raise ValueError(
