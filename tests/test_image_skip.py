@@ -1,4 +1,4 @@
-"""ImageGuidedMaskFeatures: finer mask features from the image (MODEL.PIXEL_DECODER.IMAGE_SKIP_*)."""
+"""ImageGuidedMaskFeatures: finer mask features from the image (PIXEL_DECODER.IMAGE_SKIP_*)."""
 
 import pytest
 import torch
