@@ -95,7 +95,7 @@ class ImageGuidedMaskFeatures(nn.Module):
 
 
 def build_image_skip(cfg):
-    """``ImageGuidedMaskFeatures`` of ``MODEL.PIXEL_DECODER``, or None when IMAGE_SKIP_STRIDE is 0."""
+    """``ImageGuidedMaskFeatures`` of ``MODEL.PIXEL_DECODER``; None when IMAGE_SKIP_STRIDE is 0."""
     if cfg.MODEL.PIXEL_DECODER.IMAGE_SKIP_STRIDE == 0:
         return None
     return ImageGuidedMaskFeatures(cfg)
