@@ -159,6 +159,9 @@ def test_convert_load_strictly_and_run(tool, resnet_source, toyworld_root, tmp_p
     written = yaml.safe_load(configs[0].read_text())
     assert written["MODEL"]["CLIP"]["MASK_PROMPT_DEPTH"] == 3
     assert written["MODEL"]["CLIP"]["ACTIVATION"] == "quick_gelu"
+    # OVSeg's masks are MaskFormer's (stride 4), whatever the base config's image skip
+    assert setup_config(CONFIG).MODEL.PIXEL_DECODER.IMAGE_SKIP_STRIDE == 2
+    assert written["MODEL"]["PIXEL_DECODER"]["IMAGE_SKIP_STRIDE"] == 0
     toy_lambda = setup_config(CONFIG).MODEL.TWO_STAGE.ENSEMBLE_WEIGHT
     assert written["MODEL"]["TWO_STAGE"]["ENSEMBLE_WEIGHT"] == toy_lambda  # the config's λ
     # the written config alone builds the model, which loads the converted weights strictly

@@ -258,6 +258,8 @@ def _read_overrides(src: Dict[str, torch.Tensor], conv: Conversion) -> Dict[str,
         ),
         "MODEL.PIXEL_DECODER.CONVS_DIM": int(mask_features.shape[1]),
         "MODEL.PIXEL_DECODER.MASK_DIM": int(mask_features.shape[0]),
+        # MaskFormer's masks at stride 4: no image-guided mask features in OVSeg's model
+        "MODEL.PIXEL_DECODER.IMAGE_SKIP_STRIDE": 0,
         "MODEL.CLIP.ACTIVATION": "quick_gelu",  # OVSeg's CLIP is OpenAI's, always QuickGELU
         "MODEL.CLIP.TEMPLATES": "vild",  # both released configs: TEXT_TEMPLATES "vild" (14)
         "MODEL.CLIP.MASK_PROMPT_DEPTH": 0 if prompts is None else int(prompts.shape[0]),
