@@ -3,6 +3,7 @@
 import pytest
 import torch
 from helpers import setup_config
+from test_proposal_model import _input
 from torch.nn import functional as F
 
 from ov_seg.engine import Trainer
@@ -58,8 +59,6 @@ def test_proposal_model_mask_resolution_and_training(stride):
     out = model.forward_outputs(torch.randn(1, 3, 64, 64), [])
     assert out["pred_masks"].shape[-2:] == ((16, 16) if stride == 0 else (32, 32))
     assert (model.image_skip is None) == (stride == 0)
-    from test_proposal_model import _input
-
     model.train()
     losses = model([_input(64, 64, 2), _input(64, 64, 1, seed=1)])
     sum(losses.values()).backward()

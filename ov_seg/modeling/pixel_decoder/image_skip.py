@@ -40,7 +40,6 @@ class ImageGuidedMaskFeatures(nn.Module):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"IMAGE_SKIP_STRIDE must be 1 or 2 (finer than 4), got {stride}")
-        self.stride = int(stride)
         self.convs = nn.Sequential(
             Conv2d(
                 3,
