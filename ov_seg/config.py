@@ -161,6 +161,9 @@ def add_maskformer_config(cfg):
     # or at the prediction size (stride 4) with area-resized, soft targets (False: 16x fewer
     # pixels).
     cfg.MODEL.MASK_FORMER.MASK_LOSS_AT_TARGET_SIZE = True
+    # Run the convolutions of the backbone, pixel decoder and image branch in the channels-last
+    # memory format (oneDNN's fast path on CPUs; same model and checkpoints, float rounding aside).
+    cfg.MODEL.MASK_FORMER.CHANNELS_LAST = False
 
     cfg.MODEL.MASK_FORMER.CLASS_HEAD = CN()
     # Class head by registry name (ov_seg.modeling.heads): "open_vocab" (OVSeg: logits = tau

@@ -105,3 +105,115 @@ def test_interrupting_the_driver_stops_the_running_stage(tmp_path):
     assert proc.wait(timeout=60) != 0
     with pytest.raises(ProcessLookupError):  # the stage was terminated and reaped
         os.kill(child, 0)
+
+
+# the fork server of these tests (one per pytest process: the first forked stage starts it)
+PRELOAD = ("torch", "detectron2.engine")
+
+
+def _script(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(body)
+    return str(path)
+
+
+def test_forked_stage_is_a_script_run(tmp_path):
+    """A Python-script stage forked from the fork server runs like ``python script args``: its
+    ``__main__`` block, argv, output in the log, files written at exit, peak RSS; not a child of
+    the driver."""
+    import os
+
+    out = tmp_path / "out.txt"
+    script = _script(
+        tmp_path,
+        "tool.py",
+        "import atexit, os, sys\n"
+        "if __name__ == '__main__':\n"
+        "    f = open(sys.argv[1], 'w')  # closed (flushed) by the exit handlers only\n"
+        "    atexit.register(f.close)\n"
+        "    f.write(f'{os.getppid()} {sys.argv[2:]} {\"torch\" in sys.modules}')\n"
+        "    print('to stdout'); print('to stderr', file=sys.stderr)\n",
+    )
+    stages = [Stage("tool", [script, str(out), "a", "b c"], outputs=[str(out)])]
+    rec = run_stages(stages, tmp_path / "job", preload=PRELOAD)["tool"]
+    ppid, rest = out.read_text().split(" ", 1)
+    assert int(ppid) != os.getpid()  # forked by the server, not launched by this process
+    assert rest == "['a', 'b c'] True"  # arguments as given; the preloaded modules are there
+    log = (tmp_path / "job" / "logs" / "tool.log").read_text()
+    assert "to stdout" in log and "to stderr" in log
+    assert rec["peak_rss_mib"] > 0 and not rec["skipped"]
+    assert run_stages(stages, tmp_path / "job", preload=PRELOAD)["tool"]["skipped"]
+
+
+@pytest.mark.parametrize(
+    "body, status, logged",
+    [
+        ("import sys\nsys.exit(3)\n", 3, None),
+        ("raise ValueError('bad input')\n", 1, "ValueError: bad input"),
+        ("import sys\nsys.exit('usage: tool.py X')\n", 1, "usage: tool.py X"),
+    ],
+    ids=["exit_status", "exception", "exit_message"],
+)
+def test_forked_stage_failure(tmp_path, body, status, logged):
+    never = tmp_path / "never.txt"
+    stages = [
+        Stage("boom", [sys.executable, _script(tmp_path, "boom.py", body)]),
+        Stage("after", _writer(never, "x"), outputs=[str(never)]),
+    ]
+    with pytest.raises(RuntimeError, match=rf"boom.*exit {status}\).*logs/boom\.log"):
+        run_stages(stages, tmp_path / "job", preload=PRELOAD)
+    assert not never.exists()
+    if logged:
+        assert logged in (tmp_path / "job" / "logs" / "boom.log").read_text()
+
+
+def test_stage_with_env_gets_a_fresh_interpreter(tmp_path):
+    import os
+
+    out = tmp_path / "out.txt"
+    script = _script(
+        tmp_path,
+        "env.py",
+        "import os, sys\n"
+        "open(sys.argv[1], 'w').write(f'{os.getppid()} {os.environ[\"X_STAGE\"]}')\n",
+    )
+    stages = [Stage("env", [script, str(out)], outputs=[str(out)], env={"X_STAGE": "42"})]
+    run_stages(stages, tmp_path / "job", preload=PRELOAD)
+    assert out.read_text() == f"{os.getpid()} 42"
+
+
+def test_interrupting_the_driver_stops_a_forked_stage(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import textwrap
+    import time
+
+    pid_file = tmp_path / "stage.pid"
+    script = _script(
+        tmp_path,
+        "sleep.py",
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n",
+    )
+    driver = textwrap.dedent(f"""
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from ov_seg.engine.pipeline import Stage, run_stages
+        run_stages([Stage("sleep", [{script!r}])], {str(tmp_path / "job")!r}, preload=("json",))
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=str(REPO))
+    deadline = time.time() + 120
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    deadline = time.time() + 30
+    while True:  # terminated (the fork server, its parent, reaps it)
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        assert time.time() < deadline, "the forked stage survived the driver"
+        time.sleep(0.1)

@@ -97,6 +97,32 @@ def test_variants_train(opts):
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def test_channels_last_same_model_and_numbers(model):
+    """MASK_FORMER.CHANNELS_LAST: the same parameters and checkpoints; losses, gradients and
+    proposals equal to the default layout's up to float rounding."""
+    fast = _model(["MODEL.MASK_FORMER.CHANNELS_LAST", "True"])
+    fast.load_state_dict(model.state_dict())  # strict: the same keys and shapes
+    convs = [m for m in fast.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    batch = [_input(64, 64, 3), _input(48, 40, 1, seed=4)]
+    ref, got = _train_step(model, batch), _train_step(fast, batch)
+    assert set(ref) == set(got)
+    for name in ref:
+        assert torch.allclose(ref[name], got[name], rtol=1e-4, atol=1e-5), name
+    grads = dict(model.named_parameters())
+    for name, p in fast.named_parameters():
+        if p.grad is not None:  # relative error of the whole gradient: float rounding only
+            ref_grad = grads[name].grad
+            err = (p.grad - ref_grad).norm() / ref_grad.norm().clamp_min(1e-12)
+            assert err < 1e-3, (name, float(err))
+    model.eval()
+    fast.eval()
+    with torch.no_grad():
+        a, b = model(batch[:1])[0]["proposals"], fast(batch[:1])[0]["proposals"]
+    assert torch.allclose(a["masks"], b["masks"], atol=1e-4)
+    assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
+
+
 def _check_proposals(r, q, h, w):
     props = r["proposals"]
     assert props["masks"].shape == (q, h, w)

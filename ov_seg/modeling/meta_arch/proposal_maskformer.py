@@ -77,6 +77,7 @@ class ProposalMaskFormer(nn.Module):
         overlap_threshold: float = 0.8,
         proposal_score: str = "class",
         image_skip: Optional[nn.Module] = None,
+        channels_last: bool = False,
     ):
         """
         Args:
@@ -98,6 +99,9 @@ class ProposalMaskFormer(nn.Module):
             proposal_score: key of ``PROPOSAL_SCORES``.
             image_skip: ``(mask_features, images) -> finer mask_features``
                 (``ImageGuidedMaskFeatures``) or None (masks at the pixel decoder's stride 4).
+            channels_last: keep the convolution weights of the backbone, pixel decoder and image
+                branch, and the input images, in the channels-last memory format (faster on CPUs
+                with oneDNN); the class head's CLIP is left as it is.
         """
         super().__init__()
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
@@ -131,6 +135,12 @@ class ProposalMaskFormer(nn.Module):
         self.overlap_threshold = overlap_threshold
         self.proposal_score = proposal_score
         self.image_skip = image_skip
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            for part in (backbone, pixel_decoder, image_skip):
+                for m in part.modules() if part is not None else ():
+                    if isinstance(m, nn.Conv2d):
+                        m.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg, clip_model: Optional[nn.Module] = None):
@@ -191,6 +201,7 @@ class ProposalMaskFormer(nn.Module):
             "overlap_threshold": m.TEST.OVERLAP_THRESHOLD,
             "proposal_score": m.TEST.PROPOSAL_SCORE,
             "image_skip": build_image_skip(cfg),
+            "channels_last": m.CHANNELS_LAST,
         }
 
     @property
@@ -255,6 +266,8 @@ class ProposalMaskFormer(nn.Module):
             (s = 4, or ``MODEL.PIXEL_DECODER.IMAGE_SKIP_STRIDE``) and ``query_embeds`` (L, B, Q,
             d), for L supervised decoder layers (the last is the output).
         """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images)
         mask_features, encoder_features = self.pixel_decoder.forward_features(features)
         if self.image_skip is not None:
