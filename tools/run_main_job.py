@@ -25,6 +25,9 @@ sys.path.insert(0, str(REPO))
 
 from ov_seg.engine.pipeline import Stage, atomic_write_json, run_stages  # noqa: E402
 
+# every stage's estimate_s (the ETA of a first run): its time in the README's fresh-clone run on 2
+# idle cores, rounded up
+
 
 def _train(name, config, out_dir, *opts, estimate_s=120, outputs=("model_final.pth",)):
     """A ``tools/train_net.py`` training stage writing ``out_dir``."""
@@ -48,6 +51,8 @@ PRELOAD = (
     "detectron2.projects.deeplab",
     "open_clip",
 )
+# detectron2 0.7's use of torch.jit.script (deprecated in torch 2.9+), as a -W filter
+TORCH_JIT_NOTICE = "ignore:`torch.jit.script` is deprecated:FutureWarning"
 TRAIN_NET = str(REPO / "tools" / "train_net.py")
 MINE = str(REPO / "tools" / "mine_captions.py")
 TWO_STAGE_CONFIG = "configs/toyworld/two_stage_R18.yaml"
@@ -147,7 +152,7 @@ def two_stage_search_stage(out: Path, name: str, clip_export: Path) -> Stage:
         + ["MODEL.TWO_STAGE.PROPOSAL_WEIGHTS", str(out / "proposals" / "model_final.pth")]
         + ["MODEL.CLIP.PRETRAINED", str(clip_export)],
         outputs=[str(out / name / "search.json")],
-        estimate_s=90,
+        estimate_s=65,
     )
 
 
@@ -167,7 +172,7 @@ def claim_stages(out: Path, budget: Dict[str, List[str]] = BUDGET) -> List[Stage
             "MODEL.CLIP.PRETRAINED",
             str(clip),
             *budget["clip_ft"],
-            estimate_s=60,
+            estimate_s=15,
             outputs=("clip_export.pth", "eval_results.json"),
         ),
         _train(
@@ -177,7 +182,7 @@ def claim_stages(out: Path, budget: Dict[str, List[str]] = BUDGET) -> List[Stage
             "MODEL.CLIP.PRETRAINED",
             str(out / "clip_ft_gt_pairs" / "clip_export.pth"),
             *budget["clip_mpt"],
-            estimate_s=60,
+            estimate_s=20,
             outputs=("clip_export.pth", "eval_results.json"),
         ),
         two_stage_search_stage(
@@ -199,14 +204,14 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
             "generate_toyworld",
             [str(REPO / "datasets" / "prepare_toyworld.py"), "--root", str(tw)],
             outputs=[str(tw / s / "DONE.json") for s in ("train", "val", "web")],
-            estimate_s=60,
+            estimate_s=35,
         ),
         _train(
             "clip_pretrain",
             "configs/toyworld/clip_pretrain.yaml",
             out / "clip_pretrain",
             *budget["clip_pretrain"],
-            estimate_s=240,
+            estimate_s=130,
             outputs=("clip_export.pth", "eval_results.json"),
         ),
         _train(
@@ -216,7 +221,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
             "MODEL.CLIP.PRETRAINED",
             str(clip),
             *budget["proposals"],
-            estimate_s=330,
+            estimate_s=340,
             outputs=("model_final.pth", "eval_results.json"),
         ),
         Stage(
@@ -238,7 +243,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 "--no-progress",
             ],
             outputs=[str(mined / "nouns.jsonl")],
-            estimate_s=20,
+            estimate_s=5,
         ),
         Stage(
             "mine_pairs",
@@ -261,7 +266,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 str(clip),
             ],
             outputs=[str(mined / "pairs.json")],
-            estimate_s=60,
+            estimate_s=50,
         ),
         Stage(
             "mining_precision",
@@ -276,7 +281,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 str(out / "mining_precision.json"),
             ],
             outputs=[str(out / "mining_precision.json")],
-            estimate_s=15,
+            estimate_s=5,
         ),
         _train(
             "clip_ft",
@@ -287,7 +292,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
             "DATASETS.TRAIN",
             "('toyworld_mined_train',)",
             *budget["clip_ft"],
-            estimate_s=60,
+            estimate_s=15,
             outputs=("clip_export.pth", "eval_results.json"),  # the shape probe after FT
         ),
         _train(
@@ -299,7 +304,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
             "DATASETS.TRAIN",
             "('toyworld_mined_train',)",
             *budget["clip_mpt"],
-            estimate_s=60,
+            estimate_s=20,
             outputs=("clip_export.pth", "eval_results.json"),
         ),
         two_stage_search_stage(out, "two_stage_search", out / "clip_mpt" / "clip_export.pth"),
@@ -311,7 +316,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
             [str(REPO / "tools" / "gt_proposals.py"), "--dataset", "toyworld_panoptic_val"]
             + ["--output", str(gt_val)],
             outputs=[str(gt_val / "000299.npz")],
-            estimate_s=15,
+            estimate_s=5,
         ),
         # the oracle: ground-truth masks as precomputed proposals, classified by the
         # mask-adapted CLIP (λ = 1): classification alone, without proposal errors
@@ -323,7 +328,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
             + ["MODEL.TWO_STAGE.PROPOSAL_DIR", str(gt_val)]
             + ["MODEL.TWO_STAGE.ENSEMBLE_WEIGHT", "1.0", "OUTPUT_DIR", str(out / "oracle_masks")],
             outputs=[str(out / "oracle_masks" / "eval_results.json")],
-            estimate_s=30,
+            estimate_s=10,
         ),
     ]
     for method in SINGLE_STAGE + tuple(TRAINED_BASELINES):
@@ -339,7 +344,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 "DATASETS.TEST",
                 "()",
                 *budget[TRAINED_BASELINES.get(method, method)],
-                estimate_s=90,
+                estimate_s=25,
             )
         )
     searched = SINGLE_STAGE + tuple(BASELINES)
@@ -357,7 +362,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
                 *[a for m in methods for a in ("--method", m)],
             ],
             outputs=[str(out / "calibration" / m / "search.json") for m in searched],
-            estimate_s=70,
+            estimate_s=55,
         )
     )
     stages.append(
@@ -365,7 +370,7 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
             "prediction_grid",
             [sys.executable, str(REPO / "tools" / "run_main_job.py"), "--grid", str(out)],
             outputs=[str(out / "grid.png")],
-            estimate_s=30,
+            estimate_s=10,
         )
     )
     return stages
@@ -874,6 +879,10 @@ def main(argv=None):
         stages += claim_stages(out, budget)
     if args.seed is not None:
         stages = [with_seed(st, args.seed) for st in stages]
+    # the fork server imports torch / detectron2 without ov_seg's filter of this upstream notice
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        w for w in (os.environ.get("PYTHONWARNINGS"), TORCH_JIT_NOTICE) if w
+    )
     try:
         records = run_stages(stages, out, force=args.force, preload=PRELOAD)
     except RuntimeError as e:
