@@ -127,20 +127,24 @@ def test_forked_stage_is_a_script_run(tmp_path):
     script = _script(
         tmp_path,
         "tool.py",
-        "import atexit, os, sys\n"
+        "import atexit, ctypes, multiprocessing, os, sys\n"
         "if __name__ == '__main__':\n"
         "    f = open(sys.argv[1], 'w')  # closed (flushed) by the exit handlers only\n"
         "    atexit.register(f.close)\n"
-        "    f.write(f'{os.getppid()} {sys.argv[2:]} {\"torch\" in sys.modules}')\n"
-        "    print('to stdout'); print('to stderr', file=sys.stderr)\n",
+        "    f.write(f'{os.getppid()} {sys.argv[2:]} {\"torch\" in sys.modules} ')\n"
+        "    f.write(multiprocessing.get_start_method())  # the platform's, as in a new process\n"
+        "    print('to stdout'); print('to stderr', file=sys.stderr)\n"
+        "    ctypes.CDLL(None).printf(b'from C stdio')  # buffered in C until the exit\n",
     )
     stages = [Stage("tool", [script, str(out), "a", "b c"], outputs=[str(out)])]
     rec = run_stages(stages, tmp_path / "job", preload=PRELOAD)["tool"]
     ppid, rest = out.read_text().split(" ", 1)
     assert int(ppid) != os.getpid()  # forked by the server, not launched by this process
-    assert rest == "['a', 'b c'] True"  # arguments as given; the preloaded modules are there
+    # arguments as given; the preloaded modules are there; a fork server's child would say
+    # "forkserver"
+    assert rest == "['a', 'b c'] True fork"
     log = (tmp_path / "job" / "logs" / "tool.log").read_text()
-    assert "to stdout" in log and "to stderr" in log
+    assert "to stdout" in log and "to stderr" in log and "from C stdio" in log
     assert rec["peak_rss_mib"] > 0 and not rec["skipped"]
     assert run_stages(stages, tmp_path / "job", preload=PRELOAD)["tool"]["skipped"]
 
@@ -165,6 +169,19 @@ def test_forked_stage_failure(tmp_path, body, status, logged):
     assert not never.exists()
     if logged:
         assert logged in (tmp_path / "job" / "logs" / "boom.log").read_text()
+
+
+def test_forked_stage_killed_by_a_signal(tmp_path):
+    """A stage that dies without a word (SIGKILL: the OOM killer) is a failure naming its exit,
+    and its log is this run's, not a stale one."""
+    log = tmp_path / "job" / "logs" / "killed.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("stale text of an earlier run")
+    body = "import os, signal\nprint('started', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    stages = [Stage("killed", [_script(tmp_path, "killed.py", body)])]
+    with pytest.raises(RuntimeError, match=r"killed.*exit -9"):
+        run_stages(stages, tmp_path / "job", preload=PRELOAD)
+    assert log.read_text() == "started\n"
 
 
 def test_stage_with_env_gets_a_fresh_interpreter(tmp_path):

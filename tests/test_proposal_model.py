@@ -97,13 +97,19 @@ def test_variants_train(opts):
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-def test_channels_last_same_model_and_numbers(model):
+def _convs(model):
+    return [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def test_channels_last_same_model_and_numbers():
     """MASK_FORMER.CHANNELS_LAST: the same parameters and checkpoints; losses, gradients and
     proposals equal to the default layout's up to float rounding."""
+    model = _model(["MODEL.MASK_FORMER.CHANNELS_LAST", "False"])
     fast = _model(["MODEL.MASK_FORMER.CHANNELS_LAST", "True"])
+    assert _convs(model) and all(m.weight.is_contiguous() for m in _convs(model))
     fast.load_state_dict(model.state_dict())  # strict: the same keys and shapes
-    convs = [m for m in fast.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    channels_last = torch.channels_last
+    assert all(m.weight.is_contiguous(memory_format=channels_last) for m in _convs(fast))
     batch = [_input(64, 64, 3), _input(48, 40, 1, seed=4)]
     ref, got = _train_step(model, batch), _train_step(fast, batch)
     assert set(ref) == set(got)

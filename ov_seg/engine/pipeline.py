@@ -1,20 +1,23 @@
 """A resumable chain of command-line stages (the main job).
 
-Each stage is a normal launch (``tools/train_net.py ...``, ``tools/mine_captions.py ...``) run as a
-subprocess with its own log file. A stage is skipped on rerun when its record says it finished with
-the same command line *and* every declared output still exists with the recorded size *and* no
-earlier stage ran in this invocation (the chain is linear: a stage that ran may have changed any
-later stage's inputs); a failed stage stops the chain and names its log.
+Each stage is a normal launch (``tools/train_net.py ...``, ``tools/mine_captions.py ...``) run in a
+process of its own with its own log file. A stage is skipped on rerun when its record says it
+finished with the same command line *and* every declared output still exists with the recorded size
+*and* no earlier stage ran in this invocation (the chain is linear: a stage that ran may have
+changed any later stage's inputs); a failed stage stops the chain and names its log.
 
 With ``preload`` (module names), Python-script stages are forked from a fork server that has
 imported those modules once (``multiprocessing``'s forkserver), instead of each paying the imports
-of a fresh interpreter (torch + detectron2: ≈ 4 s a launch). The server never runs the project's
-own code: each stage still imports the project itself, at its start, so whatever the project reads
-at import time (dataset registration reads ``$DETECTRON2_DATASETS`` and files earlier stages wrote)
-is read fresh. A stage with its own ``env`` always gets a fresh interpreter.
+of a fresh interpreter (torch + detectron2: ≈ 4 s a launch). The server never imports the project:
+each forked stage imports it when it starts (to unpickle ``_run_script``, and the driver's script as
+``__mp_main__``), after the earlier stages finished, so whatever the project reads at import time
+(dataset registration reads ``$DETECTRON2_DATASETS`` and files earlier stages wrote) is read fresh.
+The server's environment is the driver's when the first forked stage starts; a stage with its own
+``env`` always gets a fresh interpreter.
 """
 
 import atexit
+import ctypes
 import json
 import multiprocessing
 import os
@@ -23,6 +26,7 @@ import runpy
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -96,16 +100,23 @@ def _python_script(cmd: Sequence[str]) -> Optional[Tuple[str, List[str]]]:
 
 
 def _run_script(script: str, args: List[str], log: str, rss_conn) -> None:
-    """The forked stage: ``python script args > log 2>&1``, in this process. Sends the peak RSS
-    (KiB) through ``rss_conn`` and exits with the script's exit status."""
+    """The forked stage: ``python script args >> log 2>&1`` (the driver created the log), in this
+    process. Sends the peak RSS (KiB, this process and its reaped children) through ``rss_conn``
+    and exits with the script's exit status."""
     sys.stdout.flush()
     sys.stderr.flush()
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    # a forkserver child defaults to the forkserver start method: back to the platform's, as in a
+    # fresh interpreter (DataLoader workers, pools), and fresh numpy randomness like a new process
+    multiprocessing.set_start_method(None, force=True)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    script = os.path.abspath(script)  # as __file__ / argv[0] of `python script` (3.9+)
     sys.argv = [script, *args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` does
+    sys.path.insert(0, os.path.dirname(script))  # as `python script` does
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
@@ -115,13 +126,24 @@ def _run_script(script: str, args: List[str], log: str, rss_conn) -> None:
         elif e.code is not None:
             print(e.code, file=sys.stderr)
             code = 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = 128 + 2  # the shell's status of a process stopped by SIGINT
     except BaseException:
         traceback.print_exc()
         code = 1
-    atexit._run_exitfuncs()  # what interpreter exit runs (log files flushed and closed)
+    # what interpreter exit runs before os._exit skips the rest: join the non-daemon threads, the
+    # exit handlers (log files flushed and closed), Python's and C's stdio buffers
+    threading._shutdown()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    rss_conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    ctypes.CDLL(None).fflush(None)
+    peak = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    rss_conn.send(peak)
     rss_conn.close()
     os._exit(code)
 
@@ -153,6 +175,7 @@ def _run_forked(script: str, args: List[str], log: Path, preload: Sequence[str])
     peak RSS in KiB)."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(preload))  # read when the server starts (the first stage)
+    log.write_text("")  # created (emptied) here: the log of a stage that dies early is not stale
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_run_script, args=(script, args, str(log), send), name=log.stem)
     proc.start()
@@ -166,7 +189,10 @@ def _run_forked(script: str, args: List[str], log: Path, preload: Sequence[str])
             proc.kill()
             proc.join()
         raise
-    rss = recv.recv() if recv.poll() else 0  # nothing when the stage died on a signal
+    try:
+        rss = recv.recv()
+    except (EOFError, OSError):  # the stage died before sending it (a signal, os._exit)
+        rss = 0
     recv.close()
     return proc.exitcode, rss
 
