@@ -1,7 +1,12 @@
 """The main-job stage runner: skip finished stages (outputs checked), stop on failure naming the
 log."""
 
+import os
+import signal
+import subprocess
 import sys
+import textwrap
+import time
 
 import pytest
 from helpers import REPO
@@ -71,12 +76,6 @@ def test_a_stage_that_ran_reruns_the_later_ones(tmp_path):
 
 
 def test_interrupting_the_driver_stops_the_running_stage(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import textwrap
-    import time
-
     pid_file = tmp_path / "stage.pid"
     stage = [
         sys.executable,
@@ -95,16 +94,34 @@ def test_interrupting_the_driver_stops_the_running_stage(tmp_path):
         Stage, run_stages = pipeline.Stage, pipeline.run_stages
         run_stages([Stage("sleep", {stage!r})], {str(tmp_path / "job")!r})
         """)
-    proc = subprocess.Popen([sys.executable, "-c", driver])
-    deadline = time.time() + 60
+    _assert_gone(_interrupt(driver, pid_file))  # the stage was terminated and reaped
+
+
+def _interrupt(driver: str, pid_file) -> int:
+    """Start ``python -c driver`` (in the repository), wait for its stage to write its pid to
+    ``pid_file``, Ctrl-C the driver; the driver must fail. Returns the stage's pid."""
+
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=str(REPO))
+    deadline = time.time() + 120
     while not pid_file.is_file() or not pid_file.read_text():
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
-    child = int(pid_file.read_text())
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) != 0
-    with pytest.raises(ProcessLookupError):  # the stage was terminated and reaped
-        os.kill(child, 0)
+    return int(pid_file.read_text())
+
+
+def _assert_gone(pid: int, timeout: float = 30.0) -> None:
+    """The process ``pid`` ends (and is reaped) within ``timeout`` seconds."""
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.time() < deadline, f"process {pid} survived the driver"
+        time.sleep(0.1)
 
 
 # the fork server of these tests (one per pytest process: the first forked stage starts it)
@@ -121,8 +138,6 @@ def test_forked_stage_is_a_script_run(tmp_path):
     """A Python-script stage forked from the fork server runs like ``python script args``: its
     ``__main__`` block, argv, output in the log, files written at exit, peak RSS; not a child of
     the driver."""
-    import os
-
     out = tmp_path / "out.txt"
     script = _script(
         tmp_path,
@@ -185,8 +200,6 @@ def test_forked_stage_killed_by_a_signal(tmp_path):
 
 
 def test_stage_with_env_gets_a_fresh_interpreter(tmp_path):
-    import os
-
     out = tmp_path / "out.txt"
     script = _script(
         tmp_path,
@@ -200,12 +213,6 @@ def test_stage_with_env_gets_a_fresh_interpreter(tmp_path):
 
 
 def test_interrupting_the_driver_stops_a_forked_stage(tmp_path):
-    import os
-    import signal
-    import subprocess
-    import textwrap
-    import time
-
     pid_file = tmp_path / "stage.pid"
     script = _script(
         tmp_path,
@@ -218,19 +225,4 @@ def test_interrupting_the_driver_stops_a_forked_stage(tmp_path):
         from ov_seg.engine.pipeline import Stage, run_stages
         run_stages([Stage("sleep", [{script!r}])], {str(tmp_path / "job")!r}, preload=("json",))
         """)
-    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=str(REPO))
-    deadline = time.time() + 120
-    while not pid_file.is_file() or not pid_file.read_text():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.1)
-    child = int(pid_file.read_text())
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
-    deadline = time.time() + 30
-    while True:  # terminated (the fork server, its parent, reaps it)
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        assert time.time() < deadline, "the forked stage survived the driver"
-        time.sleep(0.1)
+    _assert_gone(_interrupt(driver, pid_file))  # terminated; the fork server, its parent, reaps it
