@@ -17,6 +17,7 @@ from ov_seg.modeling.matcher import HungarianMatcher
 from ov_seg.modeling.pixel_decoder import build_image_skip, build_pixel_decoder
 from ov_seg.modeling.postprocess import panoptic_segments
 from ov_seg.modeling.transformer_decoder import build_transformer_decoder
+from ov_seg.utils.memory_format import convs_to_channels_last
 
 __all__ = ["ProposalMaskFormer", "PROPOSAL_SCORES"]
 
@@ -137,10 +138,7 @@ class ProposalMaskFormer(nn.Module):
         self.image_skip = image_skip
         self.channels_last = bool(channels_last)
         if self.channels_last:
-            for part in (backbone, pixel_decoder, image_skip):
-                for m in part.modules() if part is not None else ():
-                    if isinstance(m, nn.Conv2d):
-                        m.to(memory_format=torch.channels_last)
+            convs_to_channels_last((backbone, pixel_decoder, image_skip))
 
     @classmethod
     def from_config(cls, cfg, clip_model: Optional[nn.Module] = None):

@@ -84,6 +84,7 @@ from ov_seg.modeling.postprocess import (
     semantic_output,
 )
 from ov_seg.modeling.proposal_sources import Proposals, build_proposal_source
+from ov_seg.utils.memory_format import convs_to_channels_last
 
 __all__ = ["TwoStageOVSeg", "TwoStageEncoding", "merged_checkpoint_info"]
 
@@ -619,10 +620,7 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             )
         QUANTIZERS[self.quantize](self.crop_classifier.clip.visual)
         if self.channels_last:  # the proposal network's convolutions, not the shared CLIP's
-            clip = {id(m) for m in self.crop_classifier.clip.modules()}
-            for m in self.proposal_source.modules():
-                if isinstance(m, nn.Conv2d) and id(m) not in clip:
-                    m.to(memory_format=torch.channels_last)
+            convs_to_channels_last((self.proposal_source,), exclude=self.crop_classifier.clip)
         self._fast_prepared = True
 
     def fuse(
