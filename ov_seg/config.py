@@ -592,6 +592,11 @@ def add_two_stage_config(cfg):
     # = proposal head only). OVSeg: 0.7 for ADE-150/847, 0.6 for Pascal Context 59/459, 0.45 for
     # VOC-20 (0.6 in the paper).
     cfg.MODEL.TWO_STAGE.ENSEMBLE_WEIGHT = 0.7
+    # lambda_s, the ensemble's CLIP exponent for the names the proposal head was trained on (the
+    # test datasets' seen_classes metadata, or MODEL.SEEN_CALIBRATION.SEEN_NAMES); < 0 = lambda
+    # (uniform; OVSeg's cross-dataset evaluation). OVSeg's code on a seen / unseen split of one
+    # dataset (trainable_flag) uses 1 - lambda: the head weighs more on the names it knows.
+    cfg.MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT = -1.0
     # Name appended to a single-class vocabulary, since classification is a softmax (OVSeg:
     # "others").
     cfg.MODEL.TWO_STAGE.BACKGROUND_NAME = "others"

@@ -89,7 +89,7 @@ def test_stages_and_report(toyworld_root, tmp_path):
     assert report["PACL, seen-calibrated †"]["mIoU-unseen"] == 3.0
     assert report["PACL, seen-calibrated †"]["gamma"] == "0.5/1.0"
     assert report["MGCA, seen-calibrated †"]["hIoU"] == 8.0
-    searched = report["two-stage OVSeg, searched λ / MASK_THR (ensemble) *"]
+    searched = report["two-stage OVSeg, searched λ / λ_s / MASK_THR (ensemble) *"]
     assert searched["mIoU-unseen"] == 5.0 and searched["ensemble_weight"] == "0.8/0.8"
     assert searched["gamma"] == "0.0/0.0"
     calibrated = report["two-stage OVSeg, ensemble, seen-calibrated *†"]
@@ -187,3 +187,25 @@ def test_budget_overrides_replace_one_stage(tmp_path):
     for bad in ("nosuchstage=SOLVER.MAX_ITER 1", "clip_pretrain", "clip_ft=SOLVER.MAX_ITER"):
         with pytest.raises(ValueError):
             job.parse_budget([bad])
+
+
+def test_pick_options_carry_the_seen_weight_only_when_searched():
+    job = load_tool("run_main_job")
+    pick = {"ensemble_weight": 0.7, "seen_ensemble_weight": 0.2, "mask_thr": 0.45, "gamma": 0.0}
+    assert job.pick_options(pick) == [
+        "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
+        "0.7",
+        "MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT",
+        "0.2",
+        "MODEL.CLIP.MASK_THR",
+        "0.45",
+        "MODEL.SEEN_CALIBRATION.GAMMA",
+        "0.0",
+    ]
+    uniform = {"ensemble_weight": 0.6, "seen_ensemble_weight": None, "mask_thr": 0.35}
+    assert job.pick_options(uniform) == [
+        "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
+        "0.6",
+        "MODEL.CLIP.MASK_THR",
+        "0.35",
+    ]

@@ -214,3 +214,35 @@ def test_lambda_zero_reproduces_the_proposal_generator(model, val_inputs):
         generator.thing_ids, generator.object_mask_threshold, generator.overlap_threshold = saved
     assert segments and torch.equal(out["panoptic_seg"][0], pan)
     assert out["panoptic_seg"][1] == segments
+
+
+def test_seen_ensemble_weight(model, val_inputs):
+    """λ_s reaches the fusion (the seen names' scores change, the unseen ones do not), λ = 0 with
+    λ_s > 0 still runs the CLIP branch, and bad settings fail at build time."""
+    options = model.default_options.replace(ensemble_weight=0.7)
+    seen = model.seen_mask(model.vocabulary(val_inputs[0]))
+    assert seen.any() and not seen.all()  # the toy vocabulary has both
+    uniform = model.inference(val_inputs[:1], options)[0]["sem_seg"]
+    own = model.inference(val_inputs[:1], options.replace(seen_ensemble_weight=0.3))[0]["sem_seg"]
+    assert torch.allclose(own[~seen], uniform[~seen], rtol=1e-5, atol=0) and not torch.allclose(
+        own[seen], uniform[seen]
+    )
+    head_only = model.default_options.replace(ensemble_weight=0.0)
+    assert not model.uses_clip(head_only)
+    assert model.uses_clip(head_only.replace(seen_ensemble_weight=0.5))
+    mixed = model.inference(val_inputs[:1], head_only.replace(seen_ensemble_weight=0.5))[0]
+    plain = model.inference(val_inputs[:1], head_only)[0]
+    assert torch.allclose(mixed["sem_seg"][~seen], plain["sem_seg"][~seen], rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="SEEN_ENSEMBLE_WEIGHT must be in"):
+        build_model(_cfg("MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT", "1.5"))
+    with pytest.raises(ValueError, match="trained on"):  # no dataset lists seen names
+        build_model(
+            _cfg(
+                "MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT",
+                "0.3",
+                "DATASETS.TEST",
+                "()",
+                "DATASETS.TRAIN",
+                "()",
+            )
+        )

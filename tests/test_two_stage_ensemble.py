@@ -106,3 +106,38 @@ def test_single_class_gets_a_background_name():
         with_background_name([], "others")
     with pytest.raises(ValueError, match="background name"):
         with_background_name(["others"], "others")
+
+
+def test_seen_names_get_their_own_weight():
+    """λ_s for the names the proposal head was trained on, λ for the others (OVSeg's code on a
+    seen / unseen split: λ_s = 1 − λ)."""
+    seen = torch.tensor([True, False])
+    probs, keep = geometric_ensemble(PROPOSAL, CLIP, VALID, 0.7, seen=seen, seen_weight=0.3)
+    assert keep.all()
+    assert probs[0, 0].item() == pytest.approx(0.6**0.7 * 0.9**0.3, rel=1e-6)  # seen: λ_s
+    assert probs[0, 1].item() == pytest.approx(0.2**0.3 * 0.1**0.7, rel=1e-6)  # unseen: λ
+    # an empty mask keeps the proposal term of each class's own exponent
+    assert torch.allclose(probs[2], torch.tensor([0.3**0.7, 0.3**0.3]))
+    # λ_s = λ, no seen name or no λ_s: the uniform ensemble, bit for bit
+    uniform, _ = geometric_ensemble(PROPOSAL, CLIP, VALID, 0.7)
+    for kwargs in (
+        dict(seen=seen, seen_weight=0.7),
+        dict(seen=torch.tensor([False, False]), seen_weight=0.3),
+        dict(seen=seen, seen_weight=None),
+    ):
+        assert torch.equal(geometric_ensemble(PROPOSAL, CLIP, VALID, 0.7, **kwargs)[0], uniform)
+    # λ = 0 for the unseen names still needs CLIP for the seen ones, and vice versa
+    probs, keep = geometric_ensemble(PROPOSAL, CLIP, VALID, 0.0, seen=seen, seen_weight=1.0)
+    assert torch.allclose(probs[:2, 0], CLIP[:2, 0]) and torch.allclose(probs[:, 1], PROPOSAL[:, 1])
+    # a class with λ_c = 1 gets no score from a proposal without a crop (no information)
+    assert probs[2, 0] == 0 and keep.all()
+
+
+def test_seen_weight_errors():
+    seen = torch.tensor([True, False])
+    with pytest.raises(ValueError, match=r"λ_s must be in \[0, 1\]"):
+        geometric_ensemble(PROPOSAL, CLIP, VALID, 0.7, seen=seen, seen_weight=-0.1)
+    with pytest.raises(ValueError, match="both"):
+        geometric_ensemble(PROPOSAL, None, None, 0.0, seen=seen, seen_weight=0.5)
+    with pytest.raises(ValueError, match="shapes"):
+        geometric_ensemble(PROPOSAL, CLIP, VALID, 0.7, seen=seen[:1], seen_weight=0.3)

@@ -62,18 +62,28 @@ def test_merged_checkpoint_round_trip(toyworld_root, tmp_path):
 def test_search_matches_the_model_forward(toyworld_root, tmp_path):
     out = tmp_path / "search"
     args = ["--config-file", str(REPO / CONFIG), "--output", str(out), "--weights", "0,0.5,1"]
-    args += ["--mask-thrs", "0.4,0.6", "--gammas", "0,2", "--subset", "1:4"]
+    args += ["--mask-thrs", "0.4,0.6", "--gammas", "0,2", "--seen-weights", "0.2"]
+    args += ["--subset", "1:4"]
     torch.manual_seed(0)
     load_tool("search_ensemble").main([*args, *OPTS])
     result = json.loads((out / "search.json").read_text())
-    grid = {(r["ensemble_weight"], r["mask_thr"], r["gamma"]): r for r in result["grid"]}
-    assert len(grid) == 12 and result["num_images"] == 3
+    grid = {
+        (r["ensemble_weight"], r["seen_ensemble_weight"], r["mask_thr"], r["gamma"]): r
+        for r in result["grid"]
+    }
+    assert len(grid) == 16 and result["num_images"] == 3  # λ_s 0.2 only with λ 0.5
     # λ = 0 ignores MASK_THR
-    assert grid[(0.0, 0.4, 2.0)] == {**grid[(0.0, 0.6, 2.0)], "mask_thr": 0.4}
-    # the cached re-scoring equals the model's own forward at one grid point (seen-calibrated)
-    expected, _ = _forward_metrics(OPTS, 0.5, 0.6, 2.0, slice(1, 4))
-    for key in ("mIoU", "mIoU-seen", "mIoU-unseen"):
-        assert np.isclose(grid[(0.5, 0.6, 2.0)][key], expected[key], equal_nan=True), key
+    assert grid[(0.0, None, 0.4, 2.0)] == {**grid[(0.0, None, 0.6, 2.0)], "mask_thr": 0.4}
+    # the cached re-scoring equals the model's own forward at grid points (seen-calibrated), with
+    # λ_s = λ and with the seen names' own λ_s
+    for seen_weight in (None, 0.2):
+        opts = (
+            OPTS if seen_weight is None else [*OPTS, "MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT", "0.2"]
+        )
+        expected, _ = _forward_metrics(opts, 0.5, 0.6, 2.0, slice(1, 4))
+        for key in ("mIoU", "mIoU-seen", "mIoU-unseen"):
+            got = grid[(0.5, seen_weight, 0.6, 2.0)][key]
+            assert np.isclose(got, expected[key], equal_nan=True), (seen_weight, key)
     # resume: the finished search is reloaded, not recomputed
     best = load_tool("search_ensemble").main([*args, "--resume", *OPTS])
     assert best == result["best"]
@@ -181,22 +191,64 @@ def test_cross_validation_picks_on_one_set_and_scores_the_other():
     conf[(1, 0, 0, 2, *diag)] += 1000  # set 1: best uncalibrated ensemble (0.35, λ 0.7)
     conf[(1, 0, 0, 3, *diag)] += 2000  # set 1: λ = 1 is better still, but not an ensemble
     conf[(0, 0, 1, 2, *diag)] += 3000  # set 0: best of all, calibrated (0.35, γ 2, λ 0.7)
-    cv = tool.cross_validate(conf, weights, thrs, gammas, "mIoU", classes, None, None)
+    fusions = tool.fusion_grid(weights)
+    assert fusions == [(w, None) for w in weights]
+    cv = tool.cross_validate(conf, fusions, thrs, gammas, "mIoU", classes, None, None)
     assert cv["searched"]["picks"] == [
-        {"ensemble_weight": 0.5, "mask_thr": 0.45, "gamma": 0.0},
-        {"ensemble_weight": 0.7, "mask_thr": 0.35, "gamma": 0.0},
+        {"ensemble_weight": 0.5, "seen_ensemble_weight": None, "mask_thr": 0.45, "gamma": 0.0},
+        {"ensemble_weight": 0.7, "seen_ensemble_weight": None, "mask_thr": 0.35, "gamma": 0.0},
     ]
     pooled = conf[1, 1, 0, 1] + conf[0, 0, 0, 2]
     assert np.isclose(cv["searched"]["mIoU"], sem_seg_metrics(pooled, classes, None, None)["mIoU"])
     assert cv["searched_calibrated"]["picks"][0] == {
         "ensemble_weight": 0.7,
+        "seen_ensemble_weight": None,
         "mask_thr": 0.35,
         "gamma": 2.0,
     }
     # a fixed λ only chooses its MASK_THR (and γ when calibrated)
     assert {p["ensemble_weight"] for p in cv["lambda_0"]["picks"]} == {0.0}
     assert {p["gamma"] for p in cv["lambda_1"]["picks"]} == {0.0}
-    assert cv["lambda_1"]["picks"][1] == {"ensemble_weight": 1.0, "mask_thr": 0.35, "gamma": 0.0}
+    assert cv["lambda_1"]["picks"][1] == {
+        "ensemble_weight": 1.0,
+        "seen_ensemble_weight": None,
+        "mask_thr": 0.35,
+        "gamma": 0.0,
+    }
     # without γ > 0 in the grid there are no calibrated selections
-    cv = tool.cross_validate(conf[:, :, :1], weights, thrs, [0.0], "mIoU", classes, None, None)
+    cv = tool.cross_validate(conf[:, :, :1], fusions, thrs, [0.0], "mIoU", classes, None, None)
     assert set(cv) == {"lambda_0", "lambda_1", "searched"}
+
+
+def test_seen_weight_grid_and_selections():
+    """λ_s pairs only with ensemble λ; "searched" picks among all λ_s, "searched_uniform" only
+    among λ_s = λ, and the branches never take a λ_s."""
+    tool = load_tool("search_ensemble")
+    fusions = tool.fusion_grid([0.0, 0.6, 0.7, 1.0], [0.3, 0.7])
+    assert fusions == [
+        (0.0, None),
+        (0.6, None),
+        (0.6, 0.3),
+        (0.6, 0.7),
+        (0.7, None),
+        (0.7, 0.3),  # 0.7 itself is the uniform ensemble, listed once as (0.7, None)
+        (1.0, None),
+    ]
+    classes = ["a", "b", "c"]
+    n = len(classes) + 1
+    rng = np.random.default_rng(1)
+    conf = rng.integers(0, 20, size=(2, 1, 1, len(fusions), n, n))
+    diag = (np.arange(n), np.arange(n))
+    conf[(..., *diag)] += 40
+    conf[(slice(None), 0, 0, 2, *diag)] += 1000  # (0.6, 0.3) is best on both sets
+    conf[(slice(None), 0, 0, 4, *diag)] += 500  # (0.7, None): the best uniform ensemble
+    conf[(slice(None), 0, 0, 0, *diag)] += 2000  # λ 0 is better still, but a branch
+    cv = tool.cross_validate(conf, fusions, [0.5], [0.0], "mIoU", classes, None, None)
+    assert set(cv) == {"lambda_0", "lambda_1", "searched", "searched_uniform"}
+    assert {(p["ensemble_weight"], p["seen_ensemble_weight"]) for p in cv["searched"]["picks"]} == {
+        (0.6, 0.3)
+    }
+    assert {
+        (p["ensemble_weight"], p["seen_ensemble_weight"]) for p in cv["searched_uniform"]["picks"]
+    } == {(0.7, None)}
+    assert {p["seen_ensemble_weight"] for p in cv["lambda_0"]["picks"]} == {None}

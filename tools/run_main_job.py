@@ -99,6 +99,10 @@ CALIBRATION_GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 # two-stage search: the branches (λ = 0, 1) and the published ensemble grid λ ∈ {.6, .7, .8}
 # (ovseg_facts.md), × MASK_THR, × the seen-class calibration γ of the fused scores
 TWO_STAGE_WEIGHTS = (0.0, 0.6, 0.7, 0.8, 1.0)
+# the CLIP exponent λ_s of the names the proposal head was trained on, tried with each ensemble λ
+# besides λ_s = λ: OVSeg's code on a seen / unseen split of one dataset uses 1 − λ (.3 / .2 for
+# λ .7 / .8; seed 0: .4 was picked in one calibrated fold, and .2 .3 .4 took the search 65 -> 167 s)
+TWO_STAGE_SEEN_WEIGHTS = (0.2, 0.3)
 TWO_STAGE_MASK_THRS = (0.35, 0.45)
 TWO_STAGE_GAMMAS = (0.0, 1.0, 2.0, 4.0)
 
@@ -138,13 +142,14 @@ def single_stage_spec(out: Path, method: str, *opts: str) -> str:
 
 
 def two_stage_search_stage(out: Path, name: str, clip_export: Path) -> Stage:
-    """The cross-validated λ × MASK_THR × γ search of the two-stage model with the trained proposals
-    and the CLIP export ``clip_export``, written to ``out / name``."""
+    """The cross-validated λ (× λ_s) × MASK_THR × γ search of the two-stage model with the trained
+    proposals and the CLIP export ``clip_export``, written to ``out / name``."""
     return Stage(
         name,
         [str(REPO / "tools" / "search_ensemble.py"), "--config-file", str(REPO / TWO_STAGE_CONFIG)]
         + ["--output", str(out / name)]
         + ["--weights", _csv(TWO_STAGE_WEIGHTS), "--mask-thrs", _csv(TWO_STAGE_MASK_THRS)]
+        + ["--seen-weights", _csv(TWO_STAGE_SEEN_WEIGHTS)]
         + ["--gammas", _csv(TWO_STAGE_GAMMAS), *CROSS_VALIDATION]
         + ["MODEL.TWO_STAGE.PROPOSAL_WEIGHTS", str(out / "proposals" / "model_final.pth")]
         + ["MODEL.CLIP.PRETRAINED", str(clip_export)],
@@ -381,7 +386,8 @@ def build_stages(out: Path, data_root: Path, budget: Dict[str, List[str]] = BUDG
 METHOD_ROWS = [
     ("two-stage OVSeg, λ = 0 (proposal head only) *", ("search", 0.0, False)),
     ("two-stage OVSeg, λ = 1 (mask-adapted CLIP only) *", ("search", 1.0, False)),
-    ("two-stage OVSeg, searched λ / MASK_THR (ensemble) *", ("search", None, False)),
+    ("two-stage OVSeg, searched λ / λ_s / MASK_THR (ensemble) *", ("search", None, False)),
+    ("two-stage OVSeg, ensemble with one λ for all names *", ("search", "uniform", False)),
     ("PACL", ("calibration", "pacl", "uncalibrated")),
     ("PACL baseline: vanilla CLIP patches", ("calibration", "pacl_vanilla", "uncalibrated")),
     ("MGCA (adaptive semantic unit)", ("calibration", "mgca", "uncalibrated")),
@@ -452,24 +458,25 @@ def calibration_row(out: Path, method: str, selection: str) -> dict:
 
 
 def two_stage_row(search: dict, weight, calibrated: bool = False) -> dict:
-    """Held-out metrics of the two-stage model: ``weight`` None = the searched ensemble (λ,
-    MASK_THR); a fixed λ takes the MASK_THR that is best for it on the search images (same
-    metric), so each branch alone gets the same tuning as the ensemble; ``calibrated``: γ is
+    """Held-out metrics of the two-stage model: ``weight`` None = the searched ensemble (λ, λ_s,
+    MASK_THR), "uniform" = the searched ensemble with λ_s = λ; a fixed λ takes the MASK_THR that
+    is best for it on the search images (same metric), so each branch alone gets the same tuning
+    as the ensemble; ``calibrated``: γ is
     searched too. From the 2-fold cross-validation (every val image held out once) when the search
     has it, else (uncalibrated only) from the held-out half."""
-    name = {0.0: "lambda_0", 1.0: "lambda_1"}.get(weight, "searched")
+    name = {0.0: "lambda_0", 1.0: "lambda_1", "uniform": "searched_uniform"}.get(weight, "searched")
     cv = search.get("cross_validated", {}).get(name + ("_calibrated" if calibrated else ""))
     if cv:
         picks = cv["picks"]
         return {
             **cv,
             **{
-                k: "/".join(str(p[k]) for p in picks)
-                for k in ("ensemble_weight", "mask_thr", "gamma")
+                k: "/".join("λ" if p[k] is None else str(p[k]) for p in picks)
+                for k in PICK_KEYS
                 if k in picks[0]
             },
         }
-    if calibrated or "holdout" not in search:
+    if calibrated or weight == "uniform" or "holdout" not in search:
         return {}
     if weight is None:
         pick = search["best"]
@@ -481,6 +488,21 @@ def two_stage_row(search: dict, weight, calibrated: bool = False) -> dict:
     key = (pick["ensemble_weight"], pick["mask_thr"])
     held = {(r["ensemble_weight"], r["mask_thr"]): r for r in search["holdout"]["grid"]}
     return held.get(key, {})
+
+
+# the searched settings of a two-stage pick (λ_s None: the same as λ)
+PICK_KEYS = ("ensemble_weight", "seen_ensemble_weight", "mask_thr", "gamma")
+
+
+def pick_options(pick: dict) -> List[str]:
+    """Config overrides of a two-stage search pick: λ, λ_s (when set), MASK_THR, γ (when set)."""
+    opts = ["MODEL.TWO_STAGE.ENSEMBLE_WEIGHT", str(pick["ensemble_weight"])]
+    if pick.get("seen_ensemble_weight") is not None:
+        opts += ["MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT", str(pick["seen_ensemble_weight"])]
+    opts += ["MODEL.CLIP.MASK_THR", str(pick["mask_thr"])]
+    if "gamma" in pick:
+        opts += ["MODEL.SEEN_CALIBRATION.GAMMA", str(pick["gamma"])]
+    return opts
 
 
 ORACLE_ROW = "two-stage OVSeg, ground-truth masks as proposals, λ = 1 (oracle) §"
@@ -601,7 +623,7 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
     for name, (kind, *source) in METHOD_ROWS + [(ORACLE_ROW, ("oracle",))]:
         res = oracle if kind == "oracle" else rows[kind](*source)
         results[name] = {k: res.get(k) for k in keys}
-        for k in ("ensemble_weight", "mask_thr", "gamma"):
+        for k in PICK_KEYS:
             if k in res:
                 results[name][k] = res[k]
         cells = [f"{res[k]:.1f}" if isinstance(res.get(k), (int, float)) else "n/a" for k in keys]
@@ -620,9 +642,7 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
     extra["mining precision"] = json.loads(mining.read_text()) if mining.is_file() else {}
     if search:
         extra["searched ensemble"] = {
-            k: search["best"][k]
-            for k in ("ensemble_weight", "mask_thr", "gamma")
-            if k in search["best"]
+            k: search["best"][k] for k in PICK_KEYS if k in search["best"]
         }
     timing = ["| stage | seconds | peak RSS (MiB) | skipped |", "|---|---|---|---|"]
     for name, r in records.items():
@@ -645,7 +665,11 @@ def write_report(out: Path, records: dict, elapsed: float) -> str:
         "\\* two-stage rows: 2-fold cross-validation on the 300 val images: λ and MASK_THR are "
         "chosen by hIoU on images 0-149 and scored on 150-299, and the other way round; the two "
         "held-out halves are pooled (`tools/search_ensemble.py --holdout`; the picks of both folds "
-        "are in report.json). Other rows: all 300 val images.",
+        "are in report.json). The ensemble is p = p_proposal^(1 − λ) · p_clip^λ; the searched "
+        "ensemble also picks λ_s, the CLIP exponent of the names the proposal head was trained on "
+        "(`MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT`, `--seen-weights`; OVSeg's code uses 1 − λ on a "
+        "seen / unseen split of one dataset), or λ_s = λ; the 'one λ' row keeps λ_s = λ (OVSeg's "
+        "formula on other datasets). Other rows: all 300 val images.",
         "",
         "† calibrated stacking (`MODEL.SEEN_CALIBRATION.GAMMA`): γ is subtracted from the logits "
         "(two-stage: the fused log-scores of each proposal) of the names seen in training, γ "
@@ -733,15 +757,7 @@ def prediction_grid(out: Path) -> int:
     pick = cv.get("searched_calibrated") or cv.get("searched") or {"picks": [search["best"]]}
     pick = pick["picks"][0]
     gamma = pick.get("gamma", 0.0)
-    two_stage = [
-        *two_stage_weights(out),
-        "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
-        str(pick["ensemble_weight"]),
-        "MODEL.CLIP.MASK_THR",
-        str(pick["mask_thr"]),
-        "MODEL.SEEN_CALIBRATION.GAMMA",
-        str(gamma),
-    ]
+    two_stage = [*two_stage_weights(out), *pick_options({**pick, "gamma": gamma})]
     label = f"two-stage cal {gamma}"
     methods = [f"{label}={REPO / TWO_STAGE_CONFIG}::{shlex.join(two_stage)}"]
     for method in SINGLE_STAGE:
@@ -781,7 +797,13 @@ def seed_summary(dirs: List[Path]) -> str:
             ("two_stage_search_gt_pairs", "ground-truth pairs, FT + MPT"),
         ):
             cv = (_read_json(d / folder / "search.json") or {}).get("cross_validated", {})
-            for sel in ("lambda_0", "lambda_1", "searched", "searched_calibrated"):
+            for sel in (
+                "lambda_0",
+                "lambda_1",
+                "searched",
+                "searched_uniform",
+                "searched_calibrated",
+            ):
                 for k in ("mIoU-seen", "mIoU-unseen", "hIoU"):
                     add(f"two-stage ({tag}), {sel}, {k}", cv.get(sel, {}).get(k))
         oracle = (_read_json(d / "oracle_masks" / "eval_results.json") or {}).get("sem_seg", {})

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Grid search of the two-stage model's ensemble weight λ × ``MODEL.CLIP.MASK_THR`` (× the
-seen-class calibration γ, ``MODEL.SEEN_CALIBRATION.GAMMA``, with ``--gammas``) on an evaluation set.
+seen-class calibration γ, ``MODEL.SEEN_CALIBRATION.GAMMA``, with ``--gammas``; × the seen names' own
+ensemble weight λ_s, ``MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT``, with ``--seen-weights``) on an
+evaluation set.
 
 Per image the proposals are computed once and the CLIP scores once per mask threshold; every (λ,
 MASK_THR, γ) cell is then re-scored from these and accumulated into its own confusion matrix
@@ -10,11 +12,13 @@ and the best pair, and writes ``search.json``. Progress is saved every ``--save-
 range are scored too: the best pair is picked on ``--subset`` and every pair is also reported on the
 held-out images, so the searched ensemble is evaluated on images it was not chosen on; and a 2-fold
 cross-validation (pick on one range, score on the other, both ways, pooled) gives held-out numbers
-for λ = 0, λ = 1 and the searched ensemble (0 < λ < 1) on every image of both ranges (search.json
-'cross_validated'), uncalibrated (γ = 0) and, when the γ grid has values > 0, with γ searched too
-(the '_calibrated' selections). The model's fast modes (``MODEL.TWO_STAGE.FAST``: proposal
-selection, near-duplicate sharing, smaller crops, single pass, int8) run as in its forward, so a
-fast mode's λ, MASK_THR and γ are searched and cross-validated the same way as the exact mode's.
+for λ = 0, λ = 1 and the searched ensemble (0 < λ < 1, λ_s searched too) on every image of both
+ranges (search.json 'cross_validated'), uncalibrated (γ = 0) and, when the γ grid has values > 0,
+with γ searched too (the '_calibrated' selections); with ``--seen-weights`` also the uniform
+ensemble (λ_s = λ, the '_uniform' selections). The model's fast modes (``MODEL.TWO_STAGE.FAST``:
+proposal selection, near-duplicate sharing, smaller crops, single pass, int8) run as in its
+forward, so a fast mode's λ, MASK_THR and γ are searched and cross-validated the same way as the
+exact mode's.
 
     python tools/search_ensemble.py --config-file configs/toyworld/two_stage_R18.yaml \\
         --output /tmp/two_stage/search --weights 0:1:0.1 --mask-thrs 0.35,0.4,0.45 --subset 0:150 \\
@@ -25,7 +29,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -56,6 +60,9 @@ from ov_seg.utils.threads import set_num_threads
 
 logger = logging.getLogger("ov_seg.search_ensemble")
 
+# one fusion of the grid: (λ, λ_s), λ_s = None for the uniform ensemble
+Fusion = Tuple[float, Optional[float]]
+
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -73,6 +80,13 @@ def get_parser() -> argparse.ArgumentParser:
         "--mask-thrs", type=parse_grid, default=parse_grid("0.35,0.4,0.45"), help="MASK_THR grid"
     )
     p.add_argument(
+        "--seen-weights",
+        type=parse_grid,
+        default=[],
+        help="grid of λ_s, the CLIP exponent of the names the proposal head was trained on, tried "
+        "with every ensemble λ (0 < λ < 1) besides λ_s = λ (default: none, the uniform ensemble)",
+    )
+    p.add_argument(
         "--gammas",
         type=parse_grid,
         default=parse_grid("0"),
@@ -88,21 +102,32 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fusion_grid(weights: Sequence[float], seen_weights: Sequence[float] = ()) -> List[Fusion]:
+    """The (λ, λ_s) pairs of a search: every λ with λ_s = None (the uniform ensemble), and every
+    ensemble λ (0 < λ < 1) with each other λ_s of ``seen_weights``."""
+    out = []
+    for weight in weights:
+        out.append((float(weight), None))
+        if 0.0 < weight < 1.0:
+            out += [(float(weight), float(s)) for s in seen_weights if s != weight]
+    return out
+
+
 class GridScorer:
-    """Confusion matrices of every (MASK_THR, γ, λ) cell, filled image by image from cached stage
-    outputs."""
+    """Confusion matrices of every (MASK_THR, γ, (λ, λ_s)) cell, filled image by image from cached
+    stage outputs."""
 
     def __init__(
         self,
         model,
-        weights: Sequence[float],
+        fusions: Sequence[Fusion],
         mask_thrs: Sequence[float],
         num_classes: int,
         ignore_label: int,
         gammas: Sequence[float] = (0.0,),
     ):
         self.model = model
-        self.weights = list(weights)
+        self.fusions = list(fusions)
         self.mask_thrs = list(mask_thrs)
         self.gammas = list(gammas)
         self.num_classes = num_classes
@@ -111,8 +136,9 @@ class GridScorer:
         base = model.default_options
         self.options = [
             [
-                [base.replace(mask_thr=float(t), seen_gamma=float(g), ensemble_weight=float(w))
-                 for w in self.weights]
+                [base.replace(mask_thr=float(t), seen_gamma=float(g), ensemble_weight=float(w),
+                              seen_ensemble_weight=s)
+                 for w, s in self.fusions]
                 for g in self.gammas
             ]
             for t in self.mask_thrs
@@ -120,9 +146,10 @@ class GridScorer:
         for g in self.gammas:
             model.calibration(base.replace(seen_gamma=float(g)))
         n = num_classes + 1
-        # (part, MASK_THR, γ, λ, prediction, ground truth); part 0 = search images, 1 = held-out
+        # (part, MASK_THR, γ, (λ, λ_s), prediction, ground truth); part 0 = search images, 1 =
+        # held-out
         self.conf = np.zeros(
-            (2, len(self.mask_thrs), len(self.gammas), len(self.weights), n, n), dtype=np.int64
+            (2, len(self.mask_thrs), len(self.gammas), len(self.fusions), n, n), dtype=np.int64
         )
 
     @torch.inference_mode()
@@ -147,14 +174,14 @@ class GridScorer:
         # the model's own stages, fast modes (MODEL.TWO_STAGE.FAST) included: the proposals once,
         # the CLIP branch once per MASK_THR, the fusion once per (λ, γ)
         proposals = model.encode_proposals([x], model.default_options)
-        use_clip = max(self.weights) > 0
+        use_clip = any(model.uses_clip(o) for o in self.options[0][0])
         for t, per_gamma in enumerate(self.options):
             encoded = proposals
             if use_clip:
                 encoded = model.encode_clip_inputs(proposals, per_gamma[0][0])
             for g, per_weight in enumerate(per_gamma):
                 for w, options in enumerate(per_weight):
-                    if options.ensemble_weight == 0.0 and t > 0:
+                    if _head_only(options.ensemble_weight, options.seen_ensemble_weight) and t > 0:
                         continue  # λ = 0 does not depend on MASK_THR (see fix_zero_weight)
                     out = model.predict(encoded, options)[0]
                     pred = label_map(out["sem_seg"]).cpu().numpy()
@@ -164,59 +191,78 @@ class GridScorer:
 
     def fix_zero_weight(self) -> None:
         """λ = 0 cells are only computed at the first threshold: copy them to the others."""
-        for w, weight in enumerate(self.weights):
-            if weight == 0.0:
+        for w, fusion in enumerate(self.fusions):
+            if _head_only(*fusion):
                 self.conf[:, 1:, :, w] = self.conf[:, :1, :, w]
 
 
-def _is_zero(weight: float) -> bool:
-    return weight == 0.0
+def _head_only(weight: float, seen_weight: Optional[float]) -> bool:
+    return weight == 0.0 and not seen_weight
 
 
-def _is_one(weight: float) -> bool:
-    return weight == 1.0
+def _is_zero(weight: float, seen_weight: Optional[float]) -> bool:
+    return weight == 0.0 and seen_weight is None
 
 
-def _is_ensemble(weight: float) -> bool:
+def _is_one(weight: float, seen_weight: Optional[float]) -> bool:
+    return weight == 1.0 and seen_weight is None
+
+
+def _is_ensemble(weight: float, seen_weight: Optional[float]) -> bool:
     return 0.0 < weight < 1.0
 
 
-# cross-validated selections: name -> (the λ values it may pick, calibrated?). "searched" is the
-# ensemble: λ strictly between 0 and 1 (each branch alone has its own selection). Uncalibrated
-# selections keep γ = 0; calibrated ones pick γ too (only when the γ grid has values > 0).
+def _is_uniform_ensemble(weight: float, seen_weight: Optional[float]) -> bool:
+    return 0.0 < weight < 1.0 and seen_weight is None
+
+
+def _fusion_label(weight: float, seen_weight: Optional[float]) -> str:
+    return f"{weight}" if seen_weight is None else f"{weight} (seen {seen_weight})"
+
+
+# cross-validated selections: name -> (the (λ, λ_s) pairs it may pick, calibrated?). "searched" is
+# the ensemble: λ strictly between 0 and 1 (each branch alone has its own selection), λ_s from the
+# grid; "searched_uniform" the ensemble with λ_s = λ (only listed when the grid has other λ_s).
+# Uncalibrated selections keep γ = 0; calibrated ones pick γ too (only when the γ grid has values
+# > 0).
 CV_SELECTIONS = {
     "lambda_0": (_is_zero, False),
     "lambda_1": (_is_one, False),
     "searched": (_is_ensemble, False),
+    "searched_uniform": (_is_uniform_ensemble, False),
     "lambda_0_calibrated": (_is_zero, True),
     "lambda_1_calibrated": (_is_one, True),
     "searched_calibrated": (_is_ensemble, True),
+    "searched_uniform_calibrated": (_is_uniform_ensemble, True),
 }
 
 
-def cross_validate(conf, weights, mask_thrs, gammas, metric, class_names, seen, unseen) -> dict:
+def cross_validate(conf, fusions, mask_thrs, gammas, metric, class_names, seen, unseen) -> dict:
     """2-fold cross-validation over the two image sets (``cross_validate_cells``) of each
-    selection: λ = 0 with its best MASK_THR, λ = 1 with its best MASK_THR, the ensemble (λ,
-    MASK_THR) with 0 < λ < 1; uncalibrated, and with γ searched too when the γ grid has values
-    > 0. A selection with no cell in the grid is left out.
+    selection: λ = 0 with its best MASK_THR, λ = 1 with its best MASK_THR, the ensemble (λ, λ_s,
+    MASK_THR) with 0 < λ < 1 (and with λ_s = λ when other λ_s were searched); uncalibrated, and
+    with γ searched too when the γ grid has values > 0. A selection with no cell in the grid is
+    left out.
 
     Args:
-        conf: (2, T, G, W, K+1, K+1) confusion matrices (set, MASK_THR, γ, λ, prediction, truth).
+        conf: (2, T, G, F, K+1, K+1) confusion matrices (set, MASK_THR, γ, (λ, λ_s) of
+            ``fusions``, prediction, truth).
 
     Returns:
         {selection: {"picks": [pick on set 0, pick on set 1], metrics of the pooled held-out}}.
     """
     out = {}
     searched_gamma = any(g > 0 for g in gammas)
+    searched_seen = any(s is not None for _, s in fusions)
     for name, (allowed, calibrated) in CV_SELECTIONS.items():
-        if calibrated and not searched_gamma:
+        if calibrated and not searched_gamma or "uniform" in name and not searched_seen:
             continue
         cells = [
             (t, g, w)
             for t in range(len(mask_thrs))
             for g, gamma in enumerate(gammas)
-            for w, weight in enumerate(weights)
-            if allowed(weight) and (calibrated or gamma == 0.0)
+            for w, fusion in enumerate(fusions)
+            if allowed(*fusion) and (calibrated or gamma == 0.0)
         ]
         if not cells:
             continue
@@ -230,11 +276,21 @@ def cross_validate(conf, weights, mask_thrs, gammas, metric, class_names, seen, 
             TABLE_METRICS,
         )
         picks = [
-            {"ensemble_weight": weights[w], "mask_thr": mask_thrs[t], "gamma": gammas[g]}
+            {
+                "ensemble_weight": fusions[w][0],
+                "seen_ensemble_weight": fusions[w][1],
+                "mask_thr": mask_thrs[t],
+                "gamma": gammas[g],
+            }
             for t, g, w in picks
         ]
         out[name] = {"picks": picks, **metrics}
     return out
+
+
+def _cell(row: dict) -> Tuple[float, Optional[float], float, float]:
+    """The grid cell of a result row: (λ, λ_s, MASK_THR, γ)."""
+    return row["ensemble_weight"], row["seen_ensemble_weight"], row["mask_thr"], row["gamma"]
 
 
 def main(argv=None):
@@ -246,8 +302,11 @@ def main(argv=None):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     set_num_threads(cfg.RUNTIME.NUM_THREADS)
-    if any(not 0.0 <= w <= 1.0 for w in args.weights):
-        raise SystemExit(f"λ values must lie in [0, 1]: {args.weights}")
+    if any(not 0.0 <= w <= 1.0 for w in args.weights + args.seen_weights):
+        raise SystemExit(
+            f"λ and λ_s values must lie in [0, 1]: {args.weights}, {args.seen_weights}"
+        )
+    fusions = fusion_grid(args.weights, args.seen_weights)
     if 0.0 not in args.gammas or min(args.gammas) < 0:
         raise SystemExit(f"the γ grid must contain 0 and no negative value: {args.gammas}")
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
@@ -289,15 +348,17 @@ def main(argv=None):
     ignore_label = int(meta.get("ignore_label", 255))
     try:
         scorer = GridScorer(
-            model, args.weights, args.mask_thrs, len(class_names), ignore_label, args.gammas
+            model, fusions, args.mask_thrs, len(class_names), ignore_label, args.gammas
         )
-    except ValueError as e:  # γ > 0 without seen names
+        for options in scorer.options[0][0]:
+            model.check_options(options)
+    except ValueError as e:  # γ or λ_s without seen names
         raise SystemExit(str(e))
 
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "search_state.npz"
-    key = search_key(cfg, [args.weights, args.mask_thrs, args.gammas], args, dataset, len(dicts))
+    key = search_key(cfg, [fusions, args.mask_thrs, args.gammas], args, dataset, len(dicts))
     start, scorer.conf = load_state(state_path, key, scorer.conf, args.resume)
     for i in tqdm(
         range(start, len(dicts)), initial=start, total=len(dicts), desc="images", file=sys.stdout
@@ -313,7 +374,7 @@ def main(argv=None):
     results, holdout = [], []
     for t, thr in enumerate(args.mask_thrs):
         for g, gamma in enumerate(args.gammas):
-            for w, weight in enumerate(args.weights):
+            for w, (weight, seen_weight) in enumerate(fusions):
                 for part, rows in ((0, results), (1, holdout) if held else (None, None)):
                     if part is None:
                         continue
@@ -321,6 +382,7 @@ def main(argv=None):
                     rows.append(
                         {
                             "ensemble_weight": weight,
+                            "seen_ensemble_weight": seen_weight,
                             "mask_thr": thr,
                             "gamma": gamma,
                             **{k: m[k] for k in TABLE_METRICS if k in m},
@@ -334,17 +396,19 @@ def main(argv=None):
         tables.append((holdout, args.holdout, len(held)))
     columns = [(thr, gamma) for gamma in args.gammas for thr in args.mask_thrs]
     for grid, subset, num in tables:
-        at = {(r["ensemble_weight"], r["mask_thr"], r["gamma"]): r for r in grid}
+        at = {_cell(r): r for r in grid}
         for metric in (k for k in TABLE_METRICS if k in grid[0]):
             rows = [
-                [weight] + [at[(weight, thr, gamma)][metric] for thr, gamma in columns]
-                for weight in args.weights
+                [_fusion_label(*fusion)]
+                + [at[(*fusion, thr, gamma)][metric] for thr, gamma in columns]
+                for fusion in fusions
             ]
             print(f"\n{metric} on {dataset} {subset.start}:{subset.stop} ({num} images)")
             headers = [f"{thr}" if len(args.gammas) == 1 else f"{thr} γ{g}" for thr, g in columns]
             print(tabulate(rows, headers=["λ \\ MASK_THR"] + headers, floatfmt=".2f"))
     print(
-        f"\nbest by {args.metric}: λ = {best['ensemble_weight']}, MASK_THR = {best['mask_thr']}, "
+        f"\nbest by {args.metric}: λ = {best['ensemble_weight']}, "
+        f"λ_s = {best['seen_ensemble_weight']}, MASK_THR = {best['mask_thr']}, "
         f"γ = {best['gamma']} "
         f"({', '.join(f'{k} {best[k]:.2f}' for k in TABLE_METRICS if k in best)})"
     )
@@ -357,11 +421,11 @@ def main(argv=None):
         "grid": results,
     }
     if held:
-        at = {(r["ensemble_weight"], r["mask_thr"], r["gamma"]): r for r in holdout}
+        at = {_cell(r): r for r in holdout}
         summary["holdout"] = {
             "subset": [args.holdout.start, args.holdout.stop],
             "num_images": len(held),
-            "best": at[(best["ensemble_weight"], best["mask_thr"], best["gamma"])],
+            "best": at[_cell(best)],
             "grid": holdout,
         }
         print(
@@ -372,7 +436,7 @@ def main(argv=None):
         )
         summary["cross_validated"] = cross_validate(
             scorer.conf,
-            args.weights,
+            fusions,
             args.mask_thrs,
             args.gammas,
             args.metric,
@@ -382,7 +446,8 @@ def main(argv=None):
         )
         for name, cv in summary["cross_validated"].items():
             picks = "; ".join(
-                f"λ {p['ensemble_weight']}, MASK_THR {p['mask_thr']}, γ {p['gamma']}"
+                f"λ {p['ensemble_weight']}, λ_s {p['seen_ensemble_weight']}, "
+                f"MASK_THR {p['mask_thr']}, γ {p['gamma']}"
                 for p in cv["picks"]
             )
             print(

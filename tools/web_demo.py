@@ -80,8 +80,7 @@ def main_job_methods(out: Path) -> List[str]:
             record = json.loads(search.read_text())
             picks = record.get("cross_validated", {}).get("searched", {}).get("picks")
             pick = picks[0] if picks else record["best"]
-            opts += ["MODEL.TWO_STAGE.ENSEMBLE_WEIGHT", str(pick["ensemble_weight"])]
-            opts += ["MODEL.CLIP.MASK_THR", str(pick["mask_thr"])]
+            opts += job.pick_options({k: v for k, v in pick.items() if k != "gamma"})
         specs.append(f"two-stage OVSeg={REPO / job.TWO_STAGE_CONFIG}::{shlex.join(opts)}")
     for method in job.SINGLE_STAGE:
         if (out / method / "model_final.pth").is_file():

@@ -9,7 +9,17 @@ renormalised) and ``p_clip`` the softmax over the vocabulary of ``logit_scale ·
 crop, class name)``. A proposal whose mask is empty after binarisation has no crop: its ``p_clip``
 is 1 for every class, so only the proposal term remains. λ = 0 is the proposal head alone;
 λ = 1 is CLIP alone, and then proposals without a crop carry no class information and are dropped
-(OVSeg's CLIP-only path). The semantic output is ``Σ_q p_q(c) · σ(m_q)``; the panoptic output
+(OVSeg's CLIP-only path).
+
+When the evaluation vocabulary holds names the proposal head was trained on ("seen") and others,
+OVSeg's released code (datasets with a ``trainable_flag``) gives the seen names their own CLIP
+exponent, λ_s = 1 − λ::
+
+    p_q(c) = p_proposal,q(c) ** (1 - λ_c) · p_clip,q(c) ** λ_c,   λ_c = λ_s if c is seen else λ
+
+so the head, which knows the seen names, weighs more on them and CLIP more on the others
+(``geometric_ensemble(..., seen=, seen_weight=)``; λ_s = λ is the uniform ensemble above). The
+semantic output is ``Σ_q p_q(c) · σ(m_q)``; the panoptic output
 reuses the MaskFormer merge on per-proposal class distributions built by ``panoptic_class_logits``.
 """
 
@@ -69,8 +79,11 @@ def geometric_ensemble(
     clip_probs: Optional[torch.Tensor],
     valid: Optional[torch.Tensor],
     weight: float,
+    seen: Optional[torch.Tensor] = None,
+    seen_weight: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """p = p_proposal^(1 − λ) · p_clip^λ, with OVSeg's handling of proposals without a crop.
+    """p = p_proposal^(1 − λ) · p_clip^λ, with OVSeg's handling of proposals without a crop, and
+    optionally another λ for the seen names (see the module doc).
 
     Args:
         proposal_probs: (Q, K) from ``proposal_class_probs``; may be None when λ = 1.
@@ -78,6 +91,11 @@ def geometric_ensemble(
             when λ = 0.
         valid: (Q,) bool, proposals whose mask gave a crop; may be None when λ = 0.
         weight: λ in [0, 1].
+        seen: (K,) bool, the names the proposal head was trained on; None = none.
+        seen_weight: λ_s in [0, 1], the CLIP exponent of the ``seen`` names; None = λ (the
+            uniform ensemble). With λ_s ≠ λ both branches are needed and every proposal takes
+            part; a proposal without a crop keeps p_proposal^(1 − λ_c), and no score for a class
+            with λ_c = 1.
 
     Returns:
         ``probs`` (Q, K) and ``keep`` (Q,) bool, the proposals that take part in the outputs: all of
@@ -89,6 +107,12 @@ def geometric_ensemble(
     weight = float(weight)
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"ensemble weight λ must be in [0, 1], got {weight}")
+    if seen_weight is not None and seen is not None:
+        seen_weight = float(seen_weight)
+        if not 0.0 <= seen_weight <= 1.0:
+            raise ValueError(f"seen-class ensemble weight λ_s must be in [0, 1], got {seen_weight}")
+        if seen_weight != weight and bool(seen.any()):
+            return _per_class_ensemble(proposal_probs, clip_probs, valid, weight, seen, seen_weight)
     if weight < 1.0 and proposal_probs is None:
         raise ValueError(
             f"ensemble weight λ = {weight} < 1 needs class scores from the proposal source "
@@ -113,6 +137,30 @@ def geometric_ensemble(
     clip = torch.where(valid.view(-1, 1), clip_probs, torch.ones_like(clip_probs))
     probs = proposal_probs.pow(1.0 - weight) * clip.pow(weight)
     return probs, torch.ones_like(valid)
+
+
+def _per_class_ensemble(proposal_probs, clip_probs, valid, weight, seen, seen_weight):
+    """``geometric_ensemble`` with λ_c = ``seen_weight`` for the ``seen`` classes, λ elsewhere."""
+    if proposal_probs is None or clip_probs is None or valid is None:
+        raise ValueError(
+            f"ensemble weights λ = {weight}, λ_s = {seen_weight} need both the proposal head's "
+            "and CLIP's probabilities"
+        )
+    if not proposal_probs.shape == clip_probs.shape == (valid.shape[0], seen.shape[0]):
+        raise ValueError(
+            f"shapes differ: proposal {tuple(proposal_probs.shape)}, CLIP "
+            f"{tuple(clip_probs.shape)}, valid {tuple(valid.shape)}, seen {tuple(seen.shape)}"
+        )
+    valid = valid.to(device=clip_probs.device, dtype=torch.bool).view(-1, 1)
+    lam = torch.where(
+        seen.to(device=clip_probs.device, dtype=torch.bool),
+        torch.tensor(seen_weight, dtype=clip_probs.dtype, device=clip_probs.device),
+        torch.tensor(weight, dtype=clip_probs.dtype, device=clip_probs.device),
+    )  # (K,)
+    clip = torch.where(valid, clip_probs, torch.ones_like(clip_probs))
+    probs = proposal_probs.to(clip.dtype).pow(1.0 - lam) * clip.pow(lam)
+    probs = torch.where(~valid & (lam == 1.0), torch.zeros_like(probs), probs)
+    return probs, torch.ones(valid.shape[0], dtype=torch.bool, device=probs.device)
 
 
 def calibrate_query_probs(probs: torch.Tensor, class_bias: Optional[torch.Tensor]) -> torch.Tensor:

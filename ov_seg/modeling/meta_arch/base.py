@@ -94,6 +94,9 @@ class InferenceOptions:
     Attributes:
         ensemble_weight: λ of the two-stage geometric ensemble (1 = CLIP only, 0 = proposal head
             only); the single-stage models ignore it.
+        seen_ensemble_weight: λ_s, the two-stage ensemble's CLIP exponent for the names its
+            proposal head was trained on (``MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT``); None = λ (the
+            uniform ensemble); the single-stage models ignore it.
         mask_thr: binarisation threshold of the two-stage proposals before cropping
             (``MODEL.CLIP.MASK_THR``); the single-stage models ignore it.
         seen_gamma: γ of the seen-class calibration (``MODEL.SEEN_CALIBRATION.GAMMA``; 0 = off).
@@ -103,6 +106,7 @@ class InferenceOptions:
     """
 
     ensemble_weight: float = 0.7
+    seen_ensemble_weight: Optional[float] = None
     mask_thr: float = 0.5
     seen_gamma: float = 0.0
     fast: FastModes = FastModes()
@@ -111,6 +115,10 @@ class InferenceOptions:
     def __post_init__(self):
         if not 0.0 <= self.ensemble_weight <= 1.0:
             raise ValueError(f"ensemble_weight λ must lie in [0, 1], got {self.ensemble_weight}")
+        if self.seen_ensemble_weight is not None and not 0.0 <= self.seen_ensemble_weight <= 1.0:
+            raise ValueError(
+                f"seen_ensemble_weight λ_s must lie in [0, 1], got {self.seen_ensemble_weight}"
+            )
         if self.seen_gamma < 0:
             raise ValueError(f"seen_gamma γ must be >= 0, got {self.seen_gamma}")
         if self.vocabulary is not None:

@@ -51,7 +51,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from ov_seg.modeling.calibration import SeenCalibration
+from ov_seg.modeling.calibration import SeenCalibration, seen_names_from_metadata
 from ov_seg.modeling.clip import MaskedCropClassifier, build_clip_from_cfg, normalize_clip
 from ov_seg.modeling.clip.quantize import quantize_vision_linears
 from ov_seg.modeling.clip.single_pass import SinglePassMaskEmbedder
@@ -174,6 +174,8 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         proposal_source: nn.Module,
         crop_classifier: MaskedCropClassifier,
         ensemble_weight: float = 0.7,
+        seen_ensemble_weight: Optional[float] = None,
+        seen_names: Sequence[str] = (),
         input_format: str = "RGB",
         vocabulary: Sequence[str] = (),
         thing_ids: Optional[Sequence[int]] = None,
@@ -199,6 +201,10 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             crop_classifier: the CLIP branch (masked crops, image tower with mask prompts, text
                 classifier).
             ensemble_weight: λ in [0, 1] (1 = CLIP only, 0 = proposal head only).
+            seen_ensemble_weight: λ_s in [0, 1], the CLIP exponent of the ``seen_names``; None =
+                λ (``geometric_ensemble``).
+            seen_names: the names the proposal head was trained on (used with
+                ``seen_ensemble_weight``).
             input_format: "RGB" or "BGR", the channel order of the input images.
             vocabulary: default class names (inputs without ``vocabulary`` / ``dataset_name``).
             thing_ids: contiguous ids of the default vocabulary that are things (panoptic; others
@@ -246,11 +252,27 @@ class TwoStageOVSeg(OpenVocabSegmentor):
                 f"the proposal source, but {type(proposal_source).__name__} has none "
                 "(class-agnostic head or precomputed masks): use ENSEMBLE_WEIGHT 1.0 (CLIP only)"
             )
+        if seen_ensemble_weight is not None:
+            if not 0.0 <= seen_ensemble_weight <= 1.0:
+                raise ValueError(
+                    "MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT must be in [0, 1] (or < 0: the same as "
+                    f"ENSEMBLE_WEIGHT), got {seen_ensemble_weight}"
+                )
+            if not seen_names:
+                raise ValueError(
+                    "MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT needs the names the proposal head was "
+                    "trained on: DATASETS.TEST with seen_classes metadata, or "
+                    "MODEL.SEEN_CALIBRATION.SEEN_NAMES"
+                )
         if not (semantic_on or panoptic_on):
             raise ValueError("TwoStageOVSeg needs MODEL.TWO_STAGE.TEST.SEMANTIC_ON or PANOPTIC_ON")
         self.proposal_source = proposal_source
         self.crop_classifier = crop_classifier
         self.ensemble_weight = float(ensemble_weight)
+        self.seen_ensemble_weight = (
+            None if seen_ensemble_weight is None else float(seen_ensemble_weight)
+        )
+        self.seen_names = frozenset(seen_names)
         self.thing_ids = None if thing_ids is None else [int(i) for i in thing_ids]
         self.background_name = background_name
         self.semantic_on = semantic_on
@@ -328,6 +350,11 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             "proposal_source": proposal_source,
             "crop_classifier": crop_classifier,
             "ensemble_weight": tcfg.ENSEMBLE_WEIGHT,
+            "seen_ensemble_weight": (
+                None if tcfg.SEEN_ENSEMBLE_WEIGHT < 0 else tcfg.SEEN_ENSEMBLE_WEIGHT
+            ),
+            "seen_names": tuple(cfg.MODEL.SEEN_CALIBRATION.SEEN_NAMES)
+            or seen_names_from_metadata(list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)),
             "input_format": cfg.INPUT.FORMAT,
             "vocabulary": default_test_vocabulary(cfg),
             "thing_ids": _dataset_thing_ids(test_name),
@@ -358,6 +385,7 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         """The config's λ, MASK_THR, γ and per-call fast modes."""
         return InferenceOptions(
             ensemble_weight=self.ensemble_weight,
+            seen_ensemble_weight=self.seen_ensemble_weight,
             mask_thr=self.crop_classifier.mask_thr,
             seen_gamma=self.seen_calibration.gamma,
             fast=FastModes(min_objectness=self.min_objectness, duplicate_iou=self.duplicate_iou),
@@ -632,6 +660,8 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         thing_ids: Sequence[int],
         ensemble_weight: Optional[float] = None,
         class_bias: Optional[torch.Tensor] = None,
+        seen: Optional[torch.Tensor] = None,
+        seen_ensemble_weight: Optional[float] = None,
     ) -> Dict[str, object]:
         """Stage 5: geometric ensemble, then the semantic / panoptic outputs of one image.
 
@@ -642,12 +672,16 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             thing_ids: thing classes (panoptic).
             ensemble_weight: λ (default: the model's).
             class_bias: (K,) seen-class calibration bias (``SeenCalibration.bias``) or None (off).
+            seen: (K,) bool, the names the proposal head was trained on (``seen_mask``), or None.
+            seen_ensemble_weight: λ_s of the ``seen`` names (None = λ).
 
         Returns:
             ``sem_seg`` (K, height, width) and / or ``panoptic_seg``.
         """
         weight = self.ensemble_weight if ensemble_weight is None else ensemble_weight
-        probs, keep = geometric_ensemble(proposals.class_probs, clip_probs, valid, weight)
+        probs, keep = geometric_ensemble(
+            proposals.class_probs, clip_probs, valid, weight, seen, seen_ensemble_weight
+        )
         probs = calibrate_query_probs(probs, class_bias)
         masks = proposals.masks
         out: Dict[str, object] = {}
@@ -755,11 +789,32 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         options = self.resolve_options(options)
         return self.predict(self.encode_inputs(batched_inputs, timer, options), options, timer)
 
+    @staticmethod
+    def _clip_weights(options: InferenceOptions) -> Tuple[float, ...]:
+        """The CLIP exponents the fusion of ``options`` uses: λ, and λ_s when set."""
+        if options.seen_ensemble_weight is None:
+            return (options.ensemble_weight,)
+        return (options.ensemble_weight, options.seen_ensemble_weight)
+
+    def uses_clip(self, options: InferenceOptions) -> bool:
+        """Whether the fusion of ``options`` needs the CLIP branch (some exponent > 0)."""
+        return max(self._clip_weights(options)) > 0.0
+
+    def seen_mask(self, vocabulary: Sequence[str]) -> torch.Tensor:
+        """(K,) bool: the names of ``vocabulary`` the proposal head was trained on."""
+        return torch.tensor([name in self.seen_names for name in vocabulary], dtype=torch.bool)
+
     def check_options(self, options: InferenceOptions) -> None:
-        if options.ensemble_weight < 1.0 and not self.proposal_source.has_class_scores:
+        weight = min(self._clip_weights(options))
+        if weight < 1.0 and not self.proposal_source.has_class_scores:
             raise ValueError(
-                f"ensemble weight λ {options.ensemble_weight} < 1 needs class scores from the "
+                f"ensemble weight {weight} < 1 needs class scores from the "
                 f"proposal source, but {type(self.proposal_source).__name__} has none"
+            )
+        if options.seen_ensemble_weight is not None and not self.seen_names:
+            raise ValueError(
+                "a seen-class ensemble weight needs the names the proposal head was trained on "
+                "(MODEL.SEEN_CALIBRATION.SEEN_NAMES or seen_classes metadata)"
             )
 
     def encode_proposals(
@@ -821,7 +876,7 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         it under any λ and γ."""
         options = self.resolve_options(options)
         encoded = self.encode_proposals(batched_inputs, options, timer)
-        if options.ensemble_weight > 0.0:
+        if self.uses_clip(options):
             encoded = self.encode_clip_inputs(encoded, options, timer)
         return encoded
 
@@ -855,7 +910,7 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             ):
                 raise ValueError("the options' vocabulary differs from the encoded one")
             text = None
-            if options.ensemble_weight > 0.0:
+            if self.uses_clip(options):
                 if e.clip_embeds is None:
                     raise ValueError(
                         "λ > 0 needs an encoding with CLIP embeddings (encode_inputs or "
@@ -882,6 +937,10 @@ class TwoStageOVSeg(OpenVocabSegmentor):
                     thing_ids,
                     ensemble_weight=options.ensemble_weight,
                     class_bias=bias,
+                    seen=(
+                        None if options.seen_ensemble_weight is None else self.seen_mask(vocabulary)
+                    ),
+                    seen_ensemble_weight=options.seen_ensemble_weight,
                 )
             r["vocabulary"] = vocabulary
             results.append(r)
