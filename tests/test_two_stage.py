@@ -235,6 +235,17 @@ def test_seen_ensemble_weight(model, val_inputs):
     assert torch.allclose(mixed["sem_seg"][~seen], plain["sem_seg"][~seen], rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="SEEN_ENSEMBLE_WEIGHT must be in"):
         build_model(_cfg("MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT", "1.5"))
+    with pytest.raises(ValueError, match="SEEN_ENSEMBLE_WEIGHT 0.3 < 1 needs class scores"):
+        build_model(
+            _cfg(
+                "MODEL.MASK_FORMER.CLASS_HEAD.NAME",
+                "class_agnostic",
+                "MODEL.TWO_STAGE.ENSEMBLE_WEIGHT",
+                "1.0",
+                "MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT",
+                "0.3",
+            )
+        )
     with pytest.raises(ValueError, match="trained on"):  # no dataset lists seen names
         build_model(
             _cfg(

@@ -154,7 +154,7 @@ def two_stage_search_stage(out: Path, name: str, clip_export: Path) -> Stage:
         + ["MODEL.TWO_STAGE.PROPOSAL_WEIGHTS", str(out / "proposals" / "model_final.pth")]
         + ["MODEL.CLIP.PRETRAINED", str(clip_export)],
         outputs=[str(out / name / "search.json")],
-        estimate_s=65,
+        estimate_s=130,
     )
 
 

@@ -264,6 +264,12 @@ class TwoStageOVSeg(OpenVocabSegmentor):
                     "trained on: DATASETS.TEST with seen_classes metadata, or "
                     "MODEL.SEEN_CALIBRATION.SEEN_NAMES"
                 )
+            if seen_ensemble_weight < 1.0 and not proposal_source.has_class_scores:
+                raise ValueError(
+                    f"MODEL.TWO_STAGE.SEEN_ENSEMBLE_WEIGHT {seen_ensemble_weight} < 1 needs class "
+                    f"scores from the proposal source, but {type(proposal_source).__name__} has "
+                    "none: leave it at -1 (the same as ENSEMBLE_WEIGHT)"
+                )
         if not (semantic_on or panoptic_on):
             raise ValueError("TwoStageOVSeg needs MODEL.TWO_STAGE.TEST.SEMANTIC_ON or PANOPTIC_ON")
         self.proposal_source = proposal_source
