@@ -140,4 +140,17 @@ def test_seen_weight_errors():
     with pytest.raises(ValueError, match="both"):
         geometric_ensemble(PROPOSAL, None, None, 0.0, seen=seen, seen_weight=0.5)
     with pytest.raises(ValueError, match="shapes"):
-        geometric_ensemble(PROPOSAL, CLIP, VALID, 0.7, seen=seen[:1], seen_weight=0.3)
+        geometric_ensemble(PROPOSAL, CLIP[:2], VALID, 0.7, seen=seen, seen_weight=0.3)
+
+
+def test_seen_weight_one_everywhere_drops_proposals_without_a_crop():
+    """Every name seen and λ_s = 1: CLIP only for every class, so, as for λ = 1, a proposal without
+    a crop carries no class information and leaves the outputs; a seen mask of another size fails.
+    """
+    probs, keep = geometric_ensemble(
+        PROPOSAL, CLIP, VALID, 0.5, seen=torch.tensor([True, True]), seen_weight=1.0
+    )
+    assert keep.tolist() == [True, True, False]
+    assert torch.allclose(probs[:2], CLIP[:2]) and torch.all(probs[2] == 0)
+    with pytest.raises(ValueError, match=r"seen must be \(2,\)"):
+        geometric_ensemble(PROPOSAL, CLIP, VALID, 0.5, seen=torch.tensor([True]), seen_weight=0.5)

@@ -803,6 +803,7 @@ def seed_summary(dirs: List[Path]) -> str:
                 "searched",
                 "searched_uniform",
                 "searched_calibrated",
+                "searched_uniform_calibrated",
             ):
                 for k in ("mIoU-seen", "mIoU-unseen", "hIoU"):
                     add(f"two-stage ({tag}), {sel}, {k}", cv.get(sel, {}).get(k))

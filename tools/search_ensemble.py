@@ -408,7 +408,8 @@ def main(argv=None):
             print(tabulate(rows, headers=["λ \\ MASK_THR"] + headers, floatfmt=".2f"))
     print(
         f"\nbest by {args.metric}: λ = {best['ensemble_weight']}, "
-        f"λ_s = {best['seen_ensemble_weight']}, MASK_THR = {best['mask_thr']}, "
+        f"λ_s = {'λ' if best['seen_ensemble_weight'] is None else best['seen_ensemble_weight']}, "
+        f"MASK_THR = {best['mask_thr']}, "
         f"γ = {best['gamma']} "
         f"({', '.join(f'{k} {best[k]:.2f}' for k in TABLE_METRICS if k in best)})"
     )

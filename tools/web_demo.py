@@ -7,7 +7,7 @@
         --fast-config configs/two_stage/R101c_vitB16_ade150_fast.yaml
 
 Without ``--method`` it serves the models the main job (``make demo``) trained in ``--output-dir``:
-the two-stage model at the λ / MASK_THR its search picked (without seen-class calibration: the
+the two-stage model at the λ / λ_s / MASK_THR its search picked (without seen-class calibration: the
 demo's names are the user's), PACL, MGCA and MixReorg, each one found. ``--method
 NAME=CONFIG:WEIGHTS:OPTS`` (repeatable) serves any trained config and weights instead. Then open
 http://127.0.0.1:7860.
@@ -67,8 +67,8 @@ def _main_job():
 
 def main_job_methods(out: Path) -> List[str]:
     """``NAME=CONFIG:WEIGHTS:OPTS`` of each model the main job trained in ``out`` (missing ones
-    left out): the two-stage model at the λ / MASK_THR of its uncalibrated search pick, then the
-    single-stage models."""
+    left out): the two-stage model at the λ / λ_s / MASK_THR of its uncalibrated search pick, then
+    the single-stage models."""
     import json
 
     job = _main_job()

@@ -111,6 +111,9 @@ def geometric_ensemble(
         seen_weight = float(seen_weight)
         if not 0.0 <= seen_weight <= 1.0:
             raise ValueError(f"seen-class ensemble weight λ_s must be in [0, 1], got {seen_weight}")
+        num_classes = (proposal_probs if proposal_probs is not None else clip_probs).shape[-1]
+        if seen.shape != (num_classes,):
+            raise ValueError(f"seen must be ({num_classes},) bool, got {tuple(seen.shape)}")
         if seen_weight != weight and bool(seen.any()):
             return _per_class_ensemble(proposal_probs, clip_probs, valid, weight, seen, seen_weight)
     if weight < 1.0 and proposal_probs is None:
@@ -160,7 +163,9 @@ def _per_class_ensemble(proposal_probs, clip_probs, valid, weight, seen, seen_we
     clip = torch.where(valid, clip_probs, torch.ones_like(clip_probs))
     probs = proposal_probs.to(clip.dtype).pow(1.0 - lam) * clip.pow(lam)
     probs = torch.where(~valid & (lam == 1.0), torch.zeros_like(probs), probs)
-    return probs, torch.ones(valid.shape[0], dtype=torch.bool, device=probs.device)
+    if bool((lam < 1.0).any()):  # every proposal holds a head term for some class
+        return probs, torch.ones(valid.shape[0], dtype=torch.bool, device=probs.device)
+    return probs, valid.view(-1)  # CLIP only for every class: proposals without a crop drop out
 
 
 def calibrate_query_probs(probs: torch.Tensor, class_bias: Optional[torch.Tensor]) -> torch.Tensor:

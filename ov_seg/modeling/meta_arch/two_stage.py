@@ -811,12 +811,12 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         return torch.tensor([name in self.seen_names for name in vocabulary], dtype=torch.bool)
 
     def check_options(self, options: InferenceOptions) -> None:
-        weight = min(self._clip_weights(options))
-        if weight < 1.0 and not self.proposal_source.has_class_scores:
-            raise ValueError(
-                f"ensemble weight {weight} < 1 needs class scores from the "
-                f"proposal source, but {type(self.proposal_source).__name__} has none"
-            )
+        for name, weight in zip(("λ", "λ_s"), self._clip_weights(options)):
+            if weight < 1.0 and not self.proposal_source.has_class_scores:
+                raise ValueError(
+                    f"ensemble weight {name} {weight} < 1 needs class scores from the "
+                    f"proposal source, but {type(self.proposal_source).__name__} has none"
+                )
         if options.seen_ensemble_weight is not None and not self.seen_names:
             raise ValueError(
                 "a seen-class ensemble weight needs the names the proposal head was trained on "
@@ -877,7 +877,8 @@ class TwoStageOVSeg(OpenVocabSegmentor):
         timer: Optional[StageTimer] = None,
         options: Optional[InferenceOptions] = None,
     ) -> List[TwoStageEncoding]:
-        """Stages 1-3: proposals, and CLIP embeddings of their masks when λ of ``options`` > 0.
+        """Stages 1-3: proposals, and CLIP embeddings of their masks when a CLIP exponent of
+        ``options`` (λ, or λ_s when set) is > 0.
         The encoding is bound to the vocabulary and MASK_THR of ``options``; ``predict`` scores
         it under any λ and γ."""
         options = self.resolve_options(options)
@@ -904,7 +905,7 @@ class TwoStageOVSeg(OpenVocabSegmentor):
 
         Raises:
             ValueError: ``options`` name another vocabulary or MASK_THR than the encoding's, or
-                λ > 0 for an encoding without CLIP embeddings.
+                a CLIP exponent > 0 (λ or λ_s) for an encoding without CLIP embeddings.
         """
         options = self.resolve_options(options)
         self.check_options(options)
@@ -919,8 +920,8 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             if self.uses_clip(options):
                 if e.clip_embeds is None:
                     raise ValueError(
-                        "λ > 0 needs an encoding with CLIP embeddings (encode_inputs or "
-                        "encode_clip_inputs)"
+                        "a CLIP exponent > 0 (λ or λ_s) needs an encoding with CLIP embeddings "
+                        "(encode_inputs or encode_clip_inputs)"
                     )
                 if options.mask_thr != e.mask_thr:
                     raise ValueError(
