@@ -20,7 +20,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 
-__all__ = ["SeenCalibration", "seen_names_from_metadata"]
+__all__ = ["SeenCalibration", "seen_names_from_metadata", "trained_names"]
 
 
 def seen_names_from_metadata(dataset_names: Iterable[str], key: str = "seen_classes") -> tuple:
@@ -31,6 +31,13 @@ def seen_names_from_metadata(dataset_names: Iterable[str], key: str = "seen_clas
         for name in MetadataCatalog.get(dataset).get(key, None) or ():
             names[name] = None
     return tuple(names)
+
+
+def trained_names(cfg) -> tuple:
+    """The names a model of ``cfg`` was trained with: ``MODEL.SEEN_CALIBRATION.SEEN_NAMES``, else
+    the ``seen_classes`` metadata of its test and training datasets."""
+    datasets = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    return tuple(cfg.MODEL.SEEN_CALIBRATION.SEEN_NAMES) or seen_names_from_metadata(datasets)
 
 
 class SeenCalibration:
@@ -69,9 +76,8 @@ class SeenCalibration:
     def from_config(cls, cfg):
         node = cfg.MODEL.SEEN_CALIBRATION
         datasets = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
-        seen = tuple(node.SEEN_NAMES) or seen_names_from_metadata(datasets)
         exempt = seen_names_from_metadata(datasets, "stuff_names") if node.EXEMPT_STUFF else ()
-        return {"gamma": node.GAMMA, "seen_names": seen, "exempt_names": exempt}
+        return {"gamma": node.GAMMA, "seen_names": trained_names(cfg), "exempt_names": exempt}
 
     @property
     def enabled(self) -> bool:

@@ -99,7 +99,8 @@ def geometric_ensemble(
 
     Returns:
         ``probs`` (Q, K) and ``keep`` (Q,) bool, the proposals that take part in the outputs: all of
-        them for λ < 1; for λ = 1 (CLIP only) the valid ones (the others have no class scores).
+        them for λ < 1; for λ = 1 (CLIP only; or λ_c = 1 for every class) the valid ones (the others
+        have no class scores).
 
     Raises:
         ValueError: λ outside [0, 1], a branch missing for the λ asked, or shapes that differ.
@@ -107,6 +108,7 @@ def geometric_ensemble(
     weight = float(weight)
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"ensemble weight λ must be in [0, 1], got {weight}")
+    lam, text = weight, f"λ = {weight}"  # the CLIP exponent: one for all classes, or (K,)
     if seen_weight is not None and seen is not None:
         seen_weight = float(seen_weight)
         if not 0.0 <= seen_weight <= 1.0:
@@ -115,57 +117,39 @@ def geometric_ensemble(
         if seen.shape != (num_classes,):
             raise ValueError(f"seen must be ({num_classes},) bool, got {tuple(seen.shape)}")
         if seen_weight != weight and bool(seen.any()):
-            return _per_class_ensemble(proposal_probs, clip_probs, valid, weight, seen, seen_weight)
-    if weight < 1.0 and proposal_probs is None:
+            lam = torch.full((num_classes,), weight, dtype=torch.float32)
+            lam[seen.cpu().bool()] = seen_weight
+            text = f"λ = {weight}, λ_s = {seen_weight} (both branches)"
+    per_class = isinstance(lam, torch.Tensor)
+    lowest, highest = (float(lam.min()), float(lam.max())) if per_class else (lam, lam)
+    if lowest < 1.0 and proposal_probs is None:
         raise ValueError(
-            f"ensemble weight λ = {weight} < 1 needs class scores from the proposal source "
+            f"ensemble weight {text} < 1 needs class scores from the proposal source "
             "(a proposal head with classes); set MODEL.TWO_STAGE.ENSEMBLE_WEIGHT 1.0 (CLIP only)"
         )
-    if weight > 0.0 and (clip_probs is None or valid is None):
-        raise ValueError(
-            f"ensemble weight λ = {weight} > 0 needs the CLIP probabilities and valid flags"
-        )
-    if weight == 0.0:
+    if highest > 0.0 and (clip_probs is None or valid is None):
+        raise ValueError(f"ensemble weight {text} > 0 needs the CLIP probabilities and valid flags")
+    if highest == 0.0:
         return proposal_probs, torch.ones(
             proposal_probs.shape[0], dtype=torch.bool, device=proposal_probs.device
         )
     valid = valid.to(device=clip_probs.device, dtype=torch.bool)
-    if weight == 1.0:
+    if lowest == 1.0:  # CLIP alone: proposals without a crop have no class scores and drop out
+        if per_class:
+            return torch.where(valid.view(-1, 1), clip_probs, torch.zeros_like(clip_probs)), valid
         return clip_probs, valid
-    if proposal_probs.shape != clip_probs.shape:
-        raise ValueError(
-            f"proposal and CLIP probabilities differ in shape: {tuple(proposal_probs.shape)} vs "
-            f"{tuple(clip_probs.shape)}"
-        )
-    clip = torch.where(valid.view(-1, 1), clip_probs, torch.ones_like(clip_probs))
-    probs = proposal_probs.pow(1.0 - weight) * clip.pow(weight)
-    return probs, torch.ones_like(valid)
-
-
-def _per_class_ensemble(proposal_probs, clip_probs, valid, weight, seen, seen_weight):
-    """``geometric_ensemble`` with λ_c = ``seen_weight`` for the ``seen`` classes, λ elsewhere."""
-    if proposal_probs is None or clip_probs is None or valid is None:
-        raise ValueError(
-            f"ensemble weights λ = {weight}, λ_s = {seen_weight} need both the proposal head's "
-            "and CLIP's probabilities"
-        )
-    if not proposal_probs.shape == clip_probs.shape == (valid.shape[0], seen.shape[0]):
+    if not proposal_probs.shape == clip_probs.shape == (valid.shape[0], clip_probs.shape[-1]):
         raise ValueError(
             f"shapes differ: proposal {tuple(proposal_probs.shape)}, CLIP "
-            f"{tuple(clip_probs.shape)}, valid {tuple(valid.shape)}, seen {tuple(seen.shape)}"
+            f"{tuple(clip_probs.shape)}, valid {tuple(valid.shape)}"
         )
-    valid = valid.to(device=clip_probs.device, dtype=torch.bool).view(-1, 1)
-    lam = torch.where(
-        seen.to(device=clip_probs.device, dtype=torch.bool),
-        torch.tensor(seen_weight, dtype=clip_probs.dtype, device=clip_probs.device),
-        torch.tensor(weight, dtype=clip_probs.dtype, device=clip_probs.device),
-    )  # (K,)
-    clip = torch.where(valid, clip_probs, torch.ones_like(clip_probs))
+    clip = torch.where(valid.view(-1, 1), clip_probs, torch.ones_like(clip_probs))
+    if per_class:
+        lam = lam.to(device=clip.device, dtype=clip.dtype)
     probs = proposal_probs.to(clip.dtype).pow(1.0 - lam) * clip.pow(lam)
-    probs = torch.where(~valid & (lam == 1.0), torch.zeros_like(probs), probs)
-    if bool((lam < 1.0).any()):  # every proposal holds a head term for some class
-        return probs, torch.ones(valid.shape[0], dtype=torch.bool, device=probs.device)
-    return probs, valid.view(-1)  # CLIP only for every class: proposals without a crop drop out
+    if highest == 1.0:  # CLIP alone for some classes: no score there from a proposal without a crop
+        probs = torch.where(~valid.view(-1, 1) & (lam == 1.0), torch.zeros_like(probs), probs)
+    return probs, torch.ones_like(valid)
 
 
 def calibrate_query_probs(probs: torch.Tensor, class_bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -51,7 +51,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 from torch.nn import functional as F
 
-from ov_seg.modeling.calibration import SeenCalibration, seen_names_from_metadata
+from ov_seg.modeling.calibration import SeenCalibration, trained_names
 from ov_seg.modeling.clip import MaskedCropClassifier, build_clip_from_cfg, normalize_clip
 from ov_seg.modeling.clip.quantize import quantize_vision_linears
 from ov_seg.modeling.clip.single_pass import SinglePassMaskEmbedder
@@ -359,8 +359,7 @@ class TwoStageOVSeg(OpenVocabSegmentor):
             "seen_ensemble_weight": (
                 None if tcfg.SEEN_ENSEMBLE_WEIGHT < 0 else tcfg.SEEN_ENSEMBLE_WEIGHT
             ),
-            "seen_names": tuple(cfg.MODEL.SEEN_CALIBRATION.SEEN_NAMES)
-            or seen_names_from_metadata(list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)),
+            "seen_names": trained_names(cfg),
             "input_format": cfg.INPUT.FORMAT,
             "vocabulary": default_test_vocabulary(cfg),
             "thing_ids": _dataset_thing_ids(test_name),
