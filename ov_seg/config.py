@@ -391,6 +391,10 @@ def add_clip_pretrain_config(cfg):
     cfg.MODEL.CLIP_PRETRAIN.LOGIT_SCALE_MAX = 100.0
     # Freeze the text tower (fine-tune the image tower only, LiT-style); False = train both towers.
     cfg.MODEL.CLIP_PRETRAIN.LOCK_TEXT = False
+    # In-batch pairs that are no negatives of each other: "content" (captions that say the same
+    # thing under the training datasets' "caption_templates" metadata, else the same text), "exact"
+    # (the same text, lower-cased) or "none" (CLIP: every other caption is a negative).
+    cfg.MODEL.CLIP_PRETRAIN.FALSE_NEGATIVES = "content"
 
 
 def add_mask_adapted_clip_config(cfg):
@@ -419,6 +423,9 @@ def add_mask_adapted_clip_config(cfg):
     # CLIP's learnable logit scale, clamped to 100) or "classification" (cross-entropy against the
     # prompt-ensembled names of VOCABULARY with the fixed MODEL.CLIP.LOGIT_SCALE).
     cfg.MODEL.MASK_ADAPTED_CLIP.LOSS = "ovseg"
+    # LOSS "ovseg": pairs of the same category name are negatives of each other (True, OVSeg); False
+    # leaves them out of each other's negatives (a step holds several pairs of one name).
+    cfg.MODEL.MASK_ADAPTED_CLIP.SAME_NAME_NEGATIVES = True
     # Random-resized crop of each training crop: (min, max) area fraction, aspect 3/4-4/3, resized
     # back to the crop size (OVSeg: (0.9, 1.0)); (1.0, 1.0) = off.
     cfg.MODEL.MASK_ADAPTED_CLIP.RRC_SCALE = (0.9, 1.0)

@@ -61,6 +61,33 @@ def test_loss_value_on_a_hand_case(toyworld_root, monkeypatch):
     assert seen[1] in {t.format("sky") for t in templates}
 
 
+@pytest.mark.parametrize("same_name_negatives", [True, False])
+def test_pairs_of_one_name_as_negatives_or_not(toyworld_root, monkeypatch, same_name_negatives):
+    """Two pairs named "red star" (crops and texts both e1) and one "sky" (e2), s = 2. OVSeg's loss
+    makes the two red stars negatives of each other; SAME_NAME_NEGATIVES False leaves them out."""
+    model = _model("MODEL.MASK_ADAPTED_CLIP.SAME_NAME_NEGATIVES", str(same_name_negatives))
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(2.0))
+    e1, e2 = torch.eye(64)[:2]
+    vectors = torch.stack([e1, e1, e2])
+    monkeypatch.setattr(model.crop_classifier, "encode_crops", lambda c, m: vectors)
+    monkeypatch.setattr(model.crop_classifier.text_classifier, "encode_texts", lambda t: vectors)
+    inputs = _two_pairs()
+    masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+    masks[0, 5:30, 5:30] = masks[1, 35:60, 10:50] = masks[2, 2:20, 40:60] = True
+    inputs[0].update(masks=masks, categories=["red star", "red star", "sky"])
+    with EventStorage() as storage:
+        loss = float(model(inputs)["loss_mask_cls"])
+    # logits s·VTᵀ = [[2, 2, 0], [2, 2, 0], [0, 0, 2]], symmetric: both directions alike
+    if same_name_negatives:
+        star, sky = math.log(1 + math.exp(0) + math.exp(-2)), math.log(1 + 2 * math.exp(-2))
+        assert "same_name_pairs" not in storage.histories()
+    else:
+        star, sky = math.log(1 + math.exp(-2)), math.log(1 + 2 * math.exp(-2))
+        assert storage.history("same_name_pairs").latest() == pytest.approx(2 / 3)
+    assert loss == pytest.approx((2 * star + sky) / 3, rel=1e-5)
+
+
 def test_pair_texts_draw_templates(toyworld_root):
     model = _model()
     templates = model.crop_classifier.text_classifier.templates

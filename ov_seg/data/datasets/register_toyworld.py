@@ -13,6 +13,7 @@ from pathlib import Path
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ov_seg.data.toyworld.categories import CATEGORIES, CLASS_NAMES, COLORS, SHAPES
+from ov_seg.data.toyworld.render import CAPTION_TEMPLATES
 
 __all__ = ["register_toyworld", "TOYWORLD_VARIANTS", "toyworld_metadata", "datasets_root"]
 
@@ -196,6 +197,11 @@ def register_toyworld(variant: str = "toyworld", root=None) -> None:
                 }
             if kind in ("sem_seg", "captions"):
                 extra["sem_seg_root"] = str(root / split / "sem_seg")
+            if kind == "captions":
+                # what the captions are written with: captions that say the same thing are no
+                # negatives of each other in contrastive training
+                # (MODEL.CLIP_PRETRAIN.FALSE_NEGATIVES)
+                extra["caption_templates"] = list(CAPTION_TEMPLATES)
             MetadataCatalog.get(name).set(
                 evaluator_type=evaluator_type,
                 image_root=str(root / split / "images"),

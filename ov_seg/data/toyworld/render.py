@@ -180,6 +180,9 @@ OBJECT_CENTRIC = (
     "{L} on a plain background",
     "a close-up photo of {L}",
 )
+# every caption template of the toy world (scene and object-centric; hard negatives use the same):
+# the captions datasets' "caption_templates" metadata (ov_seg.data.caption_content)
+CAPTION_TEMPLATES = ONE_STUFF + TWO_STUFF + OBJECT_CENTRIC
 _NUMBERS = {2: "two", 3: "three", 4: "four"}
 
 

@@ -5,7 +5,8 @@ For B matched pairs (a_i, b_i), L2-normalised, and a logit scale s = 1/τ::
     L = ½ [ CE(s · A Bᵀ, i) + CE(s · B Aᵀ, i) ]
 
 Extra negatives for the a → b direction (e.g. hard-negative captions) are appended as columns of the
-a → b logits only.
+a → b logits only. Pairs marked ``same`` (two captions that say the same thing) are no negatives of
+each other: their logits leave both softmaxes.
 """
 
 from typing import Optional, Union
@@ -40,6 +41,7 @@ def info_nce(
     symmetric: bool = True,
     normalize: bool = True,
     targets: Optional[torch.Tensor] = None,
+    same: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between two batches of paired embeddings.
 
@@ -53,6 +55,10 @@ def info_nce(
         targets: optional (B,) int64 column of each a's positive among ``b`` (default: the
             diagonal); only with ``symmetric=False`` (the b → a direction needs one positive per
             row).
+        same: optional (B, B) bool, True where a_i and b_j (and so a_j and b_i) belong together
+            although i ≠ j (e.g. captions that say the same thing): those off-diagonal pairs are
+            left out of both directions' negatives. The diagonal is ignored; only with the
+            default targets.
 
     Returns:
         the scalar loss (mean over the batch).
@@ -64,11 +70,24 @@ def info_nce(
         raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must both be (B, D)")
     if targets is not None and symmetric:
         raise ValueError("explicit targets need symmetric=False")
+    if same is not None:
+        if targets is not None:
+            raise ValueError("same needs the default (diagonal) targets")
+        if same.shape != (a.shape[0], a.shape[0]) or same.dtype != torch.bool:
+            raise ValueError(
+                f"same must be a ({a.shape[0]}, {a.shape[0]}) bool tensor, got "
+                f"{tuple(same.shape)} {same.dtype}"
+            )
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     if targets is None:
         targets = torch.arange(a.shape[0], device=a.device)
     logits_ab = logit_scale * a @ b.t()  # (B, B)
+    if same is not None:
+        eye = torch.eye(a.shape[0], dtype=torch.bool, device=same.device)
+        off = ((same | same.t()) & ~eye).to(logits_ab.device)
+        if bool(off.any()):
+            logits_ab = logits_ab.masked_fill(off, float("-inf"))
     logits_ba = logits_ab.t()
     if b_negatives is not None and b_negatives.numel():
         if b_negatives.ndim != 2 or b_negatives.shape[1] != a.shape[1]:

@@ -8,7 +8,10 @@ and, with ``HARD_NEGATIVES``, its hard-negative caption as an extra text negativ
     L = ½ [ CE(s · I Tᵀ, diag) + CE(s · T Iᵀ, diag) ]      I (B, D) images, T (B, D) captions (+
     negatives)
 
-with the learnable logit scale s = exp(t) clamped at ``LOGIT_SCALE_MAX``. Evaluation
+with the learnable logit scale s = exp(t) clamped at ``LOGIT_SCALE_MAX``. Two captions of a batch
+that say the same thing (``FALSE_NEGATIVES``: the same content under the training datasets'
+``caption_templates``, or the same text) are no negatives of each other
+(:class:`ov_seg.data.caption_content.CaptionContent`). Evaluation
 (``INPUT.TEST_DATASET_MAPPER_NAME mask_category``, ``TEST.EVALUATOR_TYPE mask_classification``):
 zero-shot masked-crop classification of ground-truth segments against the dataset's class names.
 
@@ -17,15 +20,16 @@ The state dict is the open_clip model's under ``clip.``, so ``model_final.pth`` 
 """
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ov_seg.data.caption_content import CaptionContent
 from ov_seg.modeling.clip import (
     MaskedCropClassifier,
     build_clip_from_cfg,
@@ -38,8 +42,11 @@ from ov_seg.modeling.clip import (
 )
 from ov_seg.modeling.clip.text_classifier import text_tower_parameters
 from ov_seg.modeling.losses.contrastive import clamped_logit_scale, info_nce
+from ov_seg.modeling.losses.hard_negative import same_text_matrix
 
-__all__ = ["CLIPPretrain", "caption_texts"]
+__all__ = ["CLIPPretrain", "caption_texts", "caption_templates"]
+
+FALSE_NEGATIVE_MODES = ("none", "exact", "content")
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,15 @@ def caption_texts(dataset_names) -> List[str]:
     return texts
 
 
+def caption_templates(dataset_names) -> List[str]:
+    """The ``caption_templates`` of the datasets' metadata (format strings such as ``"a photo of
+    {L}"``), in order, without repeats; empty when none has any."""
+    templates: List[str] = []
+    for name in dataset_names:
+        templates.extend(MetadataCatalog.get(name).get("caption_templates", None) or [])
+    return list(dict.fromkeys(templates))
+
+
 @META_ARCH_REGISTRY.register()
 class CLIPPretrain(nn.Module):
     """Contrastive image-caption training of an open_clip ``CLIP``.
@@ -68,6 +84,10 @@ class CLIPPretrain(nn.Module):
         hard_negatives: use the inputs' ``hard_negatives`` as extra text negatives.
         logit_scale_max: clamp of exp(t).
         lock_text: freeze the text tower.
+        false_negatives: which in-batch pairs are no negatives of each other: ``"content"``
+            (captions with the same :class:`CaptionContent` key under ``caption_templates``),
+            ``"exact"`` (the same normalised text) or ``"none"`` (CLIP: every other pair is one).
+        caption_templates: the training captions' templates (``"content"`` only).
     """
 
     @configurable
@@ -80,8 +100,19 @@ class CLIPPretrain(nn.Module):
         hard_negatives: bool = True,
         logit_scale_max: float = 100.0,
         lock_text: bool = False,
+        false_negatives: str = "content",
+        caption_templates: Sequence[str] = (),
     ):
         super().__init__()
+        if false_negatives not in FALSE_NEGATIVE_MODES:
+            raise ValueError(
+                f"MODEL.CLIP_PRETRAIN.FALSE_NEGATIVES must be one of {FALSE_NEGATIVE_MODES}, got "
+                f"{false_negatives!r}"
+            )
+        self.false_negatives = false_negatives
+        self.caption_content = CaptionContent(
+            caption_templates if false_negatives == "content" else ()
+        )
         self.clip = clip_model
         self.tokenizer = tokenizer
         self.crop_classifier = crop_classifier
@@ -118,6 +149,8 @@ class CLIPPretrain(nn.Module):
             "hard_negatives": cfg.MODEL.CLIP_PRETRAIN.HARD_NEGATIVES,
             "logit_scale_max": cfg.MODEL.CLIP_PRETRAIN.LOGIT_SCALE_MAX,
             "lock_text": cfg.MODEL.CLIP_PRETRAIN.LOCK_TEXT,
+            "false_negatives": cfg.MODEL.CLIP_PRETRAIN.FALSE_NEGATIVES,
+            "caption_templates": caption_templates(cfg.DATASETS.TRAIN),
         }
 
     @property
@@ -156,6 +189,12 @@ class CLIPPretrain(nn.Module):
                 )
         return captions, negatives
 
+    def same_content(self, captions: List[str]):
+        """(B, B) bool: the captions that say the same thing (``false_negatives``), or None."""
+        if self.false_negatives == "none":
+            return None
+        return same_text_matrix(self.caption_content.keys(captions), device=self.device)
+
     def forward(self, batched_inputs: List[Dict]):
         """Training: ``{"loss_contrastive": L}``; eval: ``mask_cls`` outputs (crop classifier)."""
         if not self.training:
@@ -166,10 +205,19 @@ class CLIPPretrain(nn.Module):
         text_emb = self.clip.encode_text(self.tokenizer(captions + negatives).to(self.device))
         b = len(captions)
         scale = clamped_logit_scale(self.clip.logit_scale, self.logit_scale_max)
+        same = self.same_content(captions)
         loss = info_nce(
-            image_emb, text_emb[:b], scale, b_negatives=text_emb[b:] if negatives else None
+            image_emb,
+            text_emb[:b],
+            scale,
+            b_negatives=text_emb[b:] if negatives else None,
+            same=same,
         )
-        get_event_storage().put_scalar("logit_scale", float(scale.detach()), smoothing_hint=False)
+        storage = get_event_storage()
+        storage.put_scalar("logit_scale", float(scale.detach()), smoothing_hint=False)
+        if same is not None:
+            # captions per row that say the same thing as the row's own (left out of negatives)
+            storage.put_scalar("false_negatives", float(same.sum() - b) / b)
         return {"loss_contrastive": loss}
 
     def export_clip(self, path: str) -> None:

@@ -10,7 +10,9 @@ Each pair's masked crop goes through the image tower (with mask prompts). Two tr
 
       L = ½ [ CE(s · V Tᵀ, i) + CE(s · T Vᵀ, i) ]      V, T: (N, D) L2-normalised
 
-  pairs of the same name are negatives of each other, as in OVSeg. Crops get a random-resized crop
+  pairs of the same name are negatives of each other, as in OVSeg (``SAME_NAME_NEGATIVES``; False
+  leaves them out of each other's negatives: with a few dozen names a step of a hundred pairs holds
+  several pairs of one name, and OVSeg's loss pushes them apart). Crops get a random-resized crop
   (``RRC_SCALE``, OVSeg: area 0.9-1.0).
 - "classification": cross-entropy of each crop against the prompt-ensembled embeddings of the
   batch's unique names (or the whole training vocabulary) with the fixed scale
@@ -46,6 +48,7 @@ from ov_seg.modeling.losses.contrastive import (
     contrastive_classification,
     info_nce,
 )
+from ov_seg.modeling.losses.hard_negative import same_text_matrix
 
 __all__ = ["MaskAdaptedCLIP", "MODES", "LOSSES"]
 
@@ -76,6 +79,8 @@ class MaskAdaptedCLIP(nn.Module):
         loss: "ovseg" (symmetric contrastive loss over the step's pairs, templated names,
             learnable logit scale) or "classification" (see the module docstring).
         rrc_scale: area range of the random-resized crop of each training crop; (1, 1) = off.
+        same_name_negatives: "ovseg" loss: pairs of the same name are negatives of each other
+            (OVSeg); False leaves them out of each other's negatives.
     """
 
     @configurable
@@ -92,6 +97,7 @@ class MaskAdaptedCLIP(nn.Module):
         train_crop_sizes: Sequence[int] = (),
         loss: str = "ovseg",
         rrc_scale: Sequence[float] = (0.9, 1.0),
+        same_name_negatives: bool = True,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -138,6 +144,7 @@ class MaskAdaptedCLIP(nn.Module):
             crop_classifier.encoder.prompts.requires_grad_(train_prompts)
         self.loss = loss
         self.rrc_scale = (float(rrc_scale[0]), float(rrc_scale[1]))
+        self.same_name_negatives = bool(same_name_negatives)
         if loss == "ovseg":
             self.clip.logit_scale.requires_grad_(True)
         self._train_image = train_image
@@ -169,6 +176,7 @@ class MaskAdaptedCLIP(nn.Module):
             "train_crop_sizes": mcfg.TRAIN_CROP_SIZES,
             "loss": mcfg.LOSS,
             "rrc_scale": mcfg.RRC_SCALE,
+            "same_name_negatives": mcfg.SAME_NAME_NEGATIVES,
         }
 
     @property
@@ -220,7 +228,12 @@ class MaskAdaptedCLIP(nn.Module):
             texts = self.pair_texts(names)
             text = self.crop_classifier.text_classifier.encode_texts(texts).to(emb.dtype)
             scale = clamped_logit_scale(self.clip.logit_scale)
-            loss = info_nce(emb, text, scale, normalize=False)
+            same = None
+            if not self.same_name_negatives:
+                same = same_text_matrix(names, device=emb.device)
+                # pairs per crop that share its name (left out of its negatives)
+                storage.put_scalar("same_name_pairs", float(same.sum() - len(names)) / len(names))
+            loss = info_nce(emb, text, scale, normalize=False, same=same)
             storage.put_scalar("logit_scale", float(scale.detach()), smoothing_hint=False)
         else:
             vocabulary = self._batch_vocabulary(names)
