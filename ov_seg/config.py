@@ -391,9 +391,10 @@ def add_clip_pretrain_config(cfg):
     cfg.MODEL.CLIP_PRETRAIN.LOGIT_SCALE_MAX = 100.0
     # Freeze the text tower (fine-tune the image tower only, LiT-style); False = train both towers.
     cfg.MODEL.CLIP_PRETRAIN.LOCK_TEXT = False
-    # In-batch pairs that are no negatives of each other: "content" (captions that say the same
-    # thing under the training datasets' "caption_templates" metadata, else the same text), "exact"
-    # (the same text, lower-cased) or "none" (CLIP: every other caption is a negative).
+    # In-batch texts that are no negatives of an image: "content" (captions, and other pairs' hard
+    # negatives, that say what its caption says under the training datasets' "caption_templates"
+    # metadata, else the same text), "exact" (the same text: case, runs of white space and a final
+    # period ignored) or "none" (CLIP: every other text is a negative).
     cfg.MODEL.CLIP_PRETRAIN.FALSE_NEGATIVES = "content"
 
 

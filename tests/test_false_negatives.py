@@ -53,7 +53,7 @@ def test_caption_content_rejects_unnamed_or_formatted_fields(bad):
 
 def test_info_nce_same_leaves_pairs_out_of_both_directions():
     g = torch.Generator().manual_seed(0)
-    a, b, neg = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(2, 8)
+    a, b, neg = (torch.randn(n, 8, generator=g) for n in (4, 4, 2))
     s = 7.0
     same = torch.zeros(4, 4, dtype=torch.bool)
     same[0, 2] = True  # one direction given: the pair is symmetric
@@ -91,27 +91,68 @@ def test_info_nce_same_errors():
         info_nce(a, a, 1.0, symmetric=False, targets=torch.arange(3), same=torch.eye(3) > 0)
 
 
-def test_toyworld_captions_all_key_on_their_content(toyworld_root):
-    """Every toy-world caption (scene, object-centric, hard negative) matches a template with
-    text around its fields, so its key is its content, not its wording."""
+def test_toyworld_caption_templates_round_trip(toyworld_root):
+    """Every toy-world template filled with known values keys on exactly those values, so that
+    the same content written with any template shares one key and other content does not."""
     assert MetadataCatalog.get("toyworld_captions_web").caption_templates == list(CAPTION_TEMPLATES)
     assert caption_templates(["toyworld_captions_web", "toyworld_captions_train"]) == list(
         CAPTION_TEMPLATES
     )
     content = CaptionContent(CAPTION_TEMPLATES)
+    values = {"L": "two blue rings and a red star", "s": "grass", "s2": "sand"}
+    for phrase in ("a red star", "two blue rings and a red star", "an orange cross, a red star"):
+        for template in CAPTION_TEMPLATES:
+            fields = {k: v for k, v in {**values, "L": phrase}.items() if "{" + k + "}" in template}
+            key = content(template.format(**fields))
+            assert key == "\x1f".join(f"{k}={v}" for k, v in sorted(fields.items())), template
+    # the generated captions and hard negatives: each keys on a template with text around {L}
+    # (none falls back to the bare "{L}"), and object photos of one name share a key
+    bare = CaptionContent(t for t in CAPTION_TEMPLATES if t != "{L}")
     texts = []
-    for split in ("web", "train"):
-        for d in DatasetCatalog.get(f"toyworld_captions_{split}"):
-            texts += list(d["captions"]) + list(d.get("hard_negatives") or [])
+    for d in DatasetCatalog.get("toyworld_captions_web"):
+        texts += list(d["captions"]) + list(d.get("hard_negatives") or [])
     assert texts
-    keys = content.keys(texts)
-    assert all(k.startswith("L=") for k in keys)
-    # object-centric photos of one name share a key whatever template wrote them
     photos = {}
-    for t, k in zip(texts, keys):
-        if "\x1f" not in k:
-            photos.setdefault(k, set()).add(normalize_caption(t))
-    assert any(len(v) > 1 for v in photos.values())
+    for t in texts:
+        key = content(t)
+        assert key.startswith("L=") and (bare(t) == key or normalize_caption(t) == key[2:]), t
+        if "\x1f" not in key:
+            photos.setdefault(key, set()).add(normalize_caption(t))
+    assert sum(len(v) > 1 for v in photos.values()) >= len(photos) // 2
+
+
+def test_info_nce_hard_negative_columns_of_the_same_content():
+    """A hard negative that says what a_i's caption says leaves a_i's negatives only."""
+    g = torch.Generator().manual_seed(1)
+    a, b, neg = (torch.randn(3, 8, generator=g) for _ in range(3))
+    same_neg = torch.tensor([[False, True, False], [False, False, False], [True, False, False]])
+    s = 5.0
+    an, bn, nn_ = F.normalize(a, dim=-1), F.normalize(b, dim=-1), F.normalize(neg, dim=-1)
+    logits = s * an @ bn.t()
+    cols = (s * an @ nn_.t()).masked_fill(same_neg, float("-inf"))
+    t = torch.arange(3)
+    ref = (F.cross_entropy(torch.cat([logits, cols], 1), t) + F.cross_entropy(logits.t(), t)) / 2
+    got = info_nce(a, b, s, b_negatives=neg, same_negatives=same_neg)
+    assert torch.allclose(got, ref)
+    with pytest.raises(ValueError, match=r"\(3, 3\) bool"):
+        info_nce(a, b, s, b_negatives=neg, same_negatives=same_neg[:, :2])
+    with pytest.raises(ValueError, match=r"\(3, 0\)"):
+        info_nce(a, b, s, same_negatives=same_neg)
+
+
+def test_info_nce_every_negative_masked_stays_finite():
+    """Rows whose every negative is masked keep only their positive: loss and gradients (the
+    embeddings' and a learnable logit scale's) stay finite."""
+    a = torch.randn(4, 8, requires_grad=True)
+    b = torch.randn(4, 8, requires_grad=True)
+    neg = torch.randn(2, 8, requires_grad=True)
+    t = torch.zeros((), requires_grad=True)
+    same = torch.ones(4, 4, dtype=torch.bool)
+    loss = info_nce(a, b, t.exp(), b_negatives=neg, same=same, same_negatives=torch.ones(4, 2) > 0)
+    loss.backward()
+    assert loss.item() == 0.0
+    for x in (a, b, neg, t):
+        assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.parametrize(
@@ -134,11 +175,19 @@ def test_clip_pretrain_same_content(toyworld_root, mode, expected):
         "a blue ring on the grass",
         "A blue ring on the grass.",
     ]
-    same = model.same_content(captions)
+    negatives = ["a photo of a blue ring on the grass", "a photo of a red ring"]
+    same, same_negatives = model.same_content(captions, negatives)
     if expected is None:
-        assert same is None
+        assert same is None and same_negatives is None
     else:
         assert same.tolist() == [[bool(v) for v in row] for row in expected]
+        # a hard negative of another pair that says what a caption says is no negative of it
+        content = [[0, 0], [0, 0], [1, 0], [1, 0]]
+        exact = [[0, 0], [0, 0], [0, 0], [0, 0]]
+        assert same_negatives.tolist() == [
+            [bool(v) for v in row] for row in (content if mode == "content" else exact)
+        ]
+        assert model.same_content(captions)[1] is None
 
 
 def test_clip_pretrain_rejects_unknown_mode(toyworld_root):

@@ -14,6 +14,9 @@ maps a caption to a key that two captions share when they say the same thing:
 - any other caption keys on its text, lower-cased with runs of white space collapsed (exact
   duplicates).
 
+A field's value is compared as written: a list in another order ("a cat and a dog", "a dog and a
+cat") is other content here.
+
 Templates are tried with the most literal text first, so that ``"a photo of {L} on the {s}"`` wins
 over ``"a photo of {L}"`` and a bare ``"{L}"`` is the last resort.
 """

@@ -42,6 +42,7 @@ def info_nce(
     normalize: bool = True,
     targets: Optional[torch.Tensor] = None,
     same: Optional[torch.Tensor] = None,
+    same_negatives: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between two batches of paired embeddings.
 
@@ -59,6 +60,9 @@ def info_nce(
             although i ≠ j (e.g. captions that say the same thing): those off-diagonal pairs are
             left out of both directions' negatives. The diagonal is ignored; only with the
             default targets.
+        same_negatives: optional (B, M) bool, True where ``b_negatives[m]`` belongs with a_i (a
+            hard negative of another pair that says what a_i's own caption says): left out of
+            a_i's negatives.
 
     Returns:
         the scalar loss (mean over the batch).
@@ -78,6 +82,14 @@ def info_nce(
                 f"same must be a ({a.shape[0]}, {a.shape[0]}) bool tensor, got "
                 f"{tuple(same.shape)} {same.dtype}"
             )
+    num_neg = 0 if b_negatives is None else b_negatives.shape[0]
+    if same_negatives is not None and (
+        same_negatives.shape != (a.shape[0], num_neg) or same_negatives.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"same_negatives must be a ({a.shape[0]}, {num_neg}) bool tensor (rows of a, "
+            f"b_negatives), got {tuple(same_negatives.shape)} {same_negatives.dtype}"
+        )
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     if targets is None:
@@ -86,8 +98,7 @@ def info_nce(
     if same is not None:
         eye = torch.eye(a.shape[0], dtype=torch.bool, device=same.device)
         off = ((same | same.t()) & ~eye).to(logits_ab.device)
-        if bool(off.any()):
-            logits_ab = logits_ab.masked_fill(off, float("-inf"))
+        logits_ab = logits_ab.masked_fill(off, float("-inf"))
     logits_ba = logits_ab.t()
     if b_negatives is not None and b_negatives.numel():
         if b_negatives.ndim != 2 or b_negatives.shape[1] != a.shape[1]:
@@ -95,7 +106,10 @@ def info_nce(
                 f"b_negatives must be (M, {a.shape[1]}), got {tuple(b_negatives.shape)}"
             )
         neg = F.normalize(b_negatives, dim=-1) if normalize else b_negatives
-        logits_ab = torch.cat([logits_ab, logit_scale * a @ neg.t()], dim=1)
+        logits_neg = logit_scale * a @ neg.t()  # (B, M)
+        if same_negatives is not None:
+            logits_neg = logits_neg.masked_fill(same_negatives.to(logits_neg.device), float("-inf"))
+        logits_ab = torch.cat([logits_ab, logits_neg], dim=1)
     loss = F.cross_entropy(logits_ab, targets)
     if symmetric:
         loss = (loss + F.cross_entropy(logits_ba, targets)) / 2

@@ -10,7 +10,8 @@ and, with ``HARD_NEGATIVES``, its hard-negative caption as an extra text negativ
 
 with the learnable logit scale s = exp(t) clamped at ``LOGIT_SCALE_MAX``. Two captions of a batch
 that say the same thing (``FALSE_NEGATIVES``: the same content under the training datasets'
-``caption_templates``, or the same text) are no negatives of each other
+``caption_templates``, or the same text) are no negatives of each other, nor is another pair's hard
+negative that says what an image's caption says
 (:class:`ov_seg.data.caption_content.CaptionContent`). Evaluation
 (``INPUT.TEST_DATASET_MAPPER_NAME mask_category``, ``TEST.EVALUATOR_TYPE mask_classification``):
 zero-shot masked-crop classification of ground-truth segments against the dataset's class names.
@@ -87,7 +88,7 @@ class CLIPPretrain(nn.Module):
         false_negatives: which in-batch pairs are no negatives of each other: ``"content"``
             (captions with the same :class:`CaptionContent` key under ``caption_templates``),
             ``"exact"`` (the same normalised text) or ``"none"`` (CLIP: every other pair is one).
-        caption_templates: the training captions' templates (``"content"`` only).
+        templates: the training captions' templates (``"content"`` only).
     """
 
     @configurable
@@ -101,7 +102,7 @@ class CLIPPretrain(nn.Module):
         logit_scale_max: float = 100.0,
         lock_text: bool = False,
         false_negatives: str = "content",
-        caption_templates: Sequence[str] = (),
+        templates: Sequence[str] = (),
     ):
         super().__init__()
         if false_negatives not in FALSE_NEGATIVE_MODES:
@@ -110,9 +111,12 @@ class CLIPPretrain(nn.Module):
                 f"{false_negatives!r}"
             )
         self.false_negatives = false_negatives
-        self.caption_content = CaptionContent(
-            caption_templates if false_negatives == "content" else ()
-        )
+        self.caption_content = CaptionContent(templates if false_negatives == "content" else ())
+        if false_negatives == "content" and not templates:
+            logger.info(
+                "MODEL.CLIP_PRETRAIN.FALSE_NEGATIVES 'content': the training datasets have no "
+                "'caption_templates' metadata; captions with the same text are no negatives"
+            )
         self.clip = clip_model
         self.tokenizer = tokenizer
         self.crop_classifier = crop_classifier
@@ -150,7 +154,7 @@ class CLIPPretrain(nn.Module):
             "logit_scale_max": cfg.MODEL.CLIP_PRETRAIN.LOGIT_SCALE_MAX,
             "lock_text": cfg.MODEL.CLIP_PRETRAIN.LOCK_TEXT,
             "false_negatives": cfg.MODEL.CLIP_PRETRAIN.FALSE_NEGATIVES,
-            "caption_templates": caption_templates(cfg.DATASETS.TRAIN),
+            "templates": caption_templates(cfg.DATASETS.TRAIN),
         }
 
     @property
@@ -189,11 +193,19 @@ class CLIPPretrain(nn.Module):
                 )
         return captions, negatives
 
-    def same_content(self, captions: List[str]):
-        """(B, B) bool: the captions that say the same thing (``false_negatives``), or None."""
+    def same_content(self, captions: List[str], negatives: Sequence[str] = ()):
+        """Which pairs say the same thing (``false_negatives``), or None for "none".
+
+        Returns:
+            ((B, B) bool over the captions, (B, M) bool: negative m says what caption i says).
+        """
         if self.false_negatives == "none":
-            return None
-        return same_text_matrix(self.caption_content.keys(captions), device=self.device)
+            return None, None
+        keys = self.caption_content.keys(captions)
+        same = same_text_matrix(keys, device=self.device)
+        if not negatives:
+            return same, None
+        return same, same_text_matrix(keys, self.caption_content.keys(negatives), self.device)
 
     def forward(self, batched_inputs: List[Dict]):
         """Training: ``{"loss_contrastive": L}``; eval: ``mask_cls`` outputs (crop classifier)."""
@@ -205,19 +217,22 @@ class CLIPPretrain(nn.Module):
         text_emb = self.clip.encode_text(self.tokenizer(captions + negatives).to(self.device))
         b = len(captions)
         scale = clamped_logit_scale(self.clip.logit_scale, self.logit_scale_max)
-        same = self.same_content(captions)
+        same, same_negatives = self.same_content(captions, negatives)
         loss = info_nce(
             image_emb,
             text_emb[:b],
             scale,
             b_negatives=text_emb[b:] if negatives else None,
             same=same,
+            same_negatives=same_negatives,
         )
         storage = get_event_storage()
         storage.put_scalar("logit_scale", float(scale.detach()), smoothing_hint=False)
         if same is not None:
-            # captions per row that say the same thing as the row's own (left out of negatives)
-            storage.put_scalar("false_negatives", float(same.sum() - b) / b)
+            # texts per image that say what its caption says (left out of its negatives): other
+            # captions, then other pairs' hard negatives
+            count = same.sum() - b + (same_negatives.sum() if same_negatives is not None else 0)
+            storage.put_scalar("false_negatives", float(count) / b)
         return {"loss_contrastive": loss}
 
     def export_clip(self, path: str) -> None:
