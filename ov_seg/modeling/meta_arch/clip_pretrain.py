@@ -85,9 +85,10 @@ class CLIPPretrain(nn.Module):
         hard_negatives: use the inputs' ``hard_negatives`` as extra text negatives.
         logit_scale_max: clamp of exp(t).
         lock_text: freeze the text tower.
-        false_negatives: which in-batch pairs are no negatives of each other: ``"content"``
-            (captions with the same :class:`CaptionContent` key under ``caption_templates``),
-            ``"exact"`` (the same normalised text) or ``"none"`` (CLIP: every other pair is one).
+        false_negatives: which texts are no negatives of an image: other captions and other pairs'
+            hard negatives that say what its caption says, by ``"content"`` (the same
+            :class:`CaptionContent` key under ``templates``) or ``"exact"`` (the same normalised
+            text); ``"none"`` (CLIP): every other text is a negative.
         templates: the training captions' templates (``"content"`` only).
     """
 
