@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ov_seg.modeling.fusion import semantic_scores
 from ov_seg.modeling.meta_arch.two_stage import TwoStageOVSeg
@@ -77,10 +78,35 @@ def test_windows_cover_every_class_once_with_equal_sizes():
 
 @pytest.mark.parametrize("budget_px", [0, 2, 10**6])
 def test_two_stage_semantic_picks_the_path(budget_px):
+    # K = 100 names, Q = 10 masks (about 8 kept): the kept masks are resized first when their
+    # (Q', H, W) fits (budget 0 = unbounded, 10**6 maps); at 2 maps neither the masks nor the
+    # scores fit and the scores are resized last, a chunk at a time (the label map)
     probs, masks, keep = _factors(10, 100, 21, 18, 1)
     out = (47, 39)
     budget = budget_px * out[0] * out[1] * 4
-    ref = semantic_output(semantic_scores(probs, masks, keep), out, budget)
+    resize_first = budget_px != 2
+    if resize_first:
+        up = F.interpolate(masks[keep][None], size=out, mode="bilinear", align_corners=False)[0]
+        ref = semantic_output(semantic_scores(probs[keep], up), out, budget)
+    else:
+        ref = semantic_output(semantic_scores(probs, masks, keep), out, budget)
     got = TwoStageOVSeg._semantic(probs, masks, keep, out, budget)
     assert ref.keys() == got.keys()
     assert torch.equal(ref["sem_seg"], got["sem_seg"])
+    if resize_first:  # the other order: the same scores up to float rounding
+        last = semantic_output(semantic_scores(probs, masks, keep), out, budget)["sem_seg"]
+        assert got["sem_seg"].shape == (100, *out)
+        torch.testing.assert_close(got["sem_seg"], last, rtol=1e-5, atol=1e-5)
+
+
+def test_two_stage_semantic_resizes_scores_when_names_are_fewer_than_masks():
+    # K = 6 names, Q = 10 masks (about 8 kept): resizing the K score maps is cheaper, and the
+    # output is exactly the scores' resize
+    probs, masks, keep = _factors(10, 6, 21, 18, 2)
+    out = (47, 39)
+    ref = semantic_output(semantic_scores(probs, masks, keep), out, 0)
+    got = TwoStageOVSeg._semantic(probs, masks, keep, out, 0)
+    assert torch.equal(ref["sem_seg"], got["sem_seg"])
+    none = torch.zeros(10, dtype=torch.bool)  # nothing kept: zero scores at the output size
+    empty = TwoStageOVSeg._semantic(probs, masks, none, out, 0)["sem_seg"]
+    assert empty.shape == (6, *out) and not empty.any()

@@ -725,14 +725,30 @@ class TwoStageOVSeg(OpenVocabSegmentor):
     ) -> Dict[str, object]:
         """``semantic_output`` of Σ_q p_q(c) · σ(m_q); when neither the (K, h, w) scores nor the
         (K, H, W) output fit in ``budget``, the scores are computed a chunk of classes at a time
-        (``chunked_semantic_output``, same labels) and never held whole."""
-        num, size = probs.shape[1], tuple(masks.shape[-2:])
-        if num == 0 or dense_fits(num, size, budget) or dense_fits(num, output_size, budget):
-            return semantic_output(semantic_scores(probs, masks, keep), output_size, budget)
+        (``chunked_semantic_output``, same labels) and never held whole.
+
+        With fewer kept masks than names (Q' < K) whose (Q', H, W) resize fits in ``budget``, the
+        masks are resized to the output size first and combined there (MaskFormer's order, as
+        ``ProposalMaskFormer.inference``): a bilinear resize is linear, so the scores are those of
+        the resized (K, h, w) scores up to float rounding, at the cost of Q' resized maps, not K.
+        """
         if probs.shape[0] != masks.shape[0]:
             raise ValueError(f"{probs.shape[0]} class rows but {masks.shape[0]} masks")
         if keep is not None:
             probs, masks = probs[keep], masks[keep]
+        num, kept = probs.shape[1], masks.shape[0]
+        output_size = (int(output_size[0]), int(output_size[1]))
+        if (
+            0 < kept < num
+            and tuple(masks.shape[-2:]) != output_size
+            and dense_fits(kept, output_size, budget)
+        ):
+            masks = F.interpolate(
+                masks[None], size=output_size, mode="bilinear", align_corners=False
+            )[0]
+        size = tuple(masks.shape[-2:])
+        if num == 0 or dense_fits(num, size, budget) or dense_fits(num, output_size, budget):
+            return semantic_output(semantic_scores(probs, masks), output_size, budget)
         probs = probs.to(masks.dtype)
 
         def scores_of(start: int, stop: int) -> torch.Tensor:
